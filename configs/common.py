@@ -1,0 +1,26 @@
+"""The sections every experiment config shares: seed, mesh, sharding rules and the training basics."""
+
+import ml_collections
+
+from vlmjax.parallel.mesh import LOGICAL_RULES
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # Device mesh; the product of the three is the device count, and -1 means "the rest of the devices".
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.sharding_rules = LOGICAL_RULES
+  # The model: `vision` and `decoder` sections come from `sizes`; these are the defaults of the rest.
+  config.model = ml_collections.ConfigDict(dict(
+      projector="mlp2x_gelu",
+      vision_feature_layer=-2,
+      vision_feature_select="default",
+      prefix_lm=False,
+      dtype="float32",  # compute dtype; "bfloat16" for mixed precision
+      param_dtype="float32",  # master weights
+      scan_layers=True,
+      remat_policy="none",  # or "full", or a jax.checkpoint_policies name
+  ))
+  config.train = ml_collections.ConfigDict(dict(steps=1000, batch_size=32, log_every=50, checkpoint_every=500))
+  return config

@@ -1,0 +1,3 @@
+"""vlmjax: vision-language models in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,57 @@
+"""Model configs: small frozen dataclasses, validated when they are built.
+
+A config file (`configs/*.py`) describes a model as a `ml_collections.ConfigDict`; `from_dict` turns a section of
+it into one of these dataclasses. Unknown keys and sizes that cannot work fail here, at construction, with a
+message that names the field and the numbers.
+"""
+
+import dataclasses
+from typing import Any, Mapping, TypeVar
+
+import jax.numpy as jnp
+
+C = TypeVar("C", bound="ModelConfig")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Base of the model configs: construction from a mapping and shared checks."""
+
+  @classmethod
+  def from_dict(cls: type[C], values: Mapping[str, Any], where: str = "") -> C:
+    """Builds the config from a mapping (a ConfigDict section); `where` prefixes field names in errors."""
+    where = where or cls.__name__
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"{where}: unknown keys {unknown}; known keys are {sorted(known)}")
+    return cls(**dict(values))
+
+  def replace(self: C, **changes: Any) -> C:
+    return dataclasses.replace(self, **changes)
+
+
+def check_divides(divisor: int, dividend: int, message: str) -> None:
+  """Raises ValueError(message) unless `divisor` divides `dividend`."""
+  if divisor <= 0 or dividend % divisor:
+    raise ValueError(f"{message} ({dividend} is not a multiple of {divisor})")
+
+
+def check_positive(config: ModelConfig, where: str, *names: str) -> None:
+  for name in names:
+    value = getattr(config, name)
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{where}.{name} must be a positive integer, got {value!r}")
+
+
+def check_choice(value: Any, choices: tuple, field: str) -> None:
+  if value not in choices:
+    raise ValueError(f"{field} must be one of {list(choices)}, got {value!r}")
+
+
+def dtype(name: str) -> jnp.dtype:
+  """A dtype from its config name ('float32', 'bfloat16', ...)."""
+  try:
+    return jnp.dtype(name)
+  except TypeError as error:
+    raise ValueError(f"unknown dtype {name!r} (use e.g. 'float32' or 'bfloat16')") from error

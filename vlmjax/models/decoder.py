@@ -1,0 +1,184 @@
+"""Decoder-only language model of the Llama and Gemma families, with an explicit KV cache.
+
+    logits, cache = decoder.apply(params, tokens, positions, cache)
+
+Llama: RMSNorm `w·x̂`, SwiGLU, separate output head. Gemma: RMSNorm `(1+w)·x̂`, tanh-GELU GeGLU, embeddings scaled
+by sqrt(width), tied output head, optional final-logit soft-capping. `configs/sizes.py` holds both as presets;
+here every switch is an explicit field. Layers are stacked with `nn.scan` (or unrolled, for comparison).
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlmjax.infer.kv_cache import KVCache
+from vlmjax.models import layers
+from vlmjax.models.config import ModelConfig, check_choice, check_divides, check_positive, dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig(ModelConfig):
+  vocab_size: int = 32000
+  width: int = 4096
+  depth: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 0  # 0: width // num_heads
+  mlp_dim: int = 11008
+  activation: str = "silu"
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  norm_unit_offset: bool = False  # Gemma's (1 + w) RMSNorm
+  scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(width)
+  tie_embeddings: bool = False
+  final_logit_softcap: float | None = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    where = "decoder"
+    check_positive(self, where, "vocab_size", "width", "depth", "num_heads", "num_kv_heads", "mlp_dim")
+    if self.head_dim == 0:
+      check_divides(self.num_heads, self.width, f"{where}.width={self.width} must split evenly into "
+                    f"{where}.num_heads={self.num_heads} heads (or set {where}.head_dim)")
+    check_divides(self.num_kv_heads, self.num_heads, f"{where}.num_heads={self.num_heads} must be a multiple of "
+                  f"{where}.num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+    check_divides(2, self.attention_head_dim, f"{where}.head_dim={self.attention_head_dim} must be even for RoPE")
+    check_choice(self.activation, tuple(layers.ACTIVATIONS), f"{where}.activation")
+
+  @property
+  def attention_head_dim(self) -> int:
+    return self.head_dim or self.width // self.num_heads
+
+  def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_len` tokens, in the compute dtype."""
+    return KVCache.zeros(num_layers=self.depth, batch_size=batch_size, max_len=max_len,
+                         num_kv_heads=self.num_kv_heads, head_dim=self.attention_head_dim,
+                         dtype=dtype(self.dtype))
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); reads and writes one layer of the KV cache."""
+
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x, layer_cache, positions, mask, write_index):
+    """x: float[B, T, D]; layer_cache: (k, v) float[B, S, K, H] each, or None -> (x, updated layer_cache)."""
+    cfg = self.config
+    compute_dtype, param_dtype = dtype(cfg.dtype), dtype(cfg.param_dtype)
+    norm = lambda name: layers.RMSNorm(eps=cfg.norm_eps, unit_offset=cfg.norm_unit_offset, dtype=compute_dtype,
+                                       param_dtype=param_dtype, name=name)
+    attended, layer_cache = layers.Attention(
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.attention_head_dim,
+        rope_theta=cfg.rope_theta, dtype=compute_dtype, param_dtype=param_dtype, name="attention",
+    )(norm("attention_norm")(x), mask, positions, layer_cache, write_index)
+    x = x + attended
+    x = x + layers.FeedForward(cfg.mlp_dim, activation=cfg.activation, gated=True, dtype=compute_dtype,
+                       param_dtype=param_dtype, name="mlp")(norm("mlp_norm")(x))
+    x = nn.with_logical_constraint(x, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED))
+    return x, layer_cache
+
+
+class Decoder(nn.Module):
+  """Tokens (or embeddings) -> logits, optionally through a KV cache."""
+
+  config: DecoderConfig
+
+  def setup(self):
+    cfg = self.config
+    param_dtype = dtype(cfg.param_dtype)
+    self.embedding = self.param(
+        "embedding", layers.param_init(nn.initializers.normal(0.02), (layers.VOCAB, layers.EMBED)),
+        (cfg.vocab_size, cfg.width), param_dtype)
+    block = layers.maybe_remat(DecoderBlock, cfg.remat_policy, cfg.scan_layers)
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth,
+          metadata_params={nn.PARTITION_NAME: layers.LAYERS})(cfg)
+    else:
+      self.layers = [block(cfg) for _ in range(cfg.depth)]
+    self.final_norm = layers.RMSNorm(eps=cfg.norm_eps, unit_offset=cfg.norm_unit_offset,
+                                     dtype=dtype(cfg.dtype), param_dtype=param_dtype)
+    if not cfg.tie_embeddings:
+      self.output_head = self.param(
+          "output_head", layers.param_init(nn.initializers.lecun_normal(), (layers.EMBED, layers.VOCAB)),
+          (cfg.width, cfg.vocab_size), param_dtype)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """int[B, T] -> float[B, T, D] token embeddings (times sqrt(D) for Gemma), in the compute dtype."""
+    cfg = self.config
+    embedded = jnp.take(self.embedding, tokens, axis=0).astype(dtype(cfg.dtype))
+    if cfg.scale_embeddings:
+      embedded = embedded * jnp.asarray(cfg.width**0.5, dtype(cfg.dtype))
+    return nn.with_logical_constraint(embedded, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED))
+
+  def __call__(
+      self,
+      tokens: jax.Array | None,
+      positions: jax.Array,
+      cache: KVCache | None = None,
+      *,
+      embeddings: jax.Array | None = None,
+      input_mask: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
+      prefix_lengths: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Runs the stack.
+
+    Args:
+      tokens: int[B, T], or None when `embeddings` is given.
+      positions: int[B, T] RoPE positions.
+      cache: a KVCache; the T new tokens of row b go to slots cache.lengths[b] onwards, and attention covers
+        the cache. None for a plain forward pass.
+      embeddings: float[B, T, D], used instead of embedding `tokens` (a VLM splices image embeddings in).
+      input_mask: bool[B, T], False for padding after each row's tokens (right padding).
+      segment_ids: int[B, T], packed sequences (no cache).
+      prefix_lengths: int[B], bidirectional prefix of each row (prefix-LM), counted in cache slots.
+    Returns:
+      (logits float32[B, T, V], the updated cache or None).
+    """
+    cfg = self.config
+    x = self.embed(tokens) if embeddings is None else embeddings.astype(dtype(cfg.dtype))
+    batch, length = x.shape[:2]
+    new_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if cache is None:
+      write_index, layer_caches = None, None
+      mask = layers.make_attention_mask(new_index, new_index, kv_valid=input_mask, q_segment_ids=segment_ids,
+                                        kv_segment_ids=segment_ids, prefix_lengths=prefix_lengths)
+    else:
+      assert segment_ids is None, "packed segments are for training; decode with one sequence per row"
+      write_index = cache.lengths
+      num_new = length if input_mask is None else jnp.sum(input_mask, axis=1, dtype=jnp.int32)
+      new_lengths = write_index + num_new  # [B]
+      cache_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (batch, cache.max_len))
+      mask = layers.make_attention_mask(write_index[:, None] + new_index, cache_index,
+                                        kv_valid=cache_index < new_lengths[:, None], prefix_lengths=prefix_lengths)
+      layer_caches = (cache.k, cache.v)
+
+    if cfg.scan_layers:
+      x, layer_caches = self.layers(x, layer_caches, positions, mask, write_index)
+    else:
+      updated = []
+      for i, block in enumerate(self.layers):
+        layer_cache = None if cache is None else (layer_caches[0][i], layer_caches[1][i])
+        x, layer_cache = block(x, layer_cache, positions, mask, write_index)
+        updated.append(layer_cache)
+      if cache is not None:
+        layer_caches = tuple(jnp.stack(kv) for kv in zip(*updated))
+
+    x = self.final_norm(x)
+    head = self.embedding.T if cfg.tie_embeddings else self.output_head  # [D, V]
+    logits = jnp.einsum("BTD,DV->BTV", x, head.astype(x.dtype))
+    logits = nn.with_logical_constraint(logits, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_VOCAB))
+    logits = logits.astype(jnp.float32)
+    if cfg.final_logit_softcap is not None:
+      logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    if cache is not None:
+      cache = KVCache(k=layer_caches[0], v=layer_caches[1], lengths=new_lengths)
+    return logits, cache

@@ -1,0 +1,303 @@
+"""Building blocks shared by the vision encoder, the decoder and the CLIP towers.
+
+Shapes use one letter per axis, the same in einsum strings and docstrings:
+  B batch, T query length, S key/value length, D model width, N query heads,
+  K key/value heads, H head dim, F MLP hidden width.
+
+Every parameter is created with `nn.with_logical_partitioning` and large activations are constrained with
+`nn.with_logical_constraint`; `vlmjax.parallel.mesh` maps the logical names below onto mesh axes.
+"""
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Logical axis names. Weights use bare names; activations `activation_*`; the KV cache `cache_*`.
+EMBED = "embed"
+MLP = "mlp"
+HEADS = "heads"
+KV_HEADS = "kv_heads"
+HEAD_DIM = "head_dim"
+VOCAB = "vocab"
+LAYERS = "layers"
+ACT_BATCH = "activation_batch"
+ACT_LENGTH = "activation_length"
+ACT_EMBED = "activation_embed"
+ACT_HEADS = "activation_heads"
+ACT_KV_HEADS = "activation_kv_heads"
+ACT_MLP = "activation_mlp"
+ACT_VOCAB = "activation_vocab"
+CACHE_BATCH = "cache_batch"
+CACHE_LENGTH = "cache_length"
+CACHE_KV_HEADS = "cache_kv_heads"
+
+Dtype = jnp.dtype
+
+
+def param_init(initializer: Callable, axes: tuple[str | None, ...]) -> Callable:
+  """An initializer whose parameter carries the logical axis names `axes`."""
+  return nn.with_logical_partitioning(initializer, axes)
+
+
+class RMSNorm(nn.Module):
+  """RMS normalization over the last axis, computed in float32.
+
+  Llama form: `w * x / rms(x)` with w initialised to 1. Gemma form (`unit_offset=True`): `(1 + w) * x / rms(x)`
+  with w initialised to 0, as Gemma checkpoints store it.
+  """
+
+  eps: float = 1e-6
+  unit_offset: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+    scale = self.param("scale", param_init(init, (EMBED,)), (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    scale = scale.astype(jnp.float32)
+    if self.unit_offset:
+      scale = 1.0 + scale
+    return (normed * scale).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis (float32 statistics), with scale and bias."""
+
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    scale = self.param("scale", param_init(nn.initializers.ones, (EMBED,)), (width,), self.param_dtype)
+    bias = self.param("bias", param_init(nn.initializers.zeros, (EMBED,)), (width,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding in the "rotate half" layout of Llama and Gemma checkpoints.
+
+  Args:
+    x: float[B, T, N, H], H even.
+    positions: int[B, T], the position of each token (passed in, so padded and packed rows work).
+    theta: the RoPE base frequency.
+  Returns:
+    float[B, T, N, H] in x's dtype.
+  """
+  head_dim = x.shape[-1]
+  assert head_dim % 2 == 0, f"RoPE needs an even head dim, got {head_dim}"
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [H/2]
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  sin = jnp.sin(angles)[:, :, None, :]  # [B, T, 1, H/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def make_attention_mask(
+    q_index: jax.Array,
+    kv_index: jax.Array,
+    *,
+    causal: bool = True,
+    kv_valid: jax.Array | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    prefix_lengths: jax.Array | None = None,
+) -> jax.Array:
+  """The one mask builder: causal, prefix-LM, padding and packed segments.
+
+  Indices are slots in the sequence (cache slots when decoding), so a query at slot i may see a key at
+  slot j <= i (causal); prefix-LM additionally lets every query see keys in the row's prefix (j < prefix
+  length), which makes attention bidirectional over image + prompt and causal after it (PaliGemma).
+
+  Args:
+    q_index: int[B, T] slot of each query token.
+    kv_index: int[B, S] slot of each key token.
+    causal: whether a query may only see keys at or before its slot.
+    kv_valid: bool[B, S], False for padding or unwritten cache slots.
+    q_segment_ids, kv_segment_ids: int[B, T], int[B, S]; tokens only see keys of their own segment.
+    prefix_lengths: int[B], length of the bidirectional prefix of each row.
+  Returns:
+    bool[B, 1, T, S], True where attention is allowed (broadcasts over heads).
+  """
+  q = q_index[:, :, None]
+  k = kv_index[:, None, :]
+  if causal:
+    allowed = k <= q
+    if prefix_lengths is not None:
+      allowed = allowed | (k < prefix_lengths[:, None, None])
+  else:
+    allowed = jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), dtype=bool)
+  if kv_valid is not None:
+    allowed = allowed & kv_valid[:, None, :]
+  if q_segment_ids is not None or kv_segment_ids is not None:
+    assert q_segment_ids is not None and kv_segment_ids is not None, "pass segment ids for queries and keys"
+    allowed = allowed & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+  return allowed[:, None, :, :]
+
+
+class Attention(nn.Module):
+  """Multi-head attention with MHA, GQA (num_kv_heads < num_heads) and MQA (num_kv_heads = 1).
+
+  The softmax goes through `jax.nn.dot_product_attention`, which handles grouped heads natively and picks
+  cuDNN flash attention on GPU. With a layer of KV cache (`k_cache`, `v_cache`: [B, S, K, H]) the new keys and
+  values are written at `write_index` of each row and attention runs over the whole cache.
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  use_bias: bool = False
+  rope_theta: float | None = None  # None: no rotary embedding (the ViT)
+  query_scale: float | None = None  # None: 1/sqrt(head_dim)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _project(self, name: str, x: jax.Array, heads: int, heads_axis: str) -> jax.Array:
+    return nn.DenseGeneral(
+        features=(heads, self.head_dim),
+        use_bias=self.use_bias,
+        kernel_init=param_init(nn.initializers.lecun_normal(), (EMBED, heads_axis, HEAD_DIM)),
+        bias_init=param_init(nn.initializers.zeros, (heads_axis, HEAD_DIM)),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+    )(x)
+
+  @nn.compact
+  def __call__(
+      self,
+      x: jax.Array,
+      mask: jax.Array | None,
+      positions: jax.Array | None = None,
+      kv_cache: tuple[jax.Array, jax.Array] | None = None,
+      write_index: jax.Array | None = None,
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Args:
+      x: float[B, T, D].
+      mask: bool[B, 1, T, S] from `make_attention_mask` (S = T without a cache, the cache length with one),
+        or None for full attention.
+      positions: int[B, T] RoPE positions (required when rope_theta is set).
+      kv_cache: (k, v), each float[B, S, K, H], or None.
+      write_index: int[B], the cache slot where row b's first new token goes.
+    Returns:
+      (float[B, T, D], the updated (k, v) cache or None).
+    """
+    query = self._project("query", x, self.num_heads, HEADS)  # [B, T, N, H]
+    key = self._project("key", x, self.num_kv_heads, KV_HEADS)  # [B, T, K, H]
+    value = self._project("value", x, self.num_kv_heads, KV_HEADS)
+    if self.rope_theta is not None:
+      query = apply_rope(query, positions, self.rope_theta)
+      key = apply_rope(key, positions, self.rope_theta)
+    query = nn.with_logical_constraint(query, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
+    key = nn.with_logical_constraint(key, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, None))
+    value = nn.with_logical_constraint(value, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, None))
+
+    if kv_cache is not None:
+      k_cache, v_cache = kv_cache
+      write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, axis=0))
+      key = write(k_cache, key.astype(k_cache.dtype), write_index)  # [B, S, K, H]
+      value = write(v_cache, value.astype(v_cache.dtype), write_index)
+      cache_axes = (CACHE_BATCH, CACHE_LENGTH, CACHE_KV_HEADS, None)
+      key = nn.with_logical_constraint(key, cache_axes)
+      value = nn.with_logical_constraint(value, cache_axes)
+      kv_cache = (key, value)
+
+    scale = self.query_scale if self.query_scale is not None else self.head_dim**-0.5
+    out = jax.nn.dot_product_attention(
+        query, key.astype(self.dtype), value.astype(self.dtype), mask=mask, scale=scale
+    )  # [B, T, N, H]
+    out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
+    out = nn.DenseGeneral(
+        features=x.shape[-1],
+        axis=(-2, -1),
+        use_bias=self.use_bias,
+        kernel_init=param_init(nn.initializers.lecun_normal(), (HEADS, HEAD_DIM, EMBED)),
+        bias_init=param_init(nn.initializers.zeros, (EMBED,)),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="out",
+    )(out)  # [B, T, D]
+    return out, kv_cache
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# Activations by the names configs use. "gelu" is exact (erf), "gelu_tanh" the tanh approximation.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+}
+
+
+class FeedForward(nn.Module):
+  """Feed-forward block. Gated (`gated=True`: act(x W_gate) * (x W_up) W_down — SwiGLU with silu, GeGLU with
+  gelu_tanh) or plain (act(x W_up + b) W_down + b — GELU / quick-GELU as in ViTs)."""
+
+  hidden_dim: int
+  activation: str = "silu"
+  gated: bool = True
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _dense(self, name: str, features: int, axes: tuple[str, str], x: jax.Array) -> jax.Array:
+    return nn.Dense(
+        features,
+        use_bias=self.use_bias,
+        kernel_init=param_init(nn.initializers.lecun_normal(), axes),
+        bias_init=param_init(nn.initializers.zeros, (axes[1],)),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+    )(x)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: float[B, T, D] -> float[B, T, D]."""
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"unknown MLP activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    act = ACTIVATIONS[self.activation]
+    hidden = act(self._dense("up" if not self.gated else "gate", self.hidden_dim, (EMBED, MLP), x))
+    if self.gated:
+      hidden = hidden * self._dense("up", self.hidden_dim, (EMBED, MLP), x)
+    hidden = nn.with_logical_constraint(hidden, (ACT_BATCH, ACT_LENGTH, ACT_MLP))  # [B, T, F]
+    return self._dense("down", x.shape[-1], (MLP, EMBED), hidden)
+
+
+def remat_policy(name: str):
+  """A `jax.checkpoint` policy by name: 'none' (no remat: save everything), 'full' (save nothing), or any
+  policy in `jax.checkpoint_policies` such as 'dots_with_no_batch_dims_saveable'. Returns None for 'none'."""
+  if name == "none":
+    return None
+  if name == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None:
+    raise ValueError(f"unknown remat policy {name!r}: use 'none', 'full' or a name in jax.checkpoint_policies")
+  return policy
+
+
+def maybe_remat(block: type[nn.Module], policy_name: str, scanned: bool) -> type[nn.Module]:
+  """Wraps a layer class in `nn.remat` with the named policy (no wrapping for 'none'). Under `nn.scan` the
+  common-subexpression guard is unnecessary and costs speed, so it is dropped there."""
+  policy = remat_policy(policy_name)
+  if policy is None:
+    return block
+  return nn.remat(block, policy=policy, prevent_cse=not scanned)

@@ -1,0 +1,187 @@
+"""Vision Transformer (CLIP and SigLIP variants) and the pre-LayerNorm encoder stack it shares with CLIP's text
+tower.
+
+CLIP: class token, LayerNorm before the encoder, no patch-embedding bias, quick-GELU MLP.
+SigLIP: no class token, no pre-LayerNorm, patch bias, tanh-GELU MLP, LayerNorm after the encoder.
+`configs/sizes.py` holds both as presets; here every switch is an explicit field.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlmjax.models import layers
+from vlmjax.models.config import ModelConfig, check_choice, check_divides, check_positive, dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig(ModelConfig):
+  image_size: int = 224
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  activation: str = "quick_gelu"
+  norm_eps: float = 1e-5
+  cls_token: bool = True
+  pre_norm: bool = True
+  post_norm: bool = True
+  patch_bias: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    where = "vision"
+    check_positive(self, where, "image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim")
+    check_divides(self.num_heads, self.width, f"{where}.width={self.width} must split evenly into "
+                  f"{where}.num_heads={self.num_heads} heads")
+    check_divides(self.patch_size, self.image_size, f"{where}.image_size={self.image_size} must be a multiple "
+                  f"of {where}.patch_size={self.patch_size}")
+    check_choice(self.activation, tuple(layers.ACTIVATIONS), f"{where}.activation")
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_size**2
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)). Biases everywhere, as CLIP and SigLIP."""
+
+  width: int
+  num_heads: int
+  mlp_dim: int
+  activation: str
+  norm_eps: float
+  return_hidden: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """x: float[B, N, D]; mask: bool[B, 1, N, N] or None. Returns (x, x if return_hidden else None)."""
+    norm = lambda name: layers.LayerNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                                         name=name)
+    head_dim = self.width // self.num_heads
+    attended, _ = layers.Attention(
+        num_heads=self.num_heads, num_kv_heads=self.num_heads, head_dim=head_dim, use_bias=True,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="attention")(norm("attention_norm")(x), mask)
+    x = x + attended
+    x = x + layers.FeedForward(self.mlp_dim, activation=self.activation, gated=False, use_bias=True, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="mlp")(norm("mlp_norm")(x))
+    x = nn.with_logical_constraint(x, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED))
+    return x, (x if self.return_hidden else None)
+
+
+class Encoder(nn.Module):
+  """`depth` EncoderBlocks, scanned (`nn.scan`, one compiled layer) or unrolled, with optional remat."""
+
+  depth: int
+  width: int
+  num_heads: int
+  mlp_dim: int
+  activation: str
+  norm_eps: float
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               return_hidden: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """x: float[B, N, D] -> (float[B, N, D], float[depth, B, N, D] each layer's output, or None)."""
+    block = layers.maybe_remat(EncoderBlock, self.remat_policy, self.scan_layers)
+    block_args = dict(width=self.width, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                      activation=self.activation, norm_eps=self.norm_eps, return_hidden=return_hidden,
+                      dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan_layers:
+      scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=nn.broadcast, length=self.depth,
+                        metadata_params={nn.PARTITION_NAME: layers.LAYERS})
+      return scanned(**block_args, name="layers")(x, mask)
+    hidden = []
+    for i in range(self.depth):
+      x, h = block(**block_args, name=f"layers_{i}")(x, mask)
+      hidden.append(h)
+    return x, (jnp.stack(hidden) if return_hidden else None)
+
+
+class ViT(nn.Module):
+  """Images float[B, H, W, 3] (normalized, channels last) -> tokens float[B, P (+1 with a class token), D]."""
+
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, images: jax.Array, feature_layer: int | None = None) -> jax.Array:
+    """Args:
+      images: float[B, H, W, 3]; H and W multiples of the patch size (other sizes than the config's
+        interpolate the position embeddings).
+      feature_layer: None for the encoder's final output (after the post-LayerNorm when the config has one);
+        an int i for hidden state i as Hugging Face counts them (0 = embeddings, -1 = last layer, -2 =
+        penultimate as LLaVA uses), without the post-LayerNorm.
+    Returns:
+      float[B, P(+1), D], the class token first when the config has one.
+    """
+    cfg = self.config
+    compute_dtype, param_dtype = dtype(cfg.dtype), dtype(cfg.param_dtype)
+    height, width = images.shape[1:3]
+    if height % cfg.patch_size or width % cfg.patch_size:
+      raise ValueError(f"image size {height}x{width} is not a multiple of vision.patch_size={cfg.patch_size}")
+    x = nn.Conv(cfg.width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size, padding="VALID",
+                use_bias=cfg.patch_bias, dtype=compute_dtype, param_dtype=param_dtype,
+                kernel_init=layers.param_init(nn.initializers.lecun_normal(), (None, None, None, layers.EMBED)),
+                bias_init=layers.param_init(nn.initializers.zeros, (layers.EMBED,)),
+                name="patch_embedding")(images.astype(compute_dtype))  # [B, h, w, D]
+    batch, grid_h, grid_w, _ = x.shape
+    x = x.reshape(batch, grid_h * grid_w, cfg.width)  # [B, P, D]
+
+    num_prefix = 1 if cfg.cls_token else 0
+    positions = self.param("position_embedding",
+                           layers.param_init(nn.initializers.normal(0.02), (None, layers.EMBED)),
+                           (num_prefix + cfg.num_patches, cfg.width), param_dtype)
+    patch_positions = _resize_positions(positions[num_prefix:], cfg.grid_size, (grid_h, grid_w))
+    x = x + patch_positions.astype(compute_dtype)[None]
+    if cfg.cls_token:
+      cls = self.param("cls_token", layers.param_init(nn.initializers.normal(0.02), (layers.EMBED,)), (cfg.width,),
+                       param_dtype)
+      cls = (cls + positions[0]).astype(compute_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, cfg.width)), x], axis=1)  # [B, 1+P, D]
+    norm = lambda name: layers.LayerNorm(eps=cfg.norm_eps, dtype=compute_dtype, param_dtype=param_dtype,
+                                         name=name)
+    if cfg.pre_norm:
+      x = norm("pre_norm")(x)
+    x = nn.with_logical_constraint(x, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED))
+
+    encoder = Encoder(depth=cfg.depth, width=cfg.width, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
+                      activation=cfg.activation, norm_eps=cfg.norm_eps, scan_layers=cfg.scan_layers,
+                      remat_policy=cfg.remat_policy, dtype=compute_dtype, param_dtype=param_dtype,
+                      name="encoder")
+    if feature_layer is not None:
+      if not -(cfg.depth + 1) <= feature_layer <= cfg.depth:
+        raise ValueError(f"vision feature layer {feature_layer} is out of range for a {cfg.depth}-layer ViT "
+                         f"(hidden states 0..{cfg.depth}, or -1..-{cfg.depth + 1})")
+      _, hidden = encoder(x, return_hidden=True)
+      return jnp.concatenate([x[None], hidden], axis=0)[feature_layer]
+    x, _ = encoder(x)
+    if cfg.post_norm:
+      x = norm("post_norm")(x)
+    return x
+
+
+def _resize_positions(positions: jax.Array, grid: int, target: tuple[int, int]) -> jax.Array:
+  """Position embeddings float[grid*grid, D] -> float[h*w, D], bicubic-interpolated when the grid differs."""
+  if target == (grid, grid):
+    return positions
+  width = positions.shape[-1]
+  grid_positions = positions.reshape(grid, grid, width).astype(jnp.float32)
+  resized = jax.image.resize(grid_positions, (*target, width), method="bicubic")
+  return resized.reshape(target[0] * target[1], width).astype(positions.dtype)

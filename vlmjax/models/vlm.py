@@ -1,0 +1,142 @@
+"""The vision-language model: ViT -> projector -> image embeddings spliced into the decoder's token embeddings.
+
+Inputs follow the Hugging Face convention: `input_ids` already hold the image placeholder token once per image
+embedding. The k-th placeholder of a row receives the row's k-th image embedding (images in order), so a row may
+carry several images, or none (a text-only row in the same batch). LLaVA attends causally; PaliGemma
+(`prefix_lm=True`) attends bidirectionally over its prefix (image + prompt) and causally after it.
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlmjax.infer.kv_cache import KVCache
+from vlmjax.models import layers
+from vlmjax.models.config import ModelConfig, check_choice, dtype
+from vlmjax.models.decoder import Decoder, DecoderConfig
+from vlmjax.models.projector import PROJECTORS, Projector
+from vlmjax.models.vit import ViT, ViTConfig
+
+# Keys of the model section that apply to both towers.
+SHARED_KEYS = ("dtype", "param_dtype", "scan_layers", "remat_policy")
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig(ModelConfig):
+  vision: ViTConfig
+  decoder: DecoderConfig
+  image_token_id: int
+  projector: str = "mlp2x_gelu"
+  vision_feature_layer: int | None = -2  # None: the ViT's final output after its post-LayerNorm
+  vision_feature_select: str = "default"  # 'default' drops the class token, 'full' keeps it
+  prefix_lm: bool = False
+
+  def __post_init__(self):
+    check_choice(self.projector, PROJECTORS, "model.projector")
+    check_choice(self.vision_feature_select, ("default", "full"), "model.vision_feature_select")
+    if not 0 <= self.image_token_id < self.decoder.vocab_size:
+      raise ValueError(f"model.image_token_id={self.image_token_id} is outside the vocabulary "
+                       f"(decoder.vocab_size={self.decoder.vocab_size})")
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any], where: str = "model") -> "VLMConfig":
+    """From the `model` section of a config: `vision`, `decoder` and the keys of VLMConfig, plus SHARED_KEYS."""
+    values = dict(values)
+    shared = {key: values.pop(key) for key in SHARED_KEYS if key in values}
+    for tower, tower_cls in (("vision", ViTConfig), ("decoder", DecoderConfig)):
+      if tower not in values:
+        raise ValueError(f"{where}: missing section {tower!r}")
+      values[tower] = tower_cls.from_dict({**dict(values[tower]), **shared}, f"{where}.{tower}")
+    return super().from_dict(values, where)
+
+  @property
+  def tokens_per_image(self) -> int:
+    """Image embeddings (placeholder tokens) each image contributes."""
+    has_cls = self.vision.cls_token and self.vision_feature_select == "full"
+    return self.vision.num_patches + int(has_cls)
+
+  def example_inputs(self, batch_size: int, text_length: int = 8) -> dict[str, jax.Array]:
+    """Arguments for `VLM.init` (or a shape check): one image per row, its placeholders after a BOS token.
+
+    Returns {input_ids: int[B, T], pixel_values: float[B, H, W, 3], prefix_lengths: int[B] (prefix-LM only)}
+    with T = tokens_per_image + text_length.
+    """
+    length = self.tokens_per_image + text_length
+    input_ids = jnp.ones((batch_size, length), jnp.int32)
+    input_ids = input_ids.at[:, 1:1 + self.tokens_per_image].set(self.image_token_id)
+    size = self.vision.image_size
+    inputs = dict(input_ids=input_ids, pixel_values=jnp.zeros((batch_size, size, size, 3), jnp.float32))
+    if self.prefix_lm:
+      inputs["prefix_lengths"] = jnp.full((batch_size,), length, jnp.int32)
+    return inputs
+
+
+class VLM(nn.Module):
+  config: VLMConfig
+
+  def setup(self):
+    cfg = self.config
+    self.vision = ViT(cfg.vision)
+    self.projector = Projector(cfg.projector, cfg.decoder.width, dtype=dtype(cfg.decoder.dtype),
+                               param_dtype=dtype(cfg.decoder.param_dtype))
+    self.decoder = Decoder(cfg.decoder)
+
+  def encode_images(self, pixel_values: jax.Array) -> jax.Array:
+    """pixel_values: float[B, H, W, 3] or float[B, I, H, W, 3] -> image embeddings float[B, I*P, D]."""
+    cfg = self.config
+    if pixel_values.ndim == 4:
+      pixel_values = pixel_values[:, None]
+    batch, num_images = pixel_values.shape[:2]
+    tokens = self.vision(pixel_values.reshape(batch * num_images, *pixel_values.shape[2:]),
+                         feature_layer=cfg.vision_feature_layer)  # [B*I, P(+1), Dv]
+    if cfg.vision_feature_select == "default" and cfg.vision.cls_token:
+      tokens = tokens[:, 1:]
+    embeddings = self.projector(tokens)  # [B*I, P, D]
+    return embeddings.reshape(batch, num_images * embeddings.shape[1], embeddings.shape[2])
+
+  def embed(self, input_ids: jax.Array, image_embeddings: jax.Array | None) -> jax.Array:
+    """Token embeddings with the k-th image placeholder of each row replaced by its k-th image embedding.
+
+    input_ids: int[B, T]; image_embeddings: float[B, I*P, D] or None -> float[B, T, D].
+    A row must not hold more placeholders than I*P (the extra ones would repeat the last embedding).
+    """
+    is_image = input_ids == self.config.image_token_id  # [B, T]
+    text = self.decoder.embed(jnp.where(is_image, 0, input_ids))
+    if image_embeddings is None:
+      return text
+    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_embeddings.shape[1] - 1)  # [B, T]
+    spliced = jnp.take_along_axis(image_embeddings, slot[:, :, None], axis=1).astype(text.dtype)  # [B, T, D]
+    embedded = jnp.where(is_image[:, :, None], spliced, text)
+    return nn.with_logical_constraint(embedded, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED))
+
+  def __call__(
+      self,
+      input_ids: jax.Array,
+      pixel_values: jax.Array | None,
+      positions: jax.Array | None = None,
+      cache: KVCache | None = None,
+      *,
+      input_mask: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
+      prefix_lengths: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Args:
+      input_ids: int[B, T] with image placeholders.
+      pixel_values: float[B, H, W, 3] or float[B, I, H, W, 3] normalized images, or None for text only.
+      positions: int[B, T]; defaults to 0..T-1 in every row.
+      cache, input_mask, segment_ids: as `Decoder.__call__`.
+      prefix_lengths: int[B] bidirectional prefix per row; required when the config is prefix-LM.
+    Returns:
+      (logits float32[B, T, V], the updated cache or None).
+    """
+    if self.config.prefix_lm and prefix_lengths is None:
+      raise ValueError("a prefix-LM model (model.prefix_lm=True) needs prefix_lengths: the image + prompt length")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+    image_embeddings = None if pixel_values is None else self.encode_images(pixel_values)
+    embeddings = self.embed(input_ids, image_embeddings)
+    return self.decoder(None, positions, cache, embeddings=embeddings, input_mask=input_mask,
+                        segment_ids=segment_ids, prefix_lengths=prefix_lengths)
