@@ -147,6 +147,36 @@ def make_attention_mask(
   return allowed[:, None, :, :]
 
 
+class Projection(nn.Module):
+  """A linear map written as one einsum over a kernel of the given shape (+ a bias over its output axes).
+
+  Used for the attention projections, whose kernels keep their head axes ([D, N, H], [N, H, D]) so each axis
+  carries its own logical name. (`nn.DenseGeneral` would create them flattened and reshape, which breaks
+  logical-axis constraints.)
+  """
+
+  equation: str  # e.g. "BTD,DNH->BTNH"; the kernel is the second operand
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  fan_in_axes: tuple[int, ...]
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    out_axes = tuple(i for i in range(len(self.kernel_shape)) if i not in self.fan_in_axes)
+    init = nn.initializers.lecun_normal(in_axis=self.fan_in_axes, out_axis=out_axes)
+    kernel = self.param("kernel", param_init(init, self.kernel_axes), self.kernel_shape, self.param_dtype)
+    y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias_shape = tuple(self.kernel_shape[i] for i in out_axes)
+      bias = self.param("bias", param_init(nn.initializers.zeros, tuple(self.kernel_axes[i] for i in out_axes)),
+                        bias_shape, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class Attention(nn.Module):
   """Multi-head attention with MHA, GQA (num_kv_heads < num_heads) and MQA (num_kv_heads = 1).
 
@@ -165,15 +195,9 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def _project(self, name: str, x: jax.Array, heads: int, heads_axis: str) -> jax.Array:
-    return nn.DenseGeneral(
-        features=(heads, self.head_dim),
-        use_bias=self.use_bias,
-        kernel_init=param_init(nn.initializers.lecun_normal(), (EMBED, heads_axis, HEAD_DIM)),
-        bias_init=param_init(nn.initializers.zeros, (heads_axis, HEAD_DIM)),
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name=name,
-    )(x)
+    return Projection("BTD,DNH->BTNH", (x.shape[-1], heads, self.head_dim), (EMBED, heads_axis, HEAD_DIM),
+                      fan_in_axes=(0,), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name=name)(x)
 
   @nn.compact
   def __call__(
@@ -219,16 +243,9 @@ class Attention(nn.Module):
         query, key.astype(self.dtype), value.astype(self.dtype), mask=mask, scale=scale
     )  # [B, T, N, H]
     out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
-    out = nn.DenseGeneral(
-        features=x.shape[-1],
-        axis=(-2, -1),
-        use_bias=self.use_bias,
-        kernel_init=param_init(nn.initializers.lecun_normal(), (HEADS, HEAD_DIM, EMBED)),
-        bias_init=param_init(nn.initializers.zeros, (EMBED,)),
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name="out",
-    )(out)  # [B, T, D]
+    out = Projection("BTNH,NHD->BTD", (self.num_heads, self.head_dim, x.shape[-1]), (HEADS, HEAD_DIM, EMBED),
+                     fan_in_axes=(0, 1), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="out")(out)  # [B, T, D]
     return out, kv_cache
 
 

@@ -148,7 +148,7 @@ class ViT(nn.Module):
     positions = self.param("position_embedding",
                            layers.param_init(nn.initializers.normal(0.02), (None, layers.EMBED)),
                            (num_prefix + cfg.num_patches, cfg.width), param_dtype)
-    patch_positions = _resize_positions(positions[num_prefix:], cfg.grid_size, (grid_h, grid_w))
+    patch_positions = resize_position_embeddings(positions[num_prefix:], cfg.grid_size, (grid_h, grid_w))
     x = x + patch_positions.astype(compute_dtype)[None]
     if cfg.cls_token:
       cls = self.param("cls_token", layers.param_init(nn.initializers.normal(0.02), (layers.EMBED,)), (cfg.width,),
@@ -177,7 +177,7 @@ class ViT(nn.Module):
     return x
 
 
-def _resize_positions(positions: jax.Array, grid: int, target: tuple[int, int]) -> jax.Array:
+def resize_position_embeddings(positions: jax.Array, grid: int, target: tuple[int, int]) -> jax.Array:
   """Position embeddings float[grid*grid, D] -> float[h*w, D], bicubic-interpolated when the grid differs."""
   if target == (grid, grid):
     return positions

@@ -15,14 +15,10 @@ import jax.numpy as jnp
 
 from vlmjax.infer.kv_cache import KVCache
 from vlmjax.models import layers
-from vlmjax.models.config import ModelConfig, check_choice, dtype
+from vlmjax.models.config import ModelConfig, build_towers, check_choice, dtype
 from vlmjax.models.decoder import Decoder, DecoderConfig
 from vlmjax.models.projector import PROJECTORS, Projector
 from vlmjax.models.vit import ViT, ViTConfig
-
-# Keys of the model section that apply to both towers.
-SHARED_KEYS = ("dtype", "param_dtype", "scan_layers", "remat_policy")
-
 
 @dataclasses.dataclass(frozen=True)
 class VLMConfig(ModelConfig):
@@ -43,13 +39,8 @@ class VLMConfig(ModelConfig):
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any], where: str = "model") -> "VLMConfig":
-    """From the `model` section of a config: `vision`, `decoder` and the keys of VLMConfig, plus SHARED_KEYS."""
-    values = dict(values)
-    shared = {key: values.pop(key) for key in SHARED_KEYS if key in values}
-    for tower, tower_cls in (("vision", ViTConfig), ("decoder", DecoderConfig)):
-      if tower not in values:
-        raise ValueError(f"{where}: missing section {tower!r}")
-      values[tower] = tower_cls.from_dict({**dict(values[tower]), **shared}, f"{where}.{tower}")
+    """From the `model` section of a config: `vision`, `decoder`, the keys of VLMConfig and SHARED_KEYS."""
+    values = build_towers(values, {"vision": ViTConfig, "decoder": DecoderConfig}, where)
     return super().from_dict(values, where)
 
   @property

@@ -138,8 +138,9 @@ def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args) -
   """
   boxed = jax.eval_shape(init_fn, *args)
   shardings = param_shardings(boxed, mesh, rules)
-  with activate(mesh, rules):
-    variables = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+  # Outside `activate`: the out_shardings place every variable; constraints inside scanned layers at init
+  # would see per-layer shapes against the stacked layers' axes.
+  variables = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
   return variables, shardings
 
 

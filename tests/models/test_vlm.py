@@ -1,0 +1,144 @@
+import importlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import sizes
+from vlmjax.models.summary import abstract_params
+from vlmjax.models.vlm import VLM, VLMConfig
+
+TINY_LLAVA = VLMConfig.from_dict(dict(
+    vision=sizes.vit("Ti/16", "clip", image_size=16, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64),
+    decoder=sizes.lm("tiny", vocab_size=101, width=48, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=96),
+    image_token_id=100, vision_feature_layer=-2, vision_feature_select="default"))
+TINY_PALIGEMMA = VLMConfig.from_dict(dict(
+    vision=sizes.vit("Ti/16", "siglip", image_size=16, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64),
+    decoder=sizes.lm("gemma-2b", vocab_size=103, width=32, depth=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                     mlp_dim=64),
+    image_token_id=102, projector="linear", vision_feature_layer=None, vision_feature_select="full", prefix_lm=True))
+
+
+def _images(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+@pytest.fixture(scope="module", params=[TINY_LLAVA, TINY_PALIGEMMA], ids=["llava", "paligemma"])
+def vlm(request):
+  config = request.param
+  params = VLM(config).init(jax.random.key(0), **config.example_inputs(1))
+  return config, nn.meta.unbox(params)
+
+
+@pytest.mark.parametrize("name", ["shapes_tiny", "llava_1_5_7b", "paligemma_3b_224"])
+def test_output_shapes_for_every_config(name):
+  config = VLMConfig.from_dict(importlib.import_module(f"configs.{name}").get_config().model)
+  inputs = config.example_inputs(2)
+  model = VLM(config)
+  params = abstract_params(config)
+  logits, cache = jax.eval_shape(lambda p: model.apply({"params": p}, **inputs), nn.meta.unbox(params))
+  assert logits.shape == (2, config.tokens_per_image + 8, config.decoder.vocab_size)
+  assert logits.dtype == jnp.float32 and cache is None
+  image_embeddings = jax.eval_shape(lambda p: model.apply({"params": p}, inputs["pixel_values"],
+                                                          method=VLM.encode_images), nn.meta.unbox(params))
+  assert image_embeddings.shape == (2, config.tokens_per_image, config.decoder.width)
+
+
+def test_shapes_tiny_runs_for_real():
+  config = VLMConfig.from_dict(importlib.import_module("configs.shapes_tiny").get_config().model)
+  inputs = config.example_inputs(2)
+  variables = VLM(config).init(jax.random.key(0), **inputs)
+  logits, _ = jax.jit(VLM(config).apply)(variables, **inputs)
+  assert logits.shape == (2, 72, 512) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+@pytest.mark.parametrize("name,published", [("llava_1_5_7b", 7.06e9), ("paligemma_3b_224", 2.92e9)])
+def test_parameter_counts_match_published_sizes_without_allocation(name, published):
+  config = VLMConfig.from_dict(importlib.import_module(f"configs.{name}").get_config().model)
+  params = abstract_params(config)  # ShapeDtypeStructs only: 7B float32 parameters would need 28 GB
+  assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nn.meta.unbox(params)))
+  count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nn.meta.unbox(params)))
+  assert abs(count - published) / published < 0.005, f"{name}: {count:,} parameters vs published {published:,.0f}"
+
+
+def _ids_with_images(config, rows):
+  """rows: list of (text_before, number_of_images, text_after) -> int[B, T] right-padded with token 0."""
+  rng = np.random.default_rng(0)
+  sequences = []
+  for before, images, after in rows:
+    text = lambda n: list(rng.integers(1, config.image_token_id, n))
+    sequences.append(text(before) + [config.image_token_id] * (images * config.tokens_per_image) + text(after))
+  length = max(map(len, sequences))
+  return jnp.asarray([s + [0] * (length - len(s)) for s in sequences], jnp.int32)
+
+
+def test_splicing_equals_feeding_the_projected_image_embeddings_by_hand(vlm):
+  config, params = vlm
+  model = VLM(config)
+  # Row 0: two images between text; row 1: one image; row 2: text only.
+  input_ids = _ids_with_images(config, [(2, 2, 3), (1, 1, 5), (7, 0, 0)])
+  pixel_values = _images((3, 2, 16, 16, 3))
+  prefix = jnp.full((3,), input_ids.shape[1], jnp.int32) if config.prefix_lm else None
+  logits, _ = model.apply(params, input_ids, pixel_values, prefix_lengths=prefix)
+
+  image_embeddings = np.asarray(model.apply(params, pixel_values, method=VLM.encode_images))  # [B, 2P, D]
+  by_hand = np.array(model.apply(params, jnp.where(input_ids == config.image_token_id, 0, input_ids),
+                                   method=lambda m, ids: m.decoder.embed(ids)))
+  for row in range(3):
+    slots = np.flatnonzero(np.asarray(input_ids[row]) == config.image_token_id)
+    by_hand[row, slots] = image_embeddings[row, :len(slots)]
+  positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+  expected, _ = model.apply(params, None, positions, embeddings=jnp.asarray(by_hand), prefix_lengths=prefix,
+                            method=lambda m, *a, **k: m.decoder(*a, **k))
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  # The images matter: other pixels change rows 0 and 1 but not the text-only row 2.
+  other, _ = model.apply(params, input_ids, _images((3, 2, 16, 16, 3), seed=9), prefix_lengths=prefix)
+  assert not np.allclose(other[:2], logits[:2], atol=1e-4)
+  np.testing.assert_allclose(other[2], logits[2], rtol=1e-5, atol=1e-6)
+
+
+def test_text_only_batch_needs_no_pixels(vlm):
+  config, params = vlm
+  input_ids = _ids_with_images(config, [(5, 0, 0)])
+  prefix = jnp.array([5]) if config.prefix_lm else None
+  with_pixels, _ = VLM(config).apply(params, input_ids, _images((1, 16, 16, 3)), prefix_lengths=prefix)
+  without, _ = VLM(config).apply(params, input_ids, None, prefix_lengths=prefix)
+  np.testing.assert_allclose(with_pixels, without, rtol=1e-6)
+
+
+def test_cached_decoding_of_a_vlm_equals_its_full_forward(vlm):
+  config, params = vlm
+  model = VLM(config)
+  input_ids = _ids_with_images(config, [(1, 1, 4)])
+  length = input_ids.shape[1]
+  prompt = length - 2
+  prefix = jnp.array([prompt]) if config.prefix_lm else None
+  pixels = _images((1, 16, 16, 3), seed=4)
+  full, _ = model.apply(params, input_ids, pixels, prefix_lengths=prefix)
+  cache = config.decoder.init_cache(batch_size=1, max_len=length + 3)
+  first, cache = model.apply(params, input_ids[:, :prompt], pixels, cache=cache, prefix_lengths=prefix)
+  np.testing.assert_allclose(first, full[:, :prompt], rtol=1e-4, atol=1e-4)
+  for t in range(prompt, length):
+    step, cache = model.apply(params, input_ids[:, t:t + 1], None, jnp.array([[t]]), cache, prefix_lengths=prefix)
+    np.testing.assert_allclose(step[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
+
+
+def test_prefix_lm_model_requires_prefix_lengths():
+  params = nn.meta.unbox(VLM(TINY_PALIGEMMA).init(jax.random.key(0), **TINY_PALIGEMMA.example_inputs(1)))
+  inputs = TINY_PALIGEMMA.example_inputs(1)
+  inputs.pop("prefix_lengths")
+  with pytest.raises(ValueError, match="needs prefix_lengths"):
+    VLM(TINY_PALIGEMMA).apply(params, **inputs)
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match=r"model.image_token_id=500 is outside the vocabulary"):
+    TINY_LLAVA.replace(image_token_id=500)
+  with pytest.raises(ValueError, match=r"model.projector must be one of"):
+    TINY_LLAVA.replace(projector="mlp3x")
+  with pytest.raises(ValueError, match=r"model: unknown keys \['vision_featur_layer'\]"):
+    VLMConfig.from_dict(dict(vision={}, decoder={}, image_token_id=1, vision_featur_layer=-2))
+  with pytest.raises(ValueError, match=r"model.vision: unknown keys \['patch'\]"):
+    VLMConfig.from_dict(dict(vision={"patch": 3}, decoder={}, image_token_id=1))

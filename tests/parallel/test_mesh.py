@@ -1,0 +1,101 @@
+"""Sharding on 8 fake CPU devices (tests/conftest.py sets XLA_FLAGS): the same loss and gradients as 1 device."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import shapes_tiny
+from vlmjax.models.vlm import VLM, VLMConfig
+from vlmjax.parallel import mesh as mesh_lib
+from vlmjax.train.losses import next_token_loss
+
+MESHES = {"data=8": dict(data=8, fsdp=1, tensor=1), "fsdp=8": dict(data=1, fsdp=8, tensor=1),
+          "data=2,fsdp=2,tensor=2": dict(data=2, fsdp=2, tensor=2)}
+
+
+def test_there_are_8_fake_devices():
+  assert jax.device_count() == 8, "tests/conftest.py should force 8 host devices"
+
+
+def test_mesh_shape_resolves_the_rest_and_checks_the_product():
+  assert mesh_lib.mesh_shape(dict(data=-1, fsdp=2, tensor=1), 8) == dict(data=4, fsdp=2, tensor=1)
+  assert mesh_lib.mesh_shape(dict(data=2, fsdp=2, tensor=2), 8) == dict(data=2, fsdp=2, tensor=2)
+  with pytest.raises(ValueError, match=r"data=2 x fsdp=2 x tensor=1 uses 4 devices but there are 8"):
+    mesh_lib.mesh_shape(dict(data=2, fsdp=2, tensor=1), 8)
+  with pytest.raises(ValueError, match=r"8 devices cannot be split as data=-1 x fsdp=3 x tensor=1"):
+    mesh_lib.mesh_shape(dict(data=-1, fsdp=3, tensor=1), 8)
+  with pytest.raises(ValueError, match=r"only one axis may be -1"):
+    mesh_lib.mesh_shape(dict(data=-1, fsdp=-1, tensor=1), 8)
+  with pytest.raises(ValueError, match=r"unknown axes \['model'\]"):
+    mesh_lib.mesh_shape(dict(data=-1, model=2), 8)
+  with pytest.raises(ValueError, match=r"uses 4 devices but there are 8"):
+    mesh_lib.make_mesh(dict(data=4, fsdp=1, tensor=1))
+
+
+def test_a_dimension_that_does_not_divide_its_mesh_axis_is_an_error():
+  config = shapes_tiny.get_config()
+  model_config = VLMConfig.from_dict(config.model)
+  boxed = jax.eval_shape(lambda: VLM(model_config).init(jax.random.key(0), **model_config.example_inputs(1)))
+  mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=8))
+  with pytest.raises(ValueError, match=r"\['params'\]\['decoder'\]\['layers'\]\['attention'\]\['key'\]\['kernel'\] of "
+                     r"shape \(4, 256, 2, 64\): dimension 2 \('kv_heads', size 2\) is sharded over mesh axes "
+                     r"\('tensor',\) of total size 8, and 2 is not a multiple of 8"):
+    mesh_lib.param_shardings(boxed, mesh, config.sharding_rules)
+
+
+def _batch(model_config, batch_size=8, text_length=12):
+  rng = np.random.default_rng(0)
+  inputs = model_config.example_inputs(batch_size, text_length)
+  text = rng.integers(4, model_config.decoder.vocab_size, inputs["input_ids"].shape)
+  input_ids = np.where(inputs["input_ids"] == model_config.image_token_id, model_config.image_token_id, text)
+  weights = (input_ids != model_config.image_token_id) & (np.arange(input_ids.shape[1]) >= 1)
+  return dict(input_ids=jnp.asarray(input_ids, jnp.int32),
+              pixel_values=jnp.asarray(rng.standard_normal(inputs["pixel_values"].shape), jnp.float32),
+              weights=jnp.asarray(weights, jnp.float32))
+
+
+def _loss_and_grads(model_config, params, batch):
+  def loss_fn(params):
+    logits, _ = VLM(model_config).apply({"params": params}, batch["input_ids"], batch["pixel_values"])
+    loss, _ = next_token_loss(logits[:, :-1], batch["input_ids"][:, 1:], batch["weights"][:, 1:])
+    return loss
+  return jax.value_and_grad(loss_fn)(params)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = shapes_tiny.get_config()
+  model_config = VLMConfig.from_dict(config.model)
+  batch = _batch(model_config)
+  one_device = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  init = lambda: VLM(model_config).init(jax.random.key(0), **model_config.example_inputs(1))
+  variables, _ = mesh_lib.init_sharded(init, one_device, config.sharding_rules)
+  with mesh_lib.activate(one_device, config.sharding_rules):
+    loss, grads = jax.jit(_loss_and_grads, static_argnums=0)(model_config, variables["params"], batch)
+  return config, model_config, batch, init, variables["params"], (loss, grads)
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_sharded_loss_and_gradients_equal_one_device(setup, name):
+  config, model_config, batch, init, params_1, (loss_1, grads_1) = setup
+  mesh = mesh_lib.make_mesh(MESHES[name])
+  variables, shardings = mesh_lib.init_sharded(init, mesh, config.sharding_rules)
+  params = variables["params"]
+  # Initialized straight into shards, with the same values as on one device.
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, params_1)
+  batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
+  with mesh_lib.activate(mesh, config.sharding_rules):
+    loss, grads = jax.jit(_loss_and_grads, static_argnums=0)(model_config, params, batch)
+  np.testing.assert_allclose(loss, loss_1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, grads_1)
+
+  # The weights really are split, as the rules say.
+  embedding = params["decoder"]["embedding"]  # ('vocab', 'embed') -> (tensor, fsdp)
+  expected_pieces = (MESHES[name]["tensor"], MESHES[name]["fsdp"])
+  assert mesh_lib.shard_count(embedding) == expected_pieces
+  assert embedding.addressable_shards[0].data.shape == (512 // expected_pieces[0], 256 // expected_pieces[1])
+  up = params["decoder"]["layers"]["mlp"]["up"]["kernel"]  # ('layers', 'embed', 'mlp')
+  assert mesh_lib.shard_count(up) == (1, MESHES[name]["fsdp"], MESHES[name]["tensor"])
+  assert shardings["params"]["decoder"]["embedding"] == embedding.sharding
