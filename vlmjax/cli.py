@@ -37,11 +37,16 @@ def main(argv: list[str] | None = None) -> None:
   if len(argv) < 2 or argv[1] not in COMMANDS:
     raise SystemExit(f"usage: vlmjax {{{','.join(COMMANDS)}}} [flags]   (vlmjax COMMAND --help for its flags)")
   command = argv.pop(1)
+  # config_flags registers the `--config.a.b` override flags from sys.argv, so it must hold what we parse.
+  sys.argv = argv
   try:
     positional = FLAGS(argv)
   except flags.Error as error:
     raise SystemExit(f"vlmjax {command}: {error}") from error
-  COMMANDS[command](positional[1:])
+  try:
+    COMMANDS[command](positional[1:])
+  except ValueError as error:  # a config or an argument that cannot work: the message says what to change
+    raise SystemExit(f"vlmjax {command}: {error}") from error
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """Sharding on 8 fake CPU devices (tests/conftest.py sets XLA_FLAGS): the same loss and gradients as 1 device."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,14 +45,9 @@ def test_a_dimension_that_does_not_divide_its_mesh_axis_is_an_error():
 
 
 def _batch(model_config, batch_size=8, text_length=12):
-  rng = np.random.default_rng(0)
-  inputs = model_config.example_inputs(batch_size, text_length)
-  text = rng.integers(4, model_config.decoder.vocab_size, inputs["input_ids"].shape)
-  input_ids = np.where(inputs["input_ids"] == model_config.image_token_id, model_config.image_token_id, text)
-  weights = (input_ids != model_config.image_token_id) & (np.arange(input_ids.shape[1]) >= 1)
-  return dict(input_ids=jnp.asarray(input_ids, jnp.int32),
-              pixel_values=jnp.asarray(rng.standard_normal(inputs["pixel_values"].shape), jnp.float32),
-              weights=jnp.asarray(weights, jnp.float32))
+  inputs = model_config.example_inputs(batch_size, text_length, seed=0)
+  weights = (inputs["input_ids"] != model_config.image_token_id).astype(jnp.float32)
+  return dict(inputs, weights=weights)
 
 
 def _loss_and_grads(model_config, params, batch):
@@ -62,6 +56,23 @@ def _loss_and_grads(model_config, params, batch):
     loss, _ = next_token_loss(logits[:, :-1], batch["input_ids"][:, 1:], batch["weights"][:, 1:])
     return loss
   return jax.value_and_grad(loss_fn)(params)
+
+
+def _assert_gradients_equal(grads, reference):
+  """rtol 1e-5 per element, with an absolute floor of 1e-5 x the tensor's largest gradient (float32 sums in
+  another order differ by that much where terms cancel).
+
+  Key biases are the exception: softmax is invariant to adding q.b to every score, so their true gradient is
+  exactly zero and both computations hold rounding noise; they must be ~0 in both.
+  """
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(reference))
+  for (path, got), expected in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(reference)):
+    name = jax.tree_util.keystr(path)
+    got, expected = np.asarray(got), np.asarray(expected)
+    if name.endswith("['key']['bias']"):
+      assert np.max(np.abs(got)) < 1e-6 * scale and np.max(np.abs(expected)) < 1e-6 * scale, name
+      continue
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.max(np.abs(expected)), err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +100,7 @@ def test_sharded_loss_and_gradients_equal_one_device(setup, name):
   with mesh_lib.activate(mesh, config.sharding_rules):
     loss, grads = jax.jit(_loss_and_grads, static_argnums=0)(model_config, params, batch)
   np.testing.assert_allclose(loss, loss_1, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, grads_1)
+  _assert_gradients_equal(grads, grads_1)
 
   # The weights really are split, as the rules say.
   embedding = params["decoder"]["embedding"]  # ('vocab', 'embed') -> (tensor, fsdp)

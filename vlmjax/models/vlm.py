@@ -49,17 +49,26 @@ class VLMConfig(ModelConfig):
     has_cls = self.vision.cls_token and self.vision_feature_select == "full"
     return self.vision.num_patches + int(has_cls)
 
-  def example_inputs(self, batch_size: int, text_length: int = 8) -> dict[str, jax.Array]:
-    """Arguments for `VLM.init` (or a shape check): one image per row, its placeholders after a BOS token.
+  def example_inputs(self, batch_size: int, text_length: int = 8, seed: int | None = None) -> dict[str, jax.Array]:
+    """Arguments for `VLM.init`, a shape check or a benchmark: one image per row, its placeholders after the
+    first token. With a seed, the text tokens and pixels are random (else ones and zeros).
 
     Returns {input_ids: int[B, T], pixel_values: float[B, H, W, 3], prefix_lengths: int[B] (prefix-LM only)}
     with T = tokens_per_image + text_length.
     """
     length = self.tokens_per_image + text_length
-    input_ids = jnp.ones((batch_size, length), jnp.int32)
-    input_ids = input_ids.at[:, 1:1 + self.tokens_per_image].set(self.image_token_id)
     size = self.vision.image_size
-    inputs = dict(input_ids=input_ids, pixel_values=jnp.zeros((batch_size, size, size, 3), jnp.float32))
+    if seed is None:
+      input_ids = jnp.ones((batch_size, length), jnp.int32)
+      pixel_values = jnp.zeros((batch_size, size, size, 3), jnp.float32)
+    else:
+      text_key, pixel_key = jax.random.split(jax.random.key(seed))
+      # Random text avoids the image placeholder: ids drawn below it, shifted past it.
+      text = jax.random.randint(text_key, (batch_size, length), 0, self.decoder.vocab_size - 1, jnp.int32)
+      input_ids = jnp.where(text >= self.image_token_id, text + 1, text)
+      pixel_values = jax.random.normal(pixel_key, (batch_size, size, size, 3), jnp.float32)
+    input_ids = input_ids.at[:, 1:1 + self.tokens_per_image].set(self.image_token_id)
+    inputs = dict(input_ids=input_ids, pixel_values=pixel_values)
     if self.prefix_lm:
       inputs["prefix_lengths"] = jnp.full((batch_size,), length, jnp.int32)
     return inputs

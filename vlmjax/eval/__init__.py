@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks, generations, metrics and reports."""
