@@ -128,6 +128,7 @@ class Decoder(nn.Module):
       input_mask: jax.Array | None = None,
       segment_ids: jax.Array | None = None,
       prefix_lengths: jax.Array | None = None,
+      logit_positions: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Runs the stack.
 
@@ -140,8 +141,10 @@ class Decoder(nn.Module):
       input_mask: bool[B, T], False for padding after each row's tokens (right padding).
       segment_ids: int[B, T], packed sequences (no cache).
       prefix_lengths: int[B], bidirectional prefix of each row (prefix-LM), counted in cache slots.
+      logit_positions: int[B, K], compute logits only at these of the T positions (prefill needs just each
+        row's last token; the output head is the largest matmul for long prompts).
     Returns:
-      (logits float32[B, T, V], the updated cache or None).
+      (logits float32[B, T, V] or float32[B, K, V] with logit_positions, the updated cache or None).
     """
     cfg = self.config
     x = self.embed(tokens) if embeddings is None else embeddings.astype(dtype(cfg.dtype))
@@ -172,6 +175,8 @@ class Decoder(nn.Module):
       if cache is not None:
         layer_caches = tuple(jnp.stack(kv) for kv in zip(*updated))
 
+    if logit_positions is not None:
+      x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)  # [B, K, D]
     x = self.final_norm(x)
     head = self.embedding.T if cfg.tie_embeddings else self.output_head  # [D, V]
     logits = jnp.einsum("BTD,DV->BTV", x, head.astype(x.dtype))

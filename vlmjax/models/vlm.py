@@ -103,10 +103,10 @@ class VLM(nn.Module):
     input_ids: int[B, T]; image_embeddings: float[B, I*P, D] or None -> float[B, T, D].
     A row must not hold more placeholders than I*P (the extra ones would repeat the last embedding).
     """
-    is_image = input_ids == self.config.image_token_id  # [B, T]
-    text = self.decoder.embed(jnp.where(is_image, 0, input_ids))
-    if image_embeddings is None:
+    text = self.decoder.embed(input_ids)
+    if image_embeddings is None:  # decoding: a generated placeholder id is an ordinary token, as in transformers
       return text
+    is_image = input_ids == self.config.image_token_id  # [B, T]
     slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_embeddings.shape[1] - 1)  # [B, T]
     spliced = jnp.take_along_axis(image_embeddings, slot[:, :, None], axis=1).astype(text.dtype)  # [B, T, D]
     embedded = jnp.where(is_image[:, :, None], spliced, text)
@@ -122,12 +122,13 @@ class VLM(nn.Module):
       input_mask: jax.Array | None = None,
       segment_ids: jax.Array | None = None,
       prefix_lengths: jax.Array | None = None,
+      logit_positions: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Args:
       input_ids: int[B, T] with image placeholders.
       pixel_values: float[B, H, W, 3] or float[B, I, H, W, 3] normalized images, or None for text only.
       positions: int[B, T]; defaults to 0..T-1 in every row.
-      cache, input_mask, segment_ids: as `Decoder.__call__`.
+      cache, input_mask, segment_ids, logit_positions: as `Decoder.__call__`.
       prefix_lengths: int[B] bidirectional prefix per row; required when the config is prefix-LM.
     Returns:
       (logits float32[B, T, V], the updated cache or None).
@@ -139,4 +140,4 @@ class VLM(nn.Module):
     image_embeddings = None if pixel_values is None else self.encode_images(pixel_values)
     embeddings = self.embed(input_ids, image_embeddings)
     return self.decoder(None, positions, cache, embeddings=embeddings, input_mask=input_mask,
-                        segment_ids=segment_ids, prefix_lengths=prefix_lengths)
+                        segment_ids=segment_ids, prefix_lengths=prefix_lengths, logit_positions=logit_positions)
