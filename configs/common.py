@@ -23,4 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
       remat_policy="none",  # or "full", or a jax.checkpoint_policies name
   ))
   config.train = ml_collections.ConfigDict(dict(steps=1000, batch_size=32, log_every=50, checkpoint_every=500))
+  config.optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-3, warmup_steps=100, end_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
+      grad_clip=1.0, accumulation_steps=1))
   return config

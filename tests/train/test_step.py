@@ -1,0 +1,108 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common, sizes
+from vlmjax.models.vlm import VLM, VLMConfig
+from vlmjax.train import optim, state as state_lib
+
+CONFIG = VLMConfig.from_dict(dict(
+    vision=sizes.vit("Ti/16", "siglip", image_size=16, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64),
+    decoder=sizes.lm("tiny", vocab_size=61, width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64),
+    image_token_id=60, vision_feature_layer=None, vision_feature_select="full"))
+
+
+def _batch(seed=0):
+  inputs = CONFIG.example_inputs(4, text_length=6, seed=seed)
+  ids = inputs["input_ids"]
+  targets = jnp.concatenate([ids[:, 1:], jnp.zeros((4, 1), jnp.int32)], axis=1)
+  loss_mask = (jnp.arange(ids.shape[1]) >= CONFIG.tokens_per_image + 1)[None].repeat(4, 0).astype(jnp.float32)
+  loss_mask = loss_mask.at[:, -1].set(0.0)
+  return dict(inputs, targets=targets, loss_mask=loss_mask)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return jax.jit(lambda: nn.meta.unbox(VLM(CONFIG).init(jax.random.key(0), **CONFIG.example_inputs(1)))["params"])()
+
+
+def _optimizer(params, stage, **changes):
+  config = common.base_config().optim
+  config.update(dict(warmup_steps=0, learning_rate=1e-2), **changes)
+  return optim.make_optimizer(config, params, stage, total_steps=10)
+
+
+def _run(params, stage, steps=3, **changes):
+  optimizer = _optimizer(params, stage, **changes)
+  state = state_lib.create(jax.tree.map(jnp.copy, params), optimizer)
+  losses = []
+  for step in range(steps):
+    state, metrics = state_lib.train_step(state, _batch(step), config=CONFIG, optimizer=optimizer, stage=stage)
+    losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+def test_align_stage_trains_only_the_projector_and_keeps_no_state_for_frozen_groups(params):
+  state, losses = _run(params, "align")
+  for group in ("vision", "decoder"):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state.params[group], params[group])
+  changed = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)), state.params["projector"], params["projector"])
+  assert all(jax.tree.leaves(changed))
+  # multi_transform keeps Adam moments for the projector only: the frozen groups' state is empty.
+  adam_leaves = jax.tree.leaves(state.opt_state)
+  projector_size = sum(p.size for p in jax.tree.leaves(params["projector"]))
+  assert sum(leaf.size for leaf in adam_leaves if leaf.ndim > 0) == 2 * projector_size
+
+
+def test_finetune_freezes_the_vision_encoder_only(params):
+  state, _ = _run(params, "finetune", steps=1)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state.params["vision"], params["vision"])
+  embedding_changed = np.asarray(state.params["decoder"]["embedding"]) != np.asarray(params["decoder"]["embedding"])
+  assert embedding_changed.any()
+
+
+def test_full_stage_lowers_the_loss(params):
+  optimizer = _optimizer(params, "full")
+  state = state_lib.create(jax.tree.map(jnp.copy, params), optimizer)
+  batch = _batch(0)
+  losses = []
+  for _ in range(8):
+    state, metrics = state_lib.train_step(state, batch, config=CONFIG, optimizer=optimizer, stage="full")
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_a_non_finite_loss_skips_the_update(params):
+  optimizer = _optimizer(params, "full")
+  state = state_lib.create(jax.tree.map(jnp.copy, params), optimizer)
+  batch = _batch(0)
+  batch["pixel_values"] = batch["pixel_values"].at[0, 0, 0, 0].set(jnp.nan)
+  state, metrics = state_lib.train_step(state, batch, config=CONFIG, optimizer=optimizer, stage="full")
+  assert not np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 1
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state.params, params)
+  state, metrics = state_lib.train_step(state, _batch(1), config=CONFIG, optimizer=optimizer, stage="full")
+  assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 1 and int(state.step) == 2
+
+
+def test_gradient_accumulation_equals_one_big_batch(params):
+  # Two accumulated half-batches give the update of the whole batch (the loss is a mean over equal halves).
+  # eps=1e-3: Adam's first step is ~lr*sign(g), which would amplify rounding noise in gradients that are
+  # exactly zero in theory (attention key biases) into lr-sized differences.
+  whole = _batch(0)
+  halves = [jax.tree.map(lambda x: x[:2], whole), jax.tree.map(lambda x: x[2:], whole)]
+  accumulated = _optimizer(params, "full", accumulation_steps=2, grad_clip=0.0, eps=1e-3)
+  plain = _optimizer(params, "full", grad_clip=0.0, eps=1e-3)
+  state_acc = state_lib.create(jax.tree.map(jnp.copy, params), accumulated)
+  state_plain = state_lib.create(jax.tree.map(jnp.copy, params), plain)
+  for half in halves:
+    state_acc, _ = state_lib.train_step(state_acc, half, config=CONFIG, optimizer=accumulated, stage="full")
+  state_plain, _ = state_lib.train_step(state_plain, whole, config=CONFIG, optimizer=plain, stage="full")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state_acc.params,
+               state_plain.params)
+
+
+def test_unknown_stage_is_an_error(params):
+  with pytest.raises(ValueError, match=r"unknown training stage 'pretrain'; the stages are \['align'"):
+    optim.trainable_labels(params, "pretrain")

@@ -1,0 +1,68 @@
+"""The train state (a plain pytree) and the jitted update step.
+
+A batch is a dict of arrays, every one with the global batch as its leading axis:
+  input_ids int32[B, T] (image placeholders included), pixel_values float32[B, H, W, 3] (or [B, I, H, W, 3]),
+  targets int32[B, T] (the next token of each position), loss_mask float32[B, T] (1 on assistant tokens),
+  and optionally positions int32[B, T] + segment_ids int32[B, T] (packed rows), prefix_lengths int32[B].
+"""
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from vlmjax.models.vlm import VLM, VLMConfig
+from vlmjax.train.losses import next_token_loss
+from vlmjax.train.optim import TRAINABLE
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step: int32[]; params: the model's parameters (float32 master weights); opt_state: the optimizer's;
+  skipped: int32[], updates skipped for a non-finite loss or gradient."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  skipped: jax.Array
+
+
+def create(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                    skipped=jnp.zeros((), jnp.int32))
+
+
+def _freeze(params: dict, stage: str) -> dict:
+  """Frozen groups behind stop_gradient, so that XLA does not even compute their gradients."""
+  return {group: tree if group in TRAINABLE[stage] else jax.lax.stop_gradient(tree) for group, tree in params.items()}
+
+
+def vlm_loss(params, config: VLMConfig, batch: dict, stage: str) -> tuple[jax.Array, jax.Array]:
+  """(mean next-token loss over the loss mask, number of loss tokens)."""
+  logits, _ = VLM(config).apply({"params": _freeze(params, stage)}, batch["input_ids"], batch["pixel_values"],
+                                batch.get("positions"), input_mask=batch.get("input_mask"),
+                                segment_ids=batch.get("segment_ids"), prefix_lengths=batch.get("prefix_lengths"))
+  return next_token_loss(logits, batch["targets"], batch["loss_mask"])
+
+
+@functools.partial(jax.jit, static_argnames=("config", "optimizer", "stage"), donate_argnames=("state",))
+def train_step(state: TrainState, batch: dict, *, config: VLMConfig, optimizer: optax.GradientTransformation,
+               stage: str) -> tuple[TrainState, dict]:
+  """One update. A non-finite loss or gradient norm skips the update (params and optimizer state unchanged)
+  and counts it in `skipped`; the run goes on.
+
+  Returns:
+    (the new state, metrics {loss, grad_norm, tokens, skipped}: float32/int32 scalars).
+  """
+  (loss, tokens), grads = jax.value_and_grad(vlm_loss, has_aux=True)(state.params, config, batch, stage)
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  state = TrainState(step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                     skipped=state.skipped + (~finite).astype(jnp.int32))
+  return state, {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "skipped": state.skipped}
