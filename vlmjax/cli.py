@@ -13,6 +13,10 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
+_OUT = flags.DEFINE_string("out", None, "data build: the output directory; data show: the PNG to write.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "data show: where the data set was built (default: --out's "
+                                "directory for build, required for show).")
+_SPLIT = flags.DEFINE_string("split", "validation", "data show: which split to picture.")
 _DEVICES = flags.DEFINE_integer("devices", None, "summarize: plan the mesh for this many devices "
                                 "(default: the devices JAX sees).")
 
@@ -29,7 +33,30 @@ def summarize(args: list[str]) -> None:
   print(summary(_CONFIG.value, _DEVICES.value or jax.device_count()))
 
 
-COMMANDS = {"summarize": summarize}
+def data(args: list[str]) -> None:
+  """`vlmjax data build shapes --out DIR [--config FILE]` and `vlmjax data show shapes --data_dir DIR --out PNG`."""
+  if len(args) != 2 or args[0] not in ("build", "show") or args[1] != "shapes":
+    raise SystemExit("usage: vlmjax data build shapes --out DIR | vlmjax data show shapes --data_dir DIR --out PNG")
+  import tensorflow_datasets as tfds
+
+  from vlmjax.data import shapes
+
+  if _OUT.value is None:
+    raise SystemExit(f"vlmjax data {args[0]} shapes: --out is required")
+  if args[0] == "build":
+    tfds.disable_progress_bar()
+    # An experiment config (`--config configs/shapes_tiny.py`) carries the data set's config as data.shapes.
+    shapes.build(_OUT.value, _CONFIG.value.data.shapes if _CONFIG.value else shapes.get_config())
+    print(f"shapes data set in {_OUT.value}")
+  else:
+    if _DATA_DIR.value is None:
+      raise SystemExit("vlmjax data show shapes: --data_dir (where the data set was built) is required")
+    source = shapes.load(_DATA_DIR.value, _SPLIT.value)
+    shapes.render_grid([source[i] for i in range(min(16, len(source)))], _OUT.value)
+    print(f"wrote {_OUT.value}")
+
+
+COMMANDS = {"summarize": summarize, "data": data}
 
 
 def main(argv: list[str] | None = None) -> None:
