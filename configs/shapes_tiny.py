@@ -4,9 +4,11 @@
     vlmjax train --config configs/shapes_tiny.py --workdir /tmp/shapes
 """
 
+import ml_collections
 from ml_collections import config_dict
 
 from configs import common, sizes
+from vlmjax.data import shapes
 
 
 def get_config(arg: str | None = None):
@@ -21,5 +23,11 @@ def get_config(arg: str | None = None):
   # None: the ViT's final output, after its post-LayerNorm.
   config.model.vision_feature_layer = config_dict.placeholder(int)
   config.model.vision_feature_select = "full"
-  config.train.batch_size = 32
+  config.data = ml_collections.ConfigDict(dict(
+      dir="",  # where the shapes data set is built if missing; empty: <workdir>/data
+      length=192,  # tokens per example: 64 image tokens + ~80 text tokens of 5-7 turns, padded
+      shapes=shapes.get_config().to_dict(),
+  ))
+  config.train.update(steps=600, batch_size=32, log_every=10, checkpoint_every=200)
+  config.optim.update(learning_rate=2e-3, warmup_steps=50)
   return config

@@ -17,6 +17,9 @@ _OUT = flags.DEFINE_string("out", None, "data build: the output directory; data 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "data show: where the data set was built (default: --out's "
                                 "directory for build, required for show).")
 _SPLIT = flags.DEFINE_string("split", "validation", "data show: which split to picture.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "train: the run's directory (checkpoints, metrics, config).")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "train: resume a workdir even though its "
+                                         "saved config differs from --config.")
 _DEVICES = flags.DEFINE_integer("devices", None, "summarize: plan the mesh for this many devices "
                                 "(default: the devices JAX sees).")
 
@@ -56,7 +59,17 @@ def data(args: list[str]) -> None:
     print(f"wrote {_OUT.value}")
 
 
-COMMANDS = {"summarize": summarize, "data": data}
+def train(args: list[str]) -> None:
+  """Trains from --config in --workdir, resuming it if it holds a run."""
+  del args
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise SystemExit("vlmjax train: --config FILE and --workdir DIR are required")
+  from vlmjax.train.trainer import train as run
+
+  run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+
+
+COMMANDS = {"summarize": summarize, "data": data, "train": train}
 
 
 def main(argv: list[str] | None = None) -> None:

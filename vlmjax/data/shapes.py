@@ -30,7 +30,7 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from PIL import Image, ImageDraw, ImageFont
 from tensorflow_datasets.proto import tf_example_pb2
 
-from vlmjax.data import shapes_scene
+from vlmjax.data import shapes_scene, shapes_tokenizer
 
 NAME = "shapes"
 VERSION = "1.0.0"
@@ -162,9 +162,18 @@ def build(out_dir: str | os.PathLike, config: ml_collections.ConfigDict | None =
         f"{builder.data_path} holds shapes built with another config ({built_with}, asked for "
         f"{config.to_dict()}); build into another directory or delete that one"
       )
-    return
-  with tempfile.TemporaryDirectory() as downloads:  # tfds wants one; nothing is downloaded
-    builder.download_and_prepare(download_dir=downloads)
+  else:
+    with tempfile.TemporaryDirectory() as downloads:  # tfds wants one; nothing is downloaded
+      builder.download_and_prepare(download_dir=downloads)
+  if not os.path.exists(os.path.join(tokenizer_dir(out_dir), "tokenizer.json")):
+    train_split = load(out_dir, "train")
+    texts = (text for i in range(len(train_split)) for text in shapes_tokenizer.texts_of(train_split[i]))
+    shapes_tokenizer.train(texts, tokenizer_dir(out_dir))
+
+
+def tokenizer_dir(out_dir: str | os.PathLike) -> str:
+  """Where `build` saves the BPE tokenizer trained on the data set's text (Hugging Face layout)."""
+  return os.path.join(out_dir, NAME, VERSION, "tokenizer")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,13 @@ LOGICAL_RULES: Rules = (
 )
 
 
+def normalize_rules(rules) -> Rules:
+  """Rules as a config holds them (lists after a JSON round trip) -> tuples, as flax expects."""
+  def axes(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+  return tuple((name, axes(value)) for name, value in rules)
+
+
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
   """Resolves `mesh.data/fsdp/tensor` (one of them may be -1: "the rest of the devices") for `num_devices`."""
   unknown = sorted(set(mesh_config) - set(MESH_AXES))

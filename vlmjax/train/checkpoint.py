@@ -27,20 +27,31 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict) -> None:
     """Starts saving (returns before the write ends when asynchronous); `wait` blocks until it is on disk."""
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                      data=ocp.args.JsonSave(data_state)), force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """(the train state with the shardings of `abstract_state`'s ShapeDtypeStructs, the data state)."""
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        state=_restore_args(abstract_state), data=ocp.args.JsonRestore()))
     return restored.state, restored.data
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the model parameters of a checkpoint (no optimizer state is read)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=_restore_args({"params": abstract_params}, partial=True)))
+    return restored.state["params"]
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _restore_args(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+  return ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                partial_restore=partial)
 
 
 def abstract_like(tree: Any) -> Any:

@@ -30,8 +30,9 @@ class TrainState:
   skipped: jax.Array
 
 
-def create(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+def create(params: Any, optimizer: optax.GradientTransformation, step: int = 0) -> TrainState:
+  """A fresh optimizer over `params`; `step` counts globally across the stages of a run."""
+  return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=optimizer.init(params),
                     skipped=jnp.zeros((), jnp.int32))
 
 

@@ -1,0 +1,58 @@
+"""What the shapes VLM is trained on and asked: shapes records -> conversations, and images -> pixels.
+
+Training shows each image with all its VQA questions plus one of its other tasks (a POPE probe, a multiple
+choice, a caption or a box), as turns of one conversation in random order: one image encoding serves
+several supervised answers.
+"""
+
+import numpy as np
+
+from vlmjax.data.shapes_scene import IMAGE_TOKEN
+
+CAPTION_PROMPT = "Describe the image."
+OPTION_LETTERS = "ABCD"
+
+
+def pixels(image: np.ndarray) -> np.ndarray:
+  """uint8[S, S, 3] -> float32[S, S, 3] in [-1, 1] (SigLIP's normalization: mean 0.5, std 0.5)."""
+  return image.astype(np.float32) / 127.5 - 1.0
+
+
+def multiple_choice_prompt(question: str, options: list[str]) -> str:
+  lines = [question] + [f"{letter}. {option}" for letter, option in zip(OPTION_LETTERS, options)]
+  return "\n".join(lines + ["Answer with the option's letter."])
+
+
+def grounding_prompt(expression: str) -> str:
+  return f"Where is {expression}?"
+
+
+def box_text(box) -> str:
+  return "[" + ", ".join(str(int(c)) for c in box) + "]"
+
+
+def other_tasks(record: dict) -> list[tuple[str, str]]:
+  """(question, answer) pairs of the record's non-VQA tasks."""
+  pairs = [(CAPTION_PROMPT, record["captions"][0])]
+  pairs += [(probe["question"], probe["answer"]) for probe in record["pope"]]
+  pairs += [(multiple_choice_prompt(q["question"], q["options"]), q["answer"]) for q in record["multiple_choice"]]
+  pairs += [(grounding_prompt(g["expression"]), box_text(g["box"])) for g in record["grounding"]]
+  return pairs
+
+
+def training_messages(record: dict, rng: np.random.Generator) -> list[dict]:
+  """All VQA turns and one other task, shuffled; the image placeholder leads the first user turn."""
+  turns = [(q["question"], q["answer"]) for q in record["vqa"]]
+  others = other_tasks(record)
+  turns.append(others[rng.integers(len(others))])
+  turns = [turns[i] for i in rng.permutation(len(turns))]
+  messages = []
+  for i, (question, answer) in enumerate(turns):
+    messages.append({"role": "user", "content": f"{IMAGE_TOKEN}\n{question}" if i == 0 else question})
+    messages.append({"role": "assistant", "content": answer})
+  return messages
+
+
+def question_messages(question: str) -> list[dict]:
+  """One user turn with the image first, as `VLM.generate` asks it."""
+  return [{"role": "user", "content": f"{IMAGE_TOKEN}\n{question}"}]

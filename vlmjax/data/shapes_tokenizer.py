@@ -1,0 +1,64 @@
+"""The shapes data set's tokenizer: a small BPE trained on the data set's own text when it is built, saved beside
+it in the Hugging Face layout (tokenizer.json + tokenizer_config.json with a LLaVA-style chat template), so it
+loads exactly as a checkpoint's tokenizer does.
+
+    USER: <image>
+    What colour is the circle? ASSISTANT: red</s>USER: ... ASSISTANT:
+"""
+
+import json
+import os
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+PAD, BOS, EOS, IMAGE = "<pad>", "<s>", "</s>", "<image>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, IMAGE)  # ids 0, 1, 2, 3: configs/shapes_tiny.py's image_token_id is 3
+
+# LLaVA-1.5's conversation format. Content is a string (with "<image>" inline) or a list of OpenAI-style parts.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}{%- set ns = namespace(text='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{%- set ns.text = ns.text + '<image>\n' -%}"
+    "{%- else -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set text = ns.text -%}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{ 'USER: ' + text + ' ' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + text + eos_token }}"
+    "{%- else -%}{{ raise_exception('shapes chat template: roles are user and assistant, got ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+
+def train(texts: Iterable[str], out_dir: str, vocab_size: int = 512) -> None:
+  """Trains the BPE on `texts` and writes tokenizer.json and tokenizer_config.json into out_dir."""
+  tokenizer = Tokenizer(models.BPE(unk_token=None))
+  # Metaspace (as SentencePiece): spaces become part of the tokens, so decode(encode(text)) == text.
+  tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+  tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                initial_alphabet=list("0123456789[],.?\n"))
+  tokenizer.train_from_iterator(texts, trainer)
+  os.makedirs(out_dir, exist_ok=True)
+  tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+  config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+            "add_bos_token": False, "add_eos_token": False, "chat_template": CHAT_TEMPLATE}
+  with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f, indent=1)
+
+
+def texts_of(record: dict) -> Iterable[str]:
+  """Every string of a shapes record a model reads or writes, plus the chat template's own words."""
+  yield "USER: ASSISTANT:"
+  yield from record["captions"]
+  for item in record["vqa"] + record["pope"] + record["multiple_choice"]:
+    yield item["question"]
+    yield item["answer"]
+  for item in record["multiple_choice"]:
+    yield " ".join(item["options"])
+  for message in record["conversation"]:
+    yield message["content"]
