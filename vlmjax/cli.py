@@ -20,6 +20,11 @@ _SPLIT = flags.DEFINE_string("split", "validation", "data show: which split to p
 _WORKDIR = flags.DEFINE_string("workdir", None, "train: the run's directory (checkpoints, metrics, config).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "train: resume a workdir even though its "
                                          "saved config differs from --config.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "eval, generate, serve: a training workdir or a Hugging Face "
+                                  "model directory.")
+_BENCHMARKS = flags.DEFINE_string("benchmarks", None, "eval: comma-separated benchmark names (default: all built-in "
+                                  "shapes benchmarks).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "eval: prompts generated together.")
 _DEVICES = flags.DEFINE_integer("devices", None, "summarize: plan the mesh for this many devices "
                                 "(default: the devices JAX sees).")
 
@@ -69,7 +74,35 @@ def train(args: list[str]) -> None:
   run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 
-COMMANDS = {"summarize": summarize, "data": data, "train": train}
+def evaluate(args: list[str]) -> None:
+  """Runs benchmarks on --workdir or --checkpoint; writes --out (results.json) and predictions beside it."""
+  del args
+  import json
+  import os
+
+  import vlmjax
+  from vlmjax.eval import benchmarks, harness
+  from vlmjax.train import workdir as workdir_lib
+
+  path = _WORKDIR.value or _CHECKPOINT.value
+  if path is None or _OUT.value is None:
+    raise SystemExit("vlmjax eval: --workdir DIR (or --checkpoint PATH) and --out results.json are required")
+  data_dir = _DATA_DIR.value
+  if data_dir is None and os.path.exists(os.path.join(path, workdir_lib.CONFIG_FILE)):
+    data_dir = workdir_lib.read_config(path).data.dir or os.path.join(path, "data")
+  if data_dir is None:
+    raise SystemExit("vlmjax eval: --data_dir is required for a checkpoint that is not a vlmjax workdir")
+  names = _BENCHMARKS.value.split(",") if _BENCHMARKS.value else list(benchmarks.BENCHMARKS)
+  for name in names:
+    benchmarks.get(name)  # an unknown name fails before the model loads
+  out_dir = os.path.dirname(os.path.abspath(_OUT.value))
+  results = harness.evaluate(vlmjax.load(path), names, out_dir, data_dir, batch_size=_BATCH_SIZE.value)
+  with open(_OUT.value, "w") as f:
+    json.dump(results, f, indent=1)
+  print(json.dumps(results, indent=1))
+
+
+COMMANDS = {"summarize": summarize, "data": data, "train": train, "eval": evaluate}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,8 @@ from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
-import tokenizers
+
+from vlmjax.data.tokenizer import Tokenizer
 
 Messages = list[dict[str, Any]]
 
@@ -26,25 +27,21 @@ class ConversationEncoder:
   assistant tokens (content and the end token the template puts after it) for the loss.
 
   Attributes:
-    tokenizer: a `tokenizers.Tokenizer` (tokenizer.json).
-    render: messages -> the chat template's text (no generation prompt).
-    eos_token: the text of the end-of-turn token the template appends to assistant turns.
+    tokenizer: the model's `vlmjax.data.tokenizer.Tokenizer` (chat template and end token included).
     image_token_id: the placeholder id; each one becomes `tokens_per_image` copies.
-    max_length: examples are truncated to this many tokens (counted in `truncated`).
+    max_length: examples are truncated to this many tokens.
   """
 
-  tokenizer: tokenizers.Tokenizer
-  render: Callable[[Messages], str]
-  eos_token: str
+  tokenizer: Tokenizer
   image_token_id: int
   tokens_per_image: int
   max_length: int
 
   def __call__(self, messages: Messages) -> tuple[np.ndarray, np.ndarray]:
     """-> (ids int32[T], assistant bool[T]) with T <= max_length."""
-    text = self.render(messages)
-    spans = _assistant_spans(text, messages, self.eos_token)
-    encoding = self.tokenizer.encode(text, add_special_tokens=False)
+    text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    spans = _assistant_spans(text, messages, self.tokenizer.eos_token)
+    encoding = self.tokenizer.backend.encode(text, add_special_tokens=False)
     ids = np.asarray(encoding.ids, np.int32)
     offsets = np.asarray(encoding.offsets).reshape(-1, 2)  # [T, 2] character start, end of each token
     assistant = np.zeros(len(ids), bool)

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tensorflow_datasets.proto import tf_example_pb2
 
 from vlmjax.data import shapes_scene, shapes_tokenizer
+from vlmjax.data.images import ImageProcessor
 
 NAME = "shapes"
 VERSION = "1.0.0"
@@ -165,14 +166,18 @@ def build(out_dir: str | os.PathLike, config: ml_collections.ConfigDict | None =
   else:
     with tempfile.TemporaryDirectory() as downloads:  # tfds wants one; nothing is downloaded
       builder.download_and_prepare(download_dir=downloads)
-  if not os.path.exists(os.path.join(tokenizer_dir(out_dir), "tokenizer.json")):
+  if not os.path.exists(os.path.join(tokenizer_dir(out_dir), "preprocessor_config.json")):
     train_split = load(out_dir, "train")
     texts = (text for i in range(len(train_split)) for text in shapes_tokenizer.texts_of(train_split[i]))
     shapes_tokenizer.train(texts, tokenizer_dir(out_dir))
+    processor = ImageProcessor(size={"height": config.image_size, "width": config.image_size})
+    with open(os.path.join(tokenizer_dir(out_dir), "preprocessor_config.json"), "w") as f:
+      json.dump(processor.to_dict(), f, indent=1)
 
 
 def tokenizer_dir(out_dir: str | os.PathLike) -> str:
-  """Where `build` saves the BPE tokenizer trained on the data set's text (Hugging Face layout)."""
+  """Where `build` saves the BPE tokenizer trained on the data set's text and the image processor's settings
+  (Hugging Face layout: tokenizer.json, tokenizer_config.json, preprocessor_config.json)."""
   return os.path.join(out_dir, NAME, VERSION, "tokenizer")
 
 

@@ -13,11 +13,6 @@ CAPTION_PROMPT = "Describe the image."
 OPTION_LETTERS = "ABCD"
 
 
-def pixels(image: np.ndarray) -> np.ndarray:
-  """uint8[S, S, 3] -> float32[S, S, 3] in [-1, 1] (SigLIP's normalization: mean 0.5, std 0.5)."""
-  return image.astype(np.float32) / 127.5 - 1.0
-
-
 def multiple_choice_prompt(question: str, options: list[str]) -> str:
   lines = [question] + [f"{letter}. {option}" for letter, option in zip(OPTION_LETTERS, options)]
   return "\n".join(lines + ["Answer with the option's letter."])

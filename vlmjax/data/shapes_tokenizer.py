@@ -38,8 +38,8 @@ def train(texts: Iterable[str], out_dir: str, vocab_size: int = 512) -> None:
   """Trains the BPE on `texts` and writes tokenizer.json and tokenizer_config.json into out_dir."""
   tokenizer = Tokenizer(models.BPE(unk_token=None))
   # Metaspace (as SentencePiece): spaces become part of the tokens, so decode(encode(text)) == text.
-  tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
-  tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+  tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+  tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
                                 initial_alphabet=list("0123456789[],.?\n"))
   tokenizer.train_from_iterator(texts, trainer)

@@ -8,19 +8,18 @@ resumes from its last checkpoint (train state and data-iterator state), step for
 """
 
 import dataclasses
-import json
 import logging
 import os
 import time
 
 import jax
-import jinja2.sandbox
 import ml_collections
-import tokenizers
 import tqdm
 from jax.experimental import multihost_utils
 
 from vlmjax.data import pipeline, shapes, shapes_tasks
+from vlmjax.data.images import ImageProcessor
+from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.parallel import distributed, mesh as mesh_lib
 from vlmjax.train import checkpoint as checkpoint_lib
@@ -57,26 +56,17 @@ def parse_stages(spec: str, total_steps: int) -> list[Stage]:
   return stages
 
 
-def _chat_renderer(tokenizer_dir: str):
-  """(messages -> text) from the chat template in tokenizer_config.json, as transformers renders it."""
-  with open(os.path.join(tokenizer_dir, "tokenizer_config.json")) as f:
-    tokenizer_config = json.load(f)
-  template = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
-      tokenizer_config["chat_template"])
-  specials = {"bos_token": tokenizer_config["bos_token"], "eos_token": tokenizer_config["eos_token"]}
-  return lambda messages: template.render(messages=messages, add_generation_prompt=False, **specials), specials
-
-
-def _shapes_example_fn(config: ml_collections.ConfigDict, model_config: VLMConfig, tokenizer_dir: str):
-  render, specials = _chat_renderer(tokenizer_dir)
-  encoder = pipeline.ConversationEncoder(
-      tokenizer=tokenizers.Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json")), render=render,
-      eos_token=specials["eos_token"], image_token_id=model_config.image_token_id,
-      tokens_per_image=model_config.tokens_per_image, max_length=config.data.length)
+def _shapes_example_fn(config: ml_collections.ConfigDict, model_config: VLMConfig, model_dir: str):
+  """(shapes record, rng) -> training arrays, with the tokenizer and image processor saved in model_dir."""
+  encoder = pipeline.ConversationEncoder(tokenizer=Tokenizer.from_directory(model_dir),
+                                         image_token_id=model_config.image_token_id,
+                                         tokens_per_image=model_config.tokens_per_image,
+                                         max_length=config.data.length)
+  image_processor = ImageProcessor.from_directory(model_dir)
 
   def to_example(record, rng):
     ids, assistant = encoder(shapes_tasks.training_messages(record, rng))
-    return pipeline.example_arrays(ids, assistant, shapes_tasks.pixels(record["image"]))
+    return pipeline.example_arrays(ids, assistant, image_processor([record["image"]])[0])
   return to_example
 
 
@@ -107,8 +97,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     shapes.build(data_dir, config.data.shapes)
     workdir_lib.copy_model_files(shapes.tokenizer_dir(data_dir), workdir)
   multihost_utils.sync_global_devices("vlmjax: workdir and data ready")
-  tokenizer_vocab = tokenizers.Tokenizer.from_file(os.path.join(shapes.tokenizer_dir(data_dir),
-                                                                "tokenizer.json")).get_vocab_size()
+  tokenizer_vocab = Tokenizer.from_directory(shapes.tokenizer_dir(data_dir)).vocab_size
   if tokenizer_vocab > model_config.decoder.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer_vocab} tokens but model.decoder.vocab_size is "
                      f"{model_config.decoder.vocab_size}")

@@ -64,6 +64,21 @@ def copy_model_files(source_dir: str, workdir: str) -> None:
       shutil.copyfile(source, os.path.join(workdir, name))
 
 
+def is_workdir(path: str) -> bool:
+  """A training workdir: its config.json and a checkpoints folder."""
+  return os.path.exists(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir's run used."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} has no {CONFIG_FILE}: it is neither a vlmjax workdir nor a Hugging Face "
+                            f"model directory")
+  with open(path) as f:
+    return config_from_json(f.read())
+
+
 def load_model(workdir: str):
   """The trained model of a workdir (its latest checkpoint) as a `vlmjax.VLM`."""
   from vlmjax.api import VLM
@@ -73,12 +88,7 @@ def load_model(workdir: str):
   from vlmjax.models.vlm import VLMConfig
   from vlmjax.train.checkpoint import Checkpointer
 
-  config_path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{workdir} has no {CONFIG_FILE}: it is neither a vlmjax workdir nor a Hugging Face "
-                            f"model directory")
-  with open(config_path) as f:
-    config = config_from_json(f.read())
+  config = read_config(workdir)
   checkpointer = Checkpointer(workdir, asynchronous=False)
   step = checkpointer.latest_step()
   if step is None:

@@ -1,0 +1,136 @@
+"""The VLM facade: load a model and ask it things.
+
+    import vlmjax
+    vlm = vlmjax.load("/path/to/workdir_or_hf_dir")
+    vlm.generate([image], ["What colour is the circle?"])       # -> ["red"]
+    vlm.chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}], [image])
+
+`load` reads a vlmjax training workdir (config.json, tokenizer and image-processor files, orbax checkpoints)
+or a Hugging Face LLaVA-1.5 / PaliGemma directory, told apart by config.json.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlmjax.data.images import ImageProcessor
+from vlmjax.data.tokenizer import Tokenizer
+from vlmjax.infer import generate as generation
+from vlmjax.infer.sampling import SamplingParams
+from vlmjax.models.vlm import VLM as VLMModel
+from vlmjax.models.vlm import VLMConfig
+
+
+@dataclasses.dataclass
+class VLM:
+  """A loaded vision-language model: config, parameters, tokenizer, image processor and end tokens."""
+
+  config: ml_collections.ConfigDict
+  params: Any
+  tokenizer: Tokenizer
+  image_processor: ImageProcessor
+  eos_token_ids: tuple[int, ...]
+  pad_token_id: int
+  max_len: int | None = None  # the model's context length, when the checkpoint states one
+
+  @property
+  def model_config(self) -> VLMConfig:
+    return VLMConfig.from_dict(self.config.model)
+
+  def logits(self, input_ids, pixel_values) -> jax.Array:
+    """float32[B, T, V] for int[B, T] ids (placeholders expanded) and float32[B, H, W, 3] normalized pixels.
+    For prefix-LM models the whole input is the prefix."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    prefix = jnp.full((input_ids.shape[0],), input_ids.shape[1], jnp.int32) if self.model_config.prefix_lm else None
+    logits, _ = _forward(self.params, self.model_config, input_ids, _pixels(pixel_values), prefix)
+    return logits
+
+  def generate_ids(self, input_ids, pixel_values, max_new_tokens: int = 32, temperature: float = 0.0,
+                   top_k: int = 0, top_p: float = 1.0, seed: int = 0, attention_mask=None) -> np.ndarray:
+    """New tokens int[B, max_new_tokens]: each row stops at an end token and is padded after it.
+
+    `attention_mask` (int[B, T], 1 for real tokens, left or right padding) lets rows differ in length.
+    """
+    input_ids = np.asarray(input_ids)
+    sampling = SamplingParams.fill(input_ids.shape[0], temperature, top_k, top_p)
+    return generation.generate(self.params, self.model_config, input_ids, attention_mask, _pixels(pixel_values),
+                               max_new_tokens=max_new_tokens, eos_ids=self.eos_token_ids, pad_id=self.pad_token_id,
+                               sampling=sampling, seed=seed, max_len=self.max_len)
+
+  def prompt_ids(self, messages: list[dict], num_images: int) -> list[int]:
+    """Token ids of a conversation through the chat template (with the generation prompt), each image
+    placeholder expanded to the model's image-token count."""
+    text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the specials
+    image_token = self.model_config.image_token_id
+    found = ids.count(image_token)
+    if found != num_images:
+      raise ValueError(f"the prompt has {found} image placeholders but {num_images} images were given")
+    expanded = []
+    for token in ids:
+      expanded.extend([token] * (self.model_config.tokens_per_image if token == image_token else 1))
+    return expanded
+
+  def chat(self, messages: list[dict], images: Sequence[Any] = (), **sampling) -> str:
+    """The assistant's reply to an OpenAI-style conversation (content parts {"type": "image"} mark where the
+    `images`, in order, go)."""
+    return self.chat_batch([messages], [list(images)], **sampling)[0]
+
+  def generate(self, images: Sequence[Any], prompts: Sequence[str], **sampling) -> list[str]:
+    """One reply per (image, prompt): each prompt is one user turn with its image first."""
+    if len(images) != len(prompts):
+      raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
+    conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+                     for prompt in prompts]
+    return self.chat_batch(conversations, [[image] for image in images], **sampling)
+
+  def chat_batch(self, conversations: list[list[dict]], images: list[list[Any]], **sampling) -> list[str]:
+    """`chat` for a batch of conversations at once (rows of different lengths and image counts)."""
+    rows = [self.prompt_ids(messages, len(row_images)) for messages, row_images in zip(conversations, images)]
+    width = max(map(len, rows))
+    input_ids = np.full((len(rows), width), self.pad_token_id, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, row in enumerate(rows):
+      input_ids[i, :len(row)], mask[i, :len(row)] = row, True
+    num_images = max(len(row_images) for row_images in images)
+    pixel_values = None
+    if num_images:
+      size = self.model_config.vision.image_size
+      pixel_values = np.zeros((len(rows), num_images, size, size, 3), np.float32)
+      for i, row_images in enumerate(images):
+        if row_images:
+          pixel_values[i, :len(row_images)] = self.image_processor(row_images)
+    tokens = self.generate_ids(input_ids, pixel_values, attention_mask=mask, **sampling)
+    return [self.tokenizer.decode([int(t) for t in row if t not in self.eos_token_ids and t != self.pad_token_id])
+            for row in tokens]
+
+
+def _pixels(pixel_values):
+  return None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _forward(params, config: VLMConfig, input_ids, pixel_values, prefix_lengths):
+  return VLMModel(config).apply({"params": params}, input_ids, pixel_values, prefix_lengths=prefix_lengths)
+
+
+def load(path: str) -> VLM:
+  """A vlmjax training workdir or a Hugging Face LLaVA-1.5 / PaliGemma directory."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path} is not a directory: give a vlmjax workdir or a Hugging Face model directory")
+  from vlmjax.train import workdir as workdir_lib
+
+  if workdir_lib.is_workdir(path):
+    return workdir_lib.load_model(path)
+  from vlmjax.interop import hf
+
+  pretrained = hf.load_pretrained(path)
+  return VLM(config=pretrained.config, params=pretrained.params, tokenizer=pretrained.tokenizer,
+             image_processor=pretrained.image_processor, eos_token_ids=tuple(pretrained.eos_token_ids),
+             pad_token_id=pretrained.pad_token_id, max_len=pretrained.max_len)

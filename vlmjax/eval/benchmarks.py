@@ -1,0 +1,136 @@
+"""Benchmarks: each one a data source + prompt builder + answer extractor + metric, in one registry.
+
+A benchmark turns its data into `Sample`s (an id, the images, one user prompt, what the metric needs), asks the
+model each prompt, reads the answer out of the model's text, and scores the whole list:
+
+    samples = BENCHMARKS["shapes_vqa"].samples(data_dir)
+    results = BENCHMARKS["shapes_vqa"].score(samples, answers)    # {"accuracy": ..., "accuracy/colour": ...}
+
+The built-in ones read the shapes data set's validation split.
+"""
+
+import collections
+import dataclasses
+import re
+from typing import Any, Callable
+
+import numpy as np
+
+from vlmjax.data import shapes, shapes_tasks
+from vlmjax.eval import metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  id: str
+  images: tuple  # uint8[H, W, 3] arrays or PIL images, in prompt order
+  prompt: str  # the user turn's text; the images come first
+  target: Any  # what the metric compares the answer with
+  group: str = ""  # a sub-score key (question type, POPE split, circular question id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+  name: str
+  samples: Callable[[str], list[Sample]]  # data_dir -> samples
+  score: Callable[[list[Sample], list[str]], dict[str, float]]  # (samples, raw answers) -> metrics
+  max_new_tokens: int = 8
+  limit: int | None = None  # default number of samples (the first ones); None: all
+
+
+def _validation(data_dir: str):
+  source = shapes.load(data_dir, "validation")
+  return [source[i] for i in range(len(source))]
+
+
+def _shapes_vqa_samples(data_dir: str) -> list[Sample]:
+  return [Sample(f"{record['image_id']}/{i}", (record["image"],), question["question"], question["answers"],
+                 question["type"])
+          for record in _validation(data_dir) for i, question in enumerate(record["vqa"])]
+
+
+def _vqa_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
+  scores = collections.defaultdict(list)
+  for sample, answer in zip(samples, answers):
+    score = metrics.vqa_accuracy(answer, sample.target)
+    scores["accuracy"].append(score)
+    scores[f"accuracy/{sample.group}"].append(score)
+  return {key: float(np.mean(values)) for key, values in scores.items()}
+
+
+def _shapes_caption_samples(data_dir: str) -> list[Sample]:
+  return [Sample(str(record["image_id"]), (record["image"],), shapes_tasks.CAPTION_PROMPT, record["captions"])
+          for record in _validation(data_dir)]
+
+
+def _caption_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
+  refs = metrics.ptb_tokenize({sample.id: list(sample.target) for sample in samples})
+  preds = metrics.ptb_tokenize({sample.id: answer for sample, answer in zip(samples, answers)})
+  scores = dict(zip(("bleu1", "bleu2", "bleu3", "bleu4"), metrics.bleu(refs, preds)))
+  return {**scores, "cider": metrics.cider(refs, preds)}
+
+
+def _shapes_pope_samples(data_dir: str) -> list[Sample]:
+  return [Sample(f"{record['image_id']}/{i}", (record["image"],), probe["question"], probe["answer"],
+                 probe["setting"])
+          for record in _validation(data_dir) for i, probe in enumerate(record["pope"])]
+
+
+def _pope_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
+  return metrics.pope_by_split(answers, [s.target for s in samples], [s.group for s in samples])
+
+
+def _shapes_mc_samples(data_dir: str) -> list[Sample]:
+  """Every question once per rotation of its options (CircularEval); the group is the question's id."""
+  samples = []
+  for record in _validation(data_dir):
+    for i, question in enumerate(record["multiple_choice"]):
+      for rotation, (options, answer) in enumerate(metrics.circular_rotations(question["options"],
+                                                                              question["answer"])):
+        prompt = shapes_tasks.multiple_choice_prompt(question["question"], options)
+        samples.append(Sample(f"{record['image_id']}/{i}/{rotation}", (record["image"],), prompt,
+                              (answer, tuple(options)), f"{record['image_id']}/{i}"))
+  return samples
+
+
+def _mc_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
+  choices = [metrics.extract_choice(answer, list(sample.target[1])) for sample, answer in zip(samples, answers)]
+  return {"accuracy": metrics.circular_accuracy([s.group for s in samples], choices,
+                                                [s.target[0] for s in samples])}
+
+
+def _shapes_grounding_samples(data_dir: str) -> list[Sample]:
+  return [Sample(f"{record['image_id']}/{i}", (record["image"],), shapes_tasks.grounding_prompt(ref["expression"]),
+                 tuple(ref["box"]))
+          for record in _validation(data_dir) for i, ref in enumerate(record["grounding"])]
+
+
+_BOX = re.compile(r"\[?\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)")
+
+
+def parse_box(text: str) -> tuple[float, float, float, float] | None:
+  """The first '[x0, y0, x1, y1]' in a model's answer, or None."""
+  match = _BOX.search(text)
+  return None if match is None else tuple(float(v) for v in match.groups())
+
+
+def _grounding_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
+  boxes = [parse_box(answer) or (0.0, 0.0, 0.0, 0.0) for answer in answers]
+  return {"accuracy": metrics.grounding_accuracy(np.asarray(boxes), np.asarray([s.target for s in samples]))}
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "shapes_vqa": Benchmark("shapes_vqa", _shapes_vqa_samples, _vqa_score, max_new_tokens=6),
+    "shapes_caption": Benchmark("shapes_caption", _shapes_caption_samples, _caption_score, max_new_tokens=40,
+                                limit=200),
+    "shapes_pope": Benchmark("shapes_pope", _shapes_pope_samples, _pope_score, max_new_tokens=4, limit=1500),
+    "shapes_mc": Benchmark("shapes_mc", _shapes_mc_samples, _mc_score, max_new_tokens=4, limit=1200),
+    "shapes_grounding": Benchmark("shapes_grounding", _shapes_grounding_samples, _grounding_score,
+                                  max_new_tokens=20, limit=300),
+}
+
+
+def get(name: str) -> Benchmark:
+  if name not in BENCHMARKS:
+    raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
+  return BENCHMARKS[name]

@@ -1,0 +1,68 @@
+"""Runs benchmarks through a model with batched generation, resumably, and writes the results.
+
+    results = evaluate(vlm, ["shapes_vqa", "shapes_pope"], out_dir="eval/", data_dir="data/")
+
+Answers are appended to `out_dir/predictions/<benchmark>.jsonl` as they come, so a killed evaluation continues
+where it stopped; results go to `{benchmark: {metric: value}}`.
+"""
+
+import json
+import os
+from typing import Sequence
+
+import tqdm
+
+from vlmjax.eval import benchmarks as benchmarks_lib
+
+
+def _read_answers(path: str) -> dict[str, str]:
+  """{sample id: answer} of an earlier, maybe killed, evaluation. A last line cut off mid-write is dropped
+  (its sample is asked again); a bad line anywhere else is an error naming the file and the line."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    lines = f.read().splitlines()
+  answers = {}
+  for number, line in enumerate(lines, 1):
+    try:
+      row = json.loads(line)
+      answers[row["id"]] = row["answer"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+      if number < len(lines):
+        raise ValueError(f"{path}, line {number}: not a prediction row ({error})") from error
+  return answers
+
+
+def _conversation(sample: benchmarks_lib.Sample) -> list[dict]:
+  parts = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": sample.prompt}]
+  return [{"role": "user", "content": parts}]
+
+
+def evaluate(vlm, names: Sequence[str], out_dir: str, data_dir: str, batch_size: int = 64,
+             limits: dict[str, int | None] | None = None) -> dict[str, dict[str, float]]:
+  """Metrics per benchmark; per-sample predictions in out_dir/predictions/*.jsonl."""
+  chosen = [benchmarks_lib.get(name) for name in names]  # unknown names fail before any work
+  os.makedirs(os.path.join(out_dir, "predictions"), exist_ok=True)
+  results = {}
+  for benchmark in chosen:
+    limit = (limits or {}).get(benchmark.name, benchmark.limit)
+    samples = benchmark.samples(data_dir)[:limit]
+    path = os.path.join(out_dir, "predictions", f"{benchmark.name}.jsonl")
+    answers = _read_answers(path)
+    todo = [sample for sample in samples if sample.id not in answers]
+    with open(path, "a") as out, tqdm.tqdm(total=len(samples), initial=len(samples) - len(todo),
+                                           desc=benchmark.name, dynamic_ncols=True) as progress:
+      for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        # A full batch every time (the last one padded by repetition): one compiled shape per benchmark.
+        padded = batch + [batch[-1]] * (batch_size - len(batch))
+        replies = vlm.chat_batch([_conversation(s) for s in padded], [list(s.images) for s in padded],
+                                 max_new_tokens=benchmark.max_new_tokens)
+        for sample, reply in zip(batch, replies):
+          answers[sample.id] = reply
+          out.write(json.dumps({"id": sample.id, "prompt": sample.prompt, "answer": reply,
+                                "target": sample.target, "group": sample.group}, default=str) + "\n")
+        out.flush()
+        progress.update(len(batch))
+    results[benchmark.name] = benchmark.score(samples, [answers[sample.id] for sample in samples])
+  return results
