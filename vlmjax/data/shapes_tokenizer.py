@@ -8,9 +8,12 @@ loads exactly as a checkpoint's tokenizer does.
 
 import json
 import os
+import string
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from vlmjax.data import shapes_tasks
 
 PAD, BOS, EOS, IMAGE = "<pad>", "<s>", "</s>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, IMAGE)  # ids 0, 1, 2, 3: configs/shapes_tiny.py's image_token_id is 3
@@ -40,8 +43,10 @@ def train(texts: Iterable[str], out_dir: str, vocab_size: int = 512) -> None:
   # Metaspace (as SentencePiece): spaces become part of the tokens, so decode(encode(text)) == text.
   tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
   tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+  # Every printable ASCII character is in the vocabulary: the BPE has no unknown token, so a character it never
+  # saw in training would silently vanish from the text.
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                initial_alphabet=list("0123456789[],.?\n"))
+                                initial_alphabet=list(string.printable))
   tokenizer.train_from_iterator(texts, trainer)
   os.makedirs(out_dir, exist_ok=True)
   tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
@@ -52,13 +57,11 @@ def train(texts: Iterable[str], out_dir: str, vocab_size: int = 512) -> None:
 
 
 def texts_of(record: dict) -> Iterable[str]:
-  """Every string of a shapes record a model reads or writes, plus the chat template's own words."""
+  """Every prompt and answer a model reads or writes about a shapes record, plus the template's own words."""
   yield "USER: ASSISTANT:"
   yield from record["captions"]
-  for item in record["vqa"] + record["pope"] + record["multiple_choice"]:
-    yield item["question"]
-    yield item["answer"]
-  for item in record["multiple_choice"]:
-    yield " ".join(item["options"])
+  for question, answer in [(q["question"], q["answer"]) for q in record["vqa"]] + shapes_tasks.other_tasks(record):
+    yield question
+    yield answer
   for message in record["conversation"]:
     yield message["content"]

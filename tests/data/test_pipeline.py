@@ -1,0 +1,145 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from vlmjax.data import pipeline, shapes, shapes_tasks
+from vlmjax.data.images import ImageProcessor
+from vlmjax.data.tokenizer import Tokenizer
+
+TOKENS_PER_IMAGE = 16
+IMAGE_TOKEN_ID = 3
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("shapes")
+  config = shapes.get_config().unlock()
+  config.splits = dict(train=48, validation=8, test=8)
+  shapes.build(str(directory), config)
+  return str(directory)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data_dir):
+  return Tokenizer.from_directory(shapes.tokenizer_dir(data_dir))
+
+
+def _encoder(tokenizer, max_length=400):
+  return pipeline.ConversationEncoder(tokenizer, IMAGE_TOKEN_ID, TOKENS_PER_IMAGE, max_length)
+
+
+def test_tokenizer_round_trips_the_data_sets_text(data_dir, tokenizer):
+  source = shapes.load(data_dir, "validation")
+  texts = [text for i in range(len(source)) for text in [source[i]["caption"]] +
+           [q["question"] for q in source[i]["vqa"]] + [m["content"] for m in source[i]["conversation"]]]
+  assert len(texts) > 50
+  for text in texts:
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False), skip_special_tokens=False) == text
+  assert tokenizer.backend.token_to_id("<image>") == IMAGE_TOKEN_ID
+  assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+
+
+def test_loss_mask_covers_exactly_the_assistant_turns(data_dir, tokenizer):
+  record = shapes.load(data_dir, "train")[0]
+  messages = shapes_tasks.training_messages(record, np.random.default_rng(0))
+  ids, assistant = _encoder(tokenizer)(messages)
+  # The assistant tokens, read back in order, are the answers each followed by the end token.
+  runs = [list(group) for is_assistant, group in itertools.groupby(zip(ids, assistant), key=lambda x: x[1])
+          if is_assistant]
+  answers = [m["content"] for m in messages if m["role"] == "assistant"]
+  assert len(runs) == len(answers)
+  for run, answer in zip(runs, answers):
+    tokens = [token for token, _ in run]
+    assert tokens[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(tokens[:-1]).strip() == answer
+  # Nothing of the prompts (user turns, role names, image) is in the loss.
+  assert not assistant[ids == IMAGE_TOKEN_ID].any()
+  user_text = tokenizer.decode([t for t, a in zip(ids, assistant) if not a], skip_special_tokens=False)
+  for message in messages:
+    if message["role"] == "user":
+      assert message["content"].replace("<image>", "") in user_text.replace("<image>", "")
+
+
+def test_expanded_placeholders_equal_the_image_token_count(data_dir, tokenizer):
+  record = shapes.load(data_dir, "train")[1]
+  ids, _ = _encoder(tokenizer)(shapes_tasks.training_messages(record, np.random.default_rng(1)))
+  assert int(np.sum(ids == IMAGE_TOKEN_ID)) == TOKENS_PER_IMAGE
+  image_positions = np.flatnonzero(ids == IMAGE_TOKEN_ID)
+  assert np.all(np.diff(image_positions) == 1)  # one contiguous run
+
+
+def test_example_targets_are_the_next_tokens():
+  ids = np.array([5, 6, 7, 8], np.int32)
+  assistant = np.array([False, False, True, True])
+  example = pipeline.example_arrays(ids, assistant, np.zeros((2, 2, 3)))
+  np.testing.assert_array_equal(example["targets"], [6, 7, 8, 0])
+  np.testing.assert_array_equal(example["loss_mask"], [0, 1, 1, 0])
+
+
+def test_a_template_without_the_expected_roles_fails_with_its_name(data_dir, tokenizer):
+  broken = Tokenizer(tokenizer.backend, {"eos_token": "</s>"}, "{% for m in messages %}{{ m['role'] }}{% endfor %}",
+                     name="broken-template")
+  with pytest.raises(ValueError, match=r"does not contain the user turn .* expected roles"):
+    _encoder(broken)([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}])
+  with pytest.raises(ValueError, match=r"the chat template of .*tokenizer failed: shapes chat template: roles"):
+    tokenizer.apply_chat_template([{"role": "system", "content": "x"}])
+
+
+def _to_example(tokenizer, data_dir):
+  encoder = _encoder(tokenizer, max_length=120)
+  processor = ImageProcessor.from_directory(shapes.tokenizer_dir(data_dir))
+
+  def to_example(record, rng):
+    ids, assistant = encoder(shapes_tasks.training_messages(record, rng))
+    return dict(pipeline.example_arrays(ids, assistant, processor([record["image"]])[0]),
+                image_id=np.int32(record["image_id"]))
+  return to_example
+
+
+def test_restoring_the_iterator_state_continues_exactly(data_dir, tokenizer):
+  source = shapes.load(data_dir, "train")
+  dataset = pipeline.train_dataset(source, _to_example(tokenizer, data_dir), seed=3, batch_size=4, length=120)
+  iterator = iter(dataset)
+  for _ in range(5):
+    next(iterator)
+  state = iterator.get_state()
+  expected = [next(iterator) for _ in range(15)]  # crosses an epoch boundary (48 / 4 = 12 batches)
+  resumed = iter(pipeline.train_dataset(source, _to_example(tokenizer, data_dir), seed=3, batch_size=4,
+                                        length=120))
+  resumed.set_state(state)
+  for want, got in zip(expected, [next(resumed) for _ in range(15)]):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_processes_read_disjoint_parts_that_cover_the_split(data_dir, tokenizer):
+  source = shapes.load(data_dir, "train")
+  seen = []
+  for process in (0, 1):
+    dataset = pipeline.train_dataset(source, _to_example(tokenizer, data_dir), seed=0, batch_size=4, length=120,
+                                     process_index=process, process_count=2, num_epochs=1)
+    seen.append([int(i) for batch in dataset for i in batch["image_id"]])
+  assert set(seen[0]).isdisjoint(seen[1])
+  assert sorted(seen[0] + seen[1]) == list(range(48))
+
+
+def test_a_bad_record_is_skipped_counted_and_named(data_dir, tokenizer, caplog):
+  source = shapes.load(data_dir, "train")
+
+  class Corrupt:
+    def __len__(self):
+      return 8
+
+    def __getitem__(self, index):
+      record = source[index]
+      if index == 5:
+        record = dict(record, image=np.zeros((3,), np.uint8))  # not an image
+      return record
+
+  dataset = pipeline.train_dataset(Corrupt(), _to_example(tokenizer, data_dir), seed=0, batch_size=1, length=120,
+                                   shuffle=False, num_epochs=1, source_name="corrupt.array_record")
+  with caplog.at_level("WARNING"):
+    ids = [int(batch["image_id"][0]) for batch in dataset]
+  assert ids == [0, 1, 2, 3, 4, 6, 7]
+  assert "skipping record 5 of corrupt.array_record" in caplog.text and "1 skipped so far" in caplog.text
