@@ -261,8 +261,9 @@ def test_two_builds_are_byte_identical(built, tmp_path):
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
   subprocess.run([sys.executable, "-c", code, str(tmp_path), config], check=True, capture_output=True, env=env)
   first, second = built / "shapes" / "1.0.0", tmp_path / "shapes" / "1.0.0"
-  names = sorted(os.listdir(first))
-  assert names == sorted(os.listdir(second)) and any(".array_record-" in name for name in names)
+  names = sorted(str(path.relative_to(first)) for path in first.rglob("*") if path.is_file())
+  assert names == sorted(str(path.relative_to(second)) for path in second.rglob("*") if path.is_file())
+  assert any(".array_record-" in name for name in names) and "tokenizer/tokenizer.json" in names
   for name in names:
     assert (first / name).read_bytes() == (second / name).read_bytes(), name
 

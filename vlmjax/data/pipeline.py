@@ -4,8 +4,8 @@
     iterator = iter(dataset)             # grain DatasetIterator: get_state() / set_state(state)
     batch = next(iterator)               # {input_ids, targets, loss_mask, input_mask, pixel_values}: numpy
 
-Every process reads its own part of the data (`process_index::process_count`), so the global batch is the
-processes' batches side by side. A record that fails to decode is logged with its index, skipped and
+Every process reads its own part of one global order (`process_index::process_count`), so the global batch is
+the processes' batches side by side and holds the same examples for any number of processes. A record that fails to decode is logged with its index, skipped and
 counted; it never stops the run.
 """
 
@@ -143,9 +143,13 @@ def train_dataset(source, to_example: Callable[[Any, np.random.Generator], dict]
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
-  dataset = grain.MapDataset.source(_Indexed(source))[process_index::process_count]
+  dataset = grain.MapDataset.source(_Indexed(source))
   if shuffle:
     dataset = dataset.shuffle(seed=seed)
   dataset = dataset.repeat(num_epochs).random_map(_SkipBadRecords(to_example, source_name), seed=seed)
+  # One global order, dealt out: process p takes positions p, p + P, ... (lazily: it only decodes its own).
+  # Global batch b is then positions [b*G, (b+1)*G) whatever the process count, with the same per-example
+  # randomness, so a run on N processes sees what a run on one sees.
+  dataset = dataset[process_index::process_count]
   dataset = dataset.filter(lambda example: example is not None).to_iter_dataset()
   return dataset.batch(batch_size, drop_remainder=True, batch_fn=lambda examples: pad_batch(examples, length))

@@ -316,9 +316,15 @@ def conversation(caption: str, vqa: list[dict], refs: list[dict], rng) -> list[d
   if refs:
     ref = refs[rng.integers(len(refs))]
     turns.append((f"Where is {ref['expression']}?", str(ref["box"])))  # "[x0, y0, x1, y1]"
-  turns = [turns[i] for i in rng.permutation(len(turns))]
+  return shuffled_conversation(turns, rng)
+
+
+def shuffled_conversation(turns: list[tuple[str, str]], rng: np.random.Generator) -> list[dict]:
+  """(question, answer) turns in random order as user/assistant messages; the image token opens the first
+  user turn."""
   messages = []
-  for i, (question, answer) in enumerate(turns):
+  for i, index in enumerate(rng.permutation(len(turns))):
+    question, answer = turns[index]
     messages.append({"role": "user", "content": f"{IMAGE_TOKEN}\n{question}" if i == 0 else question})
     messages.append({"role": "assistant", "content": answer})
   return messages

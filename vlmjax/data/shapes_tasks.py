@@ -7,7 +7,7 @@ several supervised answers.
 
 import numpy as np
 
-from vlmjax.data.shapes_scene import IMAGE_TOKEN
+from vlmjax.data.shapes_scene import IMAGE_TOKEN, shuffled_conversation
 
 CAPTION_PROMPT = "Describe the image."
 OPTION_LETTERS = "ABCD"
@@ -40,12 +40,7 @@ def training_messages(record: dict, rng: np.random.Generator) -> list[dict]:
   turns = [(q["question"], q["answer"]) for q in record["vqa"]]
   others = other_tasks(record)
   turns.append(others[rng.integers(len(others))])
-  turns = [turns[i] for i in rng.permutation(len(turns))]
-  messages = []
-  for i, (question, answer) in enumerate(turns):
-    messages.append({"role": "user", "content": f"{IMAGE_TOKEN}\n{question}" if i == 0 else question})
-    messages.append({"role": "assistant", "content": answer})
-  return messages
+  return shuffled_conversation(turns, rng)
 
 
 def question_messages(question: str) -> list[dict]:

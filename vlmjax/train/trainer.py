@@ -143,15 +143,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
                                               optimizer=optimizer, stage=stage.name)
         pending.append((step + 1, metrics))
         done = step + 1
-        if done % config.train.log_every == 0 or done == stage.end:
+        validate = done == stages[-1].end or (config.train.validate_every and
+                                               done % config.train.validate_every == 0)
+        if done % config.train.log_every == 0 or done == stage.end or validate:
           fetched = jax.device_get([m for _, m in pending])  # the one host sync per log interval
           elapsed = time.perf_counter() - since
-          for (logged_step, _), values in zip(pending, fetched):
+          extra = _validate(config, state.params, model_dir=workdir, data_dir=data_dir) if validate else {}
+          for i, ((logged_step, _), values) in enumerate(zip(pending, fetched)):
             writer.write(logged_step, stage=stage.name, loss=float(values["loss"]),
                          learning_rate=float(schedule(logged_step - stage.start - 1)),
                          grad_norm=float(values["grad_norm"]), skipped=int(values["skipped"]),
-                         step_time=elapsed / len(pending), tokens_per_s=tokens / elapsed)
-          progress.set_postfix(loss=f"{float(fetched[-1]['loss']):.3f}")
+                         step_time=elapsed / len(pending), tokens_per_s=tokens / elapsed,
+                         **(extra if i == len(pending) - 1 else {}))
+          progress.set_postfix(loss=f"{float(fetched[-1]['loss']):.3f}", **{
+              k.removeprefix("validation/"): f"{v:.3f}" for k, v in extra.items() if k == "validation/accuracy"})
           pending, tokens, since = [], 0, time.perf_counter()
         if done % config.train.checkpoint_every == 0 or done == stage.end:
           checkpointer.save(done, state, iterator.get_state())
@@ -164,6 +169,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
   if is_main:
     writer.plot()
   writer.close()
+
+
+def _validate(config: ml_collections.ConfigDict, params, model_dir: str, data_dir: str) -> dict[str, float]:
+  """Exact-match VQA accuracy (overall and per question type) on the first validation questions, answered by
+  the inference code (batched greedy generation) with the current parameters."""
+  from vlmjax.api import VLM as Facade
+  from vlmjax.eval import benchmarks
+
+  tokenizer = Tokenizer.from_directory(model_dir)
+  vlm = Facade(config=config, params=params, tokenizer=tokenizer, image_processor=ImageProcessor.from_directory(
+      model_dir), eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+  benchmark = benchmarks.get("shapes_vqa")
+  samples = benchmark.samples(data_dir)[:config.train.validation_questions]
+  answers = []
+  for start in range(0, len(samples), 64):
+    batch = samples[start:start + 64]
+    answers += vlm.generate([s.images[0] for s in batch], [s.prompt for s in batch],
+                            max_new_tokens=benchmark.max_new_tokens)
+  exact = {}
+  for sample, answer in zip(samples, answers):
+    correct = float(answer.strip() == sample.target[0])
+    exact.setdefault("validation/accuracy", []).append(correct)
+    exact.setdefault(f"validation/accuracy/{sample.group}", []).append(correct)
+  return {key: sum(values) / len(values) for key, values in exact.items()}
 
 
 def _params_from(workdir: str, like):

@@ -1,0 +1,130 @@
+"""`vlmjax train` end to end, as users run it: in fresh processes, on a tiny shapes data set."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from vlmjax.data import shapes
+
+STEPS = ["--config.train.log_every=1", "--config.train.batch_size=8", "--config.data.length=96",
+         "--config.optim.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("shapes"))
+  config = shapes.get_config().unlock()
+  config.splits = dict(train=64, validation=8, test=8)
+  shapes.build(directory, config)
+  return directory
+
+
+def _data_flags(data_dir):
+  return [f"--config.data.dir={data_dir}", "--config.data.shapes.splits.train=64",
+          "--config.data.shapes.splits.validation=8", "--config.data.shapes.splits.test=8"]
+
+
+def _command(workdir, data_dir, *flags):
+  return [sys.executable, "-m", "vlmjax.cli", "train", "--config", "configs/shapes_tiny.py", "--workdir",
+          str(workdir), *_data_flags(data_dir), *STEPS, *flags]
+
+
+def _env(devices=1, **extra):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  env.update(extra)
+  return env
+
+
+def _losses(workdir) -> dict[int, float]:
+  rows = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      rows[row["step"]] = row["loss"]  # a resumed run re-logs steps: the last row wins
+  return rows
+
+
+def _train(workdir, data_dir, *flags, devices=1):
+  result = subprocess.run(_command(workdir, data_dir, *flags), env=_env(devices), capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return _losses(workdir)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+  workdir = tmp_path_factory.mktemp("reference")
+  return _train(workdir, data_dir, "--config.train.steps=10", "--config.train.checkpoint_every=4")
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory, data_dir):
+  """3 steps on 1 device in 1 process (the schedule depends on train.steps, so the reference has 3 too)."""
+  return _train(tmp_path_factory.mktemp("three"), data_dir, "--config.train.steps=3",
+                "--config.train.checkpoint_every=3")
+
+
+def test_a_run_killed_mid_way_resumes_to_the_same_losses(tmp_path, data_dir, reference):
+  command = _command(tmp_path, data_dir, "--config.train.steps=10", "--config.train.checkpoint_every=4")
+  process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 300
+  while time.time() < deadline:  # wait until step 6 is logged: one checkpoint (step 4) behind it
+    if os.path.exists(tmp_path / "metrics.jsonl") and max(_losses(tmp_path), default=0) >= 6:
+      break
+    time.sleep(0.2)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert max(_losses(tmp_path)) < 10, "the run finished before it was killed"
+  resumed = _train(tmp_path, data_dir, "--config.train.steps=10", "--config.train.checkpoint_every=4")
+  assert sorted(resumed) == list(range(1, 11))
+  np.testing.assert_allclose([resumed[s] for s in range(1, 11)], [reference[s] for s in range(1, 11)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mesh", [("--config.mesh.data=8",), ("--config.mesh.data=1", "--config.mesh.fsdp=8"),
+                                  ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")],
+                         ids=["data8", "fsdp8", "data2-fsdp2-tensor2"])
+def test_sharded_training_gives_the_same_losses_as_one_device(tmp_path, data_dir, three_steps, mesh):
+  losses = _train(tmp_path, data_dir, "--config.train.steps=3", "--config.train.checkpoint_every=3", *mesh,
+                  devices=8)
+  np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], [three_steps[s] for s in (1, 2, 3)], rtol=1e-4)
+
+
+def test_a_different_config_refuses_to_resume_and_names_the_keys(tmp_path, data_dir):
+  _train(tmp_path, data_dir, "--config.train.steps=1", "--config.train.checkpoint_every=1")
+  result = subprocess.run(_command(tmp_path, data_dir, "--config.train.steps=1", "--config.optim.learning_rate=0.5"),
+                          env=_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "optim.learning_rate: 0.002 -> 0.5" in result.stderr
+  assert "--allow_config_change" in result.stderr
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.train.stages=pretrain", "unknown training stage 'pretrain'"),
+    ("--config.train.init_from=/nonexistent/run", "train.init_from='/nonexistent/run' does not exist"),
+])
+def test_bad_stage_or_checkpoint_fails_before_any_work(tmp_path, data_dir, flag, message):
+  result = subprocess.run(_command(tmp_path, data_dir, flag), env=_env(), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode != 0 and message in result.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_two_processes_train_like_one(tmp_path, data_dir, three_steps):
+  """2 processes on 127.0.0.1 through jax.distributed, one CPU device each, each feeding half of the batch."""
+  port = 20000 + os.getpid() % 10000
+  processes = [subprocess.Popen(
+      _command(tmp_path, data_dir, "--config.train.steps=3", "--config.train.checkpoint_every=3"),
+      env=_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for process in processes:
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+  two = _losses(tmp_path)
+  np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [three_steps[s] for s in (1, 2, 3)], rtol=1e-4)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
