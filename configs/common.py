@@ -16,6 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
       projector="mlp2x_gelu",
       vision_feature_layer=-2,
       vision_feature_select="default",
+      image_token_merge=1,
       prefix_lm=False,
       dtype="float32",  # compute dtype; "bfloat16" for mixed precision
       param_dtype="float32",  # master weights

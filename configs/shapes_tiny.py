@@ -29,5 +29,5 @@ def get_config(arg: str | None = None):
       shapes=shapes.get_config().to_dict(),
   ))
   config.train.update(steps=600, batch_size=32, log_every=10, checkpoint_every=200)
-  config.optim.update(learning_rate=2e-3, warmup_steps=50)
+  config.optim.update(learning_rate=3e-3, warmup_steps=30)
   return config

@@ -142,3 +142,23 @@ def test_config_errors_name_the_field():
     VLMConfig.from_dict(dict(vision={}, decoder={}, image_token_id=1, vision_featur_layer=-2))
   with pytest.raises(ValueError, match=r"model.vision: unknown keys \['patch'\]"):
     VLMConfig.from_dict(dict(vision={"patch": 3}, decoder={}, image_token_id=1))
+
+
+def test_merging_neighbouring_image_tokens():
+  from vlmjax.models.vlm import merge_neighbours
+  tokens = jnp.arange(2 * 16 * 3, dtype=jnp.float32).reshape(2, 16, 3)  # a 4 x 4 grid of 3-wide tokens
+  merged = merge_neighbours(tokens, 2)
+  assert merged.shape == (2, 4, 12)
+  grid = np.asarray(tokens).reshape(2, 4, 4, 3)
+  # Output token 1 is the top-right 2 x 2 block: rows 0-1, columns 2-3, row-major.
+  np.testing.assert_array_equal(merged[:, 1], np.concatenate([grid[:, 0, 2], grid[:, 0, 3], grid[:, 1, 2],
+                                                              grid[:, 1, 3]], axis=-1))
+  config = TINY_PALIGEMMA.replace(image_token_merge=2)
+  assert config.tokens_per_image == 1  # a 2 x 2 patch grid becomes one token
+  params = nn.meta.unbox(VLM(config).init(jax.random.key(0), **config.example_inputs(1)))
+  logits, _ = VLM(config).apply(params, **config.example_inputs(2))
+  assert logits.shape == (2, 9, config.decoder.vocab_size)
+  with pytest.raises(ValueError, match=r"image_token_merge=3 must divide the patch grid \(2 x 2\)"):
+    TINY_PALIGEMMA.replace(image_token_merge=3)
+  with pytest.raises(ValueError, match=r"image_token_merge needs patch tokens only"):
+    TINY_LLAVA.replace(vision_feature_select="full", image_token_merge=2)

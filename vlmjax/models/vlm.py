@@ -28,11 +28,19 @@ class VLMConfig(ModelConfig):
   projector: str = "mlp2x_gelu"
   vision_feature_layer: int | None = -2  # None: the ViT's final output after its post-LayerNorm
   vision_feature_select: str = "default"  # 'default' drops the class token, 'full' keeps it
+  image_token_merge: int = 1  # k: each k x k block of neighbouring patch tokens becomes one (concatenated)
   prefix_lm: bool = False
 
   def __post_init__(self):
     check_choice(self.projector, PROJECTORS, "model.projector")
     check_choice(self.vision_feature_select, ("default", "full"), "model.vision_feature_select")
+    if self.image_token_merge > 1:
+      if self.vision.cls_token and self.vision_feature_select == "full":
+        raise ValueError("model.image_token_merge needs patch tokens only: use vision_feature_select='default' "
+                         "or a ViT without class token")
+      if self.vision.grid_size % self.image_token_merge:
+        raise ValueError(f"model.image_token_merge={self.image_token_merge} must divide the patch grid "
+                         f"({self.vision.grid_size} x {self.vision.grid_size})")
     if not 0 <= self.image_token_id < self.decoder.vocab_size:
       raise ValueError(f"model.image_token_id={self.image_token_id} is outside the vocabulary "
                        f"(decoder.vocab_size={self.decoder.vocab_size})")
@@ -47,7 +55,7 @@ class VLMConfig(ModelConfig):
   def tokens_per_image(self) -> int:
     """Image embeddings (placeholder tokens) each image contributes."""
     has_cls = self.vision.cls_token and self.vision_feature_select == "full"
-    return self.vision.num_patches + int(has_cls)
+    return self.vision.num_patches // self.image_token_merge**2 + int(has_cls)
 
   def example_inputs(self, batch_size: int, text_length: int = 8, seed: int | None = None) -> dict[str, jax.Array]:
     """Arguments for `VLM.init`, a shape check or a benchmark: one image per row, its placeholders after the
@@ -74,6 +82,16 @@ class VLMConfig(ModelConfig):
     return inputs
 
 
+def merge_neighbours(tokens: jax.Array, k: int) -> jax.Array:
+  """Visual-token reduction by concatenation ("pixel shuffle"): float[N, g*g, D] patch tokens on a g x g grid
+  -> float[N, (g/k)², k²·D], each output token holding a k x k block of neighbours. Nothing is averaged away;
+  the projector maps the wider tokens into the language model."""
+  count, length, width = tokens.shape
+  grid = int(round(length**0.5))
+  blocks = tokens.reshape(count, grid // k, k, grid // k, k, width)  # [N, g/k, k, g/k, k, D]
+  return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(count, (grid // k) ** 2, k * k * width)
+
+
 class VLM(nn.Module):
   config: VLMConfig
 
@@ -94,6 +112,8 @@ class VLM(nn.Module):
                          feature_layer=cfg.vision_feature_layer)  # [B*I, P(+1), Dv]
     if cfg.vision_feature_select == "default" and cfg.vision.cls_token:
       tokens = tokens[:, 1:]
+    if cfg.image_token_merge > 1:
+      tokens = merge_neighbours(tokens, cfg.image_token_merge)  # [B*I, P/k², k²·Dv]
     embeddings = self.projector(tokens)  # [B*I, P, D]
     return embeddings.reshape(batch, num_images * embeddings.shape[1], embeddings.shape[2])
 
