@@ -106,3 +106,20 @@ def test_gradient_accumulation_equals_one_big_batch(params):
 def test_unknown_stage_is_an_error(params):
   with pytest.raises(ValueError, match=r"unknown training stage 'pretrain'; the stages are \['align'"):
     optim.trainable_labels(params, "pretrain")
+
+
+def test_contrastive_losses_match_their_definitions():
+  from vlmjax.train import losses
+  rng = np.random.default_rng(0)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  images, texts = unit(rng.standard_normal((5, 8))), unit(rng.standard_normal((5, 8)))
+  scale, bias = 7.0, -2.0
+  logits = scale * images @ texts.T
+  log_softmax = lambda z, axis: z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
+  expected = -(np.mean(np.diag(log_softmax(logits, 1))) + np.mean(np.diag(log_softmax(logits, 0)))) / 2
+  np.testing.assert_allclose(losses.softmax_contrastive_loss(images, texts, scale), expected, rtol=1e-5)
+  z = logits + bias
+  expected = -sum(np.log(1 / (1 + np.exp(-(1 if i == j else -1) * z[i, j]))) for i in range(5) for j in range(5)) / 5
+  np.testing.assert_allclose(losses.sigmoid_contrastive_loss(images, texts, scale, bias), expected, rtol=1e-5)
+  # Matching pairs give a lower loss than shuffled ones.
+  assert losses.softmax_contrastive_loss(images, images, 10.0) < losses.softmax_contrastive_loss(images, texts, 10.0)

@@ -19,3 +19,25 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -
   weights = weights.astype(jnp.float32)
   total = jnp.sum(weights)
   return -jnp.sum(token_log_probs * weights) / jnp.maximum(total, 1.0), total
+
+
+def softmax_contrastive_loss(image_embeddings: jax.Array, text_embeddings: jax.Array,
+                             logit_scale: jax.Array) -> jax.Array:
+  """CLIP's InfoNCE: symmetric cross-entropy over the batch, the i-th image's caption being the i-th text.
+
+  image_embeddings, text_embeddings: float[B, E], unit norm; logit_scale: the inverse temperature.
+  """
+  logits = logit_scale * image_embeddings @ text_embeddings.T  # [B, B]
+  labels = jnp.arange(logits.shape[0])
+  image_to_text = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], axis=1)
+  text_to_image = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=0), labels[None, :], axis=0)
+  return (jnp.mean(image_to_text) + jnp.mean(text_to_image)) / 2
+
+
+def sigmoid_contrastive_loss(image_embeddings: jax.Array, text_embeddings: jax.Array, logit_scale: jax.Array,
+                             logit_bias: jax.Array) -> jax.Array:
+  """SigLIP's pairwise sigmoid loss: every (image, text) pair is a binary match / no-match decision,
+  summed over texts and averaged over images."""
+  logits = logit_scale * image_embeddings @ text_embeddings.T + logit_bias  # [B, B]
+  labels = 2 * jnp.eye(logits.shape[0]) - 1  # +1 on the diagonal, -1 elsewhere
+  return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
