@@ -27,6 +27,18 @@ _BENCHMARKS = flags.DEFINE_string("benchmarks", None, "eval: comma-separated ben
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "eval: prompts generated together.")
 _DEVICES = flags.DEFINE_integer("devices", None, "summarize: plan the mesh for this many devices "
                                 "(default: the devices JAX sees).")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: the address to bind (loopback by default).")
+_PORT = flags.DEFINE_integer("port", 8000, "serve: the port to listen on.")
+_SLOTS = flags.DEFINE_integer("slots", 8, "serve: decode slots, the requests generated together.")
+_MAX_LEN = flags.DEFINE_integer("max_len", None, "serve: tokens per slot, prompt + generated (default: the "
+                                "checkpoint's context, else 2048).")
+_API_KEY = flags.DEFINE_string("api_key", None, "serve: require 'Authorization: Bearer KEY' on /v1/ routes "
+                               "(default: $VLMJAX_API_KEY; none when unset).")
+flags.DEFINE_alias("api-key", "api_key")
+_IMAGE_DIR = flags.DEFINE_string("image_dir", None, "serve: a directory whose image files requests may name by "
+                                 "local path (default: none; images come as base64 data: URLs).")
+_MODEL_NAME = flags.DEFINE_string("model_name", None, "serve: the model name clients send (default: the "
+                                  "checkpoint directory's name).")
 
 
 def summarize(args: list[str]) -> None:
@@ -102,7 +114,24 @@ def evaluate(args: list[str]) -> None:
   print(json.dumps(results, indent=1))
 
 
-COMMANDS = {"summarize": summarize, "data": data, "train": train, "eval": evaluate}
+def serve(args: list[str]) -> None:
+  """Serves --checkpoint over an OpenAI-compatible HTTP API until SIGINT/SIGTERM."""
+  del args
+  import os
+
+  from vlmjax.serve import server
+
+  if _CHECKPOINT.value is None:
+    raise SystemExit("vlmjax serve: --checkpoint PATH is required")
+  try:
+    server.serve(_CHECKPOINT.value, host=_HOST.value, port=_PORT.value, num_slots=_SLOTS.value,
+                 max_len=_MAX_LEN.value, api_key=_API_KEY.value or os.environ.get("VLMJAX_API_KEY"),
+                 image_dir=_IMAGE_DIR.value, model_name=_MODEL_NAME.value)
+  except FileNotFoundError as error:  # no such checkpoint, or one missing a file
+    raise SystemExit(f"vlmjax serve: {error}") from error
+
+
+COMMANDS = {"summarize": summarize, "data": data, "train": train, "eval": evaluate, "serve": serve}
 
 
 def main(argv: list[str] | None = None) -> None:

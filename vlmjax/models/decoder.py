@@ -92,11 +92,8 @@ class Decoder(nn.Module):
   def setup(self):
     cfg = self.config
     param_dtype = dtype(cfg.param_dtype)
-    # Embeddings start at unit scale after any Gemma sqrt(width) factor: the residual stream of a text token
-    # must not be drowned by the first sublayer outputs (which are O(1)), or the model learns slowly.
-    embedding_std = cfg.width**-0.5 if cfg.scale_embeddings else 1.0
     self.embedding = self.param(
-        "embedding", layers.param_init(nn.initializers.normal(embedding_std), (layers.VOCAB, layers.EMBED)),
+        "embedding", layers.param_init(nn.initializers.normal(0.02), (layers.VOCAB, layers.EMBED)),
         (cfg.vocab_size, cfg.width), param_dtype)
     block = layers.maybe_remat(DecoderBlock, cfg.remat_policy, cfg.scan_layers)
     if cfg.scan_layers:

@@ -56,7 +56,7 @@ def parse_stages(spec: str, total_steps: int) -> list[Stage]:
   return stages
 
 
-def _shapes_example_fn(config: ml_collections.ConfigDict, model_config: VLMConfig, model_dir: str):
+def shapes_example_fn(config: ml_collections.ConfigDict, model_config: VLMConfig, model_dir: str):
   """(shapes record, rng) -> training arrays, with the tokenizer and image processor saved in model_dir."""
   encoder = pipeline.ConversationEncoder(tokenizer=Tokenizer.from_directory(model_dir),
                                          image_token_id=model_config.image_token_id,
@@ -102,7 +102,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     raise ValueError(f"the tokenizer has {tokenizer_vocab} tokens but model.decoder.vocab_size is "
                      f"{model_config.decoder.vocab_size}")
   source = shapes.load(data_dir, "train")
-  to_example = _shapes_example_fn(config, model_config, shapes.tokenizer_dir(data_dir))
+  to_example = shapes_example_fn(config, model_config, shapes.tokenizer_dir(data_dir))
 
   # Model: parameters initialized straight into their shardings (or read from another run).
   model = VLM(model_config)

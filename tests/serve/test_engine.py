@@ -1,0 +1,146 @@
+import threading
+
+import numpy as np
+import pytest
+
+from vlmjax.infer import engine as engine_module
+from vlmjax.infer.engine import Engine
+
+MAX_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_vlm):
+  engine = Engine(tiny_vlm, num_slots=3, max_len=MAX_LEN).start()
+  yield engine
+  engine.stop()
+
+
+def _prompt(vlm, question: str, image_seed: int | None):
+  """(prompt ids int[T], pixel values float32[1, H, W, 3] or None) of one user turn."""
+  content = [{"type": "text", "text": question}]
+  pixels = None
+  if image_seed is not None:
+    content.insert(0, {"type": "image"})
+    image = np.random.default_rng(image_seed).integers(0, 256, (20, 24, 3), np.uint8)
+    pixels = vlm.image_processor([image])
+  return vlm.prompt_ids([{"role": "user", "content": content}], 0 if pixels is None else 1), pixels
+
+
+def _alone(vlm, prompt_ids, pixels, max_tokens, **sampling) -> list[int]:
+  """The request decoded by itself through `VLM.generate_ids`, cut after its end token."""
+  tokens = vlm.generate_ids(np.asarray([prompt_ids]), None if pixels is None else pixels[None],
+                            max_new_tokens=max_tokens, **sampling)[0].tolist()
+  ends = [i for i, token in enumerate(tokens) if token in vlm.eos_token_ids]
+  return tokens[:ends[0] + 1] if ends else tokens
+
+
+def _after_tokens(count: int):
+  """A listener, and an event set once the request has produced `count` tokens."""
+  reached, seen = threading.Event(), []
+
+  def listener(output):
+    seen.extend(output.token_ids)
+    if len(seen) >= count or output.finish_reason:
+      reached.set()
+
+  return listener, reached
+
+
+def test_staggered_requests_each_decode_as_if_alone(engine, tiny_vlm):
+  specs = [("What colour is the circle?", 0, 21), ("How many triangles are there?", 1, 5),
+           ("Describe the picture in detail.", None, 21), ("What colour?", 2, 5),
+           ("Is the big square blue?", 3, 21), ("Hi", None, 5)]
+  prompts = [_prompt(tiny_vlm, question, seed) for question, seed, _ in specs]
+  assert len({len(ids) for ids, _ in prompts}) == len(specs)  # every prompt has its own length
+  listener, first_is_decoding = _after_tokens(2)
+  requests = [engine.submit(*prompts[0], max_tokens=specs[0][2], listener=listener)]
+  first_is_decoding.wait(30)
+  for (ids, pixels), (_, _, max_tokens) in zip(prompts[1:], specs[1:]):  # arriving while the first decodes
+    requests.append(engine.submit(ids, pixels, max_tokens=max_tokens))
+  for request, (ids, pixels), (_, _, max_tokens) in zip(requests, prompts, specs):
+    request.wait(60)
+    assert request.token_ids == _alone(tiny_vlm, ids, pixels, max_tokens), request.prompt_ids
+    assert request.finish_reason == ("stop" if request.token_ids[-1] in tiny_vlm.eos_token_ids else "length")
+  # Requests were inserted while others were decoding, and 6 requests shared 3 slots.
+  assert any(a.first_token_at < b.first_token_at < a.finished_at for a in requests for b in requests)
+  assert max(r.first_token_at for r in requests[3:]) > min(r.finished_at for r in requests[:3])
+  assert engine.num_running == engine.num_waiting == 0
+
+
+def test_seeded_sampling_matches_a_request_alone(engine, tiny_vlm):
+  ids, pixels = _prompt(tiny_vlm, "What colour is the circle?", 5)
+  requests = [engine.submit(ids, pixels, max_tokens=21, temperature=1.5, top_p=0.9, seed=seed) for seed in (7, 8)]
+  for request, seed in zip(requests, (7, 8)):
+    expected = _alone(tiny_vlm, ids, pixels, 21, temperature=1.5, top_p=0.9, seed=seed)
+    assert request.wait(60).token_ids == expected
+  assert requests[0].token_ids != requests[1].token_ids
+
+
+def test_a_stop_string_ends_the_request_and_is_cut_from_the_text(engine, tiny_vlm):
+  ids, pixels = _prompt(tiny_vlm, "What colour?", 4)
+  free = engine.submit(ids, pixels, max_tokens=20).wait(60)
+  assert free.text == tiny_vlm.tokenizer.decode(free.token_ids) and len(free.text) >= 6, free.text
+  stop = free.text[3:5]
+  stopped = engine.submit(ids, pixels, max_tokens=20, stop=["@@never@@", stop]).wait(60)
+  assert stopped.text == free.text[:free.text.index(stop)]
+  assert stopped.finish_reason == "stop" and len(stopped.token_ids) < len(free.token_ids)
+  assert free.token_ids[:len(stopped.token_ids)] == stopped.token_ids
+
+
+def test_cancelling_frees_the_slot_and_unqueues_a_waiting_request(engine, tiny_vlm):
+  ids, _ = _prompt(tiny_vlm, "Hi", None)
+  listener, decoding = _after_tokens(2)
+  running = [engine.submit(ids, max_tokens=MAX_LEN - len(ids), listener=listener)]
+  running += [engine.submit(ids, max_tokens=MAX_LEN - len(ids)) for _ in range(engine.num_slots - 1)]
+  waiting = engine.submit(ids, max_tokens=3)
+  decoding.wait(30)
+  engine.cancel(waiting)
+  for request in running:
+    engine.cancel(request)
+  for request in running + [waiting]:
+    assert request.wait(30).finish_reason == "cancelled"
+  assert waiting.token_ids == [] and len(running[0].token_ids) < MAX_LEN - len(ids)
+  assert engine.num_running == engine.num_waiting == 0
+  assert engine.submit(ids, max_tokens=4).wait(30).finish_reason in ("stop", "length")
+
+
+def test_requests_that_cannot_run_are_refused(engine, tiny_vlm):
+  ids, pixels = _prompt(tiny_vlm, "What colour is the circle?", 0)
+  with pytest.raises(ValueError, match=rf"a prompt of {len(ids)} tokens plus max_tokens=40 does not fit the "
+                     rf"context of {MAX_LEN} tokens"):
+    engine.submit(ids, pixels, max_tokens=40)
+  with pytest.raises(ValueError, match=r"the prompt holds 4 image placeholder tokens but 0 images need 0"):
+    engine.submit(ids, None, max_tokens=4)
+  with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0.0"):
+    engine.submit(ids, pixels, max_tokens=4, top_p=0.0)
+
+
+def test_stopping_drains_running_and_waiting_requests(tiny_vlm):
+  engine = Engine(tiny_vlm, num_slots=3, max_len=MAX_LEN).start()
+  ids, _ = _prompt(tiny_vlm, "Hi", None)
+  requests = [engine.submit(ids, max_tokens=8) for _ in range(5)]
+  engine.stop(drain=True)
+  assert [request.finish_reason in ("stop", "length") for request in requests] == [True] * 5
+  with pytest.raises(RuntimeError, match="the engine is not accepting requests"):
+    engine.submit(ids, max_tokens=2)
+
+
+def test_an_engine_failure_ends_every_request_with_its_error(tiny_vlm, monkeypatch):
+  submitted = threading.Event()
+
+  def broken_step(*args):
+    submitted.wait(30)
+    raise RuntimeError("device lost")
+
+  monkeypatch.setattr(engine_module, "generate", broken_step)
+  engine = Engine(tiny_vlm, num_slots=3, max_len=MAX_LEN).start()
+  ids, _ = _prompt(tiny_vlm, "Hi", None)
+  requests = [engine.submit(ids, max_tokens=8) for _ in range(5)]  # some running, some waiting
+  submitted.set()
+  for request in requests:
+    assert request.wait(30).finish_reason == "error" and request.error == "the engine failed: device lost"
+  assert not engine.healthy and engine.num_running == engine.num_waiting == 0
+  with pytest.raises(RuntimeError, match=r"not accepting requests: it is stopping or has failed \(device lost\)"):
+    engine.submit(ids, max_tokens=2)
+  engine.stop()

@@ -1,0 +1,218 @@
+"""The server as clients see it: the `openai` client and raw HTTP against uvicorn on a free loopback port."""
+
+import base64
+import http.client
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+
+from vlmjax.serve.server import create_app
+
+KEY = "test-key"
+MODEL = "tiny"
+MAX_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def server(tiny_vlm, tmp_path_factory):
+  image_dir = tmp_path_factory.mktemp("images")
+  app = create_app(tiny_vlm, MODEL, num_slots=3, max_len=MAX_LEN, api_key=KEY, image_dir=str(image_dir),
+                   max_image_bytes=32 * 1024)
+  sock = socket.socket()
+  sock.bind(("127.0.0.1", 0))
+  runner = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+  thread = threading.Thread(target=runner.run, kwargs={"sockets": [sock]}, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 30
+  while not runner.started:
+    assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+    time.sleep(0.05)
+  yield {"port": sock.getsockname()[1], "app": app, "image_dir": image_dir}
+  runner.should_exit = True
+  thread.join(30)
+  assert not app.state.engine.healthy
+
+
+@pytest.fixture(scope="module")
+def client(server):
+  return openai.OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def _png(seed: int, size=(20, 24)) -> bytes:
+  pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), np.uint8)
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, format="PNG")
+  return out.getvalue()
+
+
+def _data_url(data: bytes, kind: str = "png") -> str:
+  return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
+
+
+def _chat(url: str, text: str = "What colour is the circle?") -> list[dict]:
+  return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                       {"type": "text", "text": text}]}]
+
+
+def _post(port: int, path: str, body, key: str | None = KEY, method: str = "POST"):
+  """(status, parsed JSON body) of a raw request; `body` is a dict, or bytes sent as they are."""
+  connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+  headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+  connection.request(method, path, body if isinstance(body, bytes) else json.dumps(body), headers)
+  response = connection.getresponse()
+  status, data = response.status, response.read()
+  connection.close()
+  return status, json.loads(data)
+
+
+def test_chat_with_an_image_plain_and_streaming(client, tiny_vlm):
+  png = _png(0)
+  messages = _chat(_data_url(png))
+  reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0)
+  expected = tiny_vlm.chat([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                             "text": "What colour is the circle?"}]}],
+                           [Image.open(io.BytesIO(png))], max_new_tokens=5)
+  assert reply.choices[0].message.content == expected and reply.choices[0].message.role == "assistant"
+  assert reply.object == "chat.completion" and reply.model == MODEL and reply.id.startswith("chatcmpl-")
+  assert reply.choices[0].finish_reason in ("stop", "length")
+  prompt_tokens = len(tiny_vlm.prompt_ids([{"role": "user", "content": [{"type": "image"}, {
+      "type": "text", "text": "What colour is the circle?"}]}], 1))
+  assert reply.usage.prompt_tokens == prompt_tokens and 1 <= reply.usage.completion_tokens <= 5
+  assert reply.usage.total_tokens == prompt_tokens + reply.usage.completion_tokens
+
+  chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
+                                               stream=True, stream_options={"include_usage": True}))
+  assert chunks[0].choices[0].delta.role == "assistant"
+  assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+  assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
+  assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+  assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+
+def test_local_image_files_under_the_allowed_directory(client, server):
+  path = server["image_dir"] / "circle.png"
+  path.write_bytes(_png(1))
+  by_path = client.chat.completions.create(model=MODEL, messages=_chat(str(path)), max_tokens=3, temperature=0)
+  by_url = client.chat.completions.create(model=MODEL, messages=_chat(f"file://{path}"), max_tokens=3,
+                                          temperature=0)
+  inline = client.chat.completions.create(model=MODEL, messages=_chat(_data_url(_png(1))), max_tokens=3,
+                                          temperature=0)
+  assert by_path.choices[0].message.content == by_url.choices[0].message.content == inline.choices[0].message.content
+
+
+def test_text_completions_and_model_listing(client):
+  reply = client.completions.create(model=MODEL, prompt="What colour is the", max_tokens=6, temperature=0)
+  assert reply.object == "text_completion" and reply.choices[0].finish_reason in ("stop", "length")
+  assert 1 <= reply.usage.completion_tokens <= 6
+  streamed = list(client.completions.create(model=MODEL, prompt="What colour is the", max_tokens=6, temperature=0,
+                                            stream=True))
+  assert "".join(c.choices[0].text for c in streamed) == reply.choices[0].text
+  assert streamed[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+  assert [model.id for model in client.models.list()] == [MODEL]
+  seeded = [client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, temperature=1.5, seed=3).choices[0].text
+            for _ in range(2)]
+  assert seeded[0] == seeded[1]
+
+
+GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+IMAGE = "messages.0.content.0"
+BAD_REQUESTS = {  # body: (status, param, code)
+    "malformed JSON": (b'{"model": "tiny", "messages": [', 400, None, "json_invalid"),
+    "missing field": ({"model": MODEL}, 400, "messages", "missing"),
+    "unknown field": ({**GOOD, "logprobs": True}, 400, "logprobs", "extra_forbidden"),
+    "unknown model": ({**GOOD, "model": "gpt-4o"}, 404, "model", "model_not_found"),
+    "undecodable image": ({**GOOD, "messages": _chat(_data_url(b"not an image"))}, 400, IMAGE, "invalid_image"),
+    "invalid base64": ({**GOOD, "messages": _chat("data:image/png;base64,@@@")}, 400, IMAGE, "invalid_image"),
+    "oversized image": ({**GOOD, "messages": _chat(_data_url(_png(2, size=(128, 128))))}, 400, IMAGE,
+                        "image_too_large"),
+    "remote image URL": ({**GOOD, "messages": _chat("https://example.com/cat.png")}, 400, IMAGE,
+                         "remote_image_refused"),
+    "file outside the image directory": ({**GOOD, "messages": _chat("/etc/hostname")}, 400, IMAGE, None),
+    "prompt longer than the context": ({**GOOD, "messages": [{"role": "user", "content": "colour " * 60}]}, 400,
+                                       "messages", "context_length_exceeded"),
+    "max_tokens past the context": ({**GOOD, "max_tokens": MAX_LEN}, 400, "messages", "context_length_exceeded"),
+    "temperature out of range": ({**GOOD, "temperature": 2.5}, 400, "temperature", "less_than_equal"),
+    "top_p out of range": ({**GOOD, "top_p": 0}, 400, "top_p", "greater_than"),
+    "max_tokens zero": ({**GOOD, "max_tokens": 0}, 400, "max_tokens", "greater_than_equal"),
+    "n above one": ({**GOOD, "n": 2}, 400, "n", "literal_error"),
+    "negative seed": ({**GOOD, "seed": -1}, 400, "seed", "greater_than_equal"),
+    "role the template refuses": ({**GOOD, "messages": [{"role": "system", "content": "Be brief."}]}, 400,
+                                  "messages", None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, case):
+  body, status, param, code = BAD_REQUESTS[case]
+  got, reply = _post(server["port"], "/v1/chat/completions", body)
+  assert got == status, reply
+  assert set(reply["error"]) == {"message", "type", "param", "code"} and reply["error"]["message"], reply
+  assert (reply["error"]["param"], reply["error"]["code"]) == (param, code), reply
+  assert _post(server["port"], "/v1/chat/completions", GOOD)[0] == 200
+
+
+def test_api_key_and_unknown_routes(server):
+  port = server["port"]
+  for key in (None, "wrong"):
+    status, reply = _post(port, "/v1/chat/completions", GOOD, key=key)
+    assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+  status, reply = _post(port, "/v1/embeddings", GOOD)
+  assert status == 404 and reply["error"]["message"] == "no route POST /v1/embeddings"
+  assert _post(port, "/health", b"", key=None, method="GET") == (200, {"status": "ok"})
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client):
+  engine = server["app"].state.engine
+  body = {**GOOD, "max_tokens": MAX_LEN - 24, "temperature": 0, "stream": True}
+  whole = client.chat.completions.create(**{**body, "stream": False})
+  assert whole.choices[0].finish_reason == "length"  # undisturbed, it would run all max_tokens
+  connection = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
+  connection.request("POST", "/v1/chat/completions", json.dumps(body),
+                     {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+  response = connection.getresponse()
+  assert response.status == 200 and response.readline().startswith(b"data: ")
+  deadline = time.monotonic() + 10
+  while not engine.num_running and time.monotonic() < deadline:
+    time.sleep(0.001)
+  connection.close()  # hang up mid-stream
+  while engine.num_running and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert engine.num_running == 0
+  assert 'vlmjax_requests_finished_total{finish_reason="cancelled"} 1.0' in _metrics(server)
+  assert client.chat.completions.create(**{**body, "stream": False}).choices[0].message.content == \
+      whole.choices[0].message.content
+
+
+def _metrics(server) -> str:
+  connection = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
+  connection.request("GET", "/metrics")
+  return connection.getresponse().read().decode()
+
+
+def test_metrics_count_requests_tokens_and_latencies(server, client):
+  client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
+  text = _metrics(server)
+  for name in ("vlmjax_requests_running 0.0", "vlmjax_requests_waiting 0.0", "vlmjax_time_to_first_token_seconds_count",
+               "vlmjax_time_per_output_token_seconds_bucket", "vlmjax_generation_tokens_total",
+               "vlmjax_prompt_tokens_total"):
+    assert name in text
+  generated = float(next(line for line in text.splitlines() if line.startswith("vlmjax_generation_tokens_total"))
+                    .split()[1])
+  assert generated >= 3
+
+
+def test_the_serve_command_checks_its_flags(tmp_path):
+  run = lambda *args: subprocess.run([sys.executable, "-m", "vlmjax.cli", "serve", *args], capture_output=True,
+                                     text=True, timeout=120)
+  assert "vlmjax serve: --checkpoint PATH is required" in run("--api-key", "k").stderr
+  assert run("--checkpoint", f"{tmp_path}/none").stderr.startswith(f"vlmjax serve: {tmp_path}/none is not a directory")

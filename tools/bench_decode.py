@@ -1,0 +1,155 @@
+"""Decode speed of vlmjax against transformers (PyTorch, CPU) on the same weights, and against the roofline.
+
+    python tools/bench_decode.py [--batches 1,8,32 --prompts 64,256,1024 --new_tokens 64 --repeats 3]
+
+Builds a LLaVA-1.5 of about 25 M parameters with transformers (random weights, saved to a temporary
+directory), loads it into vlmjax through the Hugging Face importer, and times greedy generation of exactly
+--new_tokens tokens (no end token) for each batch size and prompt length, medians over --repeats runs:
+time to first token (TTFT: image encoding + prefill + first sample), time per output token (TPOT) and output
+tokens/s. The roofline columns divide the decode step's lower bound (bytes it must read — weights plus the
+KV cache — over the measured memory bandwidth, or its FLOPs over the measured matmul rate, whichever is larger)
+by the measured TPOT. Writes a table to stdout and a plot to --plot.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+import roofline  # tools/roofline.py: this script's own folder is on sys.path
+
+import vlmjax
+from vlmjax.infer import generate as generation
+
+
+def build_checkpoint(directory: str) -> None:
+  """The benchmark's LLaVA, written by transformers: CLIP 4 x 192 at 112 px / patch 14, Llama 6 x 512 with
+  8 query and 4 key/value heads, MLP 1376, vocabulary 4000."""
+  import torch
+  import transformers
+
+  vision = transformers.CLIPVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4,
+                                         num_attention_heads=4, image_size=112, patch_size=14)
+  text = transformers.LlamaConfig(vocab_size=4000, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
+                                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+  config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=3999,
+                                    vision_feature_layer=-2, vision_feature_select_strategy="default")
+  torch.manual_seed(0)
+  transformers.LlavaForConditionalGeneration(config).eval().save_pretrained(directory)
+
+
+def _median(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _inputs(vlm, batch: int, prompt: int, seed: int = 0):
+  config = vlm.model_config
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(4, config.image_token_id, (batch, prompt)).astype(np.int64)
+  ids[:, 1:1 + config.tokens_per_image] = config.image_token_id
+  size = config.vision.image_size
+  return ids, rng.standard_normal((batch, size, size, 3)).astype(np.float32)
+
+
+def time_vlmjax(vlm, ids, pixels, new_tokens: int, repeats: int) -> tuple[float, float]:
+  """(seconds to the first token, seconds for all new_tokens), medians; no end token stops a row."""
+  args = (vlm.params, vlm.model_config, ids, None, jax.numpy.asarray(pixels))
+  first = lambda: generation.generate(*args, max_new_tokens=1, eos_ids=(), pad_id=0)
+  whole = lambda: generation.generate(*args, max_new_tokens=new_tokens, eos_ids=(), pad_id=0)
+  first(), whole()  # compile
+  return _median(first, repeats), _median(whole, repeats)
+
+
+def time_transformers(model, ids, pixels, new_tokens: int, repeats: int) -> tuple[float, float]:
+  import torch
+
+  input_ids = torch.from_numpy(ids)
+  pixel_values = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
+
+  def run(count):
+    with torch.inference_mode():
+      model.generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(input_ids),
+                     max_new_tokens=count, min_new_tokens=count, do_sample=False)
+  run(1)
+  return _median(lambda: run(1), repeats), _median(lambda: run(new_tokens), repeats)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batches", default="1,8,32")
+  parser.add_argument("--prompts", default="64,256,1024")
+  parser.add_argument("--new_tokens", type=int, default=64)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--plot", default="bench_decode.png")
+  parser.add_argument("--no_torch", action="store_true", help="time vlmjax only")
+  args = parser.parse_args()
+
+  import torch
+  import transformers
+
+  ceilings = roofline.measure(repeats=5)
+  directory = tempfile.mkdtemp(prefix="bench_decode_")
+  build_checkpoint(directory)
+  vlm = vlmjax.load(directory)
+  model = None if args.no_torch else transformers.LlavaForConditionalGeneration.from_pretrained(
+      directory, dtype=torch.float32).eval()
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vlm.params))
+  decoder = vlm.model_config.decoder
+  decoder_params = sum(x.size for x in jax.tree.leaves(vlm.params["decoder"]))
+
+  print(f"machine: {ceilings['bandwidth_gb_s']:.1f} GB/s, {ceilings['matmul_gflop_s']:.1f} GFLOP/s float32; "
+        f"model {param_bytes / 4e6:.1f} M parameters; {args.new_tokens} new tokens, greedy")
+  header = (f"{'batch':>6}{'prompt':>8}{'TTFT s':>9}{'TPOT ms':>9}{'tok/s':>9}{'HF TTFT':>9}{'HF TPOT':>9}"
+            f"{'HF tok/s':>10}{'speedup':>9}{'roofline':>10}")
+  print(header)
+  rows = []
+  for batch in map(int, args.batches.split(",")):
+    for prompt in map(int, args.prompts.split(",")):
+      ids, pixels = _inputs(vlm, batch, prompt)
+      ttft, total = time_vlmjax(vlm, ids, pixels, args.new_tokens, args.repeats)
+      tpot = (total - ttft) / (args.new_tokens - 1)
+      tokens_per_s = batch * args.new_tokens / total
+      cache_bytes = 2 * decoder.depth * batch * (prompt + args.new_tokens) * decoder.num_kv_heads * \
+          decoder.attention_head_dim * 4
+      bound = max((param_bytes + cache_bytes) / (ceilings["bandwidth_gb_s"] * 1e9),
+                  2 * decoder_params * batch / (ceilings["matmul_gflop_s"] * 1e9))
+      hf = (float("nan"),) * 3
+      if model is not None:
+        hf_ttft, hf_total = time_transformers(model, ids, pixels, args.new_tokens, args.repeats)
+        hf = (hf_ttft, (hf_total - hf_ttft) / (args.new_tokens - 1), batch * args.new_tokens / hf_total)
+      rows.append((batch, prompt, ttft, tpot, tokens_per_s, *hf, tokens_per_s / hf[2], bound / tpot))
+      print(f"{batch:>6}{prompt:>8}{ttft:>9.3f}{tpot * 1e3:>9.2f}{tokens_per_s:>9.0f}{hf[0]:>9.3f}"
+            f"{hf[1] * 1e3:>9.2f}{hf[2]:>10.0f}{rows[-1][8]:>8.2f}x{rows[-1][9]:>9.0%}")
+  _plot(rows, args.plot)
+
+
+def _plot(rows, path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  figure, axes = plt.subplots(figsize=(7, 4))
+  for batch in sorted({row[0] for row in rows}):
+    mine = [row for row in rows if row[0] == batch]
+    axes.plot([r[1] for r in mine], [r[4] for r in mine], "o-", label=f"vlmjax, batch {batch}")
+    axes.plot([r[1] for r in mine], [r[7] for r in mine], "x--", label=f"transformers, batch {batch}")
+  axes.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="output tokens/s",
+           title="greedy decoding on this CPU")
+  axes.grid(alpha=0.3)
+  axes.legend(fontsize=7)
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

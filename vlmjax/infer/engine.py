@@ -1,0 +1,422 @@
+"""Continuous batching: a fixed number of decode slots on device, refilled as requests end.
+
+    engine = Engine(vlm, num_slots=8, max_len=2048)
+    engine.start()
+    request = engine.submit(prompt_ids, pixel_values, max_tokens=64, temperature=0.7, seed=1)
+    request.wait().text
+
+Three jitted calls, as JAX serving engines (JetStream) split the work:
+  `prefill`  one prompt (its images encoded) into a cache of its length bucket; one compilation per bucket.
+  `insert`   that cache into a free slot of the batched `SlotState`, with the slot's first token, sampling
+             settings and PRNG key, while the other slots keep their place.
+  `generate` one token for every slot.
+The engine thread loops: admit (prefill + insert) → dispatch `generate` → copy the admitted requests' first
+tokens (ready before the step is) → one host copy of the step's tokens → free the slots that ended. A second
+thread detokenizes, checks stop strings and hands each request's new text to its listener while the next step
+runs. Prompts are prefilled whole, one at a time, between steps (no chunked prefill).
+"""
+
+import collections
+import dataclasses
+import functools
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlmjax.infer import generate as generation
+from vlmjax.infer.kv_cache import KVCache
+from vlmjax.infer.sampling import SamplingParams, sample
+from vlmjax.models.vlm import VLM as VLMModel
+from vlmjax.models.vlm import VLMConfig
+
+_log = logging.getLogger(__name__)
+DEFAULT_MAX_LEN = 2048  # a slot's context when neither the caller nor the checkpoint states one
+FINISH_REASONS = ("stop", "length", "cancelled", "error")  # stop: an end token or a stop string
+
+
+class PromptTooLong(ValueError):
+  """The prompt plus the tokens asked for do not fit a slot's context."""
+
+
+@flax.struct.dataclass
+class SlotState:
+  """The batched decode state of N slots.
+
+  Attributes:
+    cache: the KV cache, float[L, N, S, K, H] keys and values; lengths int32[N] (0 for a free slot).
+    tokens: int32[N], each slot's latest token: the input of the next step.
+    active: bool[N], the slot holds a request.
+    sampling: per-slot SamplingParams (float32[N] / int32[N]); a free slot is greedy.
+    keys: key[N], each slot's PRNG key, split once per sampled token.
+    prefix_lengths: int32[N], each slot's prompt length (the bidirectional prefix of a prefix-LM model).
+  """
+
+  cache: KVCache
+  tokens: jax.Array
+  active: jax.Array
+  sampling: SamplingParams
+  keys: jax.Array
+  prefix_lengths: jax.Array
+
+
+@flax.struct.dataclass
+class Prefix:
+  """A prefilled prompt: its cache (int32[1] length, float[L, 1, T_bucket, K, H]) and the logits float32[1, V]
+  of its last token."""
+
+  cache: KVCache
+  logits: jax.Array
+
+
+def init_state(config: VLMConfig, num_slots: int, max_len: int) -> SlotState:
+  """Every slot free, with room for `max_len` tokens each."""
+  return SlotState(cache=config.decoder.init_cache(num_slots, max_len), tokens=jnp.zeros((num_slots,), jnp.int32),
+                   active=jnp.zeros((num_slots,), bool), sampling=SamplingParams.fill(num_slots),
+                   keys=jax.random.split(jax.random.key(0), num_slots),
+                   prefix_lengths=jnp.zeros((num_slots,), jnp.int32))
+
+
+def prefill(params, config: VLMConfig, prompt_ids: Sequence[int], pixel_values: np.ndarray | None, bucket: int,
+            pad_id: int) -> Prefix:
+  """One prompt (int[T] with image placeholders; pixel_values float32[I, H, W, 3] or None) through the model,
+  right-padded to `bucket` tokens: `generate.prefill`, compiled once per bucket and image count."""
+  length = len(prompt_ids)
+  input_ids = np.full((1, bucket), pad_id, np.int32)
+  input_ids[0, :length] = prompt_ids
+  input_mask = np.arange(bucket)[None, :] < length
+  prefix_lengths = jnp.array([length], jnp.int32) if config.prefix_lm else None
+  pixels = None if pixel_values is None else jnp.asarray(pixel_values[None], jnp.float32)
+  logits, cache = generation.prefill(params, config, input_ids, input_mask, pixels, prefix_lengths,
+                                     config.decoder.init_cache(batch_size=1, max_len=bucket))
+  return Prefix(cache=cache, logits=logits)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def insert(prefix: Prefix, state: SlotState, slot: jax.Array, sampling: SamplingParams, key: jax.Array):
+  """Puts a prefilled prompt into `slot` (int32[]) and samples its first token as `generate.generate` does with
+  the same key. sampling: SamplingParams of one row. Returns (the new state, the first token int32[])."""
+  key, sample_key = jax.random.split(key)
+  first = sample(prefix.logits, sampling, sample_key)[0]
+  put = lambda array, row: jax.lax.dynamic_update_index_in_dim(array, row, slot, axis=0)
+  # The prompt's T_bucket slots go to the front of the slot's row; what lies beyond its length is masked out.
+  k = jax.lax.dynamic_update_slice_in_dim(state.cache.k, prefix.cache.k, slot, axis=1)
+  v = jax.lax.dynamic_update_slice_in_dim(state.cache.v, prefix.cache.v, slot, axis=1)
+  length = prefix.cache.lengths[0]
+  return SlotState(
+      cache=KVCache(k=k, v=v, lengths=put(state.cache.lengths, length)), tokens=put(state.tokens, first),
+      active=put(state.active, True), sampling=jax.tree.map(lambda all_, one: put(all_, one[0]), state.sampling,
+                                                             sampling),
+      keys=put(state.keys, key), prefix_lengths=put(state.prefix_lengths, length)), first
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
+def generate(params, config: VLMConfig, state: SlotState):
+  """One decode step for every slot: forward each slot's latest token through its cache and sample the next.
+  Returns (the new state, tokens int32[N]); a free slot's token means nothing and its cache length stays 0."""
+  cache = state.cache
+  prefix_lengths = state.prefix_lengths if config.prefix_lm else None
+  logits, cache = VLMModel(config).apply({"params": params}, state.tokens[:, None], None, cache.lengths[:, None],
+                                         cache, prefix_lengths=prefix_lengths)
+  split = jax.vmap(jax.random.split)(state.keys)  # [N, 2]: per slot, (next key, this step's sample key)
+  tokens = _sample_slots(logits[:, 0], state.sampling, split[:, 1])
+  cache = cache.replace(lengths=jnp.where(state.active, cache.lengths, 0))
+  return state.replace(cache=cache, tokens=tokens, keys=split[:, 0]), tokens
+
+
+def _sample_slots(logits: jax.Array, sampling: SamplingParams, keys: jax.Array) -> jax.Array:
+  """int32[N] from logits float32[N, V], each slot sampled with its own key exactly as `sample` samples a batch
+  of one. The per-slot vmap turns `sample`'s greedy shortcut into a select, so it is taken here, outside."""
+  one = lambda logits, params, key: sample(logits[None], jax.tree.map(lambda x: x[None], params), key)[0]
+  return jax.lax.cond(jnp.all(sampling.temperature == 0.0), lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                      lambda: jax.vmap(one)(logits, sampling, keys))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def release(state: SlotState, slot: jax.Array) -> SlotState:
+  """Frees `slot` (int32[]): inactive, greedy (so an all-greedy batch keeps its fast path), length 0."""
+  put = lambda array, value: jax.lax.dynamic_update_index_in_dim(array, value, slot, axis=0)
+  return state.replace(active=put(state.active, False), cache=state.cache.replace(
+      lengths=put(state.cache.lengths, 0)), sampling=state.sampling.replace(
+          temperature=put(state.sampling.temperature, 0.0)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+  """What a request produced since its previous output; `finish_reason` (one of FINISH_REASONS) is set on the
+  last one only, `error` when the engine failed."""
+
+  text: str
+  token_ids: tuple[int, ...]
+  finish_reason: str | None = None
+  error: str | None = None
+
+
+class Request:
+  """A request as the engine tracks it, made by `Engine.submit`. The engine thread decodes it; the detokenizer
+  thread alone writes `token_ids`, `text`, `finish_reason` and the timings (time.monotonic() seconds)."""
+
+  def __init__(self, prompt_ids: list[int], pixel_values: np.ndarray | None, max_tokens: int,
+               sampling: SamplingParams, key: jax.Array, stop: tuple[str, ...],
+               listener: Callable[[Output], None] | None):
+    self.prompt_ids, self.pixel_values, self.max_tokens = prompt_ids, pixel_values, max_tokens
+    self.sampling, self.key, self.stop, self.listener = sampling, key, stop, listener
+    self.token_ids: list[int] = []
+    self.text = ""  # what has been handed out: the generated text, minus a stop string and what follows it
+    self.finish_reason: str | None = None
+    self.error: str | None = None
+    self.submitted_at = time.monotonic()
+    self.first_token_at: float | None = None
+    self.finished_at: float | None = None
+    self.done = threading.Event()
+    self.cancelled = False
+    self.num_decoded = 0  # tokens the engine has produced for it (the engine thread's count)
+
+  def wait(self, timeout: float | None = None) -> "Request":
+    if not self.done.wait(timeout):
+      raise TimeoutError(f"the request did not finish within {timeout} s")
+    return self
+
+
+class Engine:
+  """Continuous batching over `num_slots` slots of `max_len` tokens (prompt + generated) each.
+
+  `on_finish(request)` is called (from the detokenizer thread) once per request as it ends, for metrics.
+  """
+
+  def __init__(self, vlm, num_slots: int = 8, max_len: int | None = None,
+               on_finish: Callable[[Request], None] | None = None):
+    if num_slots < 1:
+      raise ValueError(f"num_slots must be at least 1, got {num_slots}")
+    self.vlm, self.num_slots, self.on_finish = vlm, num_slots, on_finish
+    self.config = vlm.model_config
+    self.max_len = max_len or vlm.max_len or DEFAULT_MAX_LEN
+    self.buckets = tuple(b for b in generation.BUCKETS if b < self.max_len) + (self.max_len,)
+    self.error: BaseException | None = None
+    self._state = init_state(self.config, num_slots, self.max_len)
+    self._slots: list[Request | None] = [None] * num_slots
+    self._inserted: list[tuple[int, jax.Array]] = []  # (slot, first token) of the requests admitted this round
+    self._waiting: collections.deque[Request] = collections.deque()
+    self._condition = threading.Condition()
+    self._accepting = self._stopping = False
+    self._to_detokenizer: queue.SimpleQueue = queue.SimpleQueue()
+    self._threads = [threading.Thread(target=self._run, name="engine", daemon=True),
+                     threading.Thread(target=self._detokenize, name="detokenizer", daemon=True)]
+
+  @property
+  def num_running(self) -> int:
+    return sum(request is not None for request in self._slots)
+
+  @property
+  def num_waiting(self) -> int:
+    return len(self._waiting)
+
+  @property
+  def healthy(self) -> bool:
+    return self._accepting and self.error is None
+
+  def start(self) -> "Engine":
+    self._accepting = True
+    for thread in self._threads:
+      thread.start()
+    return self
+
+  def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+    """Stops accepting requests; with `drain`, finishes the running and waiting ones first, else cancels them."""
+    with self._condition:
+      self._accepting, self._stopping = False, True
+      if not drain:
+        for request in [*self._waiting, *filter(None, self._slots)]:
+          request.cancelled = True
+      self._condition.notify_all()
+    for thread in self._threads:
+      if thread.is_alive():
+        thread.join(timeout)
+
+  def submit(self, prompt_ids: Sequence[int], pixel_values: np.ndarray | None = None, *,
+             max_tokens: int | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int | None = None, stop: Sequence[str] = (),
+             listener: Callable[[Output], None] | None = None) -> Request:
+    """Queues one request; ValueError when it cannot run (too long, bad settings, images not matching).
+
+    Args:
+      prompt_ids: int[T], image placeholders expanded (as `VLM.prompt_ids` gives them).
+      pixel_values: float32[I, H, W, 3] normalized images, one per placeholder run, or None.
+      max_tokens: tokens to generate at most (default: the rest of the slot's context).
+      seed: the request's PRNG seed (default: random); with the same seed a request samples what
+        `VLM.generate_ids(..., seed=seed)` samples for it alone.
+      stop: strings that end the generation; the text is cut before them.
+      listener: called from the detokenizer thread with each Output (new text as it becomes final).
+    """
+    prompt_ids = [int(token) for token in prompt_ids]
+    if not prompt_ids:
+      raise ValueError("the prompt is empty")
+    room = self.max_len - len(prompt_ids)
+    if room < 1:
+      raise PromptTooLong(f"a prompt of {len(prompt_ids)} tokens leaves no room to generate in the context "
+                          f"of {self.max_len} tokens")
+    max_tokens = room if max_tokens is None else max_tokens
+    if max_tokens < 1:
+      raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    if max_tokens > room:
+      raise PromptTooLong(f"a prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} does not fit "
+                          f"the context of {self.max_len} tokens")
+    num_images = 0 if pixel_values is None else len(pixel_values)
+    size = self.config.vision.image_size
+    if num_images and pixel_values.shape[1:] != (size, size, 3):
+      raise ValueError(f"pixel_values must be float32[I, {size}, {size}, 3], got {list(pixel_values.shape)}")
+    placeholders = prompt_ids.count(self.config.image_token_id)
+    if placeholders != num_images * self.config.tokens_per_image:
+      raise ValueError(f"the prompt holds {placeholders} image placeholder tokens but {num_images} images need "
+                       f"{num_images * self.config.tokens_per_image}")
+    if any(not text for text in stop):
+      raise ValueError("stop strings must not be empty")
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+    request = Request(prompt_ids, pixel_values, max_tokens, SamplingParams.fill(1, temperature, top_k, top_p),
+                      jax.random.key(seed), tuple(stop), listener)
+    with self._condition:
+      if not self._accepting:
+        raise RuntimeError("the engine is not accepting requests: it is stopping or has failed"
+                           + (f" ({self.error})" if self.error else ""))
+      self._waiting.append(request)
+      self._condition.notify_all()
+    return request
+
+  def cancel(self, request: Request) -> None:
+    """Ends a waiting or running request (finish_reason 'cancelled'); its slot is freed before the next step."""
+    with self._condition:
+      request.cancelled = True
+      self._condition.notify_all()
+
+  # The engine thread.
+
+  def _run(self) -> None:
+    try:
+      while self._admit():
+        self._step()
+    except Exception as error:  # an XLA or model failure: every request ends with it, and health turns bad
+      _log.exception("the engine failed")
+      self.error = error
+      with self._condition:
+        self._accepting = False
+        ended = [*self._waiting, *filter(None, self._slots)]
+        self._waiting.clear()
+        self._slots = [None] * self.num_slots
+      for request in ended:
+        self._to_detokenizer.put((request, None, "error"))
+    finally:
+      self._to_detokenizer.put(None)
+
+  def _admit(self) -> bool:
+    """Waits for work, frees the slots of ended requests and fills free slots from the queue. False when
+    stopped with nothing left to do."""
+    self._inserted = []
+    with self._condition:
+      self._condition.wait_for(lambda: self._waiting or self.num_running or self._stopping)
+      admitted = []
+      for request in list(self._waiting):
+        if request.cancelled:
+          self._waiting.remove(request)
+          self._to_detokenizer.put((request, None, "cancelled"))
+      for slot, request in enumerate(self._slots):
+        if request is not None and (request.cancelled or request.done.is_set()):  # done: a stop string
+          self._free(slot, "cancelled" if request.cancelled else None)
+        if self._slots[slot] is None and self._waiting:
+          admitted.append((slot, self._waiting.popleft()))
+          self._slots[slot] = admitted[-1][1]
+      if not self.num_running:
+        return not (self._stopping and not self._waiting)
+    for slot, request in admitted:
+      bucket = generation.bucket_length(len(request.prompt_ids), self.buckets)
+      prefix = prefill(self.vlm.params, self.config, request.prompt_ids, request.pixel_values, bucket,
+                       self.vlm.pad_token_id)
+      self._state, first = insert(prefix, self._state, jnp.int32(slot), request.sampling, request.key)
+      self._inserted.append((slot, first))
+    return True
+
+  def _step(self) -> None:
+    if not self.num_running:
+      return
+    self._state, tokens = generate(self.vlm.params, self.config, self._state)
+    # The admitted requests' first tokens are ready before the step is: they go out while it runs.
+    for (slot, _), first in zip(self._inserted, jax.device_get([first for _, first in self._inserted])):
+      self._deliver(slot, int(first))
+    tokens = jax.device_get(tokens)  # the step's one copy
+    for slot, request in enumerate(self._slots):
+      if request is not None:  # still running, a request admitted this round included
+        self._deliver(slot, int(tokens[slot]))
+
+  def _deliver(self, slot: int, token: int) -> None:
+    """Hands a slot's new token to the detokenizer; frees the slot when the token ends the request."""
+    request = self._slots[slot]
+    request.num_decoded += 1
+    reason = ("stop" if token in self.vlm.eos_token_ids else
+              "length" if request.num_decoded >= request.max_tokens else None)
+    self._to_detokenizer.put((request, token, reason))
+    if reason:
+      self._free(slot, None)
+
+  def _free(self, slot: int, reason: str | None) -> None:
+    request, self._slots[slot] = self._slots[slot], None
+    self._state = release(self._state, jnp.int32(slot))
+    if reason:
+      self._to_detokenizer.put((request, None, reason))
+
+  # The detokenizer thread.
+
+  def _detokenize(self) -> None:
+    while (item := self._to_detokenizer.get()) is not None:
+      request, token, reason = item
+      if request.done.is_set():  # ended already (a stop string), later tokens are dropped
+        continue
+      try:
+        self._emit(request, token, reason)
+      except Exception:  # a listener that fails (its client is gone) ends its own request only
+        _log.exception("a request's listener or on_finish failed; cancelling the request")
+        self.cancel(request)
+
+  def _emit(self, request: Request, token: int | None, reason: str | None) -> None:
+    now = time.monotonic()
+    if token is not None:
+      request.token_ids.append(token)
+      request.first_token_at = request.first_token_at or now
+    text = self.vlm.tokenizer.decode(request.token_ids)  # the whole text each time: merges may change the tail
+    end = len(text)
+    found = [index for index in (text.find(stop, max(0, len(request.text) - len(stop) + 1)) for stop in request.stop)
+             if index >= 0]
+    if found:
+      end, reason = min(found), "stop"
+    elif reason is None:
+      end -= _undecided_tail(text, request.stop)
+    new_text = text[len(request.text):end]
+    request.text += new_text
+    if reason == "error":
+      request.error = f"the engine failed: {self.error}"
+    if reason:
+      request.finish_reason, request.finished_at = reason, now
+      request.done.set()
+    try:
+      if request.listener is not None:
+        request.listener(Output(text=new_text, token_ids=() if token is None else (token,), finish_reason=reason,
+                                error=request.error))
+    finally:
+      if reason and self.on_finish is not None:
+        self.on_finish(request)
+
+
+def _undecided_tail(text: str, stops: tuple[str, ...]) -> int:
+  """How many trailing characters to hold back: an incomplete UTF-8 character (U+FFFD), or the longest tail that
+  may be the start of a stop string."""
+  if text.endswith("\ufffd"):
+    return 1
+  for size in range(min(len(text), max(map(len, stops), default=1) - 1), 0, -1):
+    if any(stop.startswith(text[-size:]) for stop in stops):
+      return size
+  return 0

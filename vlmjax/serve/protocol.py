@@ -1,0 +1,201 @@
+"""Requests and responses of the OpenAI API subset the server speaks (pydantic models).
+
+Requests refuse fields they do not know (an ignored `logprobs` or `n=2` would silently give the client something
+else than it asked for); ranges are checked here, so a bad value is a 400 that names the field.
+"""
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+  model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(_Request):
+  url: str  # data:image/png;base64,... or a local file path (file:// or absolute) under the allowed directory
+  detail: Literal["auto", "low", "high"] = "auto"  # accepted for compatibility; images are always processed whole
+
+
+class TextPart(_Request):
+  type: Literal["text"]
+  text: str
+
+
+class ImagePart(_Request):
+  type: Literal["image_url"]
+  image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Request):
+  role: Literal["system", "user", "assistant"]
+  content: str | list[ContentPart]
+
+
+class StreamOptions(_Request):
+  include_usage: bool = False
+
+
+class GenerationRequest(_Request):
+  """Settings both endpoints share. `top_k` is an extension (as vLLM's); 0 keeps every token."""
+
+  model: str
+  max_tokens: int | None = Field(None, ge=1)
+  temperature: float = Field(1.0, ge=0.0, le=2.0)
+  top_p: float = Field(1.0, gt=0.0, le=1.0)
+  top_k: int = Field(0, ge=0)
+  n: Literal[1] = 1
+  stop: str | list[str] | None = None
+  seed: int | None = Field(None, ge=0, le=2**32 - 1)  # a PRNG key holds 32 bits of seed
+  stream: bool = False
+  stream_options: StreamOptions | None = None
+  user: str | None = None  # an end-user id, accepted and unused
+
+  @pydantic.field_validator("stop")
+  @classmethod
+  def _stop_strings(cls, stop):
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if len(stops) > 4 or not all(stops):
+      raise ValueError("stop takes up to 4 non-empty strings")
+    return stops
+
+
+class ChatCompletionRequest(GenerationRequest):
+  messages: list[ChatMessage] = Field(min_length=1)
+  max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+
+  @property
+  def token_limit(self) -> int | None:
+    return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(GenerationRequest):
+  prompt: str | list[str]
+  max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+
+  @pydantic.field_validator("prompt")
+  @classmethod
+  def _one_prompt(cls, prompt):
+    if isinstance(prompt, list):
+      if len(prompt) != 1:
+        raise ValueError(f"one prompt per request (n=1), got {len(prompt)}")
+      prompt = prompt[0]
+    if not prompt:
+      raise ValueError("the prompt is empty")
+    return prompt
+
+  @property
+  def token_limit(self) -> int | None:
+    return self.max_tokens
+
+
+# Responses.
+
+
+def new_id(prefix: str) -> str:
+  return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+  return int(time.time())
+
+
+class Usage(BaseModel):
+  prompt_tokens: int
+  completion_tokens: int
+  total_tokens: int
+
+  @classmethod
+  def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+    return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+               total_tokens=prompt_tokens + completion_tokens)
+
+
+class AssistantMessage(BaseModel):
+  role: Literal["assistant"] = "assistant"
+  content: str
+
+
+class ChatChoice(BaseModel):
+  index: int = 0
+  message: AssistantMessage
+  finish_reason: Literal["stop", "length"]
+  logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+  id: str
+  object: Literal["chat.completion"] = "chat.completion"
+  created: int
+  model: str
+  choices: list[ChatChoice]
+  usage: Usage
+
+
+class Delta(BaseModel):
+  role: Literal["assistant"] | None = Field(None, exclude_if=lambda value: value is None)
+  content: str | None = Field(None, exclude_if=lambda value: value is None)
+
+
+class ChatChunkChoice(BaseModel):
+  index: int = 0
+  delta: Delta
+  finish_reason: Literal["stop", "length"] | None = None
+  logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+  id: str
+  object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+  created: int
+  model: str
+  choices: list[ChatChunkChoice]
+  usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+  index: int = 0
+  text: str
+  finish_reason: Literal["stop", "length"] | None = None
+  logprobs: None = None
+
+
+class Completion(BaseModel):
+  """A whole completion, and (object='text_completion' too, as OpenAI sends it) each streamed chunk."""
+
+  id: str
+  object: Literal["text_completion"] = "text_completion"
+  created: int
+  model: str
+  choices: list[CompletionChoice]
+  usage: Usage | None = None
+
+
+class Model(BaseModel):
+  id: str
+  object: Literal["model"] = "model"
+  created: int
+  owned_by: str = "vlmjax"
+
+
+class ModelList(BaseModel):
+  object: Literal["list"] = "list"
+  data: list[Model]
+
+
+class ErrorInfo(BaseModel):
+  message: str
+  type: str
+  param: str | None = None
+  code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+  error: ErrorInfo
