@@ -28,6 +28,6 @@ def get_config(arg: str | None = None):
       length=192,  # tokens per example: 64 image tokens + ~80 text tokens of 5-7 turns, padded
       shapes=shapes.get_config().to_dict(),
   ))
-  config.train.update(steps=600, batch_size=32, log_every=10, checkpoint_every=200)
+  config.train.update(steps=400, batch_size=32, log_every=10, checkpoint_every=100)
   config.optim.update(learning_rate=3e-3, warmup_steps=30)
   return config

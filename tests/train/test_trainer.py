@@ -100,7 +100,8 @@ def test_a_different_config_refuses_to_resume_and_names_the_keys(tmp_path, data_
   result = subprocess.run(_command(tmp_path, data_dir, "--config.train.steps=1", "--config.optim.learning_rate=0.5"),
                           env=_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
-  assert "optim.learning_rate: 0.002 -> 0.5" in result.stderr
+  from configs import shapes_tiny
+  assert f"optim.learning_rate: {shapes_tiny.get_config().optim.learning_rate} -> 0.5" in result.stderr
   assert "--allow_config_change" in result.stderr
 
 
