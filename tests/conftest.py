@@ -13,3 +13,20 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("VLMJAX_TEST_CACHE", os.path.expanduser("~/.cache/vlmjax/jax-test-cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+import pytest  # noqa: E402
+
+# The splits of the tiny shapes data set the data, training and evaluation tests share.
+TINY_SHAPES_SPLITS = dict(train=64, validation=12, test=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes_dir(tmp_path_factory) -> str:
+  """A tiny shapes data set (with its tokenizer and image-processor files), built once per test session."""
+  from vlmjax.data import shapes
+
+  directory = str(tmp_path_factory.mktemp("tiny_shapes"))
+  config = shapes.get_config().unlock()
+  config.splits = dict(TINY_SHAPES_SPLITS)
+  shapes.build(directory, config)
+  return directory

@@ -12,12 +12,8 @@ IMAGE_TOKEN_ID = 3
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  directory = tmp_path_factory.mktemp("shapes")
-  config = shapes.get_config().unlock()
-  config.splits = dict(train=48, validation=8, test=8)
-  shapes.build(str(directory), config)
-  return str(directory)
+def data_dir(tiny_shapes_dir):
+  return tiny_shapes_dir
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +100,7 @@ def test_restoring_the_iterator_state_continues_exactly(data_dir, tokenizer):
   for _ in range(5):
     next(iterator)
   state = iterator.get_state()
-  expected = [next(iterator) for _ in range(15)]  # crosses an epoch boundary (48 / 4 = 12 batches)
+  expected = [next(iterator) for _ in range(15)]  # crosses an epoch boundary (64 / 4 = 16 batches)
   resumed = iter(pipeline.train_dataset(source, _to_example(tokenizer, data_dir), seed=3, batch_size=4,
                                         length=120))
   resumed.set_state(state)
@@ -121,7 +117,7 @@ def test_processes_read_disjoint_parts_that_cover_the_split(data_dir, tokenizer)
                                      process_index=process, process_count=2, num_epochs=1)
     seen.append([int(i) for batch in dataset for i in batch["image_id"]])
   assert set(seen[0]).isdisjoint(seen[1])
-  assert sorted(seen[0] + seen[1]) == list(range(48))
+  assert sorted(seen[0] + seen[1]) == list(range(64))
 
 
 def test_a_bad_record_is_skipped_counted_and_named(data_dir, tokenizer, caplog):

@@ -7,17 +7,12 @@ import json
 
 import pytest
 
-from vlmjax.data import shapes
 from vlmjax.eval import benchmarks, harness
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  directory = tmp_path_factory.mktemp("shapes")
-  config = shapes.get_config().unlock()
-  config.splits = dict(train=8, validation=12, test=4)
-  shapes.build(str(directory), config)
-  return str(directory)
+def data_dir(tiny_shapes_dir):
+  return tiny_shapes_dir
 
 
 class ScriptedAnswerer:

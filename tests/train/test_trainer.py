@@ -10,24 +10,20 @@ import time
 import numpy as np
 import pytest
 
-from vlmjax.data import shapes
+from conftest import TINY_SHAPES_SPLITS
 
 STEPS = ["--config.train.log_every=1", "--config.train.batch_size=8", "--config.data.length=96",
          "--config.optim.warmup_steps=2"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  directory = str(tmp_path_factory.mktemp("shapes"))
-  config = shapes.get_config().unlock()
-  config.splits = dict(train=64, validation=8, test=8)
-  shapes.build(directory, config)
-  return directory
+def data_dir(tiny_shapes_dir):
+  return tiny_shapes_dir
 
 
 def _data_flags(data_dir):
-  return [f"--config.data.dir={data_dir}", "--config.data.shapes.splits.train=64",
-          "--config.data.shapes.splits.validation=8", "--config.data.shapes.splits.test=8"]
+  return [f"--config.data.dir={data_dir}"] + [f"--config.data.shapes.splits.{split}={size}"
+                                              for split, size in TINY_SHAPES_SPLITS.items()]
 
 
 def _command(workdir, data_dir, *flags):

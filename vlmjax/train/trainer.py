@@ -14,6 +14,7 @@ import time
 
 import jax
 import ml_collections
+import tensorflow_datasets as tfds
 import tqdm
 from jax.experimental import multihost_utils
 
@@ -94,6 +95,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
   data_dir = config.data.dir or os.path.join(workdir, "data")
   if is_main:
     workdir_lib.write_or_check_config(workdir, config, allow_config_change)
+    tfds.disable_progress_bar()  # the training bar is the one to watch
     shapes.build(data_dir, config.data.shapes)
     workdir_lib.copy_model_files(shapes.tokenizer_dir(data_dir), workdir)
   multihost_utils.sync_global_devices("vlmjax: workdir and data ready")
