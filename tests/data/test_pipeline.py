@@ -133,9 +133,11 @@ def test_a_bad_record_is_skipped_counted_and_named(data_dir, tokenizer, caplog):
         record = dict(record, image=np.zeros((3,), np.uint8))  # not an image
       return record
 
+  bad_records = pipeline.BadRecords()
   dataset = pipeline.train_dataset(Corrupt(), _to_example(tokenizer, data_dir), seed=0, batch_size=1, length=120,
-                                   shuffle=False, num_epochs=1, source_name="corrupt.array_record")
+                                   shuffle=False, num_epochs=1, source_name="corrupt.array_record",
+                                   bad_records=bad_records)
   with caplog.at_level("WARNING"):
     ids = [int(batch["image_id"][0]) for batch in dataset]
-  assert ids == [0, 1, 2, 3, 4, 6, 7]
+  assert ids == [0, 1, 2, 3, 4, 6, 7] and bad_records.count == 1
   assert "skipping record 5 of corrupt.array_record" in caplog.text and "1 skipped so far" in caplog.text

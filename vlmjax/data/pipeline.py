@@ -97,22 +97,30 @@ def pad_batch(examples: Sequence[dict[str, np.ndarray]], length: int) -> dict[st
   return batch
 
 
+class BadRecords:
+  """How many records failed to decode and were skipped (in this process)."""
+
+  def __init__(self):
+    self.count = 0
+
+
 class _SkipBadRecords(grain.transforms.RandomMap):
   """Applies `to_example(record, rng)`; a record that raises is logged with its index, counted and skipped."""
 
-  def __init__(self, to_example: Callable[[Any, np.random.Generator], dict | None], source_name: str):
+  def __init__(self, to_example: Callable[[Any, np.random.Generator], dict | None], source_name: str,
+               bad_records: BadRecords):
     self._to_example = to_example
     self._source_name = source_name
-    self.skipped = 0
+    self._bad_records = bad_records
 
   def random_map(self, element, rng: np.random.Generator):
     index, record = element
     try:
       return self._to_example(record, rng)
     except Exception as error:  # a corrupt image or a malformed record must not stop training
-      self.skipped += 1
+      self._bad_records.count += 1
       logging.warning("skipping record %d of %s (%s: %s); %d skipped so far", index, self._source_name,
-                      type(error).__name__, error, self.skipped)
+                      type(error).__name__, error, self._bad_records.count)
       return None
 
 
@@ -131,7 +139,8 @@ class _Indexed:
 
 def train_dataset(source, to_example: Callable[[Any, np.random.Generator], dict], *, seed: int, batch_size: int,
                   length: int, process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
-                  shuffle: bool = True, source_name: str = "the data source") -> grain.IterDataset:
+                  shuffle: bool = True, source_name: str = "the data source",
+                  bad_records: BadRecords | None = None) -> grain.IterDataset:
   """Batches of this process's part of `source`, shuffled by seed (reshuffled each epoch), repeated.
 
   Args:
@@ -140,13 +149,15 @@ def train_dataset(source, to_example: Callable[[Any, np.random.Generator], dict]
     batch_size: examples per batch *on this process* (the global batch divided by process_count).
     length: the static token length batches are padded to.
     num_epochs: None repeats forever.
+    bad_records: counts the records skipped because they failed to decode.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   dataset = grain.MapDataset.source(_Indexed(source))
   if shuffle:
     dataset = dataset.shuffle(seed=seed)
-  dataset = dataset.repeat(num_epochs).random_map(_SkipBadRecords(to_example, source_name), seed=seed)
+  skip_bad = _SkipBadRecords(to_example, source_name, bad_records or BadRecords())
+  dataset = dataset.repeat(num_epochs).random_map(skip_bad, seed=seed)
   # One global order, dealt out: process p takes positions p, p + P, ... (lazily: it only decodes its own).
   # Global batch b is then positions [b*G, (b+1)*G) whatever the process count, with the same per-example
   # randomness, so a run on N processes sees what a run on one sees.

@@ -123,10 +123,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
       params = checkpointer.restore_params(latest, checkpoint_lib.abstract_like(params))
     optimizer = optim.make_optimizer(config.optim, params, stage.name, stage.steps)
     state = jax.jit(lambda p: state_lib.create(p, optimizer, stage.start))(params)
+    bad_records = pipeline.BadRecords()
     dataset = pipeline.train_dataset(
         source, to_example, seed=config.seed + index, batch_size=config.train.batch_size // jax.process_count(),
         length=config.data.length, process_index=jax.process_index(), process_count=jax.process_count(),
-        source_name=f"{data_dir} (train)")
+        source_name=f"{data_dir} (train)", bad_records=bad_records)
     iterator = iter(dataset)
     if latest is not None and stage.start < latest < stage.end:
       state, data_state = checkpointer.restore(latest, checkpoint_lib.abstract_like(state))
@@ -156,6 +157,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
                          learning_rate=float(schedule(logged_step - stage.start - 1)),
                          grad_norm=float(values["grad_norm"]), skipped=int(values["skipped"]),
                          step_time=elapsed / len(pending), tokens_per_s=tokens / elapsed,
+                         examples_skipped=bad_records.count,
                          **(extra if i == len(pending) - 1 else {}))
           progress.set_postfix(loss=f"{float(fetched[-1]['loss']):.3f}", **{
               k.removeprefix("validation/"): f"{v:.3f}" for k, v in extra.items() if k == "validation/accuracy"})
