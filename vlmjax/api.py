@@ -12,7 +12,7 @@ or a Hugging Face LLaVA-1.5 / PaliGemma directory, told apart by config.json.
 import dataclasses
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +89,24 @@ class VLM:
     conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
                      for prompt in prompts]
     return self.chat_batch(conversations, [[image] for image in images], **sampling)
+
+  def stream(self, images: Sequence[Any], prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
+    """The reply to one user turn (its images first), yielded as text pieces as the tokens are produced."""
+    messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]}]
+    input_ids = np.asarray([self.prompt_ids(messages, len(images))])
+    pixel_values = _pixels(self.image_processor(list(images))[None]) if images else None
+    tokens, shown = [], ""
+    for step in generation.stream(self.params, self.model_config, input_ids, None, pixel_values,
+                                  max_new_tokens=max_new_tokens, eos_ids=self.eos_token_ids,
+                                  pad_id=self.pad_token_id, sampling=SamplingParams.fill(1, temperature, top_k, top_p),
+                                  seed=seed, max_len=self.max_len):
+      if int(step[0]) in self.eos_token_ids:
+        return
+      tokens.append(int(step[0]))
+      text = self.tokenizer.decode(tokens)  # decoded whole: a piece may need the tokens after it
+      yield text[len(shown):]
+      shown = text
 
   def chat_batch(self, conversations: list[list[dict]], images: list[list[Any]], **sampling) -> list[str]:
     """`chat` for a batch of conversations at once (rows of different lengths and image counts)."""

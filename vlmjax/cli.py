@@ -27,6 +27,13 @@ _BENCHMARKS = flags.DEFINE_string("benchmarks", None, "eval: comma-separated ben
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "eval: prompts generated together.")
 _DEVICES = flags.DEFINE_integer("devices", None, "summarize: plan the mesh for this many devices "
                                 "(default: the devices JAX sees).")
+_IMAGE = flags.DEFINE_string("image", None, "generate: an image file (PNG, JPEG, ...).")
+_PROMPT = flags.DEFINE_string("prompt", None, "generate: the question or instruction about the image.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "generate: tokens to produce at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "generate: keep the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass (1: all).")
+_SEED = flags.DEFINE_integer("seed", 0, "generate: the sampling seed.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: the address to bind (loopback by default).")
 _PORT = flags.DEFINE_integer("port", 8000, "serve: the port to listen on.")
 _SLOTS = flags.DEFINE_integer("slots", 8, "serve: decode slots, the requests generated together.")
@@ -114,6 +121,27 @@ def evaluate(args: list[str]) -> None:
   print(json.dumps(results, indent=1))
 
 
+def generate(args: list[str]) -> None:
+  """Answers --prompt about --image with --checkpoint, printing the text as it is produced."""
+  del args
+  from PIL import Image
+
+  import vlmjax
+
+  if _CHECKPOINT.value is None or _IMAGE.value is None or _PROMPT.value is None:
+    raise SystemExit("vlmjax generate: --checkpoint PATH, --image FILE and --prompt TEXT are required")
+  try:
+    image = Image.open(_IMAGE.value)
+    image.load()
+  except (OSError, ValueError) as error:
+    raise SystemExit(f"vlmjax generate: {_IMAGE.value}: not a decodable image ({error})") from error
+  vlm = vlmjax.load(_CHECKPOINT.value)
+  for piece in vlm.stream([image], _PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+                          temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value):
+    print(piece, end="", flush=True)
+  print()
+
+
 def serve(args: list[str]) -> None:
   """Serves --checkpoint over an OpenAI-compatible HTTP API until SIGINT/SIGTERM."""
   del args
@@ -131,7 +159,8 @@ def serve(args: list[str]) -> None:
     raise SystemExit(f"vlmjax serve: {error}") from error
 
 
-COMMANDS = {"summarize": summarize, "data": data, "train": train, "eval": evaluate, "serve": serve}
+COMMANDS = {"summarize": summarize, "data": data, "train": train, "eval": evaluate, "generate": generate,
+            "serve": serve}
 
 
 def main(argv: list[str] | None = None) -> None:

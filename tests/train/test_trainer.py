@@ -54,9 +54,14 @@ def _train(workdir, data_dir, *flags, devices=1):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
+def reference_run(tmp_path_factory, data_dir):
   workdir = tmp_path_factory.mktemp("reference")
-  return _train(workdir, data_dir, "--config.train.steps=10", "--config.train.checkpoint_every=4")
+  return workdir, _train(workdir, data_dir, "--config.train.steps=10", "--config.train.checkpoint_every=4")
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+  return reference_run[1]
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +130,27 @@ def test_two_processes_train_like_one(tmp_path, data_dir, three_steps):
   two = _losses(tmp_path)
   np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [three_steps[s] for s in (1, 2, 3)], rtol=1e-4)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+
+
+def test_the_trained_workdir_serves_generate_and_eval(reference_run, data_dir, tmp_path):
+  """`vlmjax generate` and `vlmjax eval` read the workdir as `vlmjax.load` does; the run logged its validation."""
+  workdir, _ = reference_run
+  from PIL import Image
+
+  from vlmjax.data import shapes
+  image = tmp_path / "image.png"
+  Image.fromarray(shapes.load(data_dir, "validation")[0]["image"]).save(image)
+  result = subprocess.run([sys.executable, "-m", "vlmjax.cli", "generate", "--checkpoint", str(workdir), "--image",
+                           str(image), "--prompt", "What colour is the circle?", "--max_new_tokens", "4"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = tmp_path / "results.json"
+  result = subprocess.run([sys.executable, "-m", "vlmjax.cli", "eval", "--workdir", str(workdir), "--out", str(out),
+                           "--benchmarks", "shapes_vqa,shapes_pope"], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  results = json.loads(out.read_text())
+  assert 0.0 <= results["shapes_vqa"]["accuracy"] <= 1.0 and "random/f1" in results["shapes_pope"]
+  assert (tmp_path / "predictions" / "shapes_vqa.jsonl").exists()
+  last = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))][-1]
+  assert last["step"] == 10 and "validation/accuracy" in last and os.path.exists(workdir / "learning_curve.png")
