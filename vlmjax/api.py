@@ -65,16 +65,22 @@ class VLM:
 
   def prompt_ids(self, messages: list[dict], num_images: int) -> list[int]:
     """Token ids of a conversation through the chat template (with the generation prompt), each image
-    placeholder expanded to the model's image-token count."""
+    placeholder expanded to the model's image-token count. A prefix-LM (PaliGemma) or a checkpoint without a chat
+    template gets its processor's prompt instead (PaliGemma: the images, BOS, the user text and a newline)."""
+    config = self.model_config
+    if config.prefix_lm or self.tokenizer.chat_template is None:
+      text = " ".join(part["text"] for message in messages if message["role"] == "user"
+                      for part in _parts(message["content"]) if part["type"] == "text")
+      return self.tokenizer.encode_prompt(text, config.image_token_id, config.tokens_per_image, config.prefix_lm,
+                                          num_images=num_images)
     text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the specials
-    image_token = self.model_config.image_token_id
-    found = ids.count(image_token)
+    found = ids.count(config.image_token_id)
     if found != num_images:
       raise ValueError(f"the prompt has {found} image placeholders but {num_images} images were given")
     expanded = []
     for token in ids:
-      expanded.extend([token] * (self.model_config.tokens_per_image if token == image_token else 1))
+      expanded.extend([token] * (config.tokens_per_image if token == config.image_token_id else 1))
     return expanded
 
   def chat(self, messages: list[dict], images: Sequence[Any] = (), **sampling) -> str:
@@ -127,6 +133,11 @@ class VLM:
     tokens = self.generate_ids(input_ids, pixel_values, attention_mask=mask, **sampling)
     return [self.tokenizer.decode([int(t) for t in row if t not in self.eos_token_ids and t != self.pad_token_id])
             for row in tokens]
+
+
+def _parts(content) -> list[dict]:
+  """A message's content as OpenAI-style parts (a plain string is one text part)."""
+  return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
 
 def _pixels(pixel_values):

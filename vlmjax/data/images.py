@@ -1,5 +1,7 @@
-"""Image preprocessing as a checkpoint's image processor states it (`preprocessor_config.json`): resize with its
-PIL resampling, center-crop, rescale, normalize; channels last.
+"""Image preprocessing as a checkpoint's image processor states it (`preprocessor_config.json`), step for step
+as transformers' PIL image processors do it: convert to RGB (transparency composited onto white), resize with
+Pillow and the config's resampling filter, center-crop (zero-padding an image smaller than the crop),
+rescale, normalize; channels last.
 
 CLIP (LLaVA): resize the shortest edge to size.shortest_edge, then center-crop to crop_size.
 SigLIP (PaliGemma, shapes): resize to size.height x size.width.
@@ -14,13 +16,21 @@ import numpy as np
 from PIL import Image
 
 CONFIG_FILES = ("preprocessor_config.json", "processor_config.json")
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Defaults of the transformers processor classes, for keys a config leaves out.
+TYPE_DEFAULTS = {
+    "CLIPImageProcessor": dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                               do_center_crop=True, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD),
+    "SiglipImageProcessor": dict(size={"height": 224, "width": 224}),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageProcessor:
   size: dict  # {"shortest_edge": n} or {"height": h, "width": w}
   crop_size: dict | None = None  # {"height": h, "width": w}, used when do_center_crop
-  resample: int = Image.Resampling.BICUBIC
+  resample: int = Image.Resampling.BICUBIC  # a PIL resampling filter code (3 = bicubic)
   do_resize: bool = True
   do_center_crop: bool = False
   do_rescale: bool = True
@@ -30,19 +40,32 @@ class ImageProcessor:
   image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
   do_convert_rgb: bool = True
 
+  def __post_init__(self):
+    if not (set(self.size) == {"shortest_edge"} or set(self.size) == {"height", "width"}):
+      raise ValueError(f"image processor size={self.size!r}: use {{'shortest_edge': n}} or "
+                       f"{{'height': h, 'width': w}}")
+    if self.do_center_crop and (not self.crop_size or set(self.crop_size) != {"height", "width"}):
+      raise ValueError(f"image processor crop_size={self.crop_size!r}: center cropping needs "
+                       f"{{'height': h, 'width': w}}")
+
   @classmethod
   def from_dict(cls, values: dict) -> "ImageProcessor":
-    """From a preprocessor_config.json's contents (keys this class does not use are ignored, as transformers'
-    processors ignore the ones they do not use)."""
+    """From a preprocessor_config.json's contents. Keys this class does not use are ignored, as transformers'
+    processors ignore the ones they do not use; keys left out (or null) take the defaults of the
+    `image_processor_type`."""
+    if values.get("do_pad"):
+      raise ValueError("image processor do_pad=True (padding images to a square) is not supported")
     fields = {field.name for field in dataclasses.fields(cls)}
-    kept = {key: value for key, value in values.items() if key in fields}
+    defaults = TYPE_DEFAULTS.get(str(values.get("image_processor_type", "")).removesuffix("Fast"), {})
+    kept = {**defaults, **{key: value for key, value in values.items() if key in fields and value is not None}}
     if isinstance(kept.get("size"), int):
       kept["size"] = {"shortest_edge": kept["size"]}
     if isinstance(kept.get("crop_size"), int):
       kept["crop_size"] = {"height": kept["crop_size"], "width": kept["crop_size"]}
     for key in ("image_mean", "image_std"):
       if key in kept:
-        kept[key] = tuple(kept[key])
+        value = kept[key]
+        kept[key] = tuple(value) if isinstance(value, (list, tuple)) else (float(value),) * 3
     return cls(**kept)
 
   @classmethod
@@ -62,47 +85,74 @@ class ImageProcessor:
   @property
   def output_size(self) -> tuple[int, int]:
     """(height, width) of the processed images."""
-    if self.do_center_crop and self.crop_size:
+    if self.do_center_crop:
       return self.crop_size["height"], self.crop_size["width"]
-    if "height" in self.size:
+    if self.do_resize and "height" in self.size:
       return self.size["height"], self.size["width"]
-    raise ValueError("a shortest_edge resize without center crop gives images of varying size")
+    raise ValueError("without a center crop, a shortest_edge resize (or none) gives images of varying size")
 
-  def _resized(self, image: Image.Image) -> Image.Image:
-    if "shortest_edge" in self.size:
+  def _rgb(self, image: Any, index: int) -> np.ndarray:
+    """uint8[H, W, C]: RGB when do_convert_rgb (alpha composited onto white, as transformers does)."""
+    if isinstance(image, Image.Image):
+      if self.do_convert_rgb and ("A" in image.getbands() or image.info.get("transparency") is not None):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+      image = np.asarray(image.convert("RGB") if self.do_convert_rgb else image)
+    elif not isinstance(image, np.ndarray):
+      raise ValueError(f"image {index}: expected a PIL image or a uint8[H, W, 3] array, got {type(image).__name__}")
+    if image.ndim == 2:
+      image = image[:, :, None]
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+      raise ValueError(f"image {index}: arrays must be uint8[H, W, 3] (or 1 or 4 channels), got "
+                       f"{image.dtype}{list(image.shape)}")
+    if not self.do_convert_rgb:
+      return image
+    if image.shape[-1] == 1:
+      return np.repeat(image, 3, axis=-1)
+    if image.shape[-1] == 4:
+      alpha = image[..., 3:4] / 255
+      return np.round(alpha * image[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    return image
+
+  def _resized(self, pixels: np.ndarray) -> np.ndarray:
+    height, width = pixels.shape[:2]
+    if "shortest_edge" in self.size:  # the long edge is truncated, as transformers (and torchvision) compute it
       short = self.size["shortest_edge"]
-      width, height = image.size
-      if width <= height:
-        target = (short, int(short * height / width))
-      else:
-        target = (int(short * width / height), short)
+      target = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
     else:
       target = (self.size["width"], self.size["height"])
-    return image.resize(target, resample=self.resample)
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    resized = np.asarray(image.resize(target, resample=self.resample))
+    return resized[..., None] if resized.ndim == 2 else resized
+
+  def _cropped(self, pixels: np.ndarray) -> np.ndarray:
+    """Center crop; an image smaller than the crop is zero-padded around it first."""
+    height, width = pixels.shape[:2]
+    crop_height, crop_width = self.crop_size["height"], self.crop_size["width"]
+    pad_height, pad_width = max(crop_height - height, 0), max(crop_width - width, 0)
+    if pad_height or pad_width:
+      top, left = (pad_height + 1) // 2, (pad_width + 1) // 2
+      pixels = np.pad(pixels, ((top, pad_height - top), (left, pad_width - left), (0, 0)))
+      height, width = pixels.shape[:2]
+    top, left = (height - crop_height) // 2, (width - crop_width) // 2
+    return pixels[top:top + crop_height, left:left + crop_width]
 
   def _one(self, image: Any, index: int) -> np.ndarray:
-    if isinstance(image, np.ndarray):
-      if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (3, 4):
-        raise ValueError(f"image {index}: arrays must be uint8[H, W, 3], got {image.dtype}{list(image.shape)}")
-      image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-      raise ValueError(f"image {index}: expected a PIL image or a uint8[H, W, 3] array, got {type(image).__name__}")
-    if self.do_convert_rgb:
-      image = image.convert("RGB")
+    pixels = self._rgb(image, index)
     if self.do_resize:
-      image = self._resized(image)
-    pixels = np.asarray(image)
-    if self.do_center_crop and self.crop_size:
-      height, width = pixels.shape[:2]
-      crop_height, crop_width = self.crop_size["height"], self.crop_size["width"]
-      top, left = int((height - crop_height) / 2), int((width - crop_width) / 2)
-      pixels = pixels[top:top + crop_height, left:left + crop_width]
-    pixels = pixels.astype(np.float64) * self.rescale_factor if self.do_rescale else pixels.astype(np.float64)
-    pixels = pixels.astype(np.float32)
+      pixels = self._resized(pixels)
+    if self.do_center_crop:
+      pixels = self._cropped(pixels)
+    pixels = (pixels.astype(np.float64) * self.rescale_factor if self.do_rescale else pixels).astype(np.float32)
     if self.do_normalize:
       pixels = (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
     return pixels
 
   def __call__(self, images: Sequence[Any]) -> np.ndarray:
-    """PIL images or uint8[H, W, 3] arrays -> float32[B, H', W', 3], normalized."""
-    return np.stack([self._one(image, i) for i, image in enumerate(images)])
+    """PIL images or uint8[H, W, 3] arrays -> float32[B, H', W', 3], normalized, channels last."""
+    processed = [self._one(image, i) for i, image in enumerate(images)]
+    shapes = {pixels.shape for pixels in processed}
+    if len(shapes) > 1:
+      raise ValueError(f"the processed images differ in shape ({sorted(shapes)}); configure a center crop or a "
+                       f"fixed size")
+    return np.stack(processed)

@@ -1,16 +1,22 @@
 """Tokenizers as Hugging Face checkpoints carry them: `tokenizer.json` (the `tokenizers` library),
-`tokenizer_config.json` (special tokens, BOS handling) and a Jinja chat template (from `chat_template.jinja`,
-`chat_template.json` or `tokenizer_config.json`), rendered the way transformers renders it.
+`tokenizer_config.json` (special tokens, BOS/EOS handling) and a Jinja chat template (from `chat_template.jinja`,
+`chat_template.json` or `tokenizer_config.json`), read and rendered the way transformers does.
 """
 
+import datetime
 import json
 import os
 from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 import jinja2.sandbox
 import tokenizers
+import tokenizers.processors
+
+# Named special tokens transformers passes to chat templates (when set).
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def _token_text(value: Any) -> str | None:
@@ -20,6 +26,25 @@ def _token_text(value: Any) -> str | None:
 
 def _raise_exception(message: str):
   raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+  # transformers' override: Jinja's own filter escapes HTML characters.
+  return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+  """`{% generation %}...{% endgeneration %}` (transformers marks assistant text with it): renders the body."""
+
+  tags = {"generation"}
+
+  def parse(self, parser):
+    lineno = next(parser.stream).lineno
+    body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+    return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+  def _render(self, caller):
+    return caller()
 
 
 def read_chat_template(directory: str, tokenizer_config: dict) -> str | None:
@@ -40,42 +65,90 @@ def read_chat_template(directory: str, tokenizer_config: dict) -> str | None:
   return template
 
 
+def _as_transformers_loads(backend: tokenizers.Tokenizer, tokenizer_config: dict) -> None:
+  """What transformers does to tokenizer.json when it loads it (TokenizersBackend): the named and extra special
+  tokens become special added tokens (split out of text, skipped by decode), and when tokenizer_config.json says
+  add_bos_token / add_eos_token (or tokenizer.json has no post-processor) the post-processor becomes
+  `[bos] $A [eos]` as those flags say."""
+  extra = tokenizer_config.get("extra_special_tokens") or tokenizer_config.get("additional_special_tokens") or []
+  values = [tokenizer_config.get(name) for name in SPECIAL_TOKENS]
+  values += list(extra.values()) if isinstance(extra, dict) else list(extra)
+  added = []
+  for value in values:
+    if isinstance(value, dict):
+      options = {key: value[key] for key in ("single_word", "lstrip", "rstrip", "normalized") if key in value}
+      added.append(tokenizers.AddedToken(value["content"], special=True, **options))
+    elif value is not None:
+      added.append(tokenizers.AddedToken(value, special=True, normalized=False))
+  backend.add_special_tokens(added)
+  if "add_bos_token" in tokenizer_config or "add_eos_token" in tokenizer_config or backend.post_processor is None:
+    bos, eos = _token_text(tokenizer_config.get("bos_token")), _token_text(tokenizer_config.get("eos_token"))
+    add_bos = bool(tokenizer_config.get("add_bos_token")) and bos is not None
+    add_eos = bool(tokenizer_config.get("add_eos_token")) and eos is not None
+    single = f"{bos}:0 " * add_bos + "$A:0" + f" {eos}:0" * add_eos
+    pair = single + f" {bos}:1" * add_bos + " $B:1" + f" {eos}:1" * add_eos
+    specials = [(bos, backend.token_to_id(bos))] * add_bos + [(eos, backend.token_to_id(eos))] * add_eos
+    backend.post_processor = tokenizers.processors.TemplateProcessing(single=single, pair=pair,
+                                                                      special_tokens=specials)
+
+
 class Tokenizer:
   """Text <-> token ids, plus the chat template.
 
   Attributes:
     backend: the `tokenizers.Tokenizer` (token offsets, batch encoding).
+    config: the tokenizer_config.json contents.
+    special_tokens: the named special tokens that are set ({"bos_token": "<s>", ...}).
     bos_token, eos_token, pad_token: their texts (or None); *_id: their ids.
   """
 
   def __init__(self, backend: tokenizers.Tokenizer, tokenizer_config: dict, chat_template: str | None,
                name: str = "tokenizer"):
     self.backend = backend
+    self.config = dict(tokenizer_config)
     self.name = name
-    self.bos_token = _token_text(tokenizer_config.get("bos_token"))
-    self.eos_token = _token_text(tokenizer_config.get("eos_token"))
-    self.pad_token = _token_text(tokenizer_config.get("pad_token"))
+    self.special_tokens = {key: _token_text(tokenizer_config[key]) for key in SPECIAL_TOKENS
+                           if tokenizer_config.get(key) is not None}
+    self.bos_token = self.special_tokens.get("bos_token")
+    self.eos_token = self.special_tokens.get("eos_token")
+    self.pad_token = self.special_tokens.get("pad_token")
     self.chat_template = chat_template
     self._template = None
     if chat_template is not None:
-      environment = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                                 extensions=[jinja2.ext.loopcontrols])
+      environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
+          trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+      environment.filters["tojson"] = _tojson
       environment.globals["raise_exception"] = _raise_exception
+      environment.globals["strftime_now"] = lambda format: datetime.datetime.now().strftime(format)
       self._template = environment.from_string(chat_template)
 
   @classmethod
   def from_directory(cls, directory: str) -> "Tokenizer":
-    """Reads tokenizer.json and tokenizer_config.json (and the chat template) from a model directory."""
+    """Reads tokenizer.json, tokenizer_config.json (special tokens missing there are taken from
+    special_tokens_map.json) and the chat template from a model directory, as transformers loads them."""
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.exists(path):
       raise FileNotFoundError(f"{directory} has no tokenizer.json")
-    config_path = os.path.join(directory, "tokenizer_config.json")
     tokenizer_config = {}
-    if os.path.exists(config_path):
-      with open(config_path) as f:
-        tokenizer_config = json.load(f)
-    return cls(tokenizers.Tokenizer.from_file(path), tokenizer_config, read_chat_template(directory, tokenizer_config),
-               name=directory)
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):  # the second overrides the first
+      config_path = os.path.join(directory, file)
+      if os.path.exists(config_path):
+        with open(config_path) as f:
+          tokenizer_config.update(json.load(f))
+    backend = tokenizers.Tokenizer.from_file(path)
+    _as_transformers_loads(backend, tokenizer_config)
+    return cls(backend, tokenizer_config, read_chat_template(directory, tokenizer_config), name=directory)
+
+  def save(self, directory: str) -> None:
+    """Writes tokenizer.json, tokenizer_config.json and chat_template.jinja (when there is a template)."""
+    os.makedirs(directory, exist_ok=True)
+    self.backend.save(os.path.join(directory, "tokenizer.json"))
+    config = {key: value for key, value in self.config.items() if key != "chat_template"}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+      json.dump(config, f, indent=2)
+    if self.chat_template is not None:
+      with open(os.path.join(directory, "chat_template.jinja"), "w") as f:
+        f.write(self.chat_template)
 
   def _id(self, token: str | None) -> int | None:
     return None if token is None else self.backend.token_to_id(token)
@@ -106,14 +179,35 @@ class Tokenizer:
     return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
   def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The conversation rendered by the chat template. Message content is a string or a list of OpenAI-style
-    parts ({"type": "image"}, {"type": "text", "text": ...})."""
+    """The conversation rendered by the chat template, as transformers renders it (keys whose value is None are
+    dropped; the set special tokens are template variables). Message content is a string or a list of
+    OpenAI-style parts ({"type": "image"}, {"type": "text", "text": ...})."""
     if self._template is None:
       raise ValueError(f"{self.name} has no chat template (chat_template.jinja, chat_template.json or "
                        f"tokenizer_config.json)")
+    messages = [{key: value for key, value in message.items() if value is not None} for message in messages]
     try:
-      return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                                   pad_token=self.pad_token or "")
+      return self._template.render(messages=messages, tools=None, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **self.special_tokens)
     except jinja2.exceptions.TemplateError as error:
       raise ValueError(f"the chat template of {self.name} failed: {error}") from error
+
+  def encode_prompt(self, text: str, image_token_id: int, tokens_per_image: int, prefix_lm: bool,
+                    num_images: int = 1) -> list[int]:
+    """Token ids of a plain prompt with its images, as LlavaProcessor / PaliGemmaProcessor build them.
+
+    LLaVA (`prefix_lm=False`): every image placeholder in `text` becomes `tokens_per_image` placeholders and the
+    text is encoded with the special tokens (BOS). PaliGemma (`prefix_lm=True`): without placeholders in `text`,
+    `num_images` of them go first; BOS follows the last placeholder and "\\n" ends the prompt (the whole of it is
+    the prefix); each placeholder becomes `tokens_per_image` and nothing else is added.
+    """
+    image_token = self.backend.id_to_token(image_token_id)
+    if image_token is None:
+      raise ValueError(f"image token id {image_token_id} is not in the vocabulary of {self.name}")
+    if prefix_lm:
+      if image_token not in text:
+        text = image_token * num_images + text
+      end = text.rfind(image_token) + len(image_token)
+      text = text[:end] + (self.bos_token or "") + text[end:] + "\n"
+    text = text.replace(image_token, image_token * tokens_per_image)
+    return self.encode(text, add_special_tokens=not prefix_lm)

@@ -1,0 +1,157 @@
+"""Hugging Face LLaVA-1.5 and PaliGemma checkpoints in and out.
+
+    pretrained = load_pretrained("/models/llava-1.5-7b-hf")            # or with mesh=..., rules=... to shard
+    VLM(VLMConfig.from_dict(pretrained.config.model)).apply({"params": pretrained.params}, ...)
+    save_pretrained("/tmp/out", config, params, tokenizer, image_processor, eos_token_ids=(2,))
+
+A directory is read as transformers reads it: config.json (`hf_config`), the safetensors (`hf_weights`),
+generation_config.json (end tokens), the tokenizer (`vlmjax.data.tokenizer`) and the image processor
+(`vlmjax.data.images`). Written directories load with `LlavaForConditionalGeneration.from_pretrained` /
+`PaliGemmaForConditionalGeneration.from_pretrained`.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+
+from vlmjax.data.images import ImageProcessor
+from vlmjax.data.tokenizer import Tokenizer
+from vlmjax.interop import hf_config, hf_weights
+from vlmjax.models.vlm import VLMConfig
+from vlmjax.parallel import mesh as mesh_lib
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """A Hugging Face checkpoint in vlmjax terms.
+
+  Attributes:
+    config: a full vlmjax config; `VLMConfig.from_dict(config.model)` is the model.
+    params: the `params` tree of `vlmjax.models.vlm.VLM`, float32.
+    tokenizer, image_processor: the checkpoint's.
+    eos_token_ids: tokens that end generation (generation_config.json, else config.json, else the tokenizer's).
+    pad_token_id: the id to pad rows with.
+    image_token_id: the image placeholder id (repeated once per image embedding in input_ids).
+    prefix_lm: whether the prompt is a bidirectional prefix (PaliGemma).
+    max_len: the text model's context length (max_position_embeddings).
+  """
+
+  config: ml_collections.ConfigDict
+  params: Any
+  tokenizer: Tokenizer
+  image_processor: ImageProcessor
+  eos_token_ids: tuple[int, ...]
+  pad_token_id: int
+  image_token_id: int
+  prefix_lm: bool
+  max_len: int
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def is_hf_checkpoint(path: str) -> bool:
+  """Whether `path` is a directory whose config.json is a Hugging Face LLaVA or PaliGemma config."""
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    return False
+  try:
+    values = _read_json(config_path)
+  except (OSError, ValueError):
+    return False
+  return isinstance(values, dict) and values.get("model_type") in hf_config.ARCHITECTURES
+
+
+def _ids(value: int | Sequence[int] | None) -> tuple[int, ...]:
+  if value is None:
+    return ()
+  return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None,
+                    rules: mesh_lib.Rules | None = None) -> Pretrained:
+  """Reads a Hugging Face LLaVA-1.5 / PaliGemma directory.
+
+  Args:
+    path: the directory (config.json, safetensors, tokenizer.json, preprocessor_config.json, ...).
+    mesh: when given, every parameter is created in its sharding on this mesh, each device reading only its
+      own block of the files.
+    rules: the logical-axis rules for `mesh` (default: the config's `sharding_rules`).
+  Raises:
+    ValueError naming the config key, tensor or shape that vlmjax cannot load exactly.
+  """
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a Hugging Face model directory")
+  hf_model = hf_config.from_hf(_read_json(config_path))
+  config = hf_model.config
+  model_config = VLMConfig.from_dict(config.model)
+  image_processor = ImageProcessor.from_directory(path)
+  size = model_config.vision.image_size
+  if image_processor.output_size != (size, size):
+    raise ValueError(f"{path}: the image processor makes {image_processor.output_size} images but the vision "
+                     f"model takes {size}x{size} (vision_config.image_size)")
+  tokenizer = Tokenizer.from_directory(path)
+
+  generation_path = os.path.join(path, GENERATION_CONFIG_FILE)
+  generation = _read_json(generation_path) if os.path.isfile(generation_path) else {}
+  eos_token_ids = (_ids(generation.get("eos_token_id")) or _ids(hf_model.token_ids["eos_token_id"])
+                   or _ids(tokenizer.eos_token_id))
+  if not eos_token_ids:
+    raise ValueError(f"{path}: no end token in {GENERATION_CONFIG_FILE}, {CONFIG_FILE} or the tokenizer")
+  pad_candidates = (generation.get("pad_token_id"), hf_model.token_ids["pad_token_id"], tokenizer.pad_token_id)
+  pad_token_id = next((int(i) for i in pad_candidates if i is not None), eos_token_ids[0])
+
+  if mesh is not None and rules is None:
+    rules = config.sharding_rules
+  params = hf_weights.load_params(path, model_config, mesh, rules)
+  return Pretrained(config=config, params=params, tokenizer=tokenizer, image_processor=image_processor,
+                    eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, image_token_id=model_config.image_token_id,
+                    prefix_lm=model_config.prefix_lm, max_len=hf_model.max_len)
+
+
+def save_pretrained(path: str, config: ml_collections.ConfigDict, params: Any, tokenizer: Tokenizer | None = None,
+                    image_processor: ImageProcessor | None = None, eos_token_ids: Sequence[int] = (),
+                    pad_token_id: int | None = None, max_len: int | None = None) -> None:
+  """Writes a Hugging Face directory: config.json + model.safetensors (+ generation_config.json with the end
+  tokens, the tokenizer files, preprocessor_config.json, when given) that transformers loads as
+  LlavaForConditionalGeneration or PaliGemmaForConditionalGeneration.
+
+  Args:
+    config: a vlmjax config whose `model` section is LLaVA-like (CLIP ViT, 2-layer GELU projector, Llama decoder)
+      or PaliGemma-like (SigLIP ViT, linear projector, Gemma decoder, prefix-LM).
+    params: the `params` tree of VLM (scanned layers).
+    max_len: the text model's max_position_embeddings (transformers' default when None).
+  Raises:
+    ValueError naming the config key a Hugging Face checkpoint cannot express.
+  """
+  model_config = VLMConfig.from_dict(config.model)
+  model_type = hf_config.model_type_of(model_config)
+  eos_token_ids = _ids(eos_token_ids)
+  token_ids = dict(bos_token_id=tokenizer.bos_token_id if tokenizer else None,
+                   eos_token_id=eos_token_ids[0] if eos_token_ids else None, pad_token_id=pad_token_id)
+  values = hf_config.to_hf(model_config, token_ids, max_len)
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, CONFIG_FILE), "w") as f:
+    json.dump(values, f, indent=2)
+  clip_post_norm_width = model_config.vision.width if model_type == "llava" else None
+  hf_weights.save_params(os.path.join(path, hf_weights.SINGLE_FILE), params, clip_post_norm_width)
+  if eos_token_ids:
+    generation = {key: value for key, value in token_ids.items() if value is not None}
+    generation["eos_token_id"] = list(eos_token_ids) if len(eos_token_ids) > 1 else eos_token_ids[0]
+    with open(os.path.join(path, GENERATION_CONFIG_FILE), "w") as f:
+      json.dump(generation, f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save(path)
+  if image_processor is not None:
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+      json.dump(image_processor.to_dict(), f, indent=2)

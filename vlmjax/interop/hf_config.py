@@ -1,0 +1,269 @@
+"""Hugging Face `config.json` of LLaVA-1.5 and PaliGemma <-> the `model` section of a vlmjax config.
+
+Read as transformers reads it: a key missing from `vision_config` / `text_config` takes the default of the
+transformers config class of its `model_type` (CLIPVisionConfig, SiglipVisionConfig, LlamaConfig, GemmaConfig);
+a missing sub-config takes the defaults the LlavaConfig / PaliGemmaConfig classes give it. Everything vlmjax cannot
+run exactly (another architecture, a sliding-window text model, an activation we do not have, RoPE scaling,
+several vision feature layers, ...) is a ValueError naming the key and its value.
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import common
+from vlmjax.models.vlm import VLMConfig
+
+ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "paligemma": "PaliGemmaForConditionalGeneration"}
+VISION_TYPE = {"llava": "clip_vision_model", "paligemma": "siglip_vision_model"}
+TEXT_TYPE = {"llava": "llama", "paligemma": "gemma"}
+
+# Defaults of the transformers config classes, for the keys we read (tests check them against transformers).
+CLASS_DEFAULTS = {
+    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu",
+                              layer_norm_eps=1e-5),
+    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
+                                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=True),
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
+                  max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
+                  mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=None),
+    "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=16, head_dim=256, hidden_act="gelu_pytorch_tanh",
+                  max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False,
+                  bos_token_id=2, eos_token_id=1, pad_token_id=0),
+}
+# What LlavaConfig / PaliGemmaConfig build when a sub-config is absent altogether.
+MISSING_SUBCONFIG = {
+    ("llava", "vision_config"): dict(model_type="clip_vision_model", intermediate_size=4096, hidden_size=1024,
+                                     patch_size=14, image_size=336, num_hidden_layers=24, num_attention_heads=16),
+    ("llava", "text_config"): dict(model_type="llama"),
+    ("paligemma", "vision_config"): dict(model_type="siglip_vision_model", intermediate_size=4096, hidden_size=1152,
+                                         patch_size=14, image_size=224, num_hidden_layers=27, num_attention_heads=16,
+                                         vision_use_head=False),
+    ("paligemma", "text_config"): dict(model_type="gemma", hidden_size=2048, num_hidden_layers=18,
+                                       intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1,
+                                       vocab_size=257152),
+}
+TOP_DEFAULTS = {
+    "llava": dict(image_token_index=32000, projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                  vision_feature_layer=-2, multimodal_projector_bias=True, tie_word_embeddings=False),
+    "paligemma": dict(image_token_index=256000, projection_dim=2048, tie_word_embeddings=True),
+}
+
+# transformers activation names -> ours. "gelu_new" and "gelu_fast" are the tanh approximation written otherwise.
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "quick_gelu": "quick_gelu"}
+ACTIVATION_NAMES = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class HFModel:
+  """What a Hugging Face config.json says, in vlmjax terms.
+
+  Attributes:
+    config: a full vlmjax config (`configs.common.base_config()`) whose `model` section builds the model.
+    max_len: the text model's max_position_embeddings.
+    token_ids: the bos/eos/pad ids config.json states (top level first, then text_config), None where absent.
+  """
+
+  config: ml_collections.ConfigDict
+  max_len: int
+  token_ids: dict[str, Any]
+
+
+def _sub_config(values: Mapping[str, Any], model_type: str, key: str, allowed: str) -> dict:
+  sub = values.get(key)
+  sub = dict(MISSING_SUBCONFIG[(model_type, key)]) if sub is None else dict(sub)
+  sub_type = sub.get("model_type", MISSING_SUBCONFIG[(model_type, key)]["model_type"])
+  if sub_type != allowed:
+    raise ValueError(f"config.json: {key}.model_type={sub_type!r} is not supported for {model_type} "
+                     f"(vlmjax runs {model_type} with {key}.model_type={allowed!r})")
+  return {**CLASS_DEFAULTS[sub_type], **sub}
+
+
+def _activation(value: str, key: str) -> str:
+  if value not in ACTIVATIONS:
+    raise ValueError(f"config.json: {key}={value!r} is not supported; vlmjax has {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[value]
+
+
+def _image_size(vision: Mapping[str, Any], key: str) -> int:
+  size = vision[key]
+  if isinstance(size, (list, tuple)):
+    if len(size) != 2 or size[0] != size[1]:
+      raise ValueError(f"config.json: vision_config.{key}={size!r}; vlmjax needs a square size")
+    size = size[0]
+  return int(size)
+
+
+def _rope_theta(text: Mapping[str, Any]) -> float:
+  """The RoPE base, refusing any RoPE scaling (rope_scaling, or rope_parameters of another type than default)."""
+  for key in ("rope_scaling", "rope_parameters"):
+    parameters = text.get(key) or {}
+    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+    if rope_type != "default" or "factor" in parameters:
+      raise ValueError(f"config.json: text_config.{key}={parameters!r} is not supported (vlmjax implements plain "
+                       f"RoPE, without scaling)")
+  parameters = text.get("rope_parameters") or {}
+  return float(parameters.get("rope_theta", text.get("rope_theta", 10000.0)))
+
+
+def _vision_section(vision: Mapping[str, Any], model_type: str) -> dict:
+  if vision.get("num_channels", 3) != 3:
+    raise ValueError(f"config.json: vision_config.num_channels={vision['num_channels']!r}; vlmjax reads RGB images")
+  clip = model_type == "llava"
+  return dict(image_size=_image_size(vision, "image_size"), patch_size=_image_size(vision, "patch_size"),
+              width=vision["hidden_size"], depth=vision["num_hidden_layers"], num_heads=vision["num_attention_heads"],
+              mlp_dim=vision["intermediate_size"],
+              activation=_activation(vision["hidden_act"], "vision_config.hidden_act"),
+              norm_eps=float(vision["layer_norm_eps"]), cls_token=clip, pre_norm=clip, post_norm=True,
+              patch_bias=not clip)
+
+
+def _decoder_section(text: Mapping[str, Any], model_type: str, tie_embeddings: bool) -> dict:
+  gemma = model_type == "paligemma"
+  for key in ("attention_bias", "mlp_bias"):
+    if text.get(key):
+      raise ValueError(f"config.json: text_config.{key}={text[key]!r} is not supported (vlmjax's decoder has no "
+                       f"biases)")
+  activation = text["hidden_act"]
+  if gemma and activation == "gelu":  # GemmaConfig reads the legacy "gelu" as the tanh approximation
+    activation = "gelu_pytorch_tanh"
+  num_heads = text["num_attention_heads"]
+  return dict(vocab_size=text["vocab_size"], width=text["hidden_size"], depth=text["num_hidden_layers"],
+              num_heads=num_heads, num_kv_heads=text.get("num_key_value_heads") or num_heads,
+              head_dim=text.get("head_dim") or text["hidden_size"] // num_heads, mlp_dim=text["intermediate_size"],
+              activation=_activation(activation, "text_config.hidden_act"), rope_theta=_rope_theta(text),
+              norm_eps=float(text["rms_norm_eps"]), norm_unit_offset=gemma, scale_embeddings=gemma,
+              tie_embeddings=tie_embeddings, final_logit_softcap=None)
+
+
+def from_hf(values: Mapping[str, Any]) -> HFModel:
+  """config.json contents -> HFModel. Raises ValueError naming the key for anything vlmjax cannot run."""
+  model_type = values.get("model_type")
+  if model_type not in ARCHITECTURES:
+    raise ValueError(f"config.json: model_type={model_type!r} is not supported; vlmjax reads "
+                     f"{sorted(ARCHITECTURES)}")
+  architectures = values.get("architectures") or [ARCHITECTURES[model_type]]
+  if list(architectures) != [ARCHITECTURES[model_type]]:
+    raise ValueError(f"config.json: architectures={list(architectures)!r} is not supported; vlmjax reads "
+                     f"{model_type} as [{ARCHITECTURES[model_type]!r}]")
+  top = {**TOP_DEFAULTS[model_type], **values}
+  vision = _sub_config(values, model_type, "vision_config", VISION_TYPE[model_type])
+  text = _sub_config(values, model_type, "text_config", TEXT_TYPE[model_type])
+  tie_embeddings = bool(top["tie_word_embeddings"] or text["tie_word_embeddings"])
+
+  config = common.base_config()
+  model = config.model
+  model.vision = ml_collections.ConfigDict(_vision_section(vision, model_type))
+  model.decoder = ml_collections.ConfigDict(_decoder_section(text, model_type, tie_embeddings))
+  model.image_token_id = int(top["image_token_index"])
+  if model_type == "llava":
+    layer = top["vision_feature_layer"]
+    if not isinstance(layer, int):
+      raise ValueError(f"config.json: vision_feature_layer={layer!r} is not supported (vlmjax takes one layer)")
+    depth = vision["num_hidden_layers"]
+    if not -(depth + 1) <= layer <= depth:
+      raise ValueError(f"config.json: vision_feature_layer={layer} is out of range for a {depth}-layer vision tower")
+    if top["projector_hidden_act"] != "gelu":
+      raise ValueError(f"config.json: projector_hidden_act={top['projector_hidden_act']!r} is not supported "
+                       f"(vlmjax's LLaVA projector uses 'gelu')")
+    if not top["multimodal_projector_bias"]:
+      raise ValueError("config.json: multimodal_projector_bias=False is not supported (vlmjax's projector has "
+                       "biases)")
+    strategy = top["vision_feature_select_strategy"]
+    if strategy not in ("default", "full"):
+      raise ValueError(f"config.json: vision_feature_select_strategy={strategy!r} is not supported (use 'default' "
+                       f"or 'full')")
+    model.projector = "mlp2x_gelu"
+    model.vision_feature_layer = layer
+    model.vision_feature_select = strategy
+  else:
+    if top["projection_dim"] != text["hidden_size"]:
+      raise ValueError(f"config.json: projection_dim={top['projection_dim']} must equal text_config.hidden_size="
+                       f"{text['hidden_size']} (the projector maps image tokens into the text model)")
+    model.projector = "linear"
+    model.vision_feature_layer = config_dict.placeholder(int)  # None: SigLIP's output after its post-LayerNorm
+    model.vision_feature_select = "full"
+    model.prefix_lm = True
+  token_ids = {name: values[name] if values.get(name) is not None else text.get(name)
+               for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+  return HFModel(config=config, max_len=int(text["max_position_embeddings"]), token_ids=token_ids)
+
+
+def model_type_of(model: VLMConfig) -> str:
+  """'llava' or 'paligemma': which Hugging Face architecture a vlmjax model is; ValueError naming the first
+  setting that neither can express."""
+  model_type = "paligemma" if model.prefix_lm else "llava"
+  clip = model_type == "llava"
+  expected = {
+      "projector": "mlp2x_gelu" if clip else "linear",
+      "image_token_merge": 1,
+      "vision.cls_token": clip, "vision.pre_norm": clip, "vision.post_norm": True, "vision.patch_bias": not clip,
+      "decoder.norm_unit_offset": not clip, "decoder.scale_embeddings": not clip,
+      "decoder.final_logit_softcap": None,
+  }
+  for key, value in expected.items():
+    actual = model
+    for part in key.split("."):
+      actual = getattr(actual, part)
+    if actual != value:
+      raise ValueError(f"model.{key}={actual!r} cannot be written as a Hugging Face {model_type} checkpoint "
+                       f"(it needs {value!r})")
+  if clip and model.vision_feature_layer is None:
+    raise ValueError("model.vision_feature_layer=None cannot be written as a Hugging Face llava checkpoint (LLaVA "
+                     "takes a hidden state: set an int such as -2)")
+  if not clip and model.vision_feature_layer is not None:
+    raise ValueError(f"model.vision_feature_layer={model.vision_feature_layer!r} cannot be written as a Hugging "
+                     f"Face paligemma checkpoint (PaliGemma takes SigLIP's final output: None)")
+  if not clip and model.decoder.activation == "gelu":
+    raise ValueError("model.decoder.activation='gelu' cannot be written as a Hugging Face Gemma config "
+                     "(transformers reads Gemma's 'gelu' as the tanh approximation)")
+  for key, value in (("vision.activation", model.vision.activation), ("decoder.activation", model.decoder.activation)):
+    if value not in ACTIVATION_NAMES:
+      raise ValueError(f"model.{key}={value!r} has no transformers name")
+  return model_type
+
+
+def to_hf(model: VLMConfig, token_ids: Mapping[str, Any], max_len: int | None) -> dict:
+  """A vlmjax model -> config.json contents that transformers loads (every value explicit).
+
+  Args:
+    token_ids: bos_token_id, eos_token_id and pad_token_id (None: left out).
+    max_len: the text model's max_position_embeddings (None: transformers' default).
+  """
+  model_type = model_type_of(model)
+  vision, decoder = model.vision, model.decoder
+  vision_config = dict(
+      model_type=VISION_TYPE[model_type], hidden_size=vision.width, intermediate_size=vision.mlp_dim,
+      num_hidden_layers=vision.depth, num_attention_heads=vision.num_heads, num_channels=3,
+      image_size=vision.image_size, patch_size=vision.patch_size, hidden_act=ACTIVATION_NAMES[vision.activation],
+      layer_norm_eps=vision.norm_eps)
+  token_ids = {key: value for key, value in token_ids.items() if value is not None}
+  text_config = dict(
+      model_type=TEXT_TYPE[model_type], vocab_size=decoder.vocab_size, hidden_size=decoder.width,
+      intermediate_size=decoder.mlp_dim, num_hidden_layers=decoder.depth, num_attention_heads=decoder.num_heads,
+      num_key_value_heads=decoder.num_kv_heads, head_dim=decoder.attention_head_dim,
+      hidden_act=ACTIVATION_NAMES[decoder.activation], rms_norm_eps=decoder.norm_eps,
+      rope_theta=decoder.rope_theta, rope_parameters=dict(rope_type="default", rope_theta=decoder.rope_theta),
+      tie_word_embeddings=decoder.tie_embeddings, attention_bias=False, **token_ids)
+  if max_len is not None:
+    text_config["max_position_embeddings"] = max_len
+  values = dict(architectures=[ARCHITECTURES[model_type]], model_type=model_type,
+                image_token_index=model.image_token_id, tie_word_embeddings=decoder.tie_embeddings,
+                vision_config=vision_config, text_config=text_config, dtype="float32", **token_ids)
+  if model_type == "llava":
+    text_config["mlp_bias"] = False
+    values.update(projector_hidden_act="gelu", vision_feature_layer=model.vision_feature_layer,
+                  vision_feature_select_strategy=model.vision_feature_select, multimodal_projector_bias=True,
+                  image_seq_length=model.tokens_per_image)
+  else:
+    vision_config.update(vision_use_head=False, projection_dim=decoder.width)
+    text_config["num_image_tokens"] = model.tokens_per_image
+    values.update(projection_dim=decoder.width, hidden_size=decoder.width, vocab_size=decoder.vocab_size)
+  return values
