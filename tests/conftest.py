@@ -21,6 +21,11 @@ TINY_SHAPES_SPLITS = dict(train=64, validation=12, test=8)
 
 
 @pytest.fixture(scope="session")
+def tiny_shapes_splits() -> dict[str, int]:
+  return dict(TINY_SHAPES_SPLITS)
+
+
+@pytest.fixture(scope="session")
 def tiny_shapes_dir(tmp_path_factory) -> str:
   """A tiny shapes data set (with its tokenizer and image-processor files), built once per test session."""
   from vlmjax.data import shapes

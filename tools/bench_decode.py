@@ -27,6 +27,7 @@ from vlmjax.infer import generate as generation
 def build_checkpoint(directory: str) -> None:
   """The benchmark's LLaVA, written by transformers: CLIP 4 x 192 at 112 px / patch 14, Llama 6 x 512 with
   8 query and 4 key/value heads, MLP 1376, vocabulary 4000."""
+  import tokenizers
   import torch
   import transformers
 
@@ -39,6 +40,14 @@ def build_checkpoint(directory: str) -> None:
                                     vision_feature_layer=-2, vision_feature_select_strategy="default")
   torch.manual_seed(0)
   transformers.LlavaForConditionalGeneration(config).eval().save_pretrained(directory)
+  transformers.CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}).save_pretrained(
+      directory)
+  # A word-level tokenizer over the 4000 ids (the benchmark feeds ids; loading needs a tokenizer all the same).
+  vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 3999)}, "<image>": 3999}
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+  backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                       eos_token="</s>").save_pretrained(directory)
 
 
 def _median(fn, repeats: int) -> float:
@@ -51,9 +60,10 @@ def _median(fn, repeats: int) -> float:
 
 
 def _inputs(vlm, batch: int, prompt: int, seed: int = 0):
+  """`prompt` text tokens plus the image's placeholders (after the first token)."""
   config = vlm.model_config
   rng = np.random.default_rng(seed)
-  ids = rng.integers(4, config.image_token_id, (batch, prompt)).astype(np.int64)
+  ids = rng.integers(4, config.image_token_id, (batch, prompt + config.tokens_per_image)).astype(np.int64)
   ids[:, 1:1 + config.tokens_per_image] = config.image_token_id
   size = config.vision.image_size
   return ids, rng.standard_normal((batch, size, size, 3)).astype(np.float32)
@@ -117,7 +127,7 @@ def main():
       ttft, total = time_vlmjax(vlm, ids, pixels, args.new_tokens, args.repeats)
       tpot = (total - ttft) / (args.new_tokens - 1)
       tokens_per_s = batch * args.new_tokens / total
-      cache_bytes = 2 * decoder.depth * batch * (prompt + args.new_tokens) * decoder.num_kv_heads * \
+      cache_bytes = 2 * decoder.depth * batch * (ids.shape[1] + args.new_tokens) * decoder.num_kv_heads * \
           decoder.attention_head_dim * 4
       bound = max((param_bytes + cache_bytes) / (ceilings["bandwidth_gb_s"] * 1e9),
                   2 * decoder_params * batch / (ceilings["matmul_gflop_s"] * 1e9))

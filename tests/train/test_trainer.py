@@ -10,25 +10,26 @@ import time
 import numpy as np
 import pytest
 
-from conftest import TINY_SHAPES_SPLITS
 
 STEPS = ["--config.train.log_every=1", "--config.train.batch_size=8", "--config.data.length=96",
          "--config.optim.warmup_steps=2"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tiny_shapes_dir):
+def data_flags(tiny_shapes_dir, tiny_shapes_splits):
+  """The flags that point a run at the session's tiny shapes data set (built with these splits)."""
+  return [f"--config.data.dir={tiny_shapes_dir}"] + [f"--config.data.shapes.splits.{split}={size}"
+                                                     for split, size in tiny_shapes_splits.items()]
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tiny_shapes_dir):
   return tiny_shapes_dir
 
 
-def _data_flags(data_dir):
-  return [f"--config.data.dir={data_dir}"] + [f"--config.data.shapes.splits.{split}={size}"
-                                              for split, size in TINY_SHAPES_SPLITS.items()]
-
-
-def _command(workdir, data_dir, *flags):
+def _command(workdir, data_flags, *flags):
   return [sys.executable, "-m", "vlmjax.cli", "train", "--config", "configs/shapes_tiny.py", "--workdir",
-          str(workdir), *_data_flags(data_dir), *STEPS, *flags]
+          str(workdir), *data_flags, *STEPS, *flags]
 
 
 def _env(devices=1, **extra):
@@ -46,17 +47,17 @@ def _losses(workdir) -> dict[int, float]:
   return rows
 
 
-def _train(workdir, data_dir, *flags, devices=1):
-  result = subprocess.run(_command(workdir, data_dir, *flags), env=_env(devices), capture_output=True, text=True,
+def _train(workdir, data_flags, *flags, devices=1):
+  result = subprocess.run(_command(workdir, data_flags, *flags), env=_env(devices), capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return _losses(workdir)
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, data_dir):
+def reference_run(tmp_path_factory, data_flags):
   workdir = tmp_path_factory.mktemp("reference")
-  return workdir, _train(workdir, data_dir, "--config.train.steps=10", "--config.train.checkpoint_every=4")
+  return workdir, _train(workdir, data_flags, "--config.train.steps=10", "--config.train.checkpoint_every=4")
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +66,14 @@ def reference(reference_run):
 
 
 @pytest.fixture(scope="module")
-def three_steps(tmp_path_factory, data_dir):
+def three_steps(tmp_path_factory, data_flags):
   """3 steps on 1 device in 1 process (the schedule depends on train.steps, so the reference has 3 too)."""
-  return _train(tmp_path_factory.mktemp("three"), data_dir, "--config.train.steps=3",
+  return _train(tmp_path_factory.mktemp("three"), data_flags, "--config.train.steps=3",
                 "--config.train.checkpoint_every=3")
 
 
-def test_a_run_killed_mid_way_resumes_to_the_same_losses(tmp_path, data_dir, reference):
-  command = _command(tmp_path, data_dir, "--config.train.steps=10", "--config.train.checkpoint_every=4")
+def test_a_run_killed_mid_way_resumes_to_the_same_losses(tmp_path, data_flags, reference):
+  command = _command(tmp_path, data_flags, "--config.train.steps=10", "--config.train.checkpoint_every=4")
   process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 300
   while time.time() < deadline:  # wait until step 6 is logged: one checkpoint (step 4) behind it
@@ -82,7 +83,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_losses(tmp_path, data_dir, ref
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert max(_losses(tmp_path)) < 10, "the run finished before it was killed"
-  resumed = _train(tmp_path, data_dir, "--config.train.steps=10", "--config.train.checkpoint_every=4")
+  resumed = _train(tmp_path, data_flags, "--config.train.steps=10", "--config.train.checkpoint_every=4")
   assert sorted(resumed) == list(range(1, 11))
   np.testing.assert_allclose([resumed[s] for s in range(1, 11)], [reference[s] for s in range(1, 11)], rtol=1e-6)
 
@@ -90,15 +91,15 @@ def test_a_run_killed_mid_way_resumes_to_the_same_losses(tmp_path, data_dir, ref
 @pytest.mark.parametrize("mesh", [("--config.mesh.data=8",), ("--config.mesh.data=1", "--config.mesh.fsdp=8"),
                                   ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")],
                          ids=["data8", "fsdp8", "data2-fsdp2-tensor2"])
-def test_sharded_training_gives_the_same_losses_as_one_device(tmp_path, data_dir, three_steps, mesh):
-  losses = _train(tmp_path, data_dir, "--config.train.steps=3", "--config.train.checkpoint_every=3", *mesh,
+def test_sharded_training_gives_the_same_losses_as_one_device(tmp_path, data_flags, three_steps, mesh):
+  losses = _train(tmp_path, data_flags, "--config.train.steps=3", "--config.train.checkpoint_every=3", *mesh,
                   devices=8)
   np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], [three_steps[s] for s in (1, 2, 3)], rtol=1e-4)
 
 
-def test_a_different_config_refuses_to_resume_and_names_the_keys(tmp_path, data_dir):
-  _train(tmp_path, data_dir, "--config.train.steps=1", "--config.train.checkpoint_every=1")
-  result = subprocess.run(_command(tmp_path, data_dir, "--config.train.steps=1", "--config.optim.learning_rate=0.5"),
+def test_a_different_config_refuses_to_resume_and_names_the_keys(tmp_path, data_flags):
+  _train(tmp_path, data_flags, "--config.train.steps=1", "--config.train.checkpoint_every=1")
+  result = subprocess.run(_command(tmp_path, data_flags, "--config.train.steps=1", "--config.optim.learning_rate=0.5"),
                           env=_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   from configs import shapes_tiny
@@ -110,18 +111,18 @@ def test_a_different_config_refuses_to_resume_and_names_the_keys(tmp_path, data_
     ("--config.train.stages=pretrain", "unknown training stage 'pretrain'"),
     ("--config.train.init_from=/nonexistent/run", "train.init_from='/nonexistent/run' does not exist"),
 ])
-def test_bad_stage_or_checkpoint_fails_before_any_work(tmp_path, data_dir, flag, message):
-  result = subprocess.run(_command(tmp_path, data_dir, flag), env=_env(), capture_output=True, text=True,
+def test_bad_stage_or_checkpoint_fails_before_any_work(tmp_path, data_flags, flag, message):
+  result = subprocess.run(_command(tmp_path, data_flags, flag), env=_env(), capture_output=True, text=True,
                           timeout=300)
   assert result.returncode != 0 and message in result.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_two_processes_train_like_one(tmp_path, data_dir, three_steps):
+def test_two_processes_train_like_one(tmp_path, data_flags, three_steps):
   """2 processes on 127.0.0.1 through jax.distributed, one CPU device each, each feeding half of the batch."""
   port = 20000 + os.getpid() % 10000
   processes = [subprocess.Popen(
-      _command(tmp_path, data_dir, "--config.train.steps=3", "--config.train.checkpoint_every=3"),
+      _command(tmp_path, data_flags, "--config.train.steps=3", "--config.train.checkpoint_every=3"),
       env=_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
   for process in processes:
@@ -132,14 +133,14 @@ def test_two_processes_train_like_one(tmp_path, data_dir, three_steps):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
 
 
-def test_the_trained_workdir_serves_generate_and_eval(reference_run, data_dir, tmp_path):
+def test_the_trained_workdir_serves_generate_and_eval(reference_run, shapes_dir, tmp_path):
   """`vlmjax generate` and `vlmjax eval` read the workdir as `vlmjax.load` does; the run logged its validation."""
   workdir, _ = reference_run
   from PIL import Image
 
   from vlmjax.data import shapes
   image = tmp_path / "image.png"
-  Image.fromarray(shapes.load(data_dir, "validation")[0]["image"]).save(image)
+  Image.fromarray(shapes.load(shapes_dir, "validation")[0]["image"]).save(image)
   result = subprocess.run([sys.executable, "-m", "vlmjax.cli", "generate", "--checkpoint", str(workdir), "--image",
                            str(image), "--prompt", "What colour is the circle?", "--max_new_tokens", "4"],
                           env=_env(), capture_output=True, text=True, timeout=300)

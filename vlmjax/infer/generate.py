@@ -20,8 +20,10 @@ from vlmjax.infer.kv_cache import KVCache
 from vlmjax.infer.sampling import SamplingParams, sample
 from vlmjax.models.vlm import VLM, VLMConfig
 
-# Prompt-length buckets: one prefill compilation each.
-BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+# Prompt-length buckets: one prefill compilation each. Steps of 1.5x-2x keep the padding (which prefill computes
+# and every decode step attends over) under a third of the prompt.
+BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384,
+           24576, 32768)
 
 
 def bucket_length(length: int, buckets: Sequence[int] = BUCKETS) -> int:

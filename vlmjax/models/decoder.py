@@ -67,21 +67,23 @@ class DecoderBlock(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, mask, write_index):
-    """x: float[B, T, D]; layer_cache: (k, v) float[B, S, K, H] each, or None -> (x, updated layer_cache)."""
+  def __call__(self, carry, layer, positions, mask, write_index):
+    """carry: (x float[B, T, D], the whole cache (k, v) float[L, B, S, K, H] each, or None); layer: this
+    block's index in the stack -> (the updated carry, None)."""
+    x, cache = carry
     cfg = self.config
     compute_dtype, param_dtype = dtype(cfg.dtype), dtype(cfg.param_dtype)
     norm = lambda name: layers.RMSNorm(eps=cfg.norm_eps, unit_offset=cfg.norm_unit_offset, dtype=compute_dtype,
                                        param_dtype=param_dtype, name=name)
-    attended, layer_cache = layers.Attention(
+    attended, cache = layers.Attention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.attention_head_dim,
         rope_theta=cfg.rope_theta, dtype=compute_dtype, param_dtype=param_dtype, name="attention",
-    )(norm("attention_norm")(x), mask, positions, layer_cache, write_index)
+    )(norm("attention_norm")(x), mask, positions, cache, write_index, layer)
     x = x + attended
     x = x + layers.FeedForward(cfg.mlp_dim, activation=cfg.activation, gated=True, dtype=compute_dtype,
-                       param_dtype=param_dtype, name="mlp")(norm("mlp_norm")(x))
+                               param_dtype=param_dtype, name="mlp")(norm("mlp_norm")(x))
     x = nn.with_logical_constraint(x, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED))
-    return x, layer_cache
+    return (x, cache), None
 
 
 class Decoder(nn.Module):
@@ -164,16 +166,15 @@ class Decoder(nn.Module):
                                         kv_valid=cache_index < new_lengths[:, None], prefix_lengths=prefix_lengths)
       layer_caches = (cache.k, cache.v)
 
+    # The whole cache rides in the carry: each layer scatters just its new slots into it, instead of the layers'
+    # caches being sliced out and stacked again around the scan.
+    carry = (x, layer_caches)
     if cfg.scan_layers:
-      x, layer_caches = self.layers(x, layer_caches, positions, mask, write_index)
+      carry, _ = self.layers(carry, jnp.arange(cfg.depth), positions, mask, write_index)
     else:
-      updated = []
       for i, block in enumerate(self.layers):
-        layer_cache = None if cache is None else (layer_caches[0][i], layer_caches[1][i])
-        x, layer_cache = block(x, layer_cache, positions, mask, write_index)
-        updated.append(layer_cache)
-      if cache is not None:
-        layer_caches = tuple(jnp.stack(kv) for kv in zip(*updated))
+        carry, _ = block(carry, i, positions, mask, write_index)
+    x, layer_caches = carry
 
     if logit_positions is not None:
       x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)  # [B, K, D]

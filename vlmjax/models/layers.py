@@ -207,14 +207,18 @@ class Attention(nn.Module):
       positions: jax.Array | None = None,
       kv_cache: tuple[jax.Array, jax.Array] | None = None,
       write_index: jax.Array | None = None,
+      layer: jax.Array | int = 0,
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Args:
       x: float[B, T, D].
       mask: bool[B, 1, T, S] from `make_attention_mask` (S = T without a cache, the cache length with one),
         or None for full attention.
       positions: int[B, T] RoPE positions (required when rope_theta is set).
-      kv_cache: (k, v), each float[B, S, K, H], or None.
+      kv_cache: (k, v), each float[L, B, S, K, H]: every layer's cache; this layer reads and writes slice
+        `layer`. Only the T new slots of each row are written (a scatter the loop can do in place), so a decode
+        step costs the new tokens, not a copy of the cache.
       write_index: int[B], the cache slot where row b's first new token goes.
+      layer: which layer of the cache this is (an int, or a traced index under `nn.scan`).
     Returns:
       (float[B, T, D], the updated (k, v) cache or None).
     """
@@ -230,13 +234,15 @@ class Attention(nn.Module):
 
     if kv_cache is not None:
       k_cache, v_cache = kv_cache
-      write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, axis=0))
-      key = write(k_cache, key.astype(k_cache.dtype), write_index)  # [B, S, K, H]
-      value = write(v_cache, value.astype(v_cache.dtype), write_index)
-      cache_axes = (CACHE_BATCH, CACHE_LENGTH, CACHE_KV_HEADS, None)
-      key = nn.with_logical_constraint(key, cache_axes)
-      value = nn.with_logical_constraint(value, cache_axes)
-      kv_cache = (key, value)
+      rows = jnp.arange(x.shape[0])[:, None]  # [B, 1]
+      slots = write_index[:, None] + jnp.arange(x.shape[1])[None, :]  # [B, T]
+      k_cache = k_cache.at[layer, rows, slots].set(key.astype(k_cache.dtype), mode="drop")
+      v_cache = v_cache.at[layer, rows, slots].set(value.astype(v_cache.dtype), mode="drop")
+      cache_axes = (None, CACHE_BATCH, CACHE_LENGTH, CACHE_KV_HEADS, None)
+      k_cache = nn.with_logical_constraint(k_cache, cache_axes)
+      v_cache = nn.with_logical_constraint(v_cache, cache_axes)
+      kv_cache = (k_cache, v_cache)
+      key, value = k_cache[layer], v_cache[layer]  # [B, S, K, H]
 
     scale = self.query_scale if self.query_scale is not None else self.head_dim**-0.5
     out = jax.nn.dot_product_attention(
