@@ -168,8 +168,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
           checkpointer.save(done, state, iterator.get_state())
     params = state.params
 
-  if latest is not None and latest >= stages[-1].end:
-    params = checkpointer.restore_params(latest, checkpoint_lib.abstract_like(params))
   checkpointer.wait()
   checkpointer.close()
   if is_main:
