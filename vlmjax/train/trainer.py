@@ -178,12 +178,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
 def _validate(config: ml_collections.ConfigDict, params, model_dir: str, data_dir: str) -> dict[str, float]:
   """Exact-match VQA accuracy (overall and per question type) on the first validation questions, answered by
   the inference code (batched greedy generation) with the current parameters."""
-  from vlmjax.api import VLM as Facade
   from vlmjax.eval import benchmarks
 
-  tokenizer = Tokenizer.from_directory(model_dir)
-  vlm = Facade(config=config, params=params, tokenizer=tokenizer, image_processor=ImageProcessor.from_directory(
-      model_dir), eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+  vlm = workdir_lib.facade(config, params, model_dir)
   benchmark = benchmarks.get("shapes_vqa")
   samples = benchmark.samples(data_dir)[:config.train.validation_questions]
   answers = []

@@ -79,11 +79,20 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return config_from_json(f.read())
 
 
-def load_model(workdir: str):
-  """The trained model of a workdir (its latest checkpoint) as a `vlmjax.VLM`."""
+def facade(config: ml_collections.ConfigDict, params, model_dir: str):
+  """A `vlmjax.VLM` of `params` with the tokenizer and image processor saved in model_dir (a workdir, or the
+  data set's tokenizer folder during training); the tokenizer's end token stops generation."""
   from vlmjax.api import VLM
   from vlmjax.data.images import ImageProcessor
   from vlmjax.data.tokenizer import Tokenizer
+
+  tokenizer = Tokenizer.from_directory(model_dir)
+  return VLM(config=config, params=params, tokenizer=tokenizer, image_processor=ImageProcessor.from_directory(
+      model_dir), eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+
+
+def load_model(workdir: str):
+  """The trained model of a workdir (its latest checkpoint) as a `vlmjax.VLM`."""
   from vlmjax.models.summary import abstract_params
   from vlmjax.models.vlm import VLMConfig
   from vlmjax.train.checkpoint import Checkpointer
@@ -98,7 +107,4 @@ def load_model(workdir: str):
                           nn.meta.unbox(abstract_params(VLMConfig.from_dict(config.model))))
   params = checkpointer.restore_params(step, abstract)
   checkpointer.close()
-  tokenizer = Tokenizer.from_directory(workdir)
-  return VLM(config=config, params=params, tokenizer=tokenizer,
-             image_processor=ImageProcessor.from_directory(workdir),
-             eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+  return facade(config, params, workdir)
