@@ -28,6 +28,12 @@ def get_config(arg: str | None = None):
       length=192,  # tokens per example: 64 image tokens + ~80 text tokens of 5-7 turns, padded
       shapes=shapes.get_config().to_dict(),
   ))
+  # The contrastive stage's dual tower (used when train.stages names it): this vision tower, a small text tower.
+  config.contrastive = ml_collections.ConfigDict(dict(
+      text=dict(vocab_size=512, context_length=40, width=128, depth=2, num_heads=4, mlp_dim=512,
+                activation="gelu"),
+      embed_dim=128, pooling="mean", loss="sigmoid", temperature_init=10.0, bias_init=-10.0, batch_size=128,
+  ))
   config.train.update(steps=400, batch_size=32, log_every=10, checkpoint_every=100)
   config.optim.update(learning_rate=3e-3, warmup_steps=30)
   return config

@@ -17,7 +17,7 @@ from ml_collections import config_flags
 from vlmjax.data import pipeline, shapes
 from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.parallel import mesh as mesh_lib
-from vlmjax.train import optim, state as state_lib, trainer
+from vlmjax.train import optim, stages, state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes_tiny.py", "Experiment config file.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "/tmp/shapes", "Where the shapes data set is (built if missing).")
@@ -29,7 +29,7 @@ def main(argv):
   config = _CONFIG.value
   shapes.build(_DATA_DIR.value, config.data.shapes)
   model_config = VLMConfig.from_dict(config.model)
-  to_example = trainer.shapes_example_fn(config, model_config, shapes.tokenizer_dir(_DATA_DIR.value))
+  to_example = stages.shapes_example_fn(config, model_config, shapes.tokenizer_dir(_DATA_DIR.value))
   dataset = pipeline.train_dataset(shapes.load(_DATA_DIR.value, "train"), to_example, seed=0,
                                    batch_size=config.train.batch_size, length=config.data.length)
   iterator = iter(dataset)

@@ -155,3 +155,28 @@ def test_the_trained_workdir_serves_generate_and_eval(reference_run, shapes_dir,
   assert (tmp_path / "predictions" / "shapes_vqa.jsonl").exists()
   last = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))][-1]
   assert last["step"] == 10 and "validation/accuracy" in last and os.path.exists(workdir / "learning_curve.png")
+
+
+def test_a_stage_after_contrastive_starts_from_its_vision_tower(tmp_path, data_flags):
+  """contrastive -> align: align freezes the vision tower, so the VLM's must be the CLIP's, bit for bit."""
+  import orbax.checkpoint as ocp
+
+  losses = _train(tmp_path, data_flags, "--config.train.steps=4", "--config.train.stages=contrastive:0.5,align:0.5",
+                  "--config.contrastive.batch_size=8", "--config.train.checkpoint_every=2",
+                  "--config.train.keep_checkpoints=3")
+  assert sorted(losses) == [1, 2, 3, 4]
+  checkpointer = ocp.PyTreeCheckpointer()
+  clip = checkpointer.restore(tmp_path / "checkpoints" / "2" / "state")["params"]
+  vlm = checkpointer.restore(tmp_path / "checkpoints" / "4" / "state")["params"]
+  assert {"text", "image_projection", "logit_bias"} <= set(clip) and set(vlm) == {"vision", "projector", "decoder"}
+  import jax
+  for trained, kept in zip(jax.tree.leaves(clip["vision"]), jax.tree.leaves(vlm["vision"]), strict=True):
+    np.testing.assert_array_equal(trained, kept)
+  # ... and the contrastive stage did train it: it moved away from the run's initialization (seed 0).
+  import flax.linen as nn
+
+  from configs import shapes_tiny
+  from vlmjax.models.vlm import VLM, VLMConfig
+  vlm_config = VLMConfig.from_dict(shapes_tiny.get_config().model)
+  initial = nn.meta.unbox(VLM(vlm_config).init(jax.random.key(0), **vlm_config.example_inputs(1)))["params"]
+  assert not np.allclose(initial["vision"]["patch_embedding"]["kernel"], vlm["vision"]["patch_embedding"]["kernel"])

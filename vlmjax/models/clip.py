@@ -51,9 +51,11 @@ class CLIPConfig(ModelConfig):
   pooling: str = "cls"  # image pooling: the class token ('cls') or the mean of the patch tokens ('mean')
   temperature_init: float = 1 / 0.07  # CLIP: 1/0.07; SigLIP: 10
   bias_init: float = 0.0  # SigLIP: -10
+  loss: str = "softmax"  # CLIP's InfoNCE ('softmax') or SigLIP's pairwise 'sigmoid' loss
 
   def __post_init__(self):
     check_choice(self.pooling, ("cls", "mean"), "model.pooling")
+    check_choice(self.loss, ("softmax", "sigmoid"), "model.loss")
     if self.pooling == "cls" and not self.vision.cls_token:
       raise ValueError("model.pooling='cls' needs a class token: set model.vision.cls_token=True or pooling='mean'")
 

@@ -4,6 +4,8 @@ A batch is a dict of arrays, every one with the global batch as its leading axis
   input_ids int32[B, T] (image placeholders included), pixel_values float32[B, H, W, 3] (or [B, I, H, W, 3]),
   targets int32[B, T] (the next token of each position), loss_mask float32[B, T] (1 on assistant tokens),
   and optionally positions int32[B, T] + segment_ids int32[B, T] (packed rows), prefix_lengths int32[B].
+The contrastive stage's batches are image-caption pairs: pixel_values, input_ids int32[B, T] (the caption) and
+input_mask bool[B, T].
 """
 
 import functools
@@ -14,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vlmjax.models.clip import CLIP, CLIPConfig
 from vlmjax.models.vlm import VLM, VLMConfig
-from vlmjax.train.losses import next_token_loss
+from vlmjax.train import losses
 from vlmjax.train.optim import TRAINABLE
 
 
@@ -46,19 +49,37 @@ def vlm_loss(params, config: VLMConfig, batch: dict, stage: str) -> tuple[jax.Ar
   logits, _ = VLM(config).apply({"params": _freeze(params, stage)}, batch["input_ids"], batch["pixel_values"],
                                 batch.get("positions"), input_mask=batch.get("input_mask"),
                                 segment_ids=batch.get("segment_ids"), prefix_lengths=batch.get("prefix_lengths"))
-  return next_token_loss(logits, batch["targets"], batch["loss_mask"])
+  return losses.next_token_loss(logits, batch["targets"], batch["loss_mask"])
+
+
+def clip_loss(params, config: CLIPConfig, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """(the contrastive loss of the batch's image-caption pairs, number of pairs)."""
+  images, texts, scale, bias = CLIP(config).apply({"params": params}, batch["pixel_values"], batch["input_ids"],
+                                                  batch["input_mask"])
+  if config.loss == "sigmoid":
+    loss = losses.sigmoid_contrastive_loss(images, texts, scale, bias)
+  else:
+    loss = losses.softmax_contrastive_loss(images, texts, scale)
+  return loss, jnp.asarray(images.shape[0], jnp.float32)
+
+
+def stage_loss(params, config: VLMConfig | CLIPConfig, batch: dict, stage: str) -> tuple[jax.Array, jax.Array]:
+  """The loss of a stage: contrastive for the CLIP dual tower, next-token for the VLM."""
+  if stage == "contrastive":
+    return clip_loss(params, config, batch)
+  return vlm_loss(params, config, batch, stage)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "optimizer", "stage"), donate_argnames=("state",))
-def train_step(state: TrainState, batch: dict, *, config: VLMConfig, optimizer: optax.GradientTransformation,
+def train_step(state: TrainState, batch: dict, *, config: VLMConfig | CLIPConfig, optimizer: optax.GradientTransformation,
                stage: str) -> tuple[TrainState, dict]:
   """One update. A non-finite loss or gradient norm skips the update (params and optimizer state unchanged)
   and counts it in `skipped`; the run goes on.
 
   Returns:
-    (the new state, metrics {loss, grad_norm, tokens, skipped}: float32/int32 scalars).
+    (the new state, metrics {loss, grad_norm, tokens (loss tokens or pairs), skipped}: float32/int32 scalars).
   """
-  (loss, tokens), grads = jax.value_and_grad(vlm_loss, has_aux=True)(state.params, config, batch, stage)
+  (loss, tokens), grads = jax.value_and_grad(stage_loss, has_aux=True)(state.params, config, batch, stage)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

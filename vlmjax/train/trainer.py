@@ -2,73 +2,32 @@
 
     vlmjax train --config configs/shapes_tiny.py --workdir /tmp/shapes [--config.train.steps=N ...]
 
-Stages chain in one run (`train.stages = "align:0.2,finetune:0.8"`: names and fractions of train.steps); each
-stage starts from the previous one's parameters with a fresh optimizer. Running the same command on a workdir
+Stages chain in one run (`train.stages = "contrastive:0.2,full:0.8"`: names and fractions of train.steps; see
+`stages.py`); each stage starts from the previous one's parameters with a fresh optimizer. Running the same command on a workdir
 resumes from its last checkpoint (train state and data-iterator state), step for step.
 """
 
-import dataclasses
 import logging
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import tensorflow_datasets as tfds
 import tqdm
 from jax.experimental import multihost_utils
 
-from vlmjax.data import pipeline, shapes, shapes_tasks
-from vlmjax.data.images import ImageProcessor
+from vlmjax.data import pipeline, shapes
 from vlmjax.data.tokenizer import Tokenizer
+from vlmjax.models.clip import CLIP
 from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.parallel import distributed, mesh as mesh_lib
 from vlmjax.train import checkpoint as checkpoint_lib
 from vlmjax.train import metrics_writer, optim
+from vlmjax.train import stages as stages_lib
 from vlmjax.train import state as state_lib
 from vlmjax.train import workdir as workdir_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  name: str
-  start: int  # global step at which the stage begins
-  end: int  # global step after its last update
-
-  @property
-  def steps(self) -> int:
-    return self.end - self.start
-
-
-def parse_stages(spec: str, total_steps: int) -> list[Stage]:
-  """'align:0.2,finetune:0.8' (fractions of total_steps; a lone name takes all) -> Stages, checked."""
-  stages, start = [], 0
-  items = [item.strip() for item in spec.split(",") if item.strip()]
-  if not items:
-    raise ValueError("train.stages is empty: name at least one stage, e.g. 'full'")
-  for i, item in enumerate(items):
-    name, _, fraction = item.partition(":")
-    optim.check_stage(name)
-    end = total_steps if i == len(items) - 1 else start + round(float(fraction or 1.0) * total_steps)
-    if end <= start:
-      raise ValueError(f"train.stages: stage {name!r} gets no steps ({item!r} of train.steps={total_steps})")
-    stages.append(Stage(name, start, end))
-    start = end
-  return stages
-
-
-def shapes_example_fn(config: ml_collections.ConfigDict, model_config: VLMConfig, model_dir: str):
-  """(shapes record, rng) -> training arrays, with the tokenizer and image processor saved in model_dir."""
-  encoder = pipeline.ConversationEncoder(tokenizer=Tokenizer.from_directory(model_dir),
-                                         image_token_id=model_config.image_token_id,
-                                         tokens_per_image=model_config.tokens_per_image,
-                                         max_length=config.data.length)
-  image_processor = ImageProcessor.from_directory(model_dir)
-
-  def to_example(record, rng):
-    ids, assistant = encoder(shapes_tasks.training_messages(record, rng))
-    return pipeline.example_arrays(ids, assistant, image_processor([record["image"]])[0])
-  return to_example
 
 
 def _global_batch(local: dict, mesh) -> dict:
@@ -80,15 +39,19 @@ def _global_batch(local: dict, mesh) -> dict:
 def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> None:
   # Everything that can be wrong with the config fails here, before any compile.
   distributed.initialize_from_environment()
-  stages = parse_stages(config.train.stages, config.train.steps)
+  stages = stages_lib.parse_stages(config.train.stages, config.train.steps)
+  clip_config = stages_lib.clip_config(config) if any(s.is_contrastive for s in stages) else None
   if config.train.init_from and not os.path.isdir(config.train.init_from):
     raise FileNotFoundError(f"train.init_from={config.train.init_from!r} does not exist")
   model_config = VLMConfig.from_dict(config.model)
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.normalize_rules(config.sharding_rules)
-  if config.train.batch_size % jax.process_count():
-    raise ValueError(f"train.batch_size={config.train.batch_size} must split evenly over {jax.process_count()} "
-                     f"processes")
+  batch_sizes = {"train.batch_size": config.train.batch_size}
+  if clip_config:
+    batch_sizes["contrastive.batch_size"] = config.contrastive.batch_size
+  for key, size in batch_sizes.items():
+    if size % jax.process_count():
+      raise ValueError(f"{key}={size} must split evenly over {jax.process_count()} processes")
   is_main = jax.process_index() == 0
 
   # Workdir and data: process 0 writes, the others wait for it.
@@ -104,12 +67,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     raise ValueError(f"the tokenizer has {tokenizer_vocab} tokens but model.decoder.vocab_size is "
                      f"{model_config.decoder.vocab_size}")
   source = shapes.load(data_dir, "train")
-  to_example = shapes_example_fn(config, model_config, shapes.tokenizer_dir(data_dir))
+  tokenizer_dir = shapes.tokenizer_dir(data_dir)
 
-  # Model: parameters initialized straight into their shardings (or read from another run).
-  model = VLM(model_config)
-  init = lambda: model.init(jax.random.key(config.seed), **model_config.example_inputs(1))
-  params = mesh_lib.init_sharded(init, mesh, rules)[0]["params"]
+  # Models: parameters initialized straight into their shardings (or read from another run).
+  def init_params(model_cls, model_cls_config, inputs):
+    init = lambda: model_cls(model_cls_config).init(jax.random.key(config.seed), **inputs)
+    return mesh_lib.init_sharded(init, mesh, rules)[0]["params"]
+  params = init_params(VLM, model_config, model_config.example_inputs(1))
+  init_clip = lambda vision: {**init_params(CLIP, clip_config, _clip_inputs(clip_config)), "vision": vision}
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   if config.train.init_from:
     params = _params_from(config.train.init_from, params)
@@ -119,14 +84,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
   for index, stage in enumerate(stages):
     if latest is not None and latest >= stage.end:
       continue  # finished in an earlier run
-    if latest is not None and latest == stage.start:
-      params = checkpointer.restore_params(latest, checkpoint_lib.abstract_like(params))
-    optimizer = optim.make_optimizer(config.optim, params, stage.name, stage.steps)
-    state = jax.jit(lambda p: state_lib.create(p, optimizer, stage.start))(params)
+    if latest is not None and latest == stage.start:  # the previous stage's end: its parameters
+      if stages[index - 1].is_contrastive:
+        clip_params = checkpointer.restore_params(latest, checkpoint_lib.abstract_like(init_clip(params["vision"])))
+        params = {**params, "vision": clip_params["vision"]}
+      else:
+        params = checkpointer.restore_params(latest, checkpoint_lib.abstract_like(params))
+    if stage.is_contrastive:
+      stage_config, stage_params = clip_config, init_clip(params["vision"])
+      to_example = stages_lib.caption_example_fn(clip_config, tokenizer_dir)
+      batch_size, length = config.contrastive.batch_size, clip_config.text.context_length
+    else:
+      stage_config, stage_params = model_config, params
+      to_example = stages_lib.shapes_example_fn(config, model_config, tokenizer_dir)
+      batch_size, length = config.train.batch_size, config.data.length
+    optimizer = optim.make_optimizer(config.optim, stage_params, stage.name, stage.steps)
+    state = jax.jit(lambda p: state_lib.create(p, optimizer, stage.start))(stage_params)
     bad_records = pipeline.BadRecords()
     dataset = pipeline.train_dataset(
-        source, to_example, seed=config.seed + index, batch_size=config.train.batch_size // jax.process_count(),
-        length=config.data.length, process_index=jax.process_index(), process_count=jax.process_count(),
+        source, to_example, seed=config.seed + index, batch_size=batch_size // jax.process_count(),
+        length=length, process_index=jax.process_index(), process_count=jax.process_count(),
         source_name=f"{data_dir} (train)", bad_records=bad_records)
     iterator = iter(dataset)
     if latest is not None and stage.start < latest < stage.end:
@@ -142,13 +119,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
       for step in progress:
         local = next(iterator)
         tokens += int(local["input_mask"].sum()) * jax.process_count()
-        state, metrics = state_lib.train_step(state, _global_batch(local, mesh), config=model_config,
+        state, metrics = state_lib.train_step(state, _global_batch(local, mesh), config=stage_config,
                                               optimizer=optimizer, stage=stage.name)
         pending.append((step + 1, metrics))
         done = step + 1
         # Validation generates with the inference code on this process's devices: single-process runs only
         # (a multi-host run's parameters span other hosts; evaluate its workdir with `vlmjax eval`).
-        validate = jax.process_count() == 1 and (done == stages[-1].end or (
+        validate = jax.process_count() == 1 and not stage.is_contrastive and (done == stages[-1].end or (
             config.train.validate_every and done % config.train.validate_every == 0))
         if done % config.train.log_every == 0 or done == stage.end or validate:
           fetched = jax.device_get([m for _, m in pending])  # the one host sync per log interval
@@ -166,13 +143,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
           pending, tokens, since = [], 0, time.perf_counter()
         if done % config.train.checkpoint_every == 0 or done == stage.end:
           checkpointer.save(done, state, iterator.get_state())
-    params = state.params
+    params = {**params, "vision": state.params["vision"]} if stage.is_contrastive else state.params
 
   checkpointer.wait()
   checkpointer.close()
   if is_main:
     writer.plot()
   writer.close()
+
+
+def _clip_inputs(clip_config) -> dict:
+  """Example arguments of `CLIP.init`: one image and one caption."""
+  size, length = clip_config.vision.image_size, clip_config.text.context_length
+  return dict(images=jnp.zeros((1, size, size, 3)), text_ids=jnp.ones((1, length), jnp.int32),
+              text_mask=jnp.ones((1, length), bool))
 
 
 def _validate(config: ml_collections.ConfigDict, params, model_dir: str, data_dir: str) -> dict[str, float]:
