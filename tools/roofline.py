@@ -25,15 +25,18 @@ def _median_seconds(fn, *args, repeats: int) -> float:
   return statistics.median(times)
 
 
-def measure(repeats: int = 10, bandwidth_bytes: int = 1 << 30, matmul_size: int = 2048) -> dict[str, float]:
-  """{'bandwidth_gb_s': bytes read per second / 1e9, 'matmul_gflop_s': float32 FLOPs per second / 1e9}."""
+def measure(repeats: int = 10, bandwidth_bytes: int = 1 << 30, matmul_size: int = 2048,
+            dtype: str = "float32") -> dict[str, float]:
+  """{'bandwidth_gb_s': bytes read per second / 1e9, 'matmul_gflop_s': matmul FLOPs per second / 1e9, with
+  operands of `dtype` (float32 accumulation)}."""
   data = jnp.ones((bandwidth_bytes // 4,), jnp.float32)
   seconds = _median_seconds(jax.jit(jnp.sum), data, repeats=repeats)
   bandwidth = bandwidth_bytes / seconds / 1e9
   del data
-  a = jax.random.normal(jax.random.key(0), (matmul_size, matmul_size), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (matmul_size, matmul_size), jnp.float32)
-  seconds = _median_seconds(jax.jit(jnp.matmul), a, b, repeats=repeats)
+  a = jax.random.normal(jax.random.key(0), (matmul_size, matmul_size), dtype)
+  b = jax.random.normal(jax.random.key(1), (matmul_size, matmul_size), dtype)
+  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+  seconds = _median_seconds(matmul, a, b, repeats=repeats)
   return {"bandwidth_gb_s": bandwidth, "matmul_gflop_s": 2 * matmul_size**3 / seconds / 1e9}
 
 

@@ -1,0 +1,146 @@
+"""Training throughput: the vlmjax train step against the same step in PyTorch/transformers, and the model FLOPs
+utilization (MFU) of each against this machine's measured float32 matmul peak.
+
+    python tools/bench_train.py [--config configs/shapes_tiny.py --batch_size 32 --repeats 7]
+
+vlmjax: `vlmjax.train.state.train_step` as the trainer runs it (AdamW, clipping, the jitted step with donated
+state) on a batch of the config's `data.length` tokens per row, one image each. transformers: a
+`LlavaForConditionalGeneration` of the same shape (CLIP vision tower with the config's width, depth, heads and
+patches; Llama decoder with its width, depth, heads, KV heads, MLP and vocabulary), forward + backward + clipping
++ `torch.optim.AdamW` on the same token and image counts. Model FLOPs per step (`model_flops`: 6 x matmul
+parameters x tokens plus the attention scores, forward + backward) are the same number for both; MFU = model FLOPs /
+step time / the measured matmul peak of the compute dtype. Prints one table; the step times are medians of
+--repeats timed steps after a warm-up.
+"""
+
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+import roofline  # tools/roofline.py: this script's own folder is on sys.path
+from vlmjax.models.vlm import VLM, VLMConfig
+from vlmjax.parallel import mesh as mesh_lib
+from vlmjax.train import optim, state as state_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes_tiny.py", "Experiment config file.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Rows per step (default: the config's train.batch_size).")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed steps per framework.")
+
+
+def _batch(model_config: VLMConfig, batch_size: int, length: int) -> dict[str, np.ndarray]:
+  """A training batch: random text with one image's placeholders after the first token, loss on the text."""
+  inputs = model_config.example_inputs(batch_size, length - model_config.tokens_per_image, seed=0)
+  input_ids = np.asarray(inputs["input_ids"])
+  targets = np.roll(input_ids, -1, axis=1)
+  loss_mask = (targets != model_config.image_token_id).astype(np.float32)
+  return dict(input_ids=input_ids, pixel_values=np.asarray(inputs["pixel_values"]), targets=targets,
+              loss_mask=loss_mask, input_mask=np.ones_like(input_ids, bool))
+
+
+def model_flops(model_config: VLMConfig, batch_size: int, length: int) -> float:
+  """Training FLOPs of one step (forward + backward = 3x forward): every matmul weight does 2 FLOPs per token
+  forward, the attention scores and their weighted sum 4·T·D per token and layer (no causal discount)."""
+  vision, decoder = model_config.vision, model_config.decoder
+  patches = vision.num_patches + int(vision.cls_token)
+  vision_weights = vision.depth * (4 * vision.width**2 + 2 * vision.width * vision.mlp_dim)
+  heads_width = decoder.num_heads * decoder.attention_head_dim
+  kv_width = decoder.num_kv_heads * decoder.attention_head_dim
+  decoder_weights = decoder.depth * (2 * decoder.width * heads_width + 2 * decoder.width * kv_width
+                                     + 3 * decoder.width * decoder.mlp_dim) + decoder.width * decoder.vocab_size
+  projector_weights = vision.width * decoder.width + decoder.width**2
+  forward = 2 * batch_size * (patches * vision_weights + model_config.tokens_per_image * projector_weights
+                              + length * decoder_weights)
+  forward += 4 * batch_size * (vision.depth * patches**2 * vision.width + decoder.depth * length**2 * heads_width)
+  return 3 * forward
+
+
+def _median_seconds(step, repeats: int) -> float:
+  step()  # warm-up (and, for JAX, compile)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def time_vlmjax(config, batch: dict, repeats: int) -> float:
+  """Median step seconds of the vlmjax train step."""
+  model_config = VLMConfig.from_dict(config.model)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = mesh_lib.normalize_rules(config.sharding_rules)
+  init = lambda: VLM(model_config).init(jax.random.key(config.seed), **model_config.example_inputs(1))
+  params = mesh_lib.init_sharded(init, mesh, rules)[0]["params"]
+  optimizer = optim.make_optimizer(config.optim, params, "full", total_steps=1000)
+  state = jax.jit(lambda p: state_lib.create(p, optimizer))(params)
+  batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
+  with mesh_lib.activate(mesh, rules):
+    def step():
+      nonlocal state
+      state, metrics = state_lib.train_step(state, batch, config=model_config, optimizer=optimizer, stage="full")
+      jax.block_until_ready(metrics["loss"])
+    return _median_seconds(step, repeats)
+
+
+def time_transformers(model_config: VLMConfig, config, batch: dict, repeats: int) -> float:
+  """Median step seconds of the same-shaped LLaVA in transformers (float32, eager, CPU)."""
+  import torch
+  import transformers
+
+  vision, decoder = model_config.vision, model_config.decoder
+  hf_config = transformers.LlavaConfig(
+      vision_config=transformers.CLIPVisionConfig(
+          hidden_size=vision.width, intermediate_size=vision.mlp_dim, num_hidden_layers=vision.depth,
+          num_attention_heads=vision.num_heads, image_size=vision.image_size, patch_size=vision.patch_size),
+      text_config=transformers.LlamaConfig(
+          vocab_size=decoder.vocab_size, hidden_size=decoder.width, intermediate_size=decoder.mlp_dim,
+          num_hidden_layers=decoder.depth, num_attention_heads=decoder.num_heads,
+          num_key_value_heads=decoder.num_kv_heads, max_position_embeddings=4096),
+      image_token_index=model_config.image_token_id, vision_feature_layer=-1,
+      vision_feature_select_strategy="default", image_seq_length=model_config.tokens_per_image)
+  torch.manual_seed(config.seed)
+  model = transformers.LlavaForConditionalGeneration(hf_config).train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.learning_rate,
+                                betas=(config.optim.b1, config.optim.b2), weight_decay=config.optim.weight_decay)
+  input_ids = torch.from_numpy(batch["input_ids"]).long()
+  pixel_values = torch.from_numpy(batch["pixel_values"]).permute(0, 3, 1, 2).contiguous()
+  labels = torch.where(torch.from_numpy(batch["loss_mask"]) > 0, torch.from_numpy(batch["targets"]).long(), -100)
+  labels = torch.roll(labels, 1, dims=1)  # transformers shifts labels itself: label t is predicted at t - 1
+
+  def step():
+    loss = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+  return _median_seconds(step, repeats)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  model_config = VLMConfig.from_dict(config.model)
+  batch_size = _BATCH.value or config.train.batch_size
+  length = config.data.length
+  batch = _batch(model_config, batch_size, length)
+  compute_dtype = model_config.decoder.dtype
+  peaks = {dtype: roofline.measure(repeats=5, dtype=dtype)["matmul_gflop_s"] * 1e9
+           for dtype in {"float32", compute_dtype}}
+  flops = model_flops(model_config, batch_size, length)
+  jax_seconds = time_vlmjax(config, batch, _REPEATS.value)
+  torch_seconds = time_transformers(model_config, config, batch, _REPEATS.value)
+  tokens = batch_size * length
+  print(f"batch {batch_size} x {length} tokens, {flops / 1e9:.1f} model GFLOP per step; matmul peaks: " +
+        ", ".join(f"{dtype} {peak / 1e9:.0f} GFLOP/s" for dtype, peak in peaks.items()))
+  print(f"{'framework':<16}{'compute':>10}{'step s (median)':>17}{'tokens/s':>11}{'MFU':>8}{'speed-up':>10}")
+  for name, dtype, seconds in (("vlmjax", compute_dtype, jax_seconds), ("transformers", "float32", torch_seconds)):
+    print(f"{name:<16}{dtype:>10}{seconds:>17.3f}{tokens / seconds:>11.0f}{flops / seconds / peaks[dtype]:>8.1%}"
+          f"{torch_seconds / seconds:>9.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)
