@@ -98,8 +98,9 @@ def test_sharded_training_gives_the_same_losses_as_one_device(tmp_path, data_fla
 
 
 def test_a_different_config_refuses_to_resume_and_names_the_keys(tmp_path, data_flags):
-  _train(tmp_path, data_flags, "--config.train.steps=1", "--config.train.checkpoint_every=1")
-  result = subprocess.run(_command(tmp_path, data_flags, "--config.train.steps=1", "--config.optim.learning_rate=0.5"),
+  one_step = ("--config.train.steps=1", "--config.train.stages=full")
+  _train(tmp_path, data_flags, *one_step, "--config.train.checkpoint_every=1")
+  result = subprocess.run(_command(tmp_path, data_flags, *one_step, "--config.optim.learning_rate=0.5"),
                           env=_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   from configs import shapes_tiny
@@ -130,7 +131,8 @@ def test_two_processes_train_like_one(tmp_path, data_flags, three_steps):
     assert process.returncode == 0, stderr[-3000:]
   two = _losses(tmp_path)
   np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [three_steps[s] for s in (1, 2, 3)], rtol=1e-4)
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+  # One checkpoint per stage end (contrastive: step 1 of 3, full: step 3), written once for both processes.
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "3"]
 
 
 def test_the_trained_workdir_serves_generate_and_eval(reference_run, shapes_dir, tmp_path):

@@ -3,8 +3,8 @@
     vlmjax train --config configs/shapes_tiny.py --workdir /tmp/shapes [--config.train.steps=N ...]
 
 Stages chain in one run (`train.stages = "contrastive:0.2,full:0.8"`: names and fractions of train.steps; see
-`stages.py`); each stage starts from the previous one's parameters with a fresh optimizer. Running the same command on a workdir
-resumes from its last checkpoint (train state and data-iterator state), step for step.
+`stages.py`); each stage starts from the previous one's parameters with a fresh optimizer. Running the same
+command on a workdir resumes from its last checkpoint (train state and data-iterator state), step for step.
 """
 
 import logging
