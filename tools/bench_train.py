@@ -13,9 +13,6 @@ step time / the measured matmul peak of the compute dtype. Prints one table; the
 --repeats timed steps after a warm-up.
 """
 
-import statistics
-import time
-
 import jax
 import numpy as np
 from absl import app, flags
@@ -58,16 +55,6 @@ def model_flops(model_config: VLMConfig, batch_size: int, length: int) -> float:
   return 3 * forward
 
 
-def _median_seconds(step, repeats: int) -> float:
-  step()  # warm-up (and, for JAX, compile)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def time_vlmjax(config, batch: dict, repeats: int) -> float:
   """Median step seconds of the vlmjax train step."""
   model_config = VLMConfig.from_dict(config.model)
@@ -83,7 +70,7 @@ def time_vlmjax(config, batch: dict, repeats: int) -> float:
       nonlocal state
       state, metrics = state_lib.train_step(state, batch, config=model_config, optimizer=optimizer, stage="full")
       jax.block_until_ready(metrics["loss"])
-    return _median_seconds(step, repeats)
+    return roofline.median_seconds(step, repeats=repeats)
 
 
 def time_transformers(model_config: VLMConfig, config, batch: dict, repeats: int) -> float:
@@ -117,7 +104,7 @@ def time_transformers(model_config: VLMConfig, config, batch: dict, repeats: int
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-  return _median_seconds(step, repeats)
+  return roofline.median_seconds(step, repeats=repeats)
 
 
 def main(argv):

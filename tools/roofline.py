@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 
-def _median_seconds(fn, *args, repeats: int) -> float:
+def median_seconds(fn, *args, repeats: int) -> float:
+  """Median wall-clock seconds of `fn(*args)`, blocked until ready, over `repeats` calls after a warm-up call."""
   jax.block_until_ready(fn(*args))  # compile and warm up
   times = []
   for _ in range(repeats):
@@ -30,13 +31,13 @@ def measure(repeats: int = 10, bandwidth_bytes: int = 1 << 30, matmul_size: int 
   """{'bandwidth_gb_s': bytes read per second / 1e9, 'matmul_gflop_s': matmul FLOPs per second / 1e9, with
   operands of `dtype` (float32 accumulation)}."""
   data = jnp.ones((bandwidth_bytes // 4,), jnp.float32)
-  seconds = _median_seconds(jax.jit(jnp.sum), data, repeats=repeats)
+  seconds = median_seconds(jax.jit(jnp.sum), data, repeats=repeats)
   bandwidth = bandwidth_bytes / seconds / 1e9
   del data
   a = jax.random.normal(jax.random.key(0), (matmul_size, matmul_size), dtype)
   b = jax.random.normal(jax.random.key(1), (matmul_size, matmul_size), dtype)
   matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
-  seconds = _median_seconds(matmul, a, b, repeats=repeats)
+  seconds = median_seconds(matmul, a, b, repeats=repeats)
   return {"bandwidth_gb_s": bandwidth, "matmul_gflop_s": 2 * matmul_size**3 / seconds / 1e9}
 
 
