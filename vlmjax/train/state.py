@@ -71,8 +71,8 @@ def stage_loss(params, config: VLMConfig | CLIPConfig, batch: dict, stage: str) 
 
 
 @functools.partial(jax.jit, static_argnames=("config", "optimizer", "stage"), donate_argnames=("state",))
-def train_step(state: TrainState, batch: dict, *, config: VLMConfig | CLIPConfig, optimizer: optax.GradientTransformation,
-               stage: str) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, *, config: VLMConfig | CLIPConfig,
+               optimizer: optax.GradientTransformation, stage: str) -> tuple[TrainState, dict]:
   """One update. A non-finite loss or gradient norm skips the update (params and optimizer state unchanged)
   and counts it in `skipped`; the run goes on.
 
