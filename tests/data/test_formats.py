@@ -1,5 +1,8 @@
 """The on-disk formats, from tiny files written in exactly those formats."""
 
+import base64
+import csv
+import io
 import json
 
 import numpy as np
@@ -82,3 +85,109 @@ def test_vqav2(tmp_path, images):
   annotations.write_text(json.dumps({"annotations": []}))
   with pytest.raises(ValueError, match=r"has no annotation for question 420"):
     formats.VqaV2(str(questions), str(annotations), str(images))
+
+
+def test_vqav2_and_coco_entries_without_their_fields_are_named(tmp_path, images):
+  questions = tmp_path / "questions.json"
+  annotations = tmp_path / "annotations.json"
+  questions.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 42, "question": "Q?"},
+                                                 {"question_id": 2, "question": "No image?"}]}))
+  annotations.write_text(json.dumps({"annotations": []}))
+  with pytest.raises(ValueError, match=r"questions.json, question 1: no 'image_id'"):
+    formats.VqaV2(str(questions), str(annotations), str(images))
+  captions = tmp_path / "captions.json"
+  captions.write_text(json.dumps({"annotations": []}))
+  with pytest.raises(ValueError, match=r"captions.json: no 'images' list"):
+    formats.CocoCaptions(str(captions), str(images))
+
+
+def test_evaluation_sources_give_annotations_without_decoding_images(tmp_path, images):
+  path = tmp_path / "captions.json"
+  path.write_text(json.dumps({"images": [{"id": 7, "file_name": "a.png"}],
+                              "annotations": [{"image_id": 7, "id": 1, "caption": "a dark square"}]}))
+  source = formats.CocoCaptions(str(path), str(images))
+  (images / "a.png").write_bytes(b"corrupt now")  # the annotation still reads; the image raises
+  assert source.annotation(0) == {"image_id": 7, "captions": ["a dark square"]}
+  with pytest.raises(ValueError, match=r"a.png: not a decodable image"):
+    source.image(0)
+
+
+def _pope_lines(*rows):
+  return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def test_pope_questions(tmp_path, images):
+  path = tmp_path / "coco_pope_random.json"
+  path.write_text(_pope_lines({"question_id": 1, "image": "a.png", "text": "Is there a dog?", "label": "no"},
+                              {"question_id": 2, "image": "a.png", "text": "Is there a cat?", "label": "Yes"}))
+  source = formats.PopeQuestions(str(path), str(images))
+  assert len(source) == 2
+  assert source.annotation(1) == {"question_id": 2, "question": "Is there a cat?", "label": "yes"}
+  assert source[0]["image"][0, 0, 0] == 10 and source[0]["label"] == "no"
+
+
+@pytest.mark.parametrize("lines, error", [
+    ('{"question_id": 1, "image": "a.png", "text": "Q?", "label": "no"}\n{"question_id": 2,\n',
+     r"coco_pope_random.json, line 2: not valid JSON"),
+    ('\n{"question_id": 1, "image": "a.png", "text": "Q?"}\n', r"coco_pope_random.json, line 2: no 'label'"),
+    ('{"question_id": 1, "image": "a.png", "text": "Q?", "label": "maybe"}\n',
+     r"coco_pope_random.json, line 1: label 'maybe' is neither 'yes' nor 'no'"),
+    ('{"question_id": 1, "image": "b.png", "text": "Q?", "label": "no"}\n', r"names the image b.png"),
+])
+def test_pope_errors_name_the_file_and_line(tmp_path, images, lines, error):
+  path = tmp_path / "coco_pope_random.json"
+  path.write_text(lines)
+  with pytest.raises((ValueError, FileNotFoundError), match=error):
+    formats.PopeQuestions(str(path), str(images))
+
+
+def _base64_png(colour):
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((4, 5, 3), colour, np.uint8)).save(buffer, format="PNG")
+  return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _write_tsv(path, rows, header=("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image")):
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f, delimiter="\t")
+    writer.writerow(header)
+    writer.writerows(rows)
+
+
+def test_mmbench_questions(tmp_path):
+  path = tmp_path / "mmbench.tsv"
+  _write_tsv(path, [
+      (0, "Which shape?\nLook closely.", "A hint", "circle", "square", "star", "heart", "B", "shapes", _base64_png(30)),
+      (1, "Is it red?", "nan", "yes", "no", "", "", "A", "colour", _base64_png(200)),
+  ])
+  source = formats.MmbenchQuestions(str(path))
+  assert len(source) == 2
+  assert source.annotation(0) == {"index": "0", "question": "Which shape?\nLook closely.", "hint": "A hint",
+                                  "options": ["circle", "square", "star", "heart"], "answer": "B",
+                                  "category": "shapes"}
+  second = source[1]
+  assert second["hint"] == "" and second["options"] == ["yes", "no"] and second["answer"] == "A"
+  assert second["image"].shape == (4, 5, 3) and second["image"][0, 0, 0] == 200
+
+
+def test_mmbench_errors_name_the_file_and_line(tmp_path):
+  path = tmp_path / "mmbench.tsv"
+  image = _base64_png(0)
+  # The first question spans lines 2-3 (a quoted newline), so the second question starts on line 4.
+  _write_tsv(path, [(0, "Two\nlines", "", "a", "b", "", "", "A", "x", image),
+                    (1, "Q?", "", "a", "b", "", "", "C", "x", image)])
+  with pytest.raises(ValueError, match=r"mmbench.tsv, line 4: answer 'C' is not one of the option letters A, B"):
+    formats.MmbenchQuestions(str(path))
+  _write_tsv(path, [(0, "Q?", "", "a", "b", "", "", "A", "x", image), (1, "Q?", "", "a", "b")])
+  with pytest.raises(ValueError, match=r"mmbench.tsv, line 3: 5 fields where the header has 10"):
+    formats.MmbenchQuestions(str(path))
+  _write_tsv(path, [(0, "Q?", "a", "b", "A", image)], header=("index", "question", "A", "B", "answer", "picture"))
+  with pytest.raises(ValueError, match=r"mmbench.tsv, line 1: no 'image' column"):
+    formats.MmbenchQuestions(str(path))
+  _write_tsv(path, [(0, "Q?", "", "a", "b", "", "", "A", "x", image), (1, "Q?", "", "a", "b", "", "", "A", "x",
+                                                                      "not base64!")])
+  source = formats.MmbenchQuestions(str(path))
+  with pytest.raises(ValueError, match=r"mmbench.tsv, line 3: the image is not base64 of a PNG/JPEG"):
+    source.image(1)
+  with pytest.raises(FileNotFoundError, match=r"the MMBench TSV .*absent.tsv does not exist"):
+    formats.MmbenchQuestions(str(tmp_path / "absent.tsv"))

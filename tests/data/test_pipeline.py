@@ -1,4 +1,5 @@
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -109,6 +110,25 @@ def test_restoring_the_iterator_state_continues_exactly(data_dir, tokenizer):
       np.testing.assert_array_equal(got[key], want[key])
 
 
+def test_worker_processes_give_the_same_batches_and_their_state_restores_exactly(data_dir, tokenizer):
+  source = shapes.load(data_dir, "train")
+  make = lambda num_workers: iter(pipeline.train_dataset(source, _to_example(tokenizer, data_dir), seed=5,
+                                                         batch_size=4, length=120, num_workers=num_workers))
+  in_process = make(0)
+  expected = [next(in_process) for _ in range(20)]  # crosses an epoch boundary (64 / 4 = 16 batches)
+  with_workers = make(2)
+  got = [next(with_workers) for _ in range(8)]
+  state = json.loads(json.dumps(with_workers.get_state()))  # as the checkpoint stores it
+  with_workers.close()
+  resumed = make(2)
+  resumed.set_state(state)
+  got += [next(resumed) for _ in range(12)]
+  resumed.close()
+  for want, batch in zip(expected, got, strict=True):
+    for key in want:
+      np.testing.assert_array_equal(batch[key], want[key])
+
+
 def test_processes_read_disjoint_parts_that_cover_the_split(data_dir, tokenizer):
   source = shapes.load(data_dir, "train")
   seen = []
@@ -120,7 +140,8 @@ def test_processes_read_disjoint_parts_that_cover_the_split(data_dir, tokenizer)
   assert sorted(seen[0] + seen[1]) == list(range(64))
 
 
-def test_a_bad_record_is_skipped_counted_and_named(data_dir, tokenizer, caplog):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_bad_record_is_skipped_counted_and_named(data_dir, tokenizer, caplog, num_workers):
   source = shapes.load(data_dir, "train")
 
   class Corrupt:
@@ -136,7 +157,7 @@ def test_a_bad_record_is_skipped_counted_and_named(data_dir, tokenizer, caplog):
   bad_records = pipeline.BadRecords()
   dataset = pipeline.train_dataset(Corrupt(), _to_example(tokenizer, data_dir), seed=0, batch_size=1, length=120,
                                    shuffle=False, num_epochs=1, source_name="corrupt.array_record",
-                                   bad_records=bad_records)
+                                   bad_records=bad_records, num_workers=num_workers)
   with caplog.at_level("WARNING"):
     ids = [int(batch["image_id"][0]) for batch in dataset]
   assert ids == [0, 1, 2, 3, 4, 6, 7] and bad_records.count == 1

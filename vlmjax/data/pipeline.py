@@ -1,12 +1,14 @@
 """Input pipelines with grain: conversations -> token ids, loss masks and pixels, batched, checkpointable.
 
-    dataset = train_dataset(source, to_example, seed=0, batch_size=32)
+    dataset = train_dataset(source, to_example, seed=0, batch_size=32, length=192)
     iterator = iter(dataset)             # grain DatasetIterator: get_state() / set_state(state)
     batch = next(iterator)               # {input_ids, targets, loss_mask, input_mask, pixel_values}: numpy
+                                         # packing=True adds segment_ids and positions (vlmjax.data.packing)
 
 Every process reads its own part of one global order (`process_index::process_count`), so the global batch is
-the processes' batches side by side and holds the same examples for any number of processes. A record that fails to decode is logged with its index, skipped and
-counted; it never stops the run.
+the processes' batches side by side and holds the same examples for any number of processes. Worker processes
+(`num_workers`) decode records without changing which batches come out. A record that fails to decode is
+logged with its index, skipped and counted; it never stops the run.
 """
 
 import dataclasses
@@ -15,7 +17,9 @@ from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
+from absl import flags
 
+from vlmjax.data import packing as packing_lib
 from vlmjax.data.tokenizer import Tokenizer
 
 Messages = list[dict[str, Any]]
@@ -98,30 +102,49 @@ def pad_batch(examples: Sequence[dict[str, np.ndarray]], length: int) -> dict[st
 
 
 class BadRecords:
-  """How many records failed to decode and were skipped (in this process)."""
+  """How many records failed to decode and were skipped (in this process, worker processes' included)."""
 
   def __init__(self):
     self.count = 0
 
 
-class _SkipBadRecords(grain.transforms.RandomMap):
-  """Applies `to_example(record, rng)`; a record that raises is logged with its index, counted and skipped."""
+@dataclasses.dataclass(frozen=True)
+class _BadRecord:
+  """What a record that failed to decode becomes (in a worker process, maybe), until it is logged and dropped."""
 
-  def __init__(self, to_example: Callable[[Any, np.random.Generator], dict | None], source_name: str,
-               bad_records: BadRecords):
+  index: int
+  error: str
+
+
+class _ToExample(grain.transforms.RandomMap):
+  """Applies `to_example(record, rng)`; a record that raises becomes a `_BadRecord`. It is dropped later, in the
+  process that makes the batches, so that every worker's order stays in step and every failure is counted."""
+
+  def __init__(self, to_example: Callable[[Any, np.random.Generator], dict]):
     self._to_example = to_example
-    self._source_name = source_name
-    self._bad_records = bad_records
 
   def random_map(self, element, rng: np.random.Generator):
     index, record = element
     try:
       return self._to_example(record, rng)
     except Exception as error:  # a corrupt image or a malformed record must not stop training
-      self._bad_records.count += 1
-      logging.warning("skipping record %d of %s (%s: %s); %d skipped so far", index, self._source_name,
-                      type(error).__name__, error, self._bad_records.count)
-      return None
+      return _BadRecord(index, f"{type(error).__name__}: {error}")
+
+
+class _DropBadRecords(grain.transforms.Filter):
+  """Logs each `_BadRecord` with its index and source, counts it and drops it."""
+
+  def __init__(self, source_name: str, bad_records: BadRecords):
+    self._source_name = source_name
+    self._bad_records = bad_records
+
+  def filter(self, element) -> bool:
+    if not isinstance(element, _BadRecord):
+      return True
+    self._bad_records.count += 1
+    logging.warning("skipping record %d of %s (%s); %d skipped so far", element.index, self._source_name,
+                    element.error, self._bad_records.count)
+    return False
 
 
 class _Indexed:
@@ -140,27 +163,52 @@ class _Indexed:
 def train_dataset(source, to_example: Callable[[Any, np.random.Generator], dict], *, seed: int, batch_size: int,
                   length: int, process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
                   shuffle: bool = True, source_name: str = "the data source",
-                  bad_records: BadRecords | None = None) -> grain.IterDataset:
+                  bad_records: BadRecords | None = None, packing: bool = False, images_per_row: int | None = None,
+                  num_workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
   """Batches of this process's part of `source`, shuffled by seed (reshuffled each epoch), repeated.
 
   Args:
     source: random access (`len`, `[i]`) records, e.g. `vlmjax.data.shapes.load(dir, "train")`.
     to_example: (record, numpy Generator seeded per element) -> `example_arrays(...)`.
-    batch_size: examples per batch *on this process* (the global batch divided by process_count).
-    length: the static token length batches are padded to.
+    batch_size: rows per batch *on this process* (the global batch divided by process_count).
+    length: the static token length of a row.
     num_epochs: None repeats forever.
     bad_records: counts the records skipped because they failed to decode.
+    packing: several examples per row, with segment_ids and positions (`vlmjax.data.packing`); else one
+      example per row, padded. Each process packs its own part, so which examples share a global batch then
+      depends on the process count.
+    images_per_row: with packing, the image slots of a row (pixel_values [B, images_per_row, H, W, 3]).
+    num_workers: processes that decode records (to_example); 0 decodes in this process's reader threads. The
+      batches are the same for any number (the workers deal the examples out in turn and this process packs
+      and batches them), but a saved iterator state restores only into the same number.
+    prefetch: batches a background thread keeps ready; 0 makes each batch when it is asked for.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
+  if packing and images_per_row is None:
+    raise ValueError("packing needs images_per_row: the image slots of a row, e.g. length // tokens_per_image")
   dataset = grain.MapDataset.source(_Indexed(source))
   if shuffle:
     dataset = dataset.shuffle(seed=seed)
-  skip_bad = _SkipBadRecords(to_example, source_name, bad_records or BadRecords())
-  dataset = dataset.repeat(num_epochs).random_map(skip_bad, seed=seed)
+  dataset = dataset.repeat(num_epochs).random_map(_ToExample(to_example), seed=seed)
   # One global order, dealt out: process p takes positions p, p + P, ... (lazily: it only decodes its own).
   # Global batch b is then positions [b*G, (b+1)*G) whatever the process count, with the same per-example
   # randomness, so a run on N processes sees what a run on one sees.
-  dataset = dataset[process_index::process_count]
-  dataset = dataset.filter(lambda example: example is not None).to_iter_dataset()
-  return dataset.batch(batch_size, drop_remainder=True, batch_fn=lambda examples: pad_batch(examples, length))
+  dataset = dataset[process_index::process_count].to_iter_dataset()
+  # Worker w decodes positions w, w + W, ... of this process's part; they are read back in turn, so the order
+  # is the in-process one. Bad records are dropped only after that (a worker that dropped one would fall out
+  # of step), and packing (which depends on every example before) happens here too.
+  if num_workers and not flags.FLAGS.is_parsed():
+    # Starting workers reads one of grain's absl flags: outside an absl app (pytest, a notebook) nothing parsed
+    # them and that raises UnparsedFlagAccessError. The defaults are what grain wants.
+    flags.FLAGS.mark_as_parsed()
+  dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  dataset = dataset.filter(_DropBadRecords(source_name, bad_records or BadRecords()))
+  if packing:
+    dataset = packing_lib.pack(dataset, length=length, images_per_row=images_per_row, rows=batch_size)
+    dataset = dataset.batch(batch_size, drop_remainder=True)
+  else:
+    dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=lambda examples: pad_batch(examples, length))
+  if prefetch:
+    dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch)
+  return dataset

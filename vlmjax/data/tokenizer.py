@@ -122,6 +122,11 @@ class Tokenizer:
       environment.globals["strftime_now"] = lambda format: datetime.datetime.now().strftime(format)
       self._template = environment.from_string(chat_template)
 
+  def __reduce__(self):
+    """Pickled (for the input pipeline's worker processes) as what it is built from: a compiled Jinja template
+    does not pickle."""
+    return type(self), (self.backend, self.config, self.chat_template, self.name)
+
   @classmethod
   def from_directory(cls, directory: str) -> "Tokenizer":
     """Reads tokenizer.json, tokenizer_config.json (special tokens missing there are taken from
