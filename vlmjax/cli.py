@@ -1,4 +1,4 @@
-"""The `vlmjax` command: summarize, data, train, eval, generate, serve.
+"""The `vlmjax` command: summarize, data, train, eval, report, generate, serve.
 
     vlmjax summarize --config configs/shapes_tiny.py --config.mesh.tensor=2 --devices 8
 
@@ -13,17 +13,25 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "data build: the output directory; data show: the PNG to write.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "data show: where the data set was built (default: --out's "
-                                "directory for build, required for show).")
+_OUT = flags.DEFINE_string("out", None, "data build: the output directory; data show: the PNG to write; eval: "
+                           "results.json (predictions go beside it); report: the Markdown file.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "data show, eval, report: where the shapes data set was built "
+                                "(default for eval and report: the workdir's).")
 _SPLIT = flags.DEFINE_string("split", "validation", "data show: which split to picture.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "train: the run's directory (checkpoints, metrics, config).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "train, eval: the run's directory (checkpoints, metrics, config).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "train: resume a workdir even though its "
                                          "saved config differs from --config.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "eval, generate, serve: a training workdir or a Hugging Face "
                                   "model directory.")
-_BENCHMARKS = flags.DEFINE_string("benchmarks", None, "eval: comma-separated benchmark names (default: all built-in "
-                                  "shapes benchmarks).")
+_BENCHMARKS = flags.DEFINE_string(
+    "benchmarks", None, "eval: comma-separated benchmarks (default: every built-in one; shapes_retrieval only when "
+    "the workdir still holds its contrastive stage's checkpoint). Built in: shapes_vqa, shapes_caption, "
+    "shapes_pope, shapes_mc, shapes_grounding, shapes_retrieval. Files on disk: [NAME=]KIND:ARG:ARG... with "
+    "vqav2:QUESTIONS_JSON:ANNOTATIONS_JSON:IMAGE_DIR[:FILE_NAME_PATTERN] (VQAv2-style JSON; TextVQA or GQA in that "
+    "form; the pattern names images from image_id, default COCO_val2014_{image_id:012d}.jpg), "
+    "coco_captions:CAPTIONS_JSON:IMAGE_DIR, pope:JSONL[:JSONL...]:IMAGE_DIR (a split per file: random, popular, "
+    "adversarial), mmbench:TSV. NAME (default: KIND) keys results.json and the cached predictions, e.g. "
+    "textvqa=vqav2:q.json:a.json:images:{image_id}.jpg. Paths may not contain ',' or ':'.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "eval: prompts generated together.")
 _DEVICES = flags.DEFINE_integer("devices", None, "summarize: plan the mesh for this many devices "
                                 "(default: the devices JAX sees).")
@@ -100,25 +108,53 @@ def evaluate(args: list[str]) -> None:
   import os
 
   import vlmjax
-  from vlmjax.eval import benchmarks, harness
+  from vlmjax.eval import benchmarks, harness, retrieval
   from vlmjax.train import workdir as workdir_lib
 
   path = _WORKDIR.value or _CHECKPOINT.value
   if path is None or _OUT.value is None:
     raise SystemExit("vlmjax eval: --workdir DIR (or --checkpoint PATH) and --out results.json are required")
+  if _BENCHMARKS.value:
+    names = _BENCHMARKS.value.split(",")
+  else:
+    step, why_not = retrieval.contrastive_checkpoint(path)
+    names = list(benchmarks.BENCHMARKS) + (list(retrieval.BENCHMARKS) if step is not None else [])
+    if step is None:
+      print(f"vlmjax eval: shapes_retrieval skipped: {why_not}", file=sys.stderr)
+  built_in = [name for name in names if name in benchmarks.BENCHMARKS or name in retrieval.BENCHMARKS]
   data_dir = _DATA_DIR.value
   if data_dir is None and os.path.exists(os.path.join(path, workdir_lib.CONFIG_FILE)):
     data_dir = workdir_lib.read_config(path).data.dir or os.path.join(path, "data")
-  if data_dir is None:
-    raise SystemExit("vlmjax eval: --data_dir is required for a checkpoint that is not a vlmjax workdir")
-  names = _BENCHMARKS.value.split(",") if _BENCHMARKS.value else list(benchmarks.BENCHMARKS)
-  for name in names:
-    benchmarks.get(name)  # an unknown name fails before the model loads
+  if data_dir is None and built_in:
+    raise SystemExit(f"vlmjax eval: --data_dir is required for {', '.join(built_in)} with a checkpoint that is not "
+                     f"a vlmjax workdir")
   out_dir = os.path.dirname(os.path.abspath(_OUT.value))
-  results = harness.evaluate(vlmjax.load(path), names, out_dir, data_dir, batch_size=_BATCH_SIZE.value)
+  try:
+    for name in names:
+      benchmarks.get(name)  # unknown names and missing benchmark files fail before the model loads
+    retrieval_names = [name for name in names if name in retrieval.BENCHMARKS]
+    vlm = vlmjax.load(path) if len(retrieval_names) < len(names) else None
+    clip = retrieval.load_clip(path) if retrieval_names else None
+    results = harness.evaluate(vlm, names, out_dir, data_dir, batch_size=_BATCH_SIZE.value, clip=clip)
+  except FileNotFoundError as error:
+    raise SystemExit(f"vlmjax eval: {error}") from error
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=1)
   print(json.dumps(results, indent=1))
+
+
+def report(args: list[str]) -> None:
+  """`vlmjax report RUN_DIR [RUN_DIR ...] --out report.md`: a Markdown page comparing evaluation runs."""
+  if not args or _OUT.value is None:
+    raise SystemExit("usage: vlmjax report RUN_DIR [RUN_DIR ...] --out report.md [--data_dir DIR]  (a run folder "
+                     "holds the results.json of `vlmjax eval`)")
+  from vlmjax.eval.report import write_report
+
+  try:
+    write_report(args, _OUT.value, data_dir=_DATA_DIR.value)
+  except FileNotFoundError as error:
+    raise SystemExit(f"vlmjax report: {error}") from error
+  print(f"wrote {_OUT.value}")
 
 
 def generate(args: list[str]) -> None:
@@ -159,8 +195,8 @@ def serve(args: list[str]) -> None:
     raise SystemExit(f"vlmjax serve: {error}") from error
 
 
-COMMANDS = {"summarize": summarize, "data": data, "train": train, "eval": evaluate, "generate": generate,
-            "serve": serve}
+COMMANDS = {"summarize": summarize, "data": data, "train": train, "eval": evaluate, "report": report,
+            "generate": generate, "serve": serve}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
   if len(argv) < 2 or argv[1] not in COMMANDS:
     raise SystemExit(f"usage: vlmjax {{{','.join(COMMANDS)}}} [flags]   (vlmjax COMMAND --help for its flags)")
   command = argv.pop(1)
+  if "--help" in argv[1:] or "-h" in argv[1:]:
+    print(f"vlmjax {command}: {COMMANDS[command].__doc__}\n\n{FLAGS.module_help(sys.modules[__name__])}")
+    return
   # config_flags registers the `--config.a.b` override flags from sys.argv, so it must hold what we parse.
   sys.argv = argv
   try:

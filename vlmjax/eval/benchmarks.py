@@ -6,7 +6,9 @@ model each prompt, reads the answer out of the model's text, and scores the whol
     samples = BENCHMARKS["shapes_vqa"].samples(data_dir)
     results = BENCHMARKS["shapes_vqa"].score(samples, answers)    # {"accuracy": ..., "accuracy/colour": ...}
 
-The built-in ones read the shapes data set's validation split.
+The built-in ones read the shapes data set's validation split; `file_benchmarks.py` reads the files people have
+on disk (VQAv2-style JSON, COCO captions, POPE, MMBench), named `KIND:PATH:...`; `shapes_retrieval` is scored
+from a CLIP dual tower's embeddings instead of generated text (`retrieval.py`).
 """
 
 import collections
@@ -17,16 +19,20 @@ from typing import Any, Callable
 import numpy as np
 
 from vlmjax.data import shapes, shapes_tasks
-from vlmjax.eval import metrics
+from vlmjax.eval import metrics, retrieval
 
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
   id: str
-  images: tuple  # uint8[H, W, 3] arrays or PIL images, in prompt order
+  images: tuple  # uint8[H, W, 3] arrays, PIL images, or functions () -> one of those (read when asked)
   prompt: str  # the user turn's text; the images come first
   target: Any  # what the metric compares the answer with
   group: str = ""  # a sub-score key (question type, POPE split, circular question id)
+
+  def read_images(self) -> list:
+    """The images as arrays or PIL images, reading those given as functions."""
+    return [image() if callable(image) else image for image in self.images]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +55,19 @@ def _shapes_vqa_samples(data_dir: str) -> list[Sample]:
           for record in _validation(data_dir) for i, question in enumerate(record["vqa"])]
 
 
-def _vqa_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
+def vqa_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
+  """`accuracy` and `accuracy/<group>` (the question or answer type). The official VQA metric against 10-ish
+  human answers; against a single reference (GQA-style) exact match after the VQA normalization, since the
+  metric's leave-one-out would leave no reference to match."""
   scores = collections.defaultdict(list)
   for sample, answer in zip(samples, answers):
-    score = metrics.vqa_accuracy(answer, sample.target)
+    if len(sample.target) == 1:
+      score = float(metrics.normalize_vqa_answer(answer) == metrics.normalize_vqa_answer(sample.target[0]))
+    else:
+      score = metrics.vqa_accuracy(answer, sample.target)
     scores["accuracy"].append(score)
-    scores[f"accuracy/{sample.group}"].append(score)
+    if sample.group:
+      scores[f"accuracy/{sample.group}"].append(score)
   return {key: float(np.mean(values)) for key, values in scores.items()}
 
 
@@ -63,7 +76,7 @@ def _shapes_caption_samples(data_dir: str) -> list[Sample]:
           for record in _validation(data_dir)]
 
 
-def _caption_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
+def caption_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
   refs = metrics.ptb_tokenize({sample.id: list(sample.target) for sample in samples})
   preds = metrics.ptb_tokenize({sample.id: answer for sample, answer in zip(samples, answers)})
   scores = dict(zip(("bleu1", "bleu2", "bleu3", "bleu4"), metrics.bleu(refs, preds)))
@@ -76,7 +89,7 @@ def _shapes_pope_samples(data_dir: str) -> list[Sample]:
           for record in _validation(data_dir) for i, probe in enumerate(record["pope"])]
 
 
-def _pope_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
+def pope_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
   return metrics.pope_by_split(answers, [s.target for s in samples], [s.group for s in samples])
 
 
@@ -93,7 +106,7 @@ def _shapes_mc_samples(data_dir: str) -> list[Sample]:
   return samples
 
 
-def _mc_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
+def multiple_choice_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
   choices = [metrics.extract_choice(answer, list(sample.target[1])) for sample, answer in zip(samples, answers)]
   return {"accuracy": metrics.circular_accuracy([s.group for s in samples], choices,
                                                 [s.target[0] for s in samples])}
@@ -114,23 +127,32 @@ def parse_box(text: str) -> tuple[float, float, float, float] | None:
   return None if match is None else tuple(float(v) for v in match.groups())
 
 
-def _grounding_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
+def grounding_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
   boxes = [parse_box(answer) or (0.0, 0.0, 0.0, 0.0) for answer in answers]
   return {"accuracy": metrics.grounding_accuracy(np.asarray(boxes), np.asarray([s.target for s in samples]))}
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "shapes_vqa": Benchmark("shapes_vqa", _shapes_vqa_samples, _vqa_score, max_new_tokens=6),
-    "shapes_caption": Benchmark("shapes_caption", _shapes_caption_samples, _caption_score, max_new_tokens=40,
+    "shapes_vqa": Benchmark("shapes_vqa", _shapes_vqa_samples, vqa_score, max_new_tokens=6),
+    "shapes_caption": Benchmark("shapes_caption", _shapes_caption_samples, caption_score, max_new_tokens=40,
                                 limit=200),
-    "shapes_pope": Benchmark("shapes_pope", _shapes_pope_samples, _pope_score, max_new_tokens=4, limit=1500),
-    "shapes_mc": Benchmark("shapes_mc", _shapes_mc_samples, _mc_score, max_new_tokens=4, limit=1200),
-    "shapes_grounding": Benchmark("shapes_grounding", _shapes_grounding_samples, _grounding_score,
+    "shapes_pope": Benchmark("shapes_pope", _shapes_pope_samples, pope_score, max_new_tokens=4, limit=1500),
+    "shapes_mc": Benchmark("shapes_mc", _shapes_mc_samples, multiple_choice_score, max_new_tokens=4, limit=1200),
+    "shapes_grounding": Benchmark("shapes_grounding", _shapes_grounding_samples, grounding_score,
                                   max_new_tokens=20, limit=300),
 }
 
 
-def get(name: str) -> Benchmark:
-  if name not in BENCHMARKS:
-    raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
-  return BENCHMARKS[name]
+def get(name: str) -> Benchmark | retrieval.RetrievalBenchmark:
+  """A built-in benchmark by name, or a file benchmark from its spec `[NAME=]KIND:PATH:...` (file_benchmarks.py)."""
+  from vlmjax.eval import file_benchmarks  # imported here: it builds on this module's Sample and scores
+
+  if name in BENCHMARKS:
+    return BENCHMARKS[name]
+  if name in retrieval.BENCHMARKS:
+    return retrieval.BENCHMARKS[name]
+  if ":" in name:
+    return file_benchmarks.parse(name)
+  raise ValueError(f"unknown benchmark {name!r}; available: {', '.join([*BENCHMARKS, *retrieval.BENCHMARKS])}, "
+                   f"or files as KIND:PATH:... with KIND one of {', '.join(file_benchmarks.KINDS)} "
+                   f"(see `vlmjax eval --help`)")

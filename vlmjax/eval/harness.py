@@ -3,7 +3,8 @@
     results = evaluate(vlm, ["shapes_vqa", "shapes_pope"], out_dir="eval/", data_dir="data/")
 
 Answers are appended to `out_dir/predictions/<benchmark>.jsonl` as they come, so a killed evaluation continues
-where it stopped; results go to `{benchmark: {metric: value}}`.
+where it stopped; results go to `{benchmark: {metric: value}}`. Retrieval benchmarks generate nothing: they are
+scored from the embeddings of `clip`, a `retrieval.DualTower`.
 """
 
 import json
@@ -13,6 +14,7 @@ from typing import Sequence
 import tqdm
 
 from vlmjax.eval import benchmarks as benchmarks_lib
+from vlmjax.eval import retrieval
 
 
 def _read_answers(path: str) -> dict[str, str]:
@@ -39,14 +41,30 @@ def _conversation(sample: benchmarks_lib.Sample) -> list[dict]:
 
 
 def evaluate(vlm, names: Sequence[str], out_dir: str, data_dir: str, batch_size: int = 64,
-             limits: dict[str, int | None] | None = None) -> dict[str, dict[str, float]]:
-  """Metrics per benchmark; per-sample predictions in out_dir/predictions/*.jsonl."""
-  chosen = [benchmarks_lib.get(name) for name in names]  # unknown names fail before any work
+             limits: dict[str, int | None] | None = None,
+             clip: retrieval.DualTower | None = None) -> dict[str, dict[str, float]]:
+  """Metrics per benchmark; per-sample predictions in out_dir/predictions/*.jsonl.
+
+  names: built-in benchmark names or file specs (`benchmarks.get`). vlm: what answers the prompts (`chat_batch`);
+  clip: the dual tower the retrieval benchmarks need (either may be None when no benchmark needs it).
+  """
+  chosen = [benchmarks_lib.get(name) for name in names]  # unknown names and missing files fail before any work
+  for benchmark in chosen:
+    if isinstance(benchmark, retrieval.RetrievalBenchmark) and clip is None:
+      raise ValueError(f"{benchmark.name} needs a CLIP dual tower (clip=...), and none was given")
   os.makedirs(os.path.join(out_dir, "predictions"), exist_ok=True)
   results = {}
   for benchmark in chosen:
     limit = (limits or {}).get(benchmark.name, benchmark.limit)
+    if isinstance(benchmark, retrieval.RetrievalBenchmark):
+      results[benchmark.name] = benchmark.run(clip, data_dir, limit)
+      continue
     samples = benchmark.samples(data_dir)[:limit]
+    seen = set()
+    for sample in samples:
+      if sample.id in seen:
+        raise ValueError(f"{benchmark.name}: two samples have the id {sample.id!r}; ids key the saved answers")
+      seen.add(sample.id)
     path = os.path.join(out_dir, "predictions", f"{benchmark.name}.jsonl")
     answers = _read_answers(path)
     todo = [sample for sample in samples if sample.id not in answers]
@@ -56,7 +74,7 @@ def evaluate(vlm, names: Sequence[str], out_dir: str, data_dir: str, batch_size:
         batch = todo[start:start + batch_size]
         # A full batch every time (the last one padded by repetition): one compiled shape per benchmark.
         padded = batch + [batch[-1]] * (batch_size - len(batch))
-        replies = vlm.chat_batch([_conversation(s) for s in padded], [list(s.images) for s in padded],
+        replies = vlm.chat_batch([_conversation(s) for s in padded], [s.read_images() for s in padded],
                                  max_new_tokens=benchmark.max_new_tokens)
         for sample, reply in zip(batch, replies):
           answers[sample.id] = reply

@@ -1,0 +1,158 @@
+"""Benchmarks from the files people have on disk, named by a spec `[NAME=]KIND:ARG:ARG...`:
+
+    vqav2:QUESTIONS_JSON:ANNOTATIONS_JSON:IMAGE_DIR[:FILE_NAME_PATTERN]
+        VQAv2-style questions + annotations (TextVQA or GQA put in that form), the VQA metric per answer type;
+        images named by the pattern from each question's image_id (default COCO_val2014_{image_id:012d}.jpg)
+    coco_captions:CAPTIONS_JSON:IMAGE_DIR      COCO captions JSON: BLEU-1..4 and CIDEr-D
+    pope:JSONL[:JSONL...]:IMAGE_DIR            POPE question files, one split each (random / popular /
+                                               adversarial, read from the file name): per-split POPE scores
+    mmbench:TSV                                MMBench TSV: CircularEval accuracy, overall and per category
+
+    get("textvqa=vqav2:textvqa_questions.json:textvqa_annotations.json:train_images:{image_id}.jpg")
+
+The name (default: the kind) keys results.json and the predictions file, so two files of one kind need two
+names. Paths may not contain ':' or ','; the file-name pattern, last, may contain ':'. Prompts follow LLaVA's
+evaluation scripts. The paths are checked when the spec is parsed; the files are read when the samples are
+listed (a malformed file's error names the file and the entry or line), and images when the model is asked.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Callable
+
+from vlmjax.data import formats
+from vlmjax.eval import metrics
+from vlmjax.eval.benchmarks import Benchmark, Sample, caption_score, multiple_choice_score, pope_score, vqa_score
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
+POPE_SPLITS = ("random", "popular", "adversarial")
+
+
+@dataclasses.dataclass(frozen=True)
+class FileKind:
+  usage: str  # the arguments after 'KIND:'
+  build: Callable[[str, list[str]], Benchmark]  # (name, arguments) -> the benchmark
+  min_args: int
+  max_args: int | None  # None: any number; otherwise the last argument keeps any further ':'
+  path_args: int | None = None  # how many leading arguments are paths that must exist; None: all
+
+
+def _check_paths(spec: str, *paths: str) -> None:
+  for path in paths:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"benchmark {spec!r}: {path} does not exist")
+
+
+def _vqav2(name: str, args: list[str]) -> Benchmark:
+  questions, annotations, image_dir, *file_name = args
+
+  def samples(data_dir: str) -> list[Sample]:
+    del data_dir
+    source = formats.VqaV2(questions, annotations, image_dir, *file_name)
+    rows = [source.annotation(i) for i in range(len(source))]
+    return [Sample(str(row["question_id"]), (functools.partial(source.image, i),),
+                   f"{row['question']}\n{SHORT_ANSWER}", row["answers"], row["answer_type"])
+            for i, row in enumerate(rows)]
+  return Benchmark(name, samples, vqa_score, max_new_tokens=16)
+
+
+def _coco_captions(name: str, args: list[str]) -> Benchmark:
+  captions, image_dir = args
+
+  def samples(data_dir: str) -> list[Sample]:
+    del data_dir
+    source = formats.CocoCaptions(captions, image_dir)
+    rows = [source.annotation(i) for i in range(len(source))]
+    return [Sample(str(row["image_id"]), (functools.partial(source.image, i),), CAPTION_PROMPT, row["captions"])
+            for i, row in enumerate(rows) if row["captions"]]
+  return Benchmark(name, samples, caption_score, max_new_tokens=48)
+
+
+def pope_split(path: str) -> str:
+  """The POPE split a question file holds, from its name (coco_pope_adversarial.json -> adversarial); a name
+  without one is its own split (the file name without extension)."""
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return next((split for split in POPE_SPLITS if split in stem.lower()), stem)
+
+
+def _pope(name: str, args: list[str]) -> Benchmark:
+  *files, image_dir = args
+  splits = [pope_split(path) for path in files]
+  for i, split in enumerate(splits):
+    if split in splits[:i]:
+      raise ValueError(f"benchmark {name!r}: {files[splits.index(split)]} and {files[i]} are both POPE split "
+                       f"{split!r}; give each split once")
+
+  def samples(data_dir: str) -> list[Sample]:
+    del data_dir
+    out = []
+    for path, split in zip(files, splits):
+      source = formats.PopeQuestions(path, image_dir)
+      for i in range(len(source)):
+        row = source.annotation(i)
+        out.append(Sample(f"{split}/{row['question_id']}", (functools.partial(source.image, i),),
+                          f"{row['question']}\n{SHORT_ANSWER}", row["label"], split))
+    return out
+  return Benchmark(name, samples, pope_score, max_new_tokens=8)
+
+
+def mmbench_prompt(question: str, hint: str, options: list[str]) -> str:
+  """LLaVA's MMBench prompt: the hint, the question, 'A. option' lines, then the instruction."""
+  lines = ([hint] if hint else []) + [question]
+  lines += [f"{letter}. {option}" for letter, option in zip("ABCDEFGHIJ", options)]
+  return "\n".join(lines + [LETTER_ANSWER])
+
+
+def _mmbench_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
+  """CircularEval accuracy overall and per category (`accuracy/<category>`)."""
+  results = multiple_choice_score(samples, answers)
+  categories = [sample.target[2] for sample in samples]
+  for category in sorted(set(categories) - {""}):
+    rows = [i for i, name in enumerate(categories) if name == category]
+    scores = multiple_choice_score([samples[i] for i in rows], [answers[i] for i in rows])
+    results[f"accuracy/{category}"] = scores["accuracy"]
+  return results
+
+
+def _mmbench(name: str, args: list[str]) -> Benchmark:
+  (tsv,) = args
+
+  def samples(data_dir: str) -> list[Sample]:
+    """Every question once per rotation of its options; the group is the question's index."""
+    del data_dir
+    source = formats.MmbenchQuestions(tsv)
+    out = []
+    for i in range(len(source)):
+      row = source.annotation(i)
+      for rotation, (options, answer) in enumerate(metrics.circular_rotations(row["options"], row["answer"])):
+        out.append(Sample(f"{row['index']}/{rotation}", (functools.partial(source.image, i),),
+                          mmbench_prompt(row["question"], row["hint"], options),
+                          (answer, tuple(options), row["category"]), str(row["index"])))
+    return out
+  return Benchmark(name, samples, _mmbench_score, max_new_tokens=8)
+
+
+KINDS: dict[str, FileKind] = {
+    "vqav2": FileKind("QUESTIONS_JSON:ANNOTATIONS_JSON:IMAGE_DIR[:FILE_NAME_PATTERN]", _vqav2, 3, 4, 3),
+    "coco_captions": FileKind("CAPTIONS_JSON:IMAGE_DIR", _coco_captions, 2, 2),
+    "pope": FileKind("JSONL[:JSONL...]:IMAGE_DIR", _pope, 2, None),
+    "mmbench": FileKind("TSV", _mmbench, 1, 1),
+}
+
+
+def parse(spec: str) -> Benchmark:
+  """The benchmark a spec `[NAME=]KIND:ARG:ARG...` names; its paths must exist."""
+  head, _, rest = spec.partition(":")
+  name, _, kind_name = head.rpartition("=")
+  if kind_name not in KINDS:
+    raise ValueError(f"benchmark {spec!r}: unknown file kind {kind_name!r}; kinds: "
+                     + "; ".join(f"{kind}:{k.usage}" for kind, k in KINDS.items()))
+  kind = KINDS[kind_name]
+  args = rest.split(":", kind.max_args - 1) if kind.max_args else rest.split(":")
+  if not kind.min_args <= len(args) <= (kind.max_args or len(args)) or not all(args):
+    raise ValueError(f"benchmark {spec!r}: expected {kind_name}:{kind.usage}")
+  _check_paths(spec, *args[:kind.path_args])
+  return kind.build(name or kind_name, args)
