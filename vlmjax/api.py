@@ -23,13 +23,15 @@ from vlmjax.data.images import ImageProcessor
 from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.infer import generate as generation
 from vlmjax.infer.sampling import SamplingParams
+from vlmjax.models import layers
 from vlmjax.models.vlm import VLM as VLMModel
 from vlmjax.models.vlm import VLMConfig
 
 
 @dataclasses.dataclass
 class VLM:
-  """A loaded vision-language model: config, parameters, tokenizer, image processor and end tokens."""
+  """A loaded vision-language model: config, parameters (layers unrolled), tokenizer, image processor and end
+  tokens."""
 
   config: ml_collections.ConfigDict
   params: Any
@@ -38,6 +40,16 @@ class VLM:
   eos_token_ids: tuple[int, ...]
   pad_token_id: int
   max_len: int | None = None  # the model's context length, when the checkpoint states one
+
+  def __post_init__(self):
+    # Decoding wants each layer's weights and KV cache as buffers of their own (read in place every step), so a
+    # scanned checkpoint's layer stacks are unstacked once, here; `config` (a copy) says model.scan_layers=False.
+    # `vlmjax.interop.hf.save_pretrained` takes either form.
+    if self.config.model.get("scan_layers", True):
+      self.params = layers.unstack_layers(self.params)
+      self.config = self.config.copy_and_resolve_references()
+      with self.config.unlocked():
+        self.config.model.scan_layers = False
 
   @property
   def model_config(self) -> VLMConfig:

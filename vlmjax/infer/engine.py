@@ -51,7 +51,7 @@ class SlotState:
   """The batched decode state of N slots.
 
   Attributes:
-    cache: the KV cache, float[L, N, S, K, H] keys and values; lengths int32[N] (0 for a free slot).
+    cache: the KV cache, L layers of float[N, K, H, S] keys and values; lengths int32[N] (0 for a free slot).
     tokens: int32[N], each slot's latest token: the input of the next step.
     active: bool[N], the slot holds a request.
     sampling: per-slot SamplingParams (float32[N] / int32[N]); a free slot is greedy.
@@ -69,8 +69,8 @@ class SlotState:
 
 @flax.struct.dataclass
 class Prefix:
-  """A prefilled prompt: its cache (int32[1] length, float[L, 1, T_bucket, K, H]) and the logits float32[1, V]
-  of its last token."""
+  """A prefilled prompt: its cache (int32[1] length, L layers of float[1, K, H, T_bucket]) and the logits
+  float32[1, V] of its last token."""
 
   cache: KVCache
   logits: jax.Array
@@ -106,12 +106,14 @@ def insert(prefix: Prefix, state: SlotState, slot: jax.Array, sampling: Sampling
   key, sample_key = jax.random.split(key)
   first = sample(prefix.logits, sampling, sample_key)[0]
   put = lambda array, row: jax.lax.dynamic_update_index_in_dim(array, row, slot, axis=0)
-  # The prompt's T_bucket slots go to the front of the slot's row; what lies beyond its length is masked out.
-  k = jax.lax.dynamic_update_slice_in_dim(state.cache.k, prefix.cache.k, slot, axis=1)
-  v = jax.lax.dynamic_update_slice_in_dim(state.cache.v, prefix.cache.v, slot, axis=1)
+  # The prompt's T_bucket slots go to the front of the slot's row, layer by layer; what lies beyond its length is
+  # masked out.
+  put_prompt = lambda layer, prompt: jax.lax.dynamic_update_slice(layer, prompt, (slot, 0, 0, 0))
   length = prefix.cache.lengths[0]
   return SlotState(
-      cache=KVCache(k=k, v=v, lengths=put(state.cache.lengths, length)), tokens=put(state.tokens, first),
+      cache=KVCache(k=tuple(map(put_prompt, state.cache.k, prefix.cache.k)),
+                    v=tuple(map(put_prompt, state.cache.v, prefix.cache.v)), lengths=put(state.cache.lengths, length)),
+      tokens=put(state.tokens, first),
       active=put(state.active, True), sampling=jax.tree.map(lambda all_, one: put(all_, one[0]), state.sampling,
                                                              sampling),
       keys=put(state.keys, key), prefix_lengths=put(state.prefix_lengths, length)), first

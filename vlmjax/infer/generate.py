@@ -2,8 +2,9 @@
 
     tokens = generate(params, config, input_ids, input_mask, pixel_values, max_new_tokens=32)
 
-Shapes are static: prompts are right-padded to a length bucket and the cache holds bucket + max_new_tokens
-slots, so a new prompt in an already-seen bucket compiles nothing. The decode loop is a `lax.while_loop`
+Shapes are static: prompts are right-padded to a length bucket, prefilled into a cache of the bucket's length,
+which the decode loop extends to bucket + max_new_tokens slots, so a new prompt in an already-seen bucket
+compiles nothing. The decode loop is a `lax.while_loop`
 inside jit that stops when every row has produced an end token (or max_new_tokens): no host round-trip per
 token. `stream` runs the same step from Python, one token at a time, for callers that print as they go.
 """
@@ -42,7 +43,8 @@ class DecodeState:
     tokens: int32[B, N], generated tokens so far; pad after a row's end token and beyond `step`.
     step: int32[], how many tokens have been written (the next write goes to column `step`).
     done: bool[B], the row has produced an end token.
-    cache: the KV cache, holding each row's prompt and the tokens generated before the last one.
+    cache: the KV cache (prompt bucket + max_new_tokens slots), holding each row's prompt and the tokens
+      generated before the last one.
     key: the PRNG key for the next sample.
   """
 
@@ -78,11 +80,12 @@ def prefill(params, config: VLMConfig, input_ids, input_mask, pixel_values, pref
 
 
 def _first_state(logits, cache, sampling, key, max_new_tokens, eos_ids, pad_id) -> DecodeState:
+  """The first sampled token and the prefill's cache extended by room for the new tokens."""
   key, sample_key = jax.random.split(key)
   first = sample(logits, sampling, sample_key)
   tokens = jnp.full((logits.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
   return DecodeState(tokens=tokens, step=jnp.array(1, jnp.int32), done=jnp.isin(first, jnp.asarray(eos_ids)),
-                     cache=cache, key=key)
+                     cache=cache.extend(max_new_tokens), key=key)
 
 
 def _decode_step(params, config: VLMConfig, state: DecodeState, sampling, prefix_lengths, eos_ids, pad_id):
@@ -112,14 +115,13 @@ def decode(params, config: VLMConfig, logits, cache: KVCache, sampling: Sampling
   return state.tokens
 
 
-_first_state_jit = jax.jit(_first_state, static_argnames=("max_new_tokens", "eos_ids", "pad_id"),
-                           donate_argnames=("cache",))
+_first_state_jit = jax.jit(_first_state, static_argnames=("max_new_tokens", "eos_ids", "pad_id"))
 _decode_step_jit = jax.jit(_decode_step, static_argnames=("config", "eos_ids", "pad_id"), donate_argnames=("state",))
 
 
 @flax.struct.dataclass
 class Prompts:
-  """A batch of prompts ready for prefill: right-padded to a bucket, with its cache allocated."""
+  """A batch of prompts ready for prefill: right-padded to a bucket, with a cache of the bucket's length."""
 
   input_ids: jax.Array  # int32[B, T_bucket]
   input_mask: jax.Array  # bool[B, T_bucket]
@@ -130,7 +132,7 @@ class Prompts:
 def prepare(config: VLMConfig, input_ids: np.ndarray, input_mask: np.ndarray | None, max_new_tokens: int,
             pad_id: int, max_len: int | None = None) -> Prompts:
   """Moves each row's tokens to the left (left- or right-padded input both work), pads to a bucket and
-  allocates a cache of bucket + max_new_tokens slots.
+  allocates a cache of the bucket's length.
 
   Args:
     input_ids: int[B, T]; input_mask: bool/int[B, T], 1 for real tokens (None: every token is real).
@@ -154,7 +156,7 @@ def prepare(config: VLMConfig, input_ids: np.ndarray, input_mask: np.ndarray | N
   for row, (ids, mask) in enumerate(zip(input_ids, input_mask)):
     packed[row, :lengths[row]] = ids[mask]
   mask = np.arange(bucket)[None, :] < lengths[:, None]
-  cache = config.decoder.init_cache(batch_size=input_ids.shape[0], max_len=bucket + max_new_tokens)
+  cache = config.decoder.init_cache(batch_size=input_ids.shape[0], max_len=bucket)
   prefix = jnp.asarray(lengths, jnp.int32) if config.prefix_lm else None
   return Prompts(input_ids=jnp.asarray(packed), input_mask=jnp.asarray(mask), prefix_lengths=prefix, cache=cache)
 

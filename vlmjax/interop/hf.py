@@ -21,6 +21,7 @@ import ml_collections
 from vlmjax.data.images import ImageProcessor
 from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.interop import hf_config, hf_weights
+from vlmjax.models import layers
 from vlmjax.models.vlm import VLMConfig
 from vlmjax.parallel import mesh as mesh_lib
 
@@ -129,7 +130,7 @@ def save_pretrained(path: str, config: ml_collections.ConfigDict, params: Any, t
   Args:
     config: a vlmjax config whose `model` section is LLaVA-like (CLIP ViT, 2-layer GELU projector, Llama decoder)
       or PaliGemma-like (SigLIP ViT, linear projector, Gemma decoder, prefix-LM).
-    params: the `params` tree of VLM (scanned layers).
+    params: the `params` tree of VLM, layers scanned or unrolled (`vlmjax.load` unrolls them).
     max_len: the text model's max_position_embeddings (transformers' default when None).
   Raises:
     ValueError naming the config key a Hugging Face checkpoint cannot express.
@@ -144,7 +145,8 @@ def save_pretrained(path: str, config: ml_collections.ConfigDict, params: Any, t
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(values, f, indent=2)
   clip_post_norm_width = model_config.vision.width if model_type == "llava" else None
-  hf_weights.save_params(os.path.join(path, hf_weights.SINGLE_FILE), params, clip_post_norm_width)
+  hf_weights.save_params(os.path.join(path, hf_weights.SINGLE_FILE), layers.stack_layers(params),
+                         clip_post_norm_width)
   if eos_token_ids:
     generation = {key: value for key, value in token_ids.items() if value is not None}
     generation["eos_token_id"] = list(eos_token_ids) if len(eos_token_ids) > 1 else eos_token_ids[0]

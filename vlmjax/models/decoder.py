@@ -4,7 +4,9 @@
 
 Llama: RMSNorm `w·x̂`, SwiGLU, separate output head. Gemma: RMSNorm `(1+w)·x̂`, tanh-GELU GeGLU, embeddings scaled
 by sqrt(width), tied output head, optional final-logit soft-capping. `configs/sizes.py` holds both as presets;
-here every switch is an explicit field. Layers are stacked with `nn.scan` (or unrolled, for comparison).
+here every switch is an explicit field. Layers are stacked with `nn.scan` for training (fast compiles), or
+unrolled (`scan_layers=False`, parameters from `layers.unstack_layers`) for decoding, where each layer reads
+its weights and its own KV-cache buffer in place.
 """
 
 import dataclasses
@@ -62,28 +64,27 @@ class DecoderConfig(ModelConfig):
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); reads and writes one layer of the KV cache."""
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); reads and writes its layer of the KV cache."""
 
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, carry, layer, positions, mask, write_index):
-    """carry: (x float[B, T, D], the whole cache (k, v) float[L, B, S, K, H] each, or None); layer: this
-    block's index in the stack -> (the updated carry, None)."""
-    x, cache = carry
+  def __call__(self, x, layer_cache, positions, mask, write_index):
+    """x: float[B, T, D]; layer_cache: this layer's (k, v), each float[B, K, H, S], or None -> (float[B, T, D],
+    the updated (k, v) or None). Under `nn.scan`, x is the carry and the layers' caches are scanned over."""
     cfg = self.config
     compute_dtype, param_dtype = dtype(cfg.dtype), dtype(cfg.param_dtype)
     norm = lambda name: layers.RMSNorm(eps=cfg.norm_eps, unit_offset=cfg.norm_unit_offset, dtype=compute_dtype,
                                        param_dtype=param_dtype, name=name)
-    attended, cache = layers.Attention(
+    attended, layer_cache = layers.Attention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.attention_head_dim,
         rope_theta=cfg.rope_theta, dtype=compute_dtype, param_dtype=param_dtype, name="attention",
-    )(norm("attention_norm")(x), mask, positions, cache, write_index, layer)
+    )(norm("attention_norm")(x), mask, positions, layer_cache, write_index)
     x = x + attended
     x = x + layers.FeedForward(cfg.mlp_dim, activation=cfg.activation, gated=True, dtype=compute_dtype,
                                param_dtype=param_dtype, name="mlp")(norm("mlp_norm")(x))
     x = nn.with_logical_constraint(x, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED))
-    return (x, cache), None
+    return x, layer_cache
 
 
 class Decoder(nn.Module):
@@ -164,17 +165,21 @@ class Decoder(nn.Module):
       cache_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (batch, cache.max_len))
       mask = layers.make_attention_mask(write_index[:, None] + new_index, cache_index,
                                         kv_valid=cache_index < new_lengths[:, None], prefix_lengths=prefix_lengths)
-      layer_caches = (cache.k, cache.v)
+    layer_caches = (None,) * cfg.depth if cache is None else tuple(zip(cache.k, cache.v))  # L x (k, v)
 
-    # The whole cache rides in the carry: each layer scatters just its new slots into it, instead of the layers'
-    # caches being sliced out and stacked again around the scan.
-    carry = (x, layer_caches)
     if cfg.scan_layers:
-      carry, _ = self.layers(carry, jnp.arange(cfg.depth), positions, mask, write_index)
+      # The scan takes the caches stacked, (k, v) float[L, B, K, H, S], and returns them stacked: a copy of the
+      # cache each way, which a prefill affords. Decoding runs the layers unrolled (`layers.unstack_layers`),
+      # each writing and reading its own buffer in place.
+      stacked = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *layer_caches)
+      x, stacked = self.layers(x, stacked, positions, mask, write_index)
+      layer_caches = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.depth))
     else:
-      for i, block in enumerate(self.layers):
-        carry, _ = block(carry, i, positions, mask, write_index)
-    x, layer_caches = carry
+      updated = []
+      for block, layer_cache in zip(self.layers, layer_caches):
+        x, layer_cache = block(x, layer_cache, positions, mask, write_index)
+        updated.append(layer_cache)
+      layer_caches = tuple(updated)
 
     if logit_positions is not None:
       x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)  # [B, K, D]
@@ -186,5 +191,6 @@ class Decoder(nn.Module):
     if cfg.final_logit_softcap is not None:
       logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
     if cache is not None:
-      cache = KVCache(k=layer_caches[0], v=layer_caches[1], lengths=new_lengths)
+      keys, values = zip(*layer_caches)
+      cache = KVCache(k=keys, v=values, lengths=new_lengths)
     return logits, cache

@@ -8,7 +8,7 @@ Every parameter is created with `nn.with_logical_partitioning` and large activat
 `nn.with_logical_constraint`; `vlmjax.parallel.mesh` maps the logical names below onto mesh axes.
 """
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -32,6 +32,10 @@ ACT_VOCAB = "activation_vocab"
 CACHE_BATCH = "cache_batch"
 CACHE_LENGTH = "cache_length"
 CACHE_KV_HEADS = "cache_kv_heads"
+
+# The submodule name of a stack of layers: `nn.scan` stacks them as one `layers` module, unrolled layers are
+# `layers_0`, `layers_1`, ... (Flax's names for a list of submodules).
+LAYER_STACK = "layers"
 
 Dtype = jnp.dtype
 
@@ -181,8 +185,8 @@ class Attention(nn.Module):
   """Multi-head attention with MHA, GQA (num_kv_heads < num_heads) and MQA (num_kv_heads = 1).
 
   The softmax goes through `jax.nn.dot_product_attention`, which handles grouped heads natively and picks
-  cuDNN flash attention on GPU. With a layer of KV cache (`k_cache`, `v_cache`: [B, S, K, H]) the new keys and
-  values are written at `write_index` of each row and attention runs over the whole cache.
+  cuDNN flash attention on GPU. With a layer of KV cache (`kv_cache`: keys and values float[B, K, H, S]) the new
+  keys and values are written at `write_index` of each row and attention runs over the whole cache.
   """
 
   num_heads: int
@@ -207,18 +211,17 @@ class Attention(nn.Module):
       positions: jax.Array | None = None,
       kv_cache: tuple[jax.Array, jax.Array] | None = None,
       write_index: jax.Array | None = None,
-      layer: jax.Array | int = 0,
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Args:
       x: float[B, T, D].
       mask: bool[B, 1, T, S] from `make_attention_mask` (S = T without a cache, the cache length with one),
         or None for full attention.
       positions: int[B, T] RoPE positions (required when rope_theta is set).
-      kv_cache: (k, v), each float[L, B, S, K, H]: every layer's cache; this layer reads and writes slice
-        `layer`. Only the T new slots of each row are written (a scatter the loop can do in place), so a decode
-        step costs the new tokens, not a copy of the cache.
+      kv_cache: (k, v), each float[B, K, H, S]: this layer's cache. Only the T new slots of each row are written
+        (a scatter the decode loop does in place), and attention reads the buffer as it is, so a decode step
+        costs the new tokens and one read of the cache, not a copy of it. Slots last is the layout the two
+        attention matmuls read directly on the CPU (XLA copies a [B, S, K, H] cache into it every step).
       write_index: int[B], the cache slot where row b's first new token goes.
-      layer: which layer of the cache this is (an int, or a traced index under `nn.scan`).
     Returns:
       (float[B, T, D], the updated (k, v) cache or None).
     """
@@ -236,13 +239,12 @@ class Attention(nn.Module):
       k_cache, v_cache = kv_cache
       rows = jnp.arange(x.shape[0])[:, None]  # [B, 1]
       slots = write_index[:, None] + jnp.arange(x.shape[1])[None, :]  # [B, T]
-      k_cache = k_cache.at[layer, rows, slots].set(key.astype(k_cache.dtype), mode="drop")
-      v_cache = v_cache.at[layer, rows, slots].set(value.astype(v_cache.dtype), mode="drop")
-      cache_axes = (None, CACHE_BATCH, CACHE_LENGTH, CACHE_KV_HEADS, None)
-      k_cache = nn.with_logical_constraint(k_cache, cache_axes)
-      v_cache = nn.with_logical_constraint(v_cache, cache_axes)
-      kv_cache = (k_cache, v_cache)
-      key, value = k_cache[layer], v_cache[layer]  # [B, S, K, H]
+      # [rows, :, :, slots] of a [B, K, H, S] cache selects [B, T, K, H]: the new keys and values as projected.
+      k_cache = k_cache.at[rows, :, :, slots].set(key.astype(k_cache.dtype), mode="drop")
+      v_cache = v_cache.at[rows, :, :, slots].set(value.astype(v_cache.dtype), mode="drop")
+      cache_axes = (CACHE_BATCH, CACHE_KV_HEADS, None, CACHE_LENGTH)
+      kv_cache = tuple(nn.with_logical_constraint(c, cache_axes) for c in (k_cache, v_cache))
+      key, value = (jnp.transpose(c, (0, 3, 1, 2)) for c in kv_cache)  # [B, S, K, H], folded into the matmuls
 
     scale = self.query_scale if self.query_scale is not None else self.head_dim**-0.5
     out = jax.nn.dot_product_attention(
@@ -324,3 +326,33 @@ def maybe_remat(block: type[nn.Module], policy_name: str, scanned: bool) -> type
   if policy is None:
     return block
   return nn.remat(block, policy=policy, prevent_cse=not scanned)
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Scanned parameters -> unrolled ones: every `layers` subtree (an `nn.scan` stack, leaves [L, ...]) becomes
+  `layers_0` ... `layers_{L-1}`, the names of the same modules built with `scan_layers=False`. Copies each
+  layer out of the stack once, so that a decode loop reads the weights in place instead of slicing per step."""
+  unrolled = {}
+  for name, value in params.items():
+    if name == LAYER_STACK:
+      depth = jax.tree.leaves(value)[0].shape[0]
+      unrolled.update({f"{LAYER_STACK}_{i}": jax.tree.map(lambda p, i=i: p[i], value) for i in range(depth)})
+    else:
+      unrolled[name] = unstack_layers(value) if isinstance(value, Mapping) else value
+  return unrolled
+
+
+def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """The inverse of `unstack_layers`: `layers_0` ... `layers_{L-1}` -> one `layers` stack, leaves [L, ...]."""
+  stacked, unrolled = {}, {}
+  for name, value in params.items():
+    prefix, _, index = name.rpartition("_")
+    if prefix == LAYER_STACK and index.isdigit():
+      unrolled[int(index)] = value
+    else:
+      stacked[name] = stack_layers(value) if isinstance(value, Mapping) else value
+  if unrolled:
+    assert sorted(unrolled) == list(range(len(unrolled))), f"layers are missing: got {sorted(unrolled)}"
+    stacked[LAYER_STACK] = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *[unrolled[i] for i in
+                                                                                     range(len(unrolled))])
+  return stacked
