@@ -4,8 +4,8 @@
 
 Builds a LLaVA-1.5 of about 25 M parameters with transformers (random weights, saved to a temporary
 directory), loads it into vlmjax through the Hugging Face importer, and times greedy generation of exactly
---new_tokens tokens (no end token) for each batch size and prompt length, medians over --repeats runs:
-time to first token (TTFT: image encoding + prefill + first sample), time per output token (TPOT) and output
+--new_tokens tokens (no end token) for each batch size and prompt length, medians over --repeats rounds that
+time vlmjax and transformers in turn: time to first token (TTFT: image encoding + prefill + first sample), time per output token (TPOT) and output
 tokens/s. The roofline columns divide the decode step's lower bound (bytes it must read — weights plus the
 KV cache — over the measured memory bandwidth, or its FLOPs over the measured matmul rate, whichever is larger)
 by the measured TPOT. Writes a table to stdout and a plot to --plot.
@@ -50,13 +50,16 @@ def build_checkpoint(directory: str) -> None:
                                        eos_token="</s>").save_pretrained(directory)
 
 
-def _median(fn, repeats: int) -> float:
-  times = []
+def interleaved_medians(runs, repeats: int) -> list[float]:
+  """Median seconds of each callable over `repeats` rounds; each round times every callable in turn, so a change
+  in the machine's load (another process on the same cores) falls on vlmjax and transformers alike."""
+  times = [[] for _ in runs]
   for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for run, seconds in zip(runs, times):
+      start = time.perf_counter()
+      run()
+      seconds.append(time.perf_counter() - start)
+  return [statistics.median(seconds) for seconds in times]
 
 
 def _inputs(vlm, batch: int, prompt: int, seed: int = 0):
@@ -69,16 +72,17 @@ def _inputs(vlm, batch: int, prompt: int, seed: int = 0):
   return ids, rng.standard_normal((batch, size, size, 3)).astype(np.float32)
 
 
-def time_vlmjax(vlm, ids, pixels, new_tokens: int, repeats: int) -> tuple[float, float]:
-  """(seconds to the first token, seconds for all new_tokens), medians; no end token stops a row."""
+def vlmjax_runs(vlm, ids, pixels, new_tokens: int):
+  """(generate one token, generate new_tokens), compiled; no end token stops a row."""
   args = (vlm.params, vlm.model_config, ids, None, jax.numpy.asarray(pixels))
   first = lambda: generation.generate(*args, max_new_tokens=1, eos_ids=(), pad_id=0)
   whole = lambda: generation.generate(*args, max_new_tokens=new_tokens, eos_ids=(), pad_id=0)
   first(), whole()  # compile
-  return _median(first, repeats), _median(whole, repeats)
+  return first, whole
 
 
-def time_transformers(model, ids, pixels, new_tokens: int, repeats: int) -> tuple[float, float]:
+def transformers_runs(model, ids, pixels, new_tokens: int):
+  """(generate one token, generate new_tokens) with transformers, warmed up."""
   import torch
 
   input_ids = torch.from_numpy(ids)
@@ -89,7 +93,7 @@ def time_transformers(model, ids, pixels, new_tokens: int, repeats: int) -> tupl
       model.generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(input_ids),
                      max_new_tokens=count, min_new_tokens=count, do_sample=False)
   run(1)
-  return _median(lambda: run(1), repeats), _median(lambda: run(new_tokens), repeats)
+  return lambda: run(1), lambda: run(new_tokens)
 
 
 def main():
@@ -124,7 +128,10 @@ def main():
   for batch in map(int, args.batches.split(",")):
     for prompt in map(int, args.prompts.split(",")):
       ids, pixels = _inputs(vlm, batch, prompt)
-      ttft, total = time_vlmjax(vlm, ids, pixels, args.new_tokens, args.repeats)
+      runs = vlmjax_runs(vlm, ids, pixels, args.new_tokens)
+      if model is not None:
+        runs += transformers_runs(model, ids, pixels, args.new_tokens)
+      ttft, total, *hf_times = interleaved_medians(runs, args.repeats)
       tpot = (total - ttft) / (args.new_tokens - 1)
       tokens_per_s = batch * args.new_tokens / total
       cache_bytes = 2 * decoder.depth * batch * (ids.shape[1] + args.new_tokens) * decoder.num_kv_heads * \
@@ -132,8 +139,8 @@ def main():
       bound = max((param_bytes + cache_bytes) / (ceilings["bandwidth_gb_s"] * 1e9),
                   2 * decoder_params * batch / (ceilings["matmul_gflop_s"] * 1e9))
       hf = (float("nan"),) * 3
-      if model is not None:
-        hf_ttft, hf_total = time_transformers(model, ids, pixels, args.new_tokens, args.repeats)
+      if hf_times:
+        hf_ttft, hf_total = hf_times
         hf = (hf_ttft, (hf_total - hf_ttft) / (args.new_tokens - 1), batch * args.new_tokens / hf_total)
       rows.append((batch, prompt, ttft, tpot, tokens_per_s, *hf, tokens_per_s / hf[2], bound / tpot))
       print(f"{batch:>6}{prompt:>8}{ttft:>9.3f}{tpot * 1e3:>9.2f}{tokens_per_s:>9.0f}{hf[0]:>9.3f}"

@@ -7,6 +7,7 @@ import pytest
 from configs import sizes
 from vlmjax.infer import generate as gen
 from vlmjax.infer.sampling import SamplingParams, sample
+from vlmjax.models import layers
 from vlmjax.models.vlm import VLM, VLMConfig
 
 LLAVA = VLMConfig.from_dict(dict(
@@ -128,6 +129,21 @@ def test_a_prompt_in_a_compiled_bucket_does_not_compile_again(model):
   ids, mask, pixels = _prompts(config, [20, 6], seed=5)  # the next bucket (32) compiles a new prefill
   gen.generate(params, config, ids, mask, jnp.asarray(pixels), max_new_tokens=3, eos_ids=(-1,), pad_id=PAD)
   assert gen.prefill._cache_size() == compiled[0] + 1
+
+
+def test_unrolled_layers_generate_what_the_scanned_stack_does_and_compile_once_per_bucket(model):
+  """What `vlmjax.load` runs: the decoder's layers unstacked, one cache buffer per layer."""
+  config, params = model
+  unrolled_config = config.replace(decoder=config.decoder.replace(scan_layers=False))
+  unrolled_params = {**params, "decoder": layers.unstack_layers(params["decoder"])}
+  ids, mask, pixels = _prompts(config, [12, 7, 10], seed=7)
+  run = lambda config, params, ids, mask: gen.generate(params, config, ids, mask, jnp.asarray(pixels),
+                                                       max_new_tokens=6, eos_ids=(-1,), pad_id=PAD)
+  np.testing.assert_array_equal(run(unrolled_config, unrolled_params, ids, mask), run(config, params, ids, mask))
+  compiled = (gen.prefill._cache_size(), gen.decode._cache_size())
+  other_ids, other_mask, _ = _prompts(config, [14, 9, 6], seed=8)  # the same bucket (16)
+  run(unrolled_config, unrolled_params, other_ids, other_mask)
+  assert (gen.prefill._cache_size(), gen.decode._cache_size()) == compiled
 
 
 def test_sampling_is_reproducible_by_seed_and_top_k_1_is_greedy(model):

@@ -142,6 +142,19 @@ def test_export_loads_in_transformers_with_the_same_logits(checkpoint, case_name
       CONVERSATION, add_generation_prompt=False)
 
 
+def test_a_loaded_model_keeps_its_layers_unrolled_and_exports_them_stacked(checkpoint, tmp_path):
+  import vlmjax
+
+  _, directory, _ = checkpoint("llava_gqa")
+  vlm = vlmjax.load(directory)
+  assert not vlm.config.model.scan_layers and "layers_0" in vlm.params["decoder"]
+  out = str(tmp_path / "export")
+  hf.save_pretrained(out, vlm.config, vlm.params, vlm.tokenizer, vlm.image_processor,
+                     eos_token_ids=vlm.eos_token_ids, pad_token_id=vlm.pad_token_id, max_len=vlm.max_len)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, hf.load_pretrained(out).params,
+                         hf.load_pretrained(directory).params)
+
+
 def test_export_refuses_what_a_hugging_face_checkpoint_cannot_express(tmp_path):
   config = importlib.import_module("configs.shapes_tiny").get_config()  # SigLIP tower with a LLaVA projector
   with pytest.raises(ValueError, match=r"model\.vision\.cls_token=False cannot be written as a Hugging Face llava"):

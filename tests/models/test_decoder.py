@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vlmjax.models import layers
 from vlmjax.models.decoder import Decoder, DecoderConfig
 
 LLAMA = DecoderConfig(vocab_size=97, width=32, depth=3, num_heads=4, num_kv_heads=2, mlp_dim=48, norm_eps=1e-5)
@@ -39,13 +40,42 @@ def test_scanned_stack_equals_unrolled(model):
   config, params = model
   tokens = _tokens(2, 7, config.vocab_size)
   scanned, _ = Decoder(config).apply(params, tokens, _positions(2, 7))
-  layer_params = params["params"]["layers"]
-  unrolled_params = {k: v for k, v in params["params"].items() if k != "layers"}
-  for i in range(config.depth):
-    unrolled_params[f"layers_{i}"] = jax.tree.map(lambda p: p[i], layer_params)
-  unrolled, _ = Decoder(config.replace(scan_layers=False)).apply({"params": unrolled_params}, tokens,
+  unrolled, _ = Decoder(config.replace(scan_layers=False)).apply(layers.unstack_layers(params), tokens,
                                                                  _positions(2, 7))
   np.testing.assert_allclose(scanned, unrolled, rtol=1e-5, atol=1e-5)
+
+
+def test_unstacked_parameters_are_an_unrolled_stack_and_stack_back(model):
+  config, params = model
+  unrolled = layers.unstack_layers(params)
+  expected = jax.eval_shape(lambda: _init(config.replace(scan_layers=False)))
+  assert jax.tree.structure(unrolled) == jax.tree.structure(expected)
+  jax.tree.map(lambda got, want: np.testing.assert_equal(got.shape, want.shape), unrolled, expected)
+  jax.tree.map(np.testing.assert_array_equal, layers.stack_layers(unrolled), params)
+
+
+def test_unrolled_layers_decode_through_their_own_caches_as_the_scanned_stack_does(model):
+  """A padded prefill, then single tokens: the same logits (and cache) scanned over the stacked parameters
+  and unrolled over the unstacked ones, each layer writing its own cache buffer."""
+  config, params = model
+  tokens = _tokens(2, 9, config.vocab_size, seed=3)
+  mask = jnp.asarray([[True] * 5, [True] * 3 + [False] * 2])
+  results = []
+  for layer_config, layer_params in [(config, params),
+                                     (config.replace(scan_layers=False), layers.unstack_layers(params))]:
+    step = jax.jit(Decoder(layer_config).apply)
+    cache = layer_config.init_cache(batch_size=2, max_len=12)
+    logits, cache = step(layer_params, tokens[:, :5], _positions(2, 5), cache, input_mask=mask)
+    stepped = [logits[jnp.arange(2), cache.lengths - 1]]
+    for t in range(5, 9):
+      logits, cache = step(layer_params, tokens[:, t:t + 1], cache.lengths[:, None], cache)
+      stepped.append(logits[:, 0])
+    results.append((jnp.stack(stepped, axis=1), cache))
+  (scanned, scanned_cache), (unrolled, unrolled_cache) = results
+  np.testing.assert_allclose(unrolled, scanned, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(jnp.argmax(unrolled, -1), jnp.argmax(scanned, -1))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), unrolled_cache, scanned_cache)
+  np.testing.assert_array_equal(unrolled_cache.lengths, [9, 7])
 
 
 def test_one_token_at_a_time_through_cache_equals_full_forward(model):
