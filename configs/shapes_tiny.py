@@ -33,6 +33,7 @@ def get_config(arg: str | None = None):
       text=dict(vocab_size=512, context_length=40, width=128, depth=2, num_heads=4, mlp_dim=512,
                 activation="gelu"),
       embed_dim=128, pooling="mean", loss="sigmoid", temperature_init=10.0, bias_init=-10.0, batch_size=128,
+      learning_rate=config_dict.placeholder(float),  # None: optim.learning_rate
   ))
   # The recipe: the vision tower first learns from captions (contrastive, cheap: no language model), then
   # everything trains on conversations. Sized for the README's main job: about 10 minutes on a 2-core CPU.

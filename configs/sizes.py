@@ -49,7 +49,7 @@ def vit(size: str, variant: str, image_size: int, **overrides) -> ml_collections
   if variant not in VIT_VARIANTS:
     raise ValueError(f"unknown ViT variant {variant!r}; choose one of {list(VIT_VARIANTS)}")
   return ml_collections.ConfigDict({**VIT_SIZES[size], **VIT_VARIANTS[variant], "image_size": image_size,
-                                    **overrides})
+                                    "stem": "patch", **overrides})
 
 
 def lm(size: str, **overrides) -> ml_collections.ConfigDict:

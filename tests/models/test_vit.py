@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import sizes
-from vlmjax.models.vit import ViT, ViTConfig, resize_position_embeddings
+from vlmjax.models.vit import ConvStem, ViT, ViTConfig, resize_position_embeddings
 
 CLIP = ViTConfig.from_dict(sizes.vit("Ti/16", "clip", image_size=32, patch_size=8, width=32, depth=3, num_heads=2,
                                      mlp_dim=64))
@@ -93,3 +93,23 @@ def test_image_size_not_a_multiple_of_the_patch_size_is_an_error(vit):
     config.replace(image_size=30)
   with pytest.raises(ValueError, match=r"vision.width=30 must split evenly into vision.num_heads=4 heads"):
     config.replace(width=30, num_heads=4)
+
+
+def test_conv_stem_gives_the_patch_grid_and_is_translation_equivariant():
+  config = SIGLIP.replace(stem="conv")
+  params = nn.meta.unbox(ViT(config).init(jax.random.key(0), _images(1, 32)))
+  assert "conv_stem" in params["params"] and params["params"]["patch_embedding"]["kernel"].shape[:2] == (1, 1)
+  assert ViT(config).apply(params, _images(2, 32)).shape == (2, 16, 32)
+  # Shifting the image by one patch shifts the stem's grid by one cell (away from the zero-padded border).
+  stem = ConvStem(width=32, patch_size=8, norm_eps=1e-6)
+  images = _images(1, 48, seed=3)
+  stem_params = stem.init(jax.random.key(1), images)
+  grid = stem.apply(stem_params, images)  # [1, 6, 6, 32]
+  shifted = stem.apply(stem_params, jnp.roll(images, 8, axis=2))
+  np.testing.assert_allclose(shifted[:, 1:5, 2:5], grid[:, 1:5, 1:4], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(shifted[:, 1:5, 1:4], grid[:, 1:5, 1:4], atol=1e-3)
+
+
+def test_conv_stem_needs_a_power_of_two_patch():
+  with pytest.raises(ValueError, match="patch_size=14 must be a power of two"):
+    ViTConfig.from_dict(sizes.vit("Ti/16", "siglip", image_size=28, patch_size=14, stem="conv"))

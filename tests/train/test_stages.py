@@ -1,5 +1,7 @@
 """The stage chain of a config, the contrastive stage's dual tower and its image-caption examples."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -33,6 +35,18 @@ def test_the_dual_tower_takes_the_runs_vision_tower_and_says_when_its_section_is
   del config.contrastive
   with pytest.raises(ValueError, match="no `contrastive` section"):
     stages.clip_config(config)
+
+
+def test_the_contrastive_stage_trains_at_its_own_learning_rate_when_the_config_sets_one():
+  config = shapes_tiny.get_config()
+  contrastive, full = stages.parse_stages("contrastive:0.5,full", 10)
+  config.contrastive.learning_rate = None
+  assert stages.optim_config(config, contrastive).learning_rate == config.optim.learning_rate
+  config.contrastive.learning_rate = 7e-3
+  assert stages.optim_config(config, contrastive).learning_rate == 7e-3
+  assert stages.optim_config(config, contrastive).warmup_steps == config.optim.warmup_steps
+  assert stages.optim_config(config, full).learning_rate == config.optim.learning_rate
+  assert "learning_rate" not in dataclasses.asdict(stages.clip_config(config))
 
 
 def test_a_caption_example_is_one_of_the_records_captions_ending_with_the_end_token(tiny_shapes_dir):

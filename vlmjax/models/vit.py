@@ -4,6 +4,10 @@ tower.
 CLIP: class token, LayerNorm before the encoder, no patch-embedding bias, quick-GELU MLP.
 SigLIP: no class token, no pre-LayerNorm, patch bias, tanh-GELU MLP, LayerNorm after the encoder.
 `configs/sizes.py` holds both as presets; here every switch is an explicit field.
+
+`stem="conv"` replaces the linear patch embedding by a convolutional stem (Xiao et al. 2021, "Early convolutions
+help transformers see better"): 3x3 stride-2 convolutions down to the patch grid, then a 1x1 projection. Same
+tokens, same grid; it learns local shape much faster from scratch. It has no Hugging Face counterpart.
 """
 
 import dataclasses
@@ -30,6 +34,7 @@ class ViTConfig(ModelConfig):
   pre_norm: bool = True
   post_norm: bool = True
   patch_bias: bool = False
+  stem: str = "patch"  # "patch": one linear patch embedding (CLIP, SigLIP); "conv": a convolutional stem
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = True
@@ -43,6 +48,10 @@ class ViTConfig(ModelConfig):
     check_divides(self.patch_size, self.image_size, f"{where}.image_size={self.image_size} must be a multiple "
                   f"of {where}.patch_size={self.patch_size}")
     check_choice(self.activation, tuple(layers.ACTIVATIONS), f"{where}.activation")
+    check_choice(self.stem, ("patch", "conv"), f"{where}.stem")
+    if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
+      raise ValueError(f"{where}.stem='conv' halves the image per convolution down to the patch grid, so "
+                       f"{where}.patch_size={self.patch_size} must be a power of two (2, 4, 8, 16 ...)")
 
   @property
   def grid_size(self) -> int:
@@ -115,6 +124,30 @@ class Encoder(nn.Module):
     return x, (jnp.stack(hidden) if return_hidden else None)
 
 
+class ConvStem(nn.Module):
+  """images float[B, H, W, 3] -> float[B, H/patch, W/patch, C]: log2(patch) 3x3 stride-2 convolutions, each
+  followed by LayerNorm and GELU, channels doubling up to `width` at the last one."""
+
+  width: int
+  patch_size: int
+  norm_eps: float
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    num_convs = self.patch_size.bit_length() - 1
+    for i in range(num_convs):
+      channels = max(self.width >> (num_convs - 1 - i), 8)
+      x = nn.Conv(channels, (3, 3), strides=2, padding="SAME", use_bias=False, dtype=self.dtype,
+                  param_dtype=self.param_dtype,
+                  kernel_init=layers.param_init(nn.initializers.lecun_normal(), (None, None, None, None)),
+                  name=f"conv_{i}")(x)
+      x = layers.LayerNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=f"norm_{i}")(x)
+      x = nn.gelu(x)
+    return x
+
+
 class ViT(nn.Module):
   """Images float[B, H, W, 3] (normalized, channels last) -> tokens float[B, P (+1 with a class token), D]."""
 
@@ -136,11 +169,15 @@ class ViT(nn.Module):
     height, width = images.shape[1:3]
     if height % cfg.patch_size or width % cfg.patch_size:
       raise ValueError(f"image size {height}x{width} is not a multiple of vision.patch_size={cfg.patch_size}")
-    x = nn.Conv(cfg.width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size, padding="VALID",
+    x = images.astype(compute_dtype)
+    if cfg.stem == "conv":
+      x = ConvStem(cfg.width, cfg.patch_size, cfg.norm_eps, compute_dtype, param_dtype, name="conv_stem")(x)
+    x = nn.Conv(cfg.width, (1, 1) if cfg.stem == "conv" else (cfg.patch_size, cfg.patch_size),
+                strides=1 if cfg.stem == "conv" else cfg.patch_size, padding="VALID",
                 use_bias=cfg.patch_bias, dtype=compute_dtype, param_dtype=param_dtype,
                 kernel_init=layers.param_init(nn.initializers.lecun_normal(), (None, None, None, layers.EMBED)),
                 bias_init=layers.param_init(nn.initializers.zeros, (layers.EMBED,)),
-                name="patch_embedding")(images.astype(compute_dtype))  # [B, h, w, D]
+                name="patch_embedding")(x)  # [B, h, w, D]
     batch, grid_h, grid_w, _ = x.shape
     x = x.reshape(batch, grid_h * grid_w, cfg.width)  # [B, P, D]
 

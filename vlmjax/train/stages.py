@@ -21,6 +21,8 @@ from vlmjax.models.vlm import VLMConfig
 from vlmjax.train import optim
 
 CONTRASTIVE = "contrastive"
+# Keys of the `contrastive` section that set how the stage trains, not the dual tower.
+STAGE_ONLY_KEYS = ("batch_size", "learning_rate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +59,22 @@ def parse_stages(spec: str, total_steps: int) -> list[Stage]:
 
 def clip_config(config: ml_collections.ConfigDict) -> CLIPConfig:
   """The contrastive stage's dual tower: the run's `model.vision` with the `contrastive` section's text tower,
-  embedding size, pooling, loss and temperature (every key but `batch_size`)."""
+  embedding size, pooling, loss and temperature (every key but the stage's own training settings)."""
   if "contrastive" not in config:
     raise ValueError("train.stages has a 'contrastive' stage but the config has no `contrastive` section (the "
                      "text tower, embed_dim, pooling, loss, batch_size): see configs/shapes_tiny.py")
-  section = {key: value for key, value in config.contrastive.items() if key != "batch_size"}
+  section = {key: value for key, value in config.contrastive.items() if key not in STAGE_ONLY_KEYS}
   shared = {key: config.model[key] for key in SHARED_KEYS if key in config.model}
   return CLIPConfig.from_dict({**shared, "vision": config.model.vision, **section}, "contrastive")
+
+
+def optim_config(config: ml_collections.ConfigDict, stage: Stage) -> ml_collections.ConfigDict:
+  """The `optim` section a stage trains with: a contrastive stage takes `contrastive.learning_rate` when the
+  config sets one (the vision tower learns shapes from scratch there and stands a larger rate than the LM)."""
+  learning_rate = config.get("contrastive", {}).get("learning_rate") if stage.is_contrastive else None
+  if learning_rate is None:
+    return config.optim
+  return ml_collections.ConfigDict({**config.optim.to_dict(), "learning_rate": learning_rate})
 
 
 def shapes_example_fn(config: ml_collections.ConfigDict, model_config: VLMConfig, model_dir: str):

@@ -98,7 +98,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
       stage_config, stage_params = model_config, params
       to_example = stages_lib.shapes_example_fn(config, model_config, tokenizer_dir)
       batch_size, length = config.train.batch_size, config.data.length
-    optimizer = optim.make_optimizer(config.optim, stage_params, stage.name, stage.steps)
+    optim_config = stages_lib.optim_config(config, stage)
+    optimizer = optim.make_optimizer(optim_config, stage_params, stage.name, stage.steps)
     state = jax.jit(lambda p: state_lib.create(p, optimizer, stage.start))(stage_params)
     bad_records = pipeline.BadRecords()
     dataset = pipeline.train_dataset(
@@ -110,7 +111,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
       state, data_state = checkpointer.restore(latest, checkpoint_lib.abstract_like(state))
       iterator.set_state(data_state)
       logging.info("resumed %s at step %d", workdir, latest)
-    schedule = optim.learning_rate_schedule(config.optim, stage.steps)
+    schedule = optim.learning_rate_schedule(optim_config, stage.steps)
 
     with mesh_lib.activate(mesh, rules):
       progress = tqdm.tqdm(range(int(state.step), stage.end), initial=int(state.step), total=stage.end,
