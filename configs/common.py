@@ -1,6 +1,7 @@
 """The sections every experiment config shares: seed, mesh, sharding rules and the training basics."""
 
 import ml_collections
+from ml_collections import config_dict
 
 from vlmjax.parallel.mesh import LOGICAL_RULES
 
@@ -32,5 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   config.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=100, end_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
-      grad_clip=1.0, accumulation_steps=1))
+      grad_clip=1.0, accumulation_steps=1,
+      vision_learning_rate=config_dict.placeholder(float),  # the vision tower's own peak rate; None: learning_rate
+  ))
   return config

@@ -123,3 +123,14 @@ def test_contrastive_losses_match_their_definitions():
   np.testing.assert_allclose(losses.sigmoid_contrastive_loss(images, texts, scale, bias), expected, rtol=1e-5)
   # Matching pairs give a lower loss than shuffled ones.
   assert losses.softmax_contrastive_loss(images, images, 10.0) < losses.softmax_contrastive_loss(images, texts, 10.0)
+
+
+def test_vision_learning_rate_scales_only_the_vision_towers_steps(params):
+  plain, _ = _run(params, "full", steps=1)
+  scaled, _ = _run(params, "full", steps=1, vision_learning_rate=3e-2)  # 3x the test's learning_rate
+  step = lambda state, group: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params[group],
+                                           params[group])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 3 * b, rtol=1e-4, atol=1e-7),
+               step(scaled, "vision"), step(plain, "vision"))
+  for group in ("projector", "decoder"):
+    jax.tree.map(np.testing.assert_array_equal, step(scaled, group), step(plain, group))

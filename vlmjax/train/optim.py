@@ -50,13 +50,20 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   """The stage's optimizer from the `optim` config section.
 
   Keys: learning_rate, warmup_steps, end_ratio, b1, b2, eps, weight_decay (not on 1-D parameters: norms,
-  biases), grad_clip (global norm; 0 disables), accumulation_steps (gradients averaged over that many steps
-  before one update).
+  biases), grad_clip (global norm of the trained groups' gradients; 0 disables), accumulation_steps (gradients
+  averaged over that many steps before one update), vision_learning_rate (the vision tower's peak rate in the
+  VLM stages; None: learning_rate. As LLaVA-OneVision's mm_vision_tower_lr: a tower learning from scratch
+  stands a larger rate than the language model, a pretrained one wants a smaller one).
   """
   schedule = learning_rate_schedule(config, total_steps)
   decay_mask = lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree)
   update = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
                        mask=decay_mask)
+  vision_rate = config.get("vision_learning_rate")
+  if vision_rate is not None and stage != "contrastive" and "vision" in TRAINABLE[stage]:
+    # AdamW's step (decay included) is proportional to its rate, so scaling the vision tower's step is AdamW
+    # at vision_rate on the same warmup and decay.
+    update = optax.chain(update, _scale_group("vision", vision_rate / config.learning_rate))
   if config.grad_clip > 0:
     update = optax.chain(optax.clip_by_global_norm(config.grad_clip), update)
   optimizer = optax.multi_transform({"train": update, "frozen": optax.set_to_zero()},
@@ -64,3 +71,12 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   if config.accumulation_steps > 1:
     optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.accumulation_steps)
   return optimizer
+
+
+def _scale_group(group: str, factor: float) -> optax.GradientTransformation:
+  """Multiplies the updates of one top-level parameter group by `factor`; keeps no state."""
+  def update_fn(updates, state, params=None):
+    del params
+    return {name: jax.tree.map(lambda u: u * factor, tree) if name == group else tree
+            for name, tree in updates.items()}, state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
