@@ -144,3 +144,39 @@ def test_an_engine_failure_ends_every_request_with_its_error(tiny_vlm, monkeypat
   with pytest.raises(RuntimeError, match=r"not accepting requests: it is stopping or has failed \(device lost\)"):
     engine.submit(ids, max_tokens=2)
   engine.stop()
+
+
+def test_with_short_prompts_the_memory_of_two_full_slots_holds_sixteen_requests_and_more_wait(tiny_vlm):
+  # The memory of a [2, 256] cache, 32 pages of 16 tokens, for 18 slots. Each short request fits two pages.
+  engine = Engine(tiny_vlm, num_slots=18, max_len=256, num_pages=2 * 256 // 16, page_size=16).start()
+  prompts = [_prompt(tiny_vlm, question, None) for question in ("Hi", "What colour?", "Describe.")]
+  assert all(len(ids) + 3 <= 32 for ids, _ in prompts), [len(ids) for ids, _ in prompts]
+  with engine._condition:  # held: the engine thread sees the whole burst at once
+    requests = [engine.submit(*prompts[i % 3], max_tokens=3 - i % 2) for i in range(18)]
+  for i, request in enumerate(requests):
+    assert request.wait(60).token_ids == _alone(tiny_vlm, *prompts[i % 3], 3 - i % 2)
+  running, waited = requests[:16], requests[16:]
+  assert max(r.first_token_at for r in running) < min(r.finished_at for r in running)  # 16 at once: 8x
+  assert min(r.first_token_at for r in waited) > min(r.finished_at for r in running)  # waited for pages
+  assert engine.pages.num_free == engine.pages.num_pages
+  engine.stop()
+
+
+def test_after_a_burst_with_cancels_every_page_is_back_in_the_pool(tiny_vlm):
+  engine = Engine(tiny_vlm, num_slots=3, max_len=MAX_LEN, num_pages=6, page_size=16).start()
+  ids, pixels = _prompt(tiny_vlm, "What colour is the circle?", 4)
+  listener, decoding = _after_tokens(2)
+  requests = [engine.submit(ids, pixels, max_tokens=MAX_LEN - len(ids), listener=listener)]
+  requests += [engine.submit(ids, pixels, max_tokens=max_tokens) for max_tokens in (20, 3, 11, 9, 2, 25)]
+  decoding.wait(30)
+  for request in requests[::3]:  # the first while it decodes, later ones while they wait or decode
+    engine.cancel(request)
+  for request in requests:
+    assert request.wait(60).finish_reason in ("stop", "length", "cancelled")
+  assert requests[0].finish_reason == "cancelled"
+  assert engine.num_running == engine.num_waiting == 0 and engine.pages.num_free == 6
+  engine.stop()
+  engine = Engine(tiny_vlm, num_slots=1, max_len=256, num_pages=6).start()
+  with pytest.raises(ValueError, match=r"needs 9 pages of 16 tokens; the pool has 6"):
+    engine.submit(ids, pixels, max_tokens=100)
+  engine.stop()

@@ -1,6 +1,6 @@
 """Continuous batching: a fixed number of decode slots on device, refilled as requests end.
 
-    engine = Engine(vlm, num_slots=8, max_len=2048)
+    engine = Engine(vlm, num_slots=32, max_len=2048, num_pages=1024)
     engine.start()
     request = engine.submit(prompt_ids, pixel_values, max_tokens=64, temperature=0.7, seed=1)
     request.wait().text
@@ -14,6 +14,12 @@ The engine thread loops: admit (prefill + insert) → dispatch `generate` → co
 tokens (ready before the step is) → one host copy of the step's tokens → free the slots that ended. A second
 thread detokenizes, checks stop strings and hands each request's new text to its listener while the next step
 runs. Prompts are prefilled whole, one at a time, between steps (no chunked prefill).
+
+The slots' keys and values live in a paged cache (`paged.PagedKVCache`): a request is admitted when a slot is
+free and the pool has the pages for its prompt plus max_tokens, which it holds until it ends. Reserving the
+whole request at admission means a running request never waits for a page and never takes a neighbour's;
+a request the pool cannot hold yet waits in the queue (first come, first served). With short requests, far
+more slots fit the memory a [slots, max_len] cache would take.
 """
 
 import collections
@@ -32,8 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax.infer import generate as generation
+from vlmjax.infer import paged
 from vlmjax.infer.kv_cache import KVCache
 from vlmjax.infer.sampling import SamplingParams, sample
+from vlmjax.models.config import dtype
 from vlmjax.models.vlm import VLM as VLMModel
 from vlmjax.models.vlm import VLMConfig
 
@@ -51,7 +59,8 @@ class SlotState:
   """The batched decode state of N slots.
 
   Attributes:
-    cache: the KV cache, L layers of float[N, K, H, S] keys and values; lengths int32[N] (0 for a free slot).
+    cache: the paged KV cache, L layers of float[P, K, H, page_size] key and value pages; page_table
+      int32[N, max_pages] (all null pages for a free slot); lengths int32[N] (0 for a free slot).
     tokens: int32[N], each slot's latest token: the input of the next step.
     active: bool[N], the slot holds a request.
     sampling: per-slot SamplingParams (float32[N] / int32[N]); a free slot is greedy.
@@ -59,7 +68,7 @@ class SlotState:
     prefix_lengths: int32[N], each slot's prompt length (the bidirectional prefix of a prefix-LM model).
   """
 
-  cache: KVCache
+  cache: paged.PagedKVCache
   tokens: jax.Array
   active: jax.Array
   sampling: SamplingParams
@@ -76,9 +85,13 @@ class Prefix:
   logits: jax.Array
 
 
-def init_state(config: VLMConfig, num_slots: int, max_len: int) -> SlotState:
-  """Every slot free, with room for `max_len` tokens each."""
-  return SlotState(cache=config.decoder.init_cache(num_slots, max_len), tokens=jnp.zeros((num_slots,), jnp.int32),
+def init_state(config: VLMConfig, num_slots: int, max_len: int, num_pages: int, page_size: int) -> SlotState:
+  """Every slot free, with a page table for `max_len` tokens each, over a pool of `num_pages` pages."""
+  decoder = config.decoder
+  cache = paged.PagedKVCache.zeros(num_layers=decoder.depth, num_pages=num_pages, page_size=page_size,
+                                   batch_size=num_slots, max_len=max_len, num_kv_heads=decoder.num_kv_heads,
+                                   head_dim=decoder.attention_head_dim, dtype=dtype(decoder.dtype))
+  return SlotState(cache=cache, tokens=jnp.zeros((num_slots,), jnp.int32),
                    active=jnp.zeros((num_slots,), bool), sampling=SamplingParams.fill(num_slots),
                    keys=jax.random.split(jax.random.key(0), num_slots),
                    prefix_lengths=jnp.zeros((num_slots,), jnp.int32))
@@ -100,19 +113,19 @@ def prefill(params, config: VLMConfig, prompt_ids: Sequence[int], pixel_values: 
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
-def insert(prefix: Prefix, state: SlotState, slot: jax.Array, sampling: SamplingParams, key: jax.Array):
-  """Puts a prefilled prompt into `slot` (int32[]) and samples its first token as `generate.generate` does with
-  the same key. sampling: SamplingParams of one row. Returns (the new state, the first token int32[])."""
+def insert(prefix: Prefix, state: SlotState, slot: jax.Array, pages: jax.Array, sampling: SamplingParams,
+           key: jax.Array):
+  """Puts a prefilled prompt into `slot` (int32[]) whose pages are `pages` (int32[max_pages], null-page padded)
+  and samples its first token as `generate.generate` does with the same key. sampling: SamplingParams of one
+  row. Returns (the new state, the first token int32[])."""
   key, sample_key = jax.random.split(key)
   first = sample(prefix.logits, sampling, sample_key)[0]
   put = lambda array, row: jax.lax.dynamic_update_index_in_dim(array, row, slot, axis=0)
-  # The prompt's T_bucket slots go to the front of the slot's row, layer by layer; what lies beyond its length is
-  # masked out.
-  put_prompt = lambda layer, prompt: jax.lax.dynamic_update_slice(layer, prompt, (slot, 0, 0, 0))
+  # The prompt's T_bucket slots go to the slot's first pages; what lies beyond its length is masked out.
   length = prefix.cache.lengths[0]
+  cache = state.cache.write_prompt(prefix.cache, pages)
   return SlotState(
-      cache=KVCache(k=tuple(map(put_prompt, state.cache.k, prefix.cache.k)),
-                    v=tuple(map(put_prompt, state.cache.v, prefix.cache.v)), lengths=put(state.cache.lengths, length)),
+      cache=cache.replace(page_table=put(cache.page_table, pages), lengths=put(cache.lengths, length)),
       tokens=put(state.tokens, first),
       active=put(state.active, True), sampling=jax.tree.map(lambda all_, one: put(all_, one[0]), state.sampling,
                                                              sampling),
@@ -143,10 +156,13 @@ def _sample_slots(logits: jax.Array, sampling: SamplingParams, keys: jax.Array) 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def release(state: SlotState, slot: jax.Array) -> SlotState:
-  """Frees `slot` (int32[]): inactive, greedy (so an all-greedy batch keeps its fast path), length 0."""
+  """Frees `slot` (int32[]): inactive, greedy (so an all-greedy batch keeps its fast path), length 0, its page
+  table all null pages (so the steps it still takes write nowhere)."""
   put = lambda array, value: jax.lax.dynamic_update_index_in_dim(array, value, slot, axis=0)
-  return state.replace(active=put(state.active, False), cache=state.cache.replace(
-      lengths=put(state.cache.lengths, 0)), sampling=state.sampling.replace(
+  cache = state.cache
+  return state.replace(active=put(state.active, False), cache=cache.replace(
+      lengths=put(cache.lengths, 0), page_table=put(cache.page_table, jnp.full_like(cache.page_table[0],
+                                                                                      cache.num_pages))), sampling=state.sampling.replace(
           temperature=put(state.sampling.temperature, 0.0)))
 
 
@@ -188,22 +204,27 @@ class Request:
 
 
 class Engine:
-  """Continuous batching over `num_slots` slots of `max_len` tokens (prompt + generated) each.
+  """Continuous batching over `num_slots` slots of `max_len` tokens (prompt + generated) each, whose keys and
+  values share a pool of `num_pages` pages of `page_size` tokens (default: enough for every slot to be full,
+  the memory of a [num_slots, max_len] cache).
 
   `on_finish(request)` is called (from the detokenizer thread) once per request as it ends, for metrics.
   """
 
   def __init__(self, vlm, num_slots: int = 8, max_len: int | None = None,
-               on_finish: Callable[[Request], None] | None = None):
+               on_finish: Callable[[Request], None] | None = None, *, num_pages: int | None = None,
+               page_size: int = paged.DEFAULT_PAGE_SIZE):
     if num_slots < 1:
       raise ValueError(f"num_slots must be at least 1, got {num_slots}")
-    self.vlm, self.num_slots, self.on_finish = vlm, num_slots, on_finish
+    self.vlm, self.num_slots, self.on_finish, self.page_size = vlm, num_slots, on_finish, page_size
     self.config = vlm.model_config
     self.max_len = max_len or vlm.max_len or DEFAULT_MAX_LEN
     self.buckets = tuple(b for b in generation.BUCKETS if b < self.max_len) + (self.max_len,)
     self.error: BaseException | None = None
-    self._state = init_state(self.config, num_slots, self.max_len)
+    self.pages = paged.PageAllocator(num_pages or num_slots * paged.pages_for(self.max_len, page_size))
+    self._state = init_state(self.config, num_slots, self.max_len, self.pages.num_pages, page_size)
     self._slots: list[Request | None] = [None] * num_slots
+    self._slot_pages: list[list[int]] = [[] for _ in range(num_slots)]  # the pages each slot's request holds
     self._inserted: list[tuple[int, jax.Array]] = []  # (slot, first token) of the requests admitted this round
     self._waiting: collections.deque[Request] = collections.deque()
     self._condition = threading.Condition()
@@ -280,6 +301,10 @@ class Engine:
                        f"{num_images * self.config.tokens_per_image}")
     if any(not text for text in stop):
       raise ValueError("stop strings must not be empty")
+    if self._pages_needed(len(prompt_ids), max_tokens) > self.pages.num_pages:
+      raise PromptTooLong(f"a prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} needs "
+                          f"{self._pages_needed(len(prompt_ids), max_tokens)} pages of {self.page_size} tokens; "
+                          f"the pool has {self.pages.num_pages}: ask for fewer tokens or give the engine more pages")
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     request = Request(prompt_ids, pixel_values, max_tokens, SamplingParams.fill(1, temperature, top_k, top_p),
                       jax.random.key(seed), tuple(stop), listener)
@@ -311,6 +336,9 @@ class Engine:
         ended = [*self._waiting, *filter(None, self._slots)]
         self._waiting.clear()
         self._slots = [None] * self.num_slots
+        for pages in self._slot_pages:
+          self.pages.free(pages)
+          pages.clear()
       for request in ended:
         self._to_detokenizer.put((request, None, "error"))
     finally:
@@ -330,7 +358,7 @@ class Engine:
       for slot, request in enumerate(self._slots):
         if request is not None and (request.cancelled or request.done.is_set()):  # done: a stop string
           self._free(slot, "cancelled" if request.cancelled else None)
-        if self._slots[slot] is None and self._waiting:
+        if self._slots[slot] is None and self._waiting and self._reserve_pages(slot, self._waiting[0]):
           admitted.append((slot, self._waiting.popleft()))
           self._slots[slot] = admitted[-1][1]
       if not self.num_running:
@@ -339,8 +367,21 @@ class Engine:
       bucket = generation.bucket_length(len(request.prompt_ids), self.buckets)
       prefix = prefill(self.vlm.params, self.config, request.prompt_ids, request.pixel_values, bucket,
                        self.vlm.pad_token_id)
-      self._state, first = insert(prefix, self._state, jnp.int32(slot), request.sampling, request.key)
+      pages = np.full((self._state.cache.page_table.shape[1],), self.pages.num_pages, np.int32)  # null-padded
+      pages[:len(self._slot_pages[slot])] = self._slot_pages[slot]
+      self._state, first = insert(prefix, self._state, jnp.int32(slot), pages, request.sampling, request.key)
       self._inserted.append((slot, first))
+    return True
+
+  def _pages_needed(self, prompt_length: int, max_tokens: int) -> int:
+    return paged.pages_for(prompt_length + max_tokens, self.page_size)
+
+  def _reserve_pages(self, slot: int, request: Request) -> bool:
+    """Gives `slot` the pages `request` needs to its end; False (nothing taken) when the pool lacks them."""
+    try:
+      self._slot_pages[slot] = self.pages.allocate(self._pages_needed(len(request.prompt_ids), request.max_tokens))
+    except paged.PoolExhausted:
+      return False
     return True
 
   def _step(self) -> None:
@@ -361,13 +402,15 @@ class Engine:
     request.num_decoded += 1
     reason = ("stop" if token in self.vlm.eos_token_ids else
               "length" if request.num_decoded >= request.max_tokens else None)
-    self._to_detokenizer.put((request, token, reason))
-    if reason:
+    if reason:  # freed first, so that a finished request's slot and pages are back when it is seen to end
       self._free(slot, None)
+    self._to_detokenizer.put((request, token, reason))
 
   def _free(self, slot: int, reason: str | None) -> None:
     request, self._slots[slot] = self._slots[slot], None
     self._state = release(self._state, jnp.int32(slot))
+    self.pages.free(self._slot_pages[slot])
+    self._slot_pages[slot] = []
     if reason:
       self._to_detokenizer.put((request, None, reason))
 

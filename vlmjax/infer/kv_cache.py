@@ -36,6 +36,14 @@ class KVCache:
   def batch_size(self) -> int:
     return self.k[0].shape[0]
 
+  def layers(self) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """Each layer's (k, v), what `layers.Attention` reads and writes."""
+    return tuple(zip(self.k, self.v))
+
+  def with_layers(self, layers: tuple[tuple[jax.Array, jax.Array], ...], lengths: jax.Array) -> "KVCache":
+    keys, values = zip(*layers)
+    return self.replace(k=keys, v=values, lengths=lengths)
+
   def extend(self, num_slots: int) -> "KVCache":
     """This cache with `num_slots` more (empty) slots per row: a prefill fills a cache of its prompts' length,
     then decoding extends it, so the prefill's attention spans only the prompts."""

@@ -70,8 +70,8 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, layer_cache, positions, mask, write_index):
-    """x: float[B, T, D]; layer_cache: this layer's (k, v), each float[B, K, H, S], or None -> (float[B, T, D],
-    the updated (k, v) or None). Under `nn.scan`, x is the carry and the layers' caches are scanned over."""
+    """x: float[B, T, D]; layer_cache: this layer's (k, v), each float[B, K, H, S], a paged.PagedLayer, or None
+    -> (float[B, T, D], the updated layer cache or None). Under `nn.scan`, x is the carry and the layers' caches are scanned over."""
     cfg = self.config
     compute_dtype, param_dtype = dtype(cfg.dtype), dtype(cfg.param_dtype)
     norm = lambda name: layers.RMSNorm(eps=cfg.norm_eps, unit_offset=cfg.norm_unit_offset, dtype=compute_dtype,
@@ -138,7 +138,7 @@ class Decoder(nn.Module):
     Args:
       tokens: int[B, T], or None when `embeddings` is given.
       positions: int[B, T] RoPE positions.
-      cache: a KVCache; the T new tokens of row b go to slots cache.lengths[b] onwards, and attention covers
+      cache: a KVCache or a paged.PagedKVCache; the T new tokens of row b go to slots cache.lengths[b] onwards, and attention covers
         the cache. None for a plain forward pass.
       embeddings: float[B, T, D], used instead of embedding `tokens` (a VLM splices image embeddings in).
       input_mask: bool[B, T], False for padding after each row's tokens (right padding).
@@ -165,7 +165,7 @@ class Decoder(nn.Module):
       cache_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (batch, cache.max_len))
       mask = layers.make_attention_mask(write_index[:, None] + new_index, cache_index,
                                         kv_valid=cache_index < new_lengths[:, None], prefix_lengths=prefix_lengths)
-    layer_caches = (None,) * cfg.depth if cache is None else tuple(zip(cache.k, cache.v))  # L x (k, v)
+    layer_caches = (None,) * cfg.depth if cache is None else cache.layers()  # L x (k, v) or L x PagedLayer
 
     if cfg.scan_layers:
       # The scan takes the caches stacked, (k, v) float[L, B, K, H, S], and returns them stacked: a copy of the
@@ -191,6 +191,5 @@ class Decoder(nn.Module):
     if cfg.final_logit_softcap is not None:
       logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
     if cache is not None:
-      keys, values = zip(*layer_caches)
-      cache = KVCache(k=keys, v=values, lengths=new_lengths)
+      cache = cache.with_layers(layer_caches, new_lengths)
     return logits, cache

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlmjax.infer import paged
+
 # Logical axis names. Weights use bare names; activations `activation_*`; the KV cache `cache_*`.
 EMBED = "embed"
 MLP = "mlp"
@@ -209,9 +211,9 @@ class Attention(nn.Module):
       x: jax.Array,
       mask: jax.Array | None,
       positions: jax.Array | None = None,
-      kv_cache: tuple[jax.Array, jax.Array] | None = None,
+      kv_cache: tuple[jax.Array, jax.Array] | paged.PagedLayer | None = None,
       write_index: jax.Array | None = None,
-  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | paged.PagedLayer | None]:
     """Args:
       x: float[B, T, D].
       mask: bool[B, 1, T, S] from `make_attention_mask` (S = T without a cache, the cache length with one),
@@ -221,6 +223,8 @@ class Attention(nn.Module):
         (a scatter the decode loop does in place), and attention reads the buffer as it is, so a decode step
         costs the new tokens and one read of the cache, not a copy of it. Slots last is the layout the two
         attention matmuls read directly on the CPU (XLA copies a [B, S, K, H] cache into it every step).
+        Or a paged.PagedLayer: the new keys and values go into the rows' pages, and attention reads the pages
+        gathered through the page table.
       write_index: int[B], the cache slot where row b's first new token goes.
     Returns:
       (float[B, T, D], the updated (k, v) cache or None).
@@ -235,7 +239,9 @@ class Attention(nn.Module):
     key = nn.with_logical_constraint(key, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, None))
     value = nn.with_logical_constraint(value, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, None))
 
-    if kv_cache is not None:
+    if isinstance(kv_cache, paged.PagedLayer):
+      kv_cache, (key, value) = kv_cache.write_and_read(key, value, write_index)  # [B, S, K, H]
+    elif kv_cache is not None:
       k_cache, v_cache = kv_cache
       rows = jnp.arange(x.shape[0])[:, None]  # [B, 1]
       slots = write_index[:, None] + jnp.arange(x.shape[1])[None, :]  # [B, T]

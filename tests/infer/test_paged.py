@@ -1,0 +1,77 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import sizes
+from vlmjax.infer import paged
+from vlmjax.models.decoder import Decoder, DecoderConfig
+
+CONFIG = DecoderConfig(**sizes.lm("tiny", vocab_size=61, width=32, depth=2, num_heads=4, num_kv_heads=2,
+                                  mlp_dim=64).to_dict(), scan_layers=False)
+PAGE_SIZE, MAX_LEN, BUCKET = 4, 32, 16
+
+
+def test_the_allocator_hands_out_each_page_once_and_takes_them_all_back():
+  pages = paged.PageAllocator(6)
+  first, second = pages.allocate(4), pages.allocate(2)
+  assert sorted(first + second) == list(range(6)) and pages.num_free == 0
+  with pytest.raises(paged.PoolExhausted, match="1 pages asked for, 0 of 6 free"):
+    pages.allocate(1)
+  pages.free(first)
+  with pytest.raises(AssertionError, match="page .* is freed but was not allocated"):
+    pages.free(first[:1])
+  pages.free(second)
+  assert pages.num_free == 6 and sorted(pages.allocate(6)) == list(range(6))
+
+
+@pytest.fixture(scope="module")
+def decoder():
+  model = Decoder(CONFIG)
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
+                                    jnp.arange(4)[None]))["params"]
+  params = jax.tree.map(lambda p: p * 3.0 if p.ndim >= 2 else p, params)  # a less flat greedy path
+  step = jax.jit(lambda tokens, cache: model.apply({"params": params}, tokens, cache.lengths[:, None], cache))
+  return model, params, step
+
+
+def test_paged_decoding_matches_the_contiguous_cache_token_for_token(decoder):
+  model, params, step = decoder
+  lengths = np.array([5, 11])  # not whole pages
+  prompts = np.random.default_rng(0).integers(1, 61, (2, BUCKET)).astype(np.int32)
+  mask = np.arange(BUCKET)[None] < lengths[:, None]
+  empty = CONFIG.init_cache(batch_size=2, max_len=BUCKET)
+  logits, prefilled = model.apply({"params": params}, prompts, jnp.arange(BUCKET)[None].repeat(2, 0), empty,
+                                  input_mask=mask)
+  last = jnp.asarray(np.argmax(np.asarray(logits)[np.arange(2), lengths - 1], axis=-1), jnp.int32)
+
+  contiguous = prefilled.extend(MAX_LEN - BUCKET)
+  cache = paged.PagedKVCache.zeros(num_layers=CONFIG.depth, num_pages=20, page_size=PAGE_SIZE, batch_size=2,
+                                   max_len=MAX_LEN, num_kv_heads=CONFIG.num_kv_heads,
+                                   head_dim=CONFIG.attention_head_dim)
+  table = np.full((2, MAX_LEN // PAGE_SIZE), cache.num_pages, np.int32)
+  table[0], table[1, :6] = np.random.default_rng(1).permutation(20)[:8], [19, 3, 17, 0, 8, 11]  # scattered
+  for row in range(2):  # each row's prompt into its own pages, as the engine inserts one prompt at a time
+    one_row = jax.tree.map(lambda x: x[row:row + 1], prefilled)
+    cache = cache.write_prompt(one_row, jnp.asarray(table[row]))
+  cache = cache.replace(page_table=jnp.asarray(table), lengths=prefilled.lengths)
+
+  tokens_contiguous, tokens_paged = last, last
+  for _ in range(12):  # row 1 reaches 23 tokens, within its 6 pages
+    logits_contiguous, contiguous = step(tokens_contiguous[:, None], contiguous)
+    logits_paged, cache = step(tokens_paged[:, None], cache)
+    np.testing.assert_allclose(logits_paged, logits_contiguous, rtol=1e-5, atol=1e-5)
+    tokens_contiguous = jnp.argmax(logits_contiguous[:, 0], axis=-1).astype(jnp.int32)
+    tokens_paged = jnp.argmax(logits_paged[:, 0], axis=-1).astype(jnp.int32)
+    assert tokens_paged.tolist() == tokens_contiguous.tolist()
+  assert cache.lengths.tolist() == contiguous.lengths.tolist() == (lengths + 12).tolist()
+
+
+def test_writes_past_a_rows_pages_touch_no_other_page():
+  cache = paged.PagedKVCache.zeros(num_layers=1, num_pages=3, page_size=2, batch_size=2, max_len=4,
+                                   num_kv_heads=1, head_dim=1)
+  layer = cache.replace(page_table=jnp.array([[0, 3], [3, 3]], jnp.int32)).layers()[0]  # row 1: no pages
+  ones = jnp.ones((2, 1, 1, 1))
+  layer, (keys, _) = layer.write_and_read(ones, ones, jnp.array([2, 0]))  # row 0 past its page, row 1 nowhere
+  assert float(jnp.abs(layer.k).sum()) == 0.0 and keys.shape == (2, 4, 1, 1)

@@ -1,0 +1,155 @@
+"""The paged KV cache: keys and values in fixed-size pages of one pool, read through a page table per row.
+
+    pages = PageAllocator(num_pages)
+    row_pages = pages.allocate(pages_for(prompt_length + max_tokens, page_size))   # host side
+    logits, cache = decoder.apply(params, tokens, positions, cache)                 # cache: a PagedKVCache
+
+Memory follows the tokens a row really holds (whole pages of them), not rows x max_len. A page-table entry
+past a row's pages holds `cache.num_pages`, the null page: writes to it are dropped and reads of it are masked.
+
+Attention reads a row by gathering its pages into the contiguous [B, S, K, H] layout the contiguous cache gives
+(`PagedLayer.write_and_read`), then runs the same masked attention, so both caches produce the same numbers. It
+is the gather that runs everywhere; the Pallas paged-attention kernels JAX ships (TPU/GPU) are not wired in.
+"""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from vlmjax.infer.kv_cache import KVCache
+
+DEFAULT_PAGE_SIZE = 16  # tokens per page
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+  """Pages that hold `num_tokens` tokens."""
+  return -(-num_tokens // page_size)
+
+
+@flax.struct.dataclass
+class PagedLayer:
+  """One layer's view of the paged cache, what `layers.Attention` reads and writes.
+
+  Attributes:
+    k: float[P, K, H, page_size], the pool's key pages (P pages); v: the value pages, the same shape.
+    page_table: int32[B, max_pages], row b's pages in order; `P` (the null page) past its last page.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  page_table: jax.Array
+
+  def write_and_read(self, key: jax.Array, value: jax.Array, write_index: jax.Array):
+    """Writes the T new keys and values (float[B, T, K, H]) of row b at its slots write_index[b] onwards, then
+    gathers every row's pages. Returns (this layer updated, (keys, values) float[B, S, K, H]) with
+    S = max_pages * page_size; slots past a row's length hold leftovers or zeros, which the mask hides."""
+    num_pages, _, _, page_size = self.k.shape
+    slots = write_index[:, None] + jnp.arange(key.shape[1])[None, :]  # [B, T]
+    pages = jnp.take_along_axis(self.page_table, slots // page_size, axis=1, mode="fill", fill_value=num_pages)
+    # [pages, :, :, offsets] of a [P, K, H, page_size] pool selects [B, T, K, H]; the null page is dropped.
+    k = self.k.at[pages, :, :, slots % page_size].set(key.astype(self.k.dtype), mode="drop")
+    v = self.v.at[pages, :, :, slots % page_size].set(value.astype(self.v.dtype), mode="drop")
+    batch, max_pages = self.page_table.shape
+
+    def gather(pool):  # [P, K, H, page_size] -> [B, max_pages * page_size, K, H]
+      rows = jnp.take(pool, self.page_table, axis=0, mode="clip")  # [B, max_pages, K, H, page_size]
+      return jnp.transpose(rows, (0, 1, 4, 2, 3)).reshape(batch, max_pages * page_size, *pool.shape[1:3])
+
+    return self.replace(k=k, v=v), (gather(k), gather(v))
+
+
+@flax.struct.dataclass
+class PagedKVCache:
+  """Keys and values of every layer in one pool of pages per layer, shared by `batch` rows.
+
+  Attributes:
+    k: L arrays float[P, K, H, page_size], each layer's key pages; v: the value pages.
+    page_table: int32[B, max_pages], each row's pages in order, P (the null page) past its last one.
+    lengths: int32[B], tokens held by each row; row b's next token goes to slot lengths[b], that is page
+      page_table[b, lengths[b] // page_size] at offset lengths[b] % page_size.
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  page_table: jax.Array
+  lengths: jax.Array
+
+  @property
+  def num_pages(self) -> int:
+    return self.k[0].shape[0]
+
+  @property
+  def page_size(self) -> int:
+    return self.k[0].shape[3]
+
+  @property
+  def max_len(self) -> int:
+    return self.page_table.shape[1] * self.page_size
+
+  @property
+  def batch_size(self) -> int:
+    return self.page_table.shape[0]
+
+  def write_prompt(self, prompt: KVCache, pages: jax.Array) -> "PagedKVCache":
+    """Copies a prefilled prompt (a KVCache of one row, L layers of float[1, K, H, T]) into `pages`
+    (int32[max_pages], a row of the page table) from its first slot on; pages past the prompt's are untouched
+    and null-page entries dropped."""
+    num_prompt_pages = pages_for(prompt.max_len, self.page_size)
+    targets = pages[:num_prompt_pages]
+
+    def put(pool, layer):  # pool [P, K, H, page_size], layer [1, K, H, T]
+      padded = jnp.pad(layer[0], ((0, 0), (0, 0), (0, num_prompt_pages * self.page_size - prompt.max_len)))
+      in_pages = padded.reshape(*padded.shape[:2], num_prompt_pages, self.page_size)  # [K, H, n, page_size]
+      return pool.at[targets].set(jnp.transpose(in_pages, (2, 0, 1, 3)).astype(pool.dtype), mode="drop")
+
+    return self.replace(k=tuple(map(put, self.k, prompt.k)), v=tuple(map(put, self.v, prompt.v)))
+
+  def layers(self) -> tuple[PagedLayer, ...]:
+    return tuple(PagedLayer(k, v, self.page_table) for k, v in zip(self.k, self.v))
+
+  def with_layers(self, layers: tuple[PagedLayer, ...], lengths: jax.Array) -> "PagedKVCache":
+    return self.replace(k=tuple(layer.k for layer in layers), v=tuple(layer.v for layer in layers), lengths=lengths)
+
+  @classmethod
+  def zeros(cls, *, num_layers: int, num_pages: int, page_size: int, batch_size: int, max_len: int,
+            num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> "PagedKVCache":
+    """An empty pool of `num_pages` pages and `batch_size` rows of up to `max_len` tokens (rounded up to whole
+    pages), all pages free."""
+    shape = (num_pages, num_kv_heads, head_dim, page_size)
+    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+               v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+               page_table=jnp.full((batch_size, pages_for(max_len, page_size)), num_pages, jnp.int32),
+               lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+class PoolExhausted(RuntimeError):
+  """Fewer free pages than asked for; the caller waits for pages to come back."""
+
+
+class PageAllocator:
+  """The host-side free list of a pool's pages. Each allocated page has one owner until it is freed."""
+
+  def __init__(self, num_pages: int):
+    if num_pages < 1:
+      raise ValueError(f"num_pages must be at least 1, got {num_pages}")
+    self.num_pages = num_pages
+    self._free = list(range(num_pages - 1, -1, -1))  # popped from the end: pages 0, 1, ... first
+    self._allocated: set[int] = set()
+
+  @property
+  def num_free(self) -> int:
+    return len(self._free)
+
+  def allocate(self, count: int) -> list[int]:
+    """`count` free pages; PoolExhausted (nothing taken) when fewer are free."""
+    if count > len(self._free):
+      raise PoolExhausted(f"{count} pages asked for, {len(self._free)} of {self.num_pages} free")
+    pages = [self._free.pop() for _ in range(count)]
+    self._allocated.update(pages)
+    return pages
+
+  def free(self, pages: list[int]) -> None:
+    for page in pages:
+      assert page in self._allocated, f"page {page} is freed but was not allocated"
+      self._allocated.remove(page)
+      self._free.append(page)
