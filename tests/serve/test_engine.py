@@ -180,3 +180,30 @@ def test_after_a_burst_with_cancels_every_page_is_back_in_the_pool(tiny_vlm):
   with pytest.raises(ValueError, match=r"needs 9 pages of 16 tokens; the pool has 6"):
     engine.submit(ids, pixels, max_tokens=100)
   engine.stop()
+
+
+def test_a_prefix_cache_hit_decodes_exactly_as_without_the_cache_and_frees_its_pages(tiny_vlm):
+  # Pages of 4 tokens: the three prompts share their first 12 tokens (chat template and image), 3 pages.
+  engine = Engine(tiny_vlm, num_slots=2, max_len=MAX_LEN, num_pages=24, page_size=4, prefix_caching=True).start()
+  questions = ("What colour is the circle?", "How many triangles are there?", "What colour is the square?")
+  prompts = [_prompt(tiny_vlm, question, 6) for question in questions]  # one image, three questions
+  first = engine.submit(*prompts[0], max_tokens=9)
+  first.wait(60)
+  assert engine.prefix_cache.num_entries == len(prompts[0][0]) // 4
+  encode = engine_module.prefill
+  calls = []
+  engine_module.prefill = lambda *args: calls.append(args) or encode(*args)  # counts whole-prompt prefills
+  try:
+    later = [engine.submit(ids, pixels, max_tokens=9) for ids, pixels in prompts[1:]]
+    for request, (ids, pixels) in zip([first, *later], prompts):
+      assert request.wait(60).token_ids == _alone(tiny_vlm, ids, pixels, 9)
+  finally:
+    engine_module.prefill = encode
+  assert calls == []  # the later questions about the image skipped the vision encoder and the prompt's start
+  cached = engine.prefix_cache.num_entries
+  assert engine.pages.num_free + cached == 24
+  engine.submit(*_prompt(tiny_vlm, "Hi", None), max_tokens=MAX_LEN - 20).wait(60)  # 15 pages: evicts for them
+  assert engine.prefix_cache.num_entries < cached
+  engine.prefix_cache.clear()
+  assert engine.num_running == engine.num_waiting == 0 and engine.pages.num_free == 24
+  engine.stop()

@@ -39,6 +39,7 @@ import numpy as np
 
 from vlmjax.infer import generate as generation
 from vlmjax.infer import paged
+from vlmjax.infer.prefix_cache import PrefixCache, page_keys
 from vlmjax.infer.kv_cache import KVCache
 from vlmjax.infer.sampling import SamplingParams, sample
 from vlmjax.models.config import dtype
@@ -110,6 +111,21 @@ def prefill(params, config: VLMConfig, prompt_ids: Sequence[int], pixel_values: 
   logits, cache = generation.prefill(params, config, input_ids, input_mask, pixels, prefix_lengths,
                                      config.decoder.init_cache(batch_size=1, max_len=bucket))
   return Prefix(cache=cache, logits=logits)
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
+def prefill_after_cached(params, config: VLMConfig, state: SlotState, input_ids, input_mask, pages: jax.Array,
+                         start: jax.Array) -> tuple[SlotState, jax.Array]:
+  """The rest of a prompt whose first `start` tokens (int32[], whole pages) are in the pool already: its text
+  tokens input_ids int32[1, T_bucket] (input_mask bool[1, T_bucket]) go through the model at positions start
+  onwards, attending over the cached pages, into `pages` (int32[max_pages], the request's page table row).
+  Returns (the state with the new keys and values in its pool, logits float32[1, V] of the last token)."""
+  positions = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]
+  cache = state.cache.replace(page_table=pages[None], lengths=start[None])
+  last = jnp.sum(input_mask, axis=1, dtype=jnp.int32) - 1
+  logits, cache = VLMModel(config).apply({"params": params}, input_ids, None, positions, cache,
+                                         input_mask=input_mask, logit_positions=last[:, None])
+  return state.replace(cache=state.cache.replace(k=cache.k, v=cache.v)), logits[:, 0]
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -206,14 +222,15 @@ class Request:
 class Engine:
   """Continuous batching over `num_slots` slots of `max_len` tokens (prompt + generated) each, whose keys and
   values share a pool of `num_pages` pages of `page_size` tokens (default: enough for every slot to be full,
-  the memory of a [num_slots, max_len] cache).
+  the memory of a [num_slots, max_len] cache). With `prefix_caching` (causal models), requests that start with
+  the same images and tokens share the full pages of that prefix (`prefix_cache.PrefixCache`).
 
   `on_finish(request)` is called (from the detokenizer thread) once per request as it ends, for metrics.
   """
 
   def __init__(self, vlm, num_slots: int = 8, max_len: int | None = None,
                on_finish: Callable[[Request], None] | None = None, *, num_pages: int | None = None,
-               page_size: int = paged.DEFAULT_PAGE_SIZE):
+               page_size: int = paged.DEFAULT_PAGE_SIZE, prefix_caching: bool = False):
     if num_slots < 1:
       raise ValueError(f"num_slots must be at least 1, got {num_slots}")
     self.vlm, self.num_slots, self.on_finish, self.page_size = vlm, num_slots, on_finish, page_size
@@ -225,6 +242,11 @@ class Engine:
     self._state = init_state(self.config, num_slots, self.max_len, self.pages.num_pages, page_size)
     self._slots: list[Request | None] = [None] * num_slots
     self._slot_pages: list[list[int]] = [[] for _ in range(num_slots)]  # the pages each slot's request holds
+    self._cached_tokens = [0] * num_slots  # prompt tokens each slot's request found in the prefix cache
+    if prefix_caching and self.config.prefix_lm:
+      raise ValueError("prefix caching needs a causal model: under a prefix-LM mask a prompt's keys depend on "
+                       "the tokens after them")
+    self.prefix_cache = PrefixCache(self.pages) if prefix_caching else None
     self._inserted: list[tuple[int, jax.Array]] = []  # (slot, first token) of the requests admitted this round
     self._waiting: collections.deque[Request] = collections.deque()
     self._condition = threading.Condition()
@@ -364,24 +386,62 @@ class Engine:
       if not self.num_running:
         return not (self._stopping and not self._waiting)
     for slot, request in admitted:
-      bucket = generation.bucket_length(len(request.prompt_ids), self.buckets)
-      prefix = prefill(self.vlm.params, self.config, request.prompt_ids, request.pixel_values, bucket,
-                       self.vlm.pad_token_id)
       pages = np.full((self._state.cache.page_table.shape[1],), self.pages.num_pages, np.int32)  # null-padded
       pages[:len(self._slot_pages[slot])] = self._slot_pages[slot]
+      prefix = self._prefill(request, pages, self._cached_tokens[slot])
       self._state, first = insert(prefix, self._state, jnp.int32(slot), pages, request.sampling, request.key)
+      if self.prefix_cache is not None:
+        keys = page_keys(request.prompt_ids, request.pixel_values, self.page_size)
+        self.prefix_cache.add(keys, self._slot_pages[slot][:len(keys)])
       self._inserted.append((slot, first))
     return True
 
   def _pages_needed(self, prompt_length: int, max_tokens: int) -> int:
     return paged.pages_for(prompt_length + max_tokens, self.page_size)
 
+  def _prefill(self, request: Request, pages: np.ndarray, cached_tokens: int) -> Prefix:
+    """The request's prompt through the model: whole, or past its `cached_tokens` found in the prefix cache."""
+    if not cached_tokens:
+      bucket = generation.bucket_length(len(request.prompt_ids), self.buckets)
+      return prefill(self.vlm.params, self.config, request.prompt_ids, request.pixel_values, bucket,
+                     self.vlm.pad_token_id)
+    rest = request.prompt_ids[cached_tokens:]
+    bucket = generation.bucket_length(len(rest), self.buckets)
+    input_ids = np.full((1, bucket), self.vlm.pad_token_id, np.int32)
+    input_ids[0, :len(rest)] = rest
+    self._state, logits = prefill_after_cached(self.vlm.params, self.config, self._state, input_ids,
+                                               np.arange(bucket)[None] < len(rest), pages, jnp.int32(cached_tokens))
+    empty = self.config.decoder.init_cache(batch_size=1, max_len=0)  # nothing left for `insert` to copy
+    return Prefix(cache=empty.replace(lengths=jnp.array([len(request.prompt_ids)], jnp.int32)), logits=logits)
+
+  def _cached_prefix(self, request: Request) -> list[int]:
+    """The prefix cache's pages for the start of the request's prompt, each with one more holder: at most up to
+    the last image placeholder's page (an image is encoded whole) and short of the last token (whose logits
+    the first sample needs)."""
+    if self.prefix_cache is None:
+      return []
+    shared = self.prefix_cache.lookup(page_keys(request.prompt_ids, request.pixel_values, self.page_size))
+    shared = shared[:(len(request.prompt_ids) - 1) // self.page_size]
+    if request.pixel_values is not None:
+      last_image = max(i for i, token in enumerate(request.prompt_ids) if token == self.config.image_token_id)
+      if len(shared) * self.page_size <= last_image:  # an image not wholly cached is encoded again, whole
+        shared = []
+    self.pages.share(shared)
+    return shared
+
   def _reserve_pages(self, slot: int, request: Request) -> bool:
-    """Gives `slot` the pages `request` needs to its end; False (nothing taken) when the pool lacks them."""
+    """Gives `slot` the pages `request` needs to its end, starting with the prefix cache's pages for its prompt;
+    False (nothing taken) when the pool lacks them, even after evicting prefix-cache entries."""
+    shared = self._cached_prefix(request)
+    needed = self._pages_needed(len(request.prompt_ids), request.max_tokens) - len(shared)
+    if self.prefix_cache is not None and self.pages.num_free < needed:
+      self.prefix_cache.evict(needed)
     try:
-      self._slot_pages[slot] = self.pages.allocate(self._pages_needed(len(request.prompt_ids), request.max_tokens))
+      self._slot_pages[slot] = shared + self.pages.allocate(needed)
     except paged.PoolExhausted:
+      self.pages.free(shared)
       return False
+    self._cached_tokens[slot] = len(shared) * self.page_size
     return True
 
   def _step(self) -> None:

@@ -127,29 +127,42 @@ class PoolExhausted(RuntimeError):
 
 
 class PageAllocator:
-  """The host-side free list of a pool's pages. Each allocated page has one owner until it is freed."""
+  """The host-side free list of a pool's pages, with a reference count per allocated page: a page shared by
+  several holders (requests with the same prefix, the prefix cache) goes back to the pool when the last frees it."""
 
   def __init__(self, num_pages: int):
     if num_pages < 1:
       raise ValueError(f"num_pages must be at least 1, got {num_pages}")
     self.num_pages = num_pages
     self._free = list(range(num_pages - 1, -1, -1))  # popped from the end: pages 0, 1, ... first
-    self._allocated: set[int] = set()
+    self._references: dict[int, int] = {}  # allocated page -> holders
 
   @property
   def num_free(self) -> int:
     return len(self._free)
 
+  def references(self, page: int) -> int:
+    return self._references.get(page, 0)
+
   def allocate(self, count: int) -> list[int]:
-    """`count` free pages; PoolExhausted (nothing taken) when fewer are free."""
+    """`count` free pages, one holder each; PoolExhausted (nothing taken) when fewer are free."""
     if count > len(self._free):
       raise PoolExhausted(f"{count} pages asked for, {len(self._free)} of {self.num_pages} free")
     pages = [self._free.pop() for _ in range(count)]
-    self._allocated.update(pages)
+    self._references.update((page, 1) for page in pages)
     return pages
 
-  def free(self, pages: list[int]) -> None:
+  def share(self, pages: list[int]) -> None:
+    """One more holder for each of these allocated pages."""
     for page in pages:
-      assert page in self._allocated, f"page {page} is freed but was not allocated"
-      self._allocated.remove(page)
-      self._free.append(page)
+      assert page in self._references, f"page {page} is shared but was not allocated"
+      self._references[page] += 1
+
+  def free(self, pages: list[int]) -> None:
+    """One holder less for each page; a page nobody holds goes back to the pool."""
+    for page in pages:
+      assert page in self._references, f"page {page} is freed but was not allocated"
+      self._references[page] -= 1
+      if not self._references[page]:
+        del self._references[page]
+        self._free.append(page)
