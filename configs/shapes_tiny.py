@@ -35,6 +35,8 @@ def get_config(arg: str | None = None):
       embed_dim=128, pooling="mean", loss="sigmoid", temperature_init=10.0, bias_init=-10.0, batch_size=128,
       learning_rate=config_dict.placeholder(float),  # None: optim.learning_rate
   ))
+  # The classify stage (when train.stages names it): this vision tower with a head over the object labels.
+  config.classify = ml_collections.ConfigDict(dict(head_mlp_dim=256, batch_size=64, learning_rate=3e-3))
   # The recipe: the vision tower first learns from captions (contrastive, cheap: no language model), then
   # everything trains on conversations. Sized for the README's main job: about 10 minutes on a 2-core CPU.
   config.train.update(steps=560, stages="contrastive:0.2,full:0.8", batch_size=32, log_every=10,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import shapes_tiny
-from vlmjax.data import shapes
+from vlmjax.data import shapes, shapes_tasks
 from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.train import stages
 
@@ -27,14 +27,32 @@ def test_bad_stage_chains_are_named(spec, message):
     stages.parse_stages(spec, 100)
 
 
-def test_the_dual_tower_takes_the_runs_vision_tower_and_says_when_its_section_is_missing():
+def test_the_pretraining_models_take_the_runs_vision_tower_and_say_when_their_section_is_missing():
   config = shapes_tiny.get_config()
   clip = stages.clip_config(config)
   assert clip.vision.width == config.model.vision.width and clip.text.vocab_size == config.contrastive.text.vocab_size
   assert clip.loss == "sigmoid"
-  del config.contrastive
-  with pytest.raises(ValueError, match="no `contrastive` section"):
-    stages.clip_config(config)
+  classifier = stages.classifier_config(config)
+  assert classifier.vision == clip.vision and classifier.num_labels == shapes_tasks.NUM_OBJECT_LABELS
+  assert [s.pretrains_vision for s in stages.parse_stages("contrastive:0.3,classify:0.3,full", 10)] == [
+      True, True, False]
+  del config.contrastive, config.classify
+  for stage in ("contrastive", "classify"):
+    with pytest.raises(ValueError, match=f"no `{stage}` section"):
+      stages.pretraining_config(config, stage)
+
+
+def test_object_labels_are_the_scenes_objects(tiny_shapes_dir):
+  to_example = stages.object_labels_example_fn(shapes.tokenizer_dir(tiny_shapes_dir))
+  source = shapes.load(tiny_shapes_dir, "train")
+  for index in range(5):
+    record = source[index]
+    labels = to_example(record, np.random.default_rng(0))["labels"]
+    named = {label for label, value in zip(shapes_tasks.OBJECT_LABELS, labels) if value}
+    expected = set()
+    for obj in record["scene"]:  # checked against the scene description, not through object_labels
+      expected |= {obj["colour"] + " " + obj["shape"], obj["shape"], obj["colour"], obj["size"] + " " + obj["shape"]}
+    assert named == expected
 
 
 def test_the_contrastive_stage_trains_at_its_own_learning_rate_when_the_config_sets_one():

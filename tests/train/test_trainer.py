@@ -159,22 +159,27 @@ def test_the_trained_workdir_serves_generate_and_eval(reference_run, shapes_dir,
   assert last["step"] == 10 and "validation/accuracy" in last and os.path.exists(workdir / "learning_curve.png")
 
 
-def test_a_stage_after_contrastive_starts_from_its_vision_tower(tmp_path, data_flags):
-  """contrastive -> align: align freezes the vision tower, so the VLM's must be the CLIP's, bit for bit."""
+@pytest.mark.parametrize("stage,own_groups", [("contrastive", {"text", "image_projection", "logit_bias"}),
+                                              ("classify", {"head", "classifier"})])
+def test_a_stage_after_a_vision_pretraining_stage_starts_from_its_vision_tower(tmp_path, data_flags, stage,
+                                                                               own_groups):
+  """contrastive or classify -> align: align freezes the vision tower, so the VLM's must be the pretraining
+  model's, bit for bit."""
   import orbax.checkpoint as ocp
 
-  losses = _train(tmp_path, data_flags, "--config.train.steps=4", "--config.train.stages=contrastive:0.5,align:0.5",
-                  "--config.contrastive.batch_size=8", "--config.train.checkpoint_every=2",
+  losses = _train(tmp_path, data_flags, "--config.train.steps=4", f"--config.train.stages={stage}:0.5,align:0.5",
+                  f"--config.{stage}.batch_size=8", "--config.train.checkpoint_every=2",
                   "--config.train.keep_checkpoints=3")
   assert sorted(losses) == [1, 2, 3, 4]
   checkpointer = ocp.PyTreeCheckpointer()
-  clip = checkpointer.restore(tmp_path / "checkpoints" / "2" / "state")["params"]
+  pretrained = checkpointer.restore(tmp_path / "checkpoints" / "2" / "state")["params"]
   vlm = checkpointer.restore(tmp_path / "checkpoints" / "4" / "state")["params"]
-  assert {"text", "image_projection", "logit_bias"} <= set(clip) and set(vlm) == {"vision", "projector", "decoder"}
+  assert own_groups | {"vision"} == set(pretrained) - {"text_projection", "log_temperature"}
+  assert set(vlm) == {"vision", "projector", "decoder"}
   import jax
-  for trained, kept in zip(jax.tree.leaves(clip["vision"]), jax.tree.leaves(vlm["vision"]), strict=True):
+  for trained, kept in zip(jax.tree.leaves(pretrained["vision"]), jax.tree.leaves(vlm["vision"]), strict=True):
     np.testing.assert_array_equal(trained, kept)
-  # ... and the contrastive stage did train it: it moved away from the run's initialization (seed 0).
+  # ... and the pretraining stage did train it: it moved away from the run's initialization (seed 0).
   import flax.linen as nn
 
   from configs import shapes_tiny

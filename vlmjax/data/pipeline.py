@@ -93,11 +93,13 @@ TOKEN_KEYS = ("input_ids", "targets", "loss_mask")
 
 def pad_batch(examples: Sequence[dict[str, np.ndarray]], length: int) -> dict[str, np.ndarray]:
   """Stacks examples, right-padding the token arrays (TOKEN_KEYS) to `length` (one static shape: one
-  compilation) and adding input_mask; other arrays (pixels, ids of the records) are stacked as they are."""
+  compilation) and adding input_mask when they have input_ids; other arrays (pixels, labels, ids of the
+  records) are stacked as they are."""
   def pad(array):
     return np.pad(array, (0, length - len(array)))
   batch = {key: np.stack([pad(e[key]) if key in TOKEN_KEYS else e[key] for e in examples]) for key in examples[0]}
-  batch["input_mask"] = np.stack([np.arange(length) < len(e["input_ids"]) for e in examples])
+  if "input_ids" in examples[0]:
+    batch["input_mask"] = np.stack([np.arange(length) < len(e["input_ids"]) for e in examples])
   return batch
 
 

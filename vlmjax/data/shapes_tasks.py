@@ -7,10 +7,25 @@ several supervised answers.
 
 import numpy as np
 
-from vlmjax.data.shapes_scene import IMAGE_TOKEN, shuffled_conversation
+from vlmjax.data.shapes_scene import COLOURS, IMAGE_TOKEN, SHAPES, SIZES, shuffled_conversation
 
 CAPTION_PROMPT = "Describe the image."
+# The object labels of an image, for supervised pretraining of the vision tower: which (shape, colour) pairs,
+# shapes, colours and (size, shape) pairs it holds.
+OBJECT_LABELS = ([f"{colour} {shape}" for shape in SHAPES for colour in COLOURS] + list(SHAPES) + list(COLOURS)
+                 + [f"{size} {shape}" for size in SIZES for shape in SHAPES])
+NUM_OBJECT_LABELS = len(OBJECT_LABELS)
+_LABEL_INDEX = {label: i for i, label in enumerate(OBJECT_LABELS)}
 OPTION_LETTERS = "ABCD"
+
+
+def object_labels(record: dict) -> np.ndarray:
+  """float32[NUM_OBJECT_LABELS]: 1 for each label (OBJECT_LABELS) that an object of the record's scene has."""
+  labels = np.zeros(NUM_OBJECT_LABELS, np.float32)
+  for obj in record["scene"]:
+    for label in (f"{obj['colour']} {obj['shape']}", obj["shape"], obj["colour"], f"{obj['size']} {obj['shape']}"):
+      labels[_LABEL_INDEX[label]] = 1
+  return labels
 
 
 def multiple_choice_prompt(question: str, options: list[str]) -> str:

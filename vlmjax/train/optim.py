@@ -6,6 +6,7 @@ Stages, as LLaVA and PaliGemma train:
   finetune  projector + language model (vision encoder frozen)
   full      everything
   contrastive  the CLIP dual tower, everything
+  classify  the vision tower with a multi-label classification head, everything
 """
 
 from typing import Any, Mapping
@@ -20,6 +21,7 @@ TRAINABLE = {
     "finetune": ("projector", "decoder"),
     "full": ("vision", "projector", "decoder"),
     "contrastive": ("vision", "text", "image_projection", "text_projection", "log_temperature", "logit_bias"),
+    "classify": ("vision", "head", "classifier"),
 }
 
 
@@ -60,7 +62,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   update = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
                        mask=decay_mask)
   vision_rate = config.get("vision_learning_rate")
-  if vision_rate is not None and stage != "contrastive" and "vision" in TRAINABLE[stage]:
+  if vision_rate is not None and stage == "full":  # the VLM stage that trains the vision tower
     # AdamW's step (decay included) is proportional to its rate, so scaling the vision tower's step is AdamW
     # at vision_rate on the same warmup and decay.
     update = optax.chain(update, _scale_group("vision", vision_rate / config.learning_rate))

@@ -2,26 +2,35 @@
 
     train.stages = "contrastive:0.2,full:0.8"   # names and fractions of train.steps
 
-`contrastive` trains the CLIP dual tower (the run's vision tower + `contrastive.text`) on image-caption pairs;
-the VLM stages (`align`, `finetune`, `full`) train the VLM on conversations. A VLM stage after a contrastive one
-starts from its vision tower, as LLaVA starts from a CLIP and PaliGemma from a SigLIP.
+Two stages pretrain the run's vision tower inside another model: `contrastive` trains the CLIP dual tower (the
+vision tower + `contrastive.text`) on image-caption pairs, `classify` trains it with a classification head on
+the objects each image holds (multi-label, as ViTs were pretrained on ImageNet-21k and JFT). The VLM stages
+(`align`, `finetune`, `full`) train the VLM on conversations. A VLM stage after a pretraining one starts from
+its vision tower, as LLaVA starts from a CLIP and PaliGemma from a SigLIP.
 """
 
 import dataclasses
+from typing import Callable
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from vlmjax.data import pipeline, shapes_tasks
 from vlmjax.data.images import ImageProcessor
 from vlmjax.data.tokenizer import Tokenizer
-from vlmjax.models.clip import CLIPConfig
+from vlmjax.models.classifier import ClassifierConfig, ViTClassifier
+from vlmjax.models.clip import CLIP, CLIPConfig
 from vlmjax.models.config import SHARED_KEYS
 from vlmjax.models.vlm import VLMConfig
 from vlmjax.train import optim
 
 CONTRASTIVE = "contrastive"
-# Keys of the `contrastive` section that set how the stage trains, not the dual tower.
+CLASSIFY = "classify"
+VISION_PRETRAINING = (CONTRASTIVE, CLASSIFY)  # stages whose config section is named after them
+# Keys of a pretraining stage's section that set how the stage trains, not its model.
 STAGE_ONLY_KEYS = ("batch_size", "learning_rate")
 
 
@@ -38,6 +47,11 @@ class Stage:
   @property
   def is_contrastive(self) -> bool:
     return self.name == CONTRASTIVE
+
+  @property
+  def pretrains_vision(self) -> bool:
+    """A stage that trains the vision tower inside another model (the VLM stages after it take the tower)."""
+    return self.name in VISION_PRETRAINING
 
 
 def parse_stages(spec: str, total_steps: int) -> list[Stage]:
@@ -57,21 +71,65 @@ def parse_stages(spec: str, total_steps: int) -> list[Stage]:
   return stages
 
 
+def _section(config: ml_collections.ConfigDict, stage: str) -> dict:
+  if stage not in config:
+    raise ValueError(f"train.stages has a {stage!r} stage but the config has no `{stage}` section: see "
+                     f"configs/shapes_tiny.py")
+  shared = {key: config.model[key] for key in SHARED_KEYS if key in config.model}
+  model_keys = {key: value for key, value in config[stage].items() if key not in STAGE_ONLY_KEYS}
+  return {**shared, "vision": config.model.vision, **model_keys}
+
+
 def clip_config(config: ml_collections.ConfigDict) -> CLIPConfig:
   """The contrastive stage's dual tower: the run's `model.vision` with the `contrastive` section's text tower,
   embedding size, pooling, loss and temperature (every key but the stage's own training settings)."""
-  if "contrastive" not in config:
-    raise ValueError("train.stages has a 'contrastive' stage but the config has no `contrastive` section (the "
-                     "text tower, embed_dim, pooling, loss, batch_size): see configs/shapes_tiny.py")
-  section = {key: value for key, value in config.contrastive.items() if key not in STAGE_ONLY_KEYS}
-  shared = {key: config.model[key] for key in SHARED_KEYS if key in config.model}
-  return CLIPConfig.from_dict({**shared, "vision": config.model.vision, **section}, "contrastive")
+  return CLIPConfig.from_dict(_section(config, CONTRASTIVE), CONTRASTIVE)
+
+
+def classifier_config(config: ml_collections.ConfigDict) -> ClassifierConfig:
+  """The classify stage's model: the run's `model.vision` with a head over the shapes object labels."""
+  return ClassifierConfig.from_dict({**_section(config, CLASSIFY), "num_labels": shapes_tasks.NUM_OBJECT_LABELS},
+                                    CLASSIFY)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainingModel:
+  """What a vision-pretraining stage trains: the model around the run's vision tower, the arguments that
+  initialize it, its examples and its batch."""
+
+  module: type[nn.Module]
+  config: CLIPConfig | ClassifierConfig
+  init_inputs: dict[str, jax.Array]
+  to_example: Callable[[dict, np.random.Generator], dict[str, np.ndarray]]
+  batch_size: int
+  length: int  # tokens per example (captions); 0 when the examples have none
+
+
+def pretraining_config(config: ml_collections.ConfigDict, stage: str) -> CLIPConfig | ClassifierConfig:
+  """The model config of pretraining stage `stage` ('contrastive' or 'classify'), checked."""
+  return clip_config(config) if stage == CONTRASTIVE else classifier_config(config)
+
+
+def pretraining_model(config: ml_collections.ConfigDict, stage: str, model_dir: str) -> PretrainingModel:
+  """The model, examples and batch of pretraining stage `stage`, with the tokenizer and image processor saved
+  in model_dir."""
+  model_config = pretraining_config(config, stage)
+  size = model_config.vision.image_size
+  images = jnp.zeros((1, size, size, 3))
+  if stage == CONTRASTIVE:
+    length = model_config.text.context_length
+    inputs = dict(images=images, text_ids=jnp.ones((1, length), jnp.int32), text_mask=jnp.ones((1, length), bool))
+    return PretrainingModel(CLIP, model_config, inputs, caption_example_fn(model_config, model_dir),
+                            config[stage].batch_size, length)
+  return PretrainingModel(ViTClassifier, model_config, dict(images=images), object_labels_example_fn(model_dir),
+                          config[stage].batch_size, 0)
 
 
 def optim_config(config: ml_collections.ConfigDict, stage: Stage) -> ml_collections.ConfigDict:
-  """The `optim` section a stage trains with: a contrastive stage takes `contrastive.learning_rate` when the
-  config sets one (the vision tower learns shapes from scratch there and stands a larger rate than the LM)."""
-  learning_rate = config.get("contrastive", {}).get("learning_rate") if stage.is_contrastive else None
+  """The `optim` section a stage trains with: a pretraining stage takes its section's `learning_rate` when the
+  config sets one (a vision tower learning from scratch stands a larger rate than the language model)."""
+  section = config.get(stage.name) if stage.pretrains_vision else None
+  learning_rate = section.get("learning_rate") if section is not None else None
   if learning_rate is None:
     return config.optim
   return ml_collections.ConfigDict({**config.optim.to_dict(), "learning_rate": learning_rate})
@@ -103,4 +161,14 @@ def caption_example_fn(model_config: CLIPConfig, model_dir: str):
     caption = record["captions"][rng.integers(len(record["captions"]))]
     ids = tokenizer.backend.encode(caption, add_special_tokens=False).ids[:length - 1] + [tokenizer.eos_token_id]
     return {"input_ids": np.asarray(ids, np.int32), "pixel_values": image_processor([record["image"]])[0]}
+  return to_example
+
+
+def object_labels_example_fn(model_dir: str):
+  """(shapes record, rng) -> {pixel_values, labels: float32[NUM_OBJECT_LABELS] the objects the image holds}."""
+  image_processor = ImageProcessor.from_directory(model_dir)
+
+  def to_example(record, rng: np.random.Generator):
+    del rng
+    return {"pixel_values": image_processor([record["image"]])[0], "labels": shapes_tasks.object_labels(record)}
   return to_example

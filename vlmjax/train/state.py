@@ -5,7 +5,7 @@ A batch is a dict of arrays, every one with the global batch as its leading axis
   targets int32[B, T] (the next token of each position), loss_mask float32[B, T] (1 on assistant tokens),
   and optionally positions int32[B, T] + segment_ids int32[B, T] (packed rows), prefix_lengths int32[B].
 The contrastive stage's batches are image-caption pairs: pixel_values, input_ids int32[B, T] (the caption) and
-input_mask bool[B, T].
+input_mask bool[B, T]; the classify stage's are pixel_values and labels float32[B, num_labels] (multi-hot).
 """
 
 import functools
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vlmjax.models.classifier import ClassifierConfig, ViTClassifier
 from vlmjax.models.clip import CLIP, CLIPConfig
 from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.train import losses
@@ -63,15 +64,26 @@ def clip_loss(params, config: CLIPConfig, batch: dict) -> tuple[jax.Array, jax.A
   return loss, jnp.asarray(images.shape[0], jnp.float32)
 
 
-def stage_loss(params, config: VLMConfig | CLIPConfig, batch: dict, stage: str) -> tuple[jax.Array, jax.Array]:
-  """The loss of a stage: contrastive for the CLIP dual tower, next-token for the VLM."""
+def classify_loss(params, config: ClassifierConfig, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """(sigmoid cross-entropy averaged over images and labels, number of images)."""
+  logits = ViTClassifier(config).apply({"params": params}, batch["pixel_values"])
+  loss = optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean()
+  return loss, jnp.asarray(logits.shape[0], jnp.float32)
+
+
+def stage_loss(params, config: VLMConfig | CLIPConfig | ClassifierConfig, batch: dict,
+               stage: str) -> tuple[jax.Array, jax.Array]:
+  """The loss of a stage: contrastive for the CLIP dual tower, multi-label for the classifier, next-token for
+  the VLM."""
   if stage == "contrastive":
     return clip_loss(params, config, batch)
+  if stage == "classify":
+    return classify_loss(params, config, batch)
   return vlm_loss(params, config, batch, stage)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "optimizer", "stage"), donate_argnames=("state",))
-def train_step(state: TrainState, batch: dict, *, config: VLMConfig | CLIPConfig,
+def train_step(state: TrainState, batch: dict, *, config: VLMConfig | CLIPConfig | ClassifierConfig,
                optimizer: optax.GradientTransformation, stage: str) -> tuple[TrainState, dict]:
   """One update. A non-finite loss or gradient norm skips the update (params and optimizer state unchanged)
   and counts it in `skipped`; the run goes on.

@@ -20,7 +20,6 @@ from jax.experimental import multihost_utils
 
 from vlmjax.data import pipeline, shapes
 from vlmjax.data.tokenizer import Tokenizer
-from vlmjax.models.clip import CLIP
 from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.parallel import distributed, mesh as mesh_lib
 from vlmjax.train import checkpoint as checkpoint_lib
@@ -40,15 +39,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
   # Everything that can be wrong with the config fails here, before any compile.
   distributed.initialize_from_environment()
   stages = stages_lib.parse_stages(config.train.stages, config.train.steps)
-  clip_config = stages_lib.clip_config(config) if any(s.is_contrastive for s in stages) else None
   if config.train.init_from and not os.path.isdir(config.train.init_from):
     raise FileNotFoundError(f"train.init_from={config.train.init_from!r} does not exist")
   model_config = VLMConfig.from_dict(config.model)
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.normalize_rules(config.sharding_rules)
-  batch_sizes = {"train.batch_size": config.train.batch_size}
-  if clip_config:
-    batch_sizes["contrastive.batch_size"] = config.contrastive.batch_size
+  pretraining = {stage.name: stages_lib.pretraining_config(config, stage.name) for stage in stages
+                 if stage.pretrains_vision}
+  batch_sizes = {"train.batch_size": config.train.batch_size,
+                 **{f"{name}.batch_size": config[name].batch_size for name in pretraining}}
   for key, size in batch_sizes.items():
     if size % jax.process_count():
       raise ValueError(f"{key}={size} must split evenly over {jax.process_count()} processes")
@@ -74,7 +73,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     init = lambda: model_cls(model_cls_config).init(jax.random.key(config.seed), **inputs)
     return mesh_lib.init_sharded(init, mesh, rules)[0]["params"]
   params = init_params(VLM, model_config, model_config.example_inputs(1))
-  init_clip = lambda vision: {**init_params(CLIP, clip_config, _clip_inputs(clip_config)), "vision": vision}
+  pretraining = {name: stages_lib.pretraining_model(config, name, tokenizer_dir) for name in pretraining}
+
+  def init_pretraining(name: str, vision):
+    """The parameters of stage `name`'s model around the vision tower `vision`."""
+    model = pretraining[name]
+    return {**init_params(model.module, model.config, model.init_inputs), "vision": vision}
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   if config.train.init_from:
     params = _params_from(config.train.init_from, params)
@@ -85,15 +89,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     if latest is not None and latest >= stage.end:
       continue  # finished in an earlier run
     if latest is not None and latest == stage.start:  # the previous stage's end: its parameters
-      if stages[index - 1].is_contrastive:
-        clip_params = checkpointer.restore_params(latest, checkpoint_lib.abstract_like(init_clip(params["vision"])))
-        params = {**params, "vision": clip_params["vision"]}
+      previous = stages[index - 1]
+      if previous.pretrains_vision:
+        like = checkpoint_lib.abstract_like(init_pretraining(previous.name, params["vision"]))
+        params = {**params, "vision": checkpointer.restore_params(latest, like)["vision"]}
       else:
         params = checkpointer.restore_params(latest, checkpoint_lib.abstract_like(params))
-    if stage.is_contrastive:
-      stage_config, stage_params = clip_config, init_clip(params["vision"])
-      to_example = stages_lib.caption_example_fn(clip_config, tokenizer_dir)
-      batch_size, length = config.contrastive.batch_size, clip_config.text.context_length
+    if stage.pretrains_vision:
+      model = pretraining[stage.name]
+      stage_config, stage_params = model.config, init_pretraining(stage.name, params["vision"])
+      to_example, batch_size, length = model.to_example, model.batch_size, model.length
     else:
       stage_config, stage_params = model_config, params
       to_example = stages_lib.shapes_example_fn(config, model_config, tokenizer_dir)
@@ -119,14 +124,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
       pending, tokens, since = [], 0, time.perf_counter()
       for step in progress:
         local = next(iterator)
-        tokens += int(local["input_mask"].sum()) * jax.process_count()
+        # Tokens for the VLM and the captions of the contrastive stage, images for the classify stage.
+        tokens += int(local["input_mask"].sum() if "input_mask" in local else len(local["pixel_values"])) * (
+            jax.process_count())
         state, metrics = state_lib.train_step(state, _global_batch(local, mesh), config=stage_config,
                                               optimizer=optimizer, stage=stage.name)
         pending.append((step + 1, metrics))
         done = step + 1
         # Validation generates with the inference code on this process's devices: single-process runs only
         # (a multi-host run's parameters span other hosts; evaluate its workdir with `vlmjax eval`).
-        validate = jax.process_count() == 1 and not stage.is_contrastive and (done == stages[-1].end or (
+        validate = jax.process_count() == 1 and not stage.pretrains_vision and (done == stages[-1].end or (
             config.train.validate_every and done % config.train.validate_every == 0))
         if done % config.train.log_every == 0 or done == stage.end or validate:
           fetched = jax.device_get([m for _, m in pending])  # the one host sync per log interval
@@ -144,20 +151,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
           pending, tokens, since = [], 0, time.perf_counter()
         if done % config.train.checkpoint_every == 0 or done == stage.end:
           checkpointer.save(done, state, iterator.get_state())
-    params = {**params, "vision": state.params["vision"]} if stage.is_contrastive else state.params
+    params = {**params, "vision": state.params["vision"]} if stage.pretrains_vision else state.params
 
   checkpointer.wait()
   checkpointer.close()
   if is_main:
     writer.plot()
   writer.close()
-
-
-def _clip_inputs(clip_config) -> dict:
-  """Example arguments of `CLIP.init`: one image and one caption."""
-  size, length = clip_config.vision.image_size, clip_config.text.context_length
-  return dict(images=jnp.zeros((1, size, size, 3)), text_ids=jnp.ones((1, length), jnp.int32),
-              text_mask=jnp.ones((1, length), bool))
 
 
 def _validate(config: ml_collections.ConfigDict, params, model_dir: str, data_dir: str) -> dict[str, float]:
