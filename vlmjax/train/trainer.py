@@ -44,10 +44,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
   model_config = VLMConfig.from_dict(config.model)
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.normalize_rules(config.sharding_rules)
-  pretraining = {stage.name: stages_lib.pretraining_config(config, stage.name) for stage in stages
-                 if stage.pretrains_vision}
+  pretraining_stages = sorted({stage.name for stage in stages if stage.pretrains_vision})
+  for name in pretraining_stages:
+    stages_lib.pretraining_config(config, name)  # a missing or bad section fails before anything runs
   batch_sizes = {"train.batch_size": config.train.batch_size,
-                 **{f"{name}.batch_size": config[name].batch_size for name in pretraining}}
+                 **{f"{name}.batch_size": config[name].batch_size for name in pretraining_stages}}
   for key, size in batch_sizes.items():
     if size % jax.process_count():
       raise ValueError(f"{key}={size} must split evenly over {jax.process_count()} processes")
@@ -73,7 +74,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     init = lambda: model_cls(model_cls_config).init(jax.random.key(config.seed), **inputs)
     return mesh_lib.init_sharded(init, mesh, rules)[0]["params"]
   params = init_params(VLM, model_config, model_config.example_inputs(1))
-  pretraining = {name: stages_lib.pretraining_model(config, name, tokenizer_dir) for name in pretraining}
+  pretraining = {name: stages_lib.pretraining_model(config, name, tokenizer_dir) for name in pretraining_stages}
 
   def init_pretraining(name: str, vision):
     """The parameters of stage `name`'s model around the vision tower `vision`."""
