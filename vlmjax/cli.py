@@ -52,6 +52,11 @@ _API_KEY = flags.DEFINE_string("api_key", None, "serve: require 'Authorization: 
 flags.DEFINE_alias("api-key", "api_key")
 _IMAGE_DIR = flags.DEFINE_string("image_dir", None, "serve: a directory whose image files requests may name by "
                                  "local path (default: none; images come as base64 data: URLs).")
+_PAGES = flags.DEFINE_integer("pages", None, "serve: KV-cache pages in the pool (default: every slot full, the "
+                              "memory of a [slots, max_len] cache); short requests hold only the pages they need.")
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "serve: tokens per KV-cache page.")
+_PREFIX_CACHING = flags.DEFINE_bool("prefix_caching", False, "serve: share the pages of a repeated image and "
+                                    "prompt prefix between requests (causal models).")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "serve: the model name clients send (default: the "
                                   "checkpoint directory's name).")
 
@@ -190,7 +195,8 @@ def serve(args: list[str]) -> None:
   try:
     server.serve(_CHECKPOINT.value, host=_HOST.value, port=_PORT.value, num_slots=_SLOTS.value,
                  max_len=_MAX_LEN.value, api_key=_API_KEY.value or os.environ.get("VLMJAX_API_KEY"),
-                 image_dir=_IMAGE_DIR.value, model_name=_MODEL_NAME.value)
+                 image_dir=_IMAGE_DIR.value, model_name=_MODEL_NAME.value, num_pages=_PAGES.value,
+                 page_size=_PAGE_SIZE.value, prefix_caching=_PREFIX_CACHING.value)
   except FileNotFoundError as error:  # no such checkpoint, or one missing a file
     raise SystemExit(f"vlmjax serve: {error}") from error
 

@@ -26,8 +26,9 @@ MAX_LEN = 64
 @pytest.fixture(scope="module")
 def server(tiny_vlm, tmp_path_factory):
   image_dir = tmp_path_factory.mktemp("images")
+  # Prefix caching on, in pages of 4 tokens: repeated images in these tests read their prompt's start from it.
   app = create_app(tiny_vlm, MODEL, num_slots=3, max_len=MAX_LEN, api_key=KEY, image_dir=str(image_dir),
-                   max_image_bytes=32 * 1024)
+                   max_image_bytes=32 * 1024, page_size=4, prefix_caching=True)
   sock = socket.socket()
   sock.bind(("127.0.0.1", 0))
   runner = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -199,16 +200,29 @@ def _metrics(server) -> str:
   return connection.getresponse().read().decode()
 
 
-def test_metrics_count_requests_tokens_and_latencies(server, client):
+def _metric(text: str, name: str) -> float:
+  return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[1])
+
+
+def test_metrics_count_requests_tokens_latencies_pages_and_prefix_hits(server, client):
   client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
   text = _metrics(server)
   for name in ("vlmjax_requests_running 0.0", "vlmjax_requests_waiting 0.0", "vlmjax_time_to_first_token_seconds_count",
                "vlmjax_time_per_output_token_seconds_bucket", "vlmjax_generation_tokens_total",
                "vlmjax_prompt_tokens_total"):
     assert name in text
-  generated = float(next(line for line in text.splitlines() if line.startswith("vlmjax_generation_tokens_total"))
-                    .split()[1])
-  assert generated >= 3
+  assert _metric(text, "vlmjax_generation_tokens_total") >= 3
+  engine = server["app"].state.engine
+  assert _metric(text, "vlmjax_kv_pages_total") == engine.pages.num_pages
+  assert _metric(text, "vlmjax_kv_pages_used") == engine.pages.num_pages - engine.pages.num_free  # the cache's
+  hits = _metric(text, "vlmjax_prefix_cache_hits_total")
+  messages = _chat(_data_url(_png(7)), "How many circles are there?")
+  first, second = (client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0)
+                   for _ in range(2))
+  assert first.choices[0].message.content == second.choices[0].message.content
+  text = _metrics(server)
+  assert _metric(text, "vlmjax_prefix_cache_hits_total") == hits + 1  # the second read the image's pages
+  assert _metric(text, "vlmjax_prefix_cache_hit_tokens_total") > 0
 
 
 def test_the_serve_command_checks_its_flags(tmp_path):

@@ -212,6 +212,7 @@ class Request:
     self.done = threading.Event()
     self.cancelled = False
     self.num_decoded = 0  # tokens the engine has produced for it (the engine thread's count)
+    self.cached_tokens = 0  # prompt tokens read from the prefix cache instead of prefilled
 
   def wait(self, timeout: float | None = None) -> "Request":
     if not self.done.wait(timeout):
@@ -441,7 +442,7 @@ class Engine:
     except paged.PoolExhausted:
       self.pages.free(shared)
       return False
-    self._cached_tokens[slot] = len(shared) * self.page_size
+    self._cached_tokens[slot] = request.cached_tokens = len(shared) * self.page_size
     return True
 
   def _step(self) -> None:

@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine (FastAPI + uvicorn).
 
     vlmjax serve --checkpoint /tmp/serve_model --port 8000 [--slots 8 --api_key KEY --image_dir DIR]
+                 [--pages N --page_size 16 --prefix_caching]
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
@@ -71,15 +72,27 @@ class Metrics:
     self.generated = prometheus_client.Counter("vlmjax_generation_tokens", "Tokens generated.", **options)
     self.finished = prometheus_client.Counter("vlmjax_requests_finished", "Requests ended, by finish reason.",
                                               ["finish_reason"], **options)
+    self.pages_used = prometheus_client.Gauge("vlmjax_kv_pages_used", "KV-cache pages held (requests and the "
+                                              "prefix cache).", **options)
+    self.pages_total = prometheus_client.Gauge("vlmjax_kv_pages_total", "KV-cache pages in the pool.", **options)
+    self.prefix_hits = prometheus_client.Counter("vlmjax_prefix_cache_hits", "Requests that read part of their "
+                                                 "prompt from the prefix cache.", **options)
+    self.prefix_hit_tokens = prometheus_client.Counter("vlmjax_prefix_cache_hit_tokens", "Prompt tokens read from "
+                                                       "the prefix cache instead of prefilled.", **options)
 
   def watch(self, engine: Engine) -> None:
     self.running.set_function(lambda: engine.num_running)
     self.waiting.set_function(lambda: engine.num_waiting)
+    self.pages_used.set_function(lambda: engine.pages.num_pages - engine.pages.num_free)
+    self.pages_total.set(engine.pages.num_pages)
 
   def observe(self, request: Request) -> None:
     """Called by the engine as each request ends."""
     self.finished.labels(request.finish_reason).inc()
     self.generated.inc(len(request.token_ids))
+    if request.cached_tokens:
+      self.prefix_hits.inc()
+      self.prefix_hit_tokens.inc(request.cached_tokens)
     if request.first_token_at is None:
       return
     self.prompt_tokens.inc(len(request.prompt_ids))
@@ -169,12 +182,14 @@ def _read_allowed_file(path: str, where: str, image_dir: str | None, max_bytes: 
 
 
 def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None = None, api_key: str | None = None,
-               image_dir: str | None = None, max_image_bytes: int = MAX_IMAGE_BYTES) -> fastapi.FastAPI:
-  """The app and its engine (`app.state.engine`), started and drained with the app's lifespan."""
+               image_dir: str | None = None, max_image_bytes: int = MAX_IMAGE_BYTES,
+               **paging) -> fastapi.FastAPI:
+  """The app and its engine (`app.state.engine`), started and drained with the app's lifespan. `paging`:
+  the engine's num_pages, page_size and prefix_caching."""
   if image_dir is not None and not os.path.isdir(image_dir):
     raise ValueError(f"--image_dir {image_dir} is not a directory")
   metrics = Metrics()
-  engine = Engine(vlm, num_slots=num_slots, max_len=max_len, on_finish=metrics.observe)
+  engine = Engine(vlm, num_slots=num_slots, max_len=max_len, on_finish=metrics.observe, **paging)
   metrics.watch(engine)
   started = protocol.now()
 
@@ -350,7 +365,7 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, num_slots: int = 8,
           max_len: int | None = None, api_key: str | None = None, image_dir: str | None = None,
-          model_name: str | None = None) -> None:
+          model_name: str | None = None, **paging) -> None:
   """Loads the checkpoint and serves it until SIGINT/SIGTERM (uvicorn stops accepting, lets in-flight requests
   finish, then the engine drains)."""
   import vlmjax
@@ -359,5 +374,5 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, num_slo
   if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
     _log.warning("serving on %s without --api_key: anyone who reaches this address can use the model", host)
   app = create_app(vlmjax.load(checkpoint), model_name, num_slots=num_slots, max_len=max_len, api_key=api_key,
-                   image_dir=image_dir)
+                   image_dir=image_dir, **paging)
   uvicorn.run(app, host=host, port=port, log_level="info")
