@@ -1,0 +1,151 @@
+"""The batched decode state of the engine's slots and the jitted calls over it (see `engine.py`).
+
+  `prefill`               one prompt (its images encoded) into a cache of its length bucket
+  `prefill_after_cached`  the rest of a prompt whose start is in the prefix cache's pages
+  `insert`                a prefilled prompt into a free slot's pages, with its first token and sampling
+  `generate`              one token for every slot
+  `release`               a slot freed: inactive, greedy, its page table all null pages
+"""
+
+import functools
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlmjax.infer import generate as generation
+from vlmjax.infer import paged
+from vlmjax.infer.kv_cache import KVCache
+from vlmjax.infer.sampling import SamplingParams, sample
+from vlmjax.models.config import dtype
+from vlmjax.models.vlm import VLM as VLMModel
+from vlmjax.models.vlm import VLMConfig
+
+
+@flax.struct.dataclass
+class SlotState:
+  """The batched decode state of N slots.
+
+  Attributes:
+    cache: the paged KV cache, L layers of float[P, K, H, page_size] key and value pages; page_table
+      int32[N, max_pages] (all null pages for a free slot); lengths int32[N] (0 for a free slot).
+    tokens: int32[N], each slot's latest token: the input of the next step.
+    active: bool[N], the slot holds a request.
+    sampling: per-slot SamplingParams (float32[N] / int32[N]); a free slot is greedy.
+    keys: key[N], each slot's PRNG key, split once per sampled token.
+    prefix_lengths: int32[N], each slot's prompt length (the bidirectional prefix of a prefix-LM model).
+  """
+
+  cache: paged.PagedKVCache
+  tokens: jax.Array
+  active: jax.Array
+  sampling: SamplingParams
+  keys: jax.Array
+  prefix_lengths: jax.Array
+
+
+@flax.struct.dataclass
+class Prefix:
+  """A prefilled prompt: its cache (int32[1] length, L layers of float[1, K, H, T_bucket]) and the logits
+  float32[1, V] of its last token."""
+
+  cache: KVCache
+  logits: jax.Array
+
+
+def init_state(config: VLMConfig, num_slots: int, max_len: int, num_pages: int, page_size: int) -> SlotState:
+  """Every slot free, with a page table for `max_len` tokens each, over a pool of `num_pages` pages."""
+  decoder = config.decoder
+  cache = paged.PagedKVCache.zeros(num_layers=decoder.depth, num_pages=num_pages, page_size=page_size,
+                                   batch_size=num_slots, max_len=max_len, num_kv_heads=decoder.num_kv_heads,
+                                   head_dim=decoder.attention_head_dim, dtype=dtype(decoder.dtype))
+  return SlotState(cache=cache, tokens=jnp.zeros((num_slots,), jnp.int32),
+                   active=jnp.zeros((num_slots,), bool), sampling=SamplingParams.fill(num_slots),
+                   keys=jax.random.split(jax.random.key(0), num_slots),
+                   prefix_lengths=jnp.zeros((num_slots,), jnp.int32))
+
+
+def prefill(params, config: VLMConfig, prompt_ids: Sequence[int], pixel_values: np.ndarray | None, bucket: int,
+            pad_id: int) -> Prefix:
+  """One prompt (int[T] with image placeholders; pixel_values float32[I, H, W, 3] or None) through the model,
+  right-padded to `bucket` tokens: `generate.prefill`, compiled once per bucket and image count."""
+  length = len(prompt_ids)
+  input_ids = np.full((1, bucket), pad_id, np.int32)
+  input_ids[0, :length] = prompt_ids
+  input_mask = np.arange(bucket)[None, :] < length
+  prefix_lengths = jnp.array([length], jnp.int32) if config.prefix_lm else None
+  pixels = None if pixel_values is None else jnp.asarray(pixel_values[None], jnp.float32)
+  logits, cache = generation.prefill(params, config, input_ids, input_mask, pixels, prefix_lengths,
+                                     config.decoder.init_cache(batch_size=1, max_len=bucket))
+  return Prefix(cache=cache, logits=logits)
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
+def prefill_after_cached(params, config: VLMConfig, state: SlotState, input_ids, input_mask, pages: jax.Array,
+                         start: jax.Array) -> tuple[SlotState, jax.Array]:
+  """The rest of a prompt whose first `start` tokens (int32[], whole pages) are in the pool already: its text
+  tokens input_ids int32[1, T_bucket] (input_mask bool[1, T_bucket]) go through the model at positions start
+  onwards, attending over the cached pages, into `pages` (int32[max_pages], the request's page table row).
+  Returns (the state with the new keys and values in its pool, logits float32[1, V] of the last token)."""
+  positions = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]
+  cache = state.cache.replace(page_table=pages[None], lengths=start[None])
+  last = jnp.sum(input_mask, axis=1, dtype=jnp.int32) - 1
+  logits, cache = VLMModel(config).apply({"params": params}, input_ids, None, positions, cache,
+                                         input_mask=input_mask, logit_positions=last[:, None])
+  return state.replace(cache=state.cache.replace(k=cache.k, v=cache.v)), logits[:, 0]
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def insert(prefix: Prefix, state: SlotState, slot: jax.Array, pages: jax.Array, sampling: SamplingParams,
+           key: jax.Array):
+  """Puts a prefilled prompt into `slot` (int32[]) whose pages are `pages` (int32[max_pages], null-page padded)
+  and samples its first token as `generate.generate` does with the same key. sampling: SamplingParams of one
+  row. Returns (the new state, the first token int32[])."""
+  key, sample_key = jax.random.split(key)
+  first = sample(prefix.logits, sampling, sample_key)[0]
+  put = lambda array, row: jax.lax.dynamic_update_index_in_dim(array, row, slot, axis=0)
+  # The prompt's T_bucket slots go to the slot's first pages; what lies beyond its length is masked out.
+  length = prefix.cache.lengths[0]
+  cache = state.cache.write_prompt(prefix.cache, pages)
+  return SlotState(
+      cache=cache.replace(page_table=put(cache.page_table, pages), lengths=put(cache.lengths, length)),
+      tokens=put(state.tokens, first),
+      active=put(state.active, True), sampling=jax.tree.map(lambda all_, one: put(all_, one[0]), state.sampling,
+                                                             sampling),
+      keys=put(state.keys, key), prefix_lengths=put(state.prefix_lengths, length)), first
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
+def generate(params, config: VLMConfig, state: SlotState):
+  """One decode step for every slot: forward each slot's latest token through its cache and sample the next.
+  Returns (the new state, tokens int32[N]); a free slot's token means nothing and its cache length stays 0."""
+  cache = state.cache
+  prefix_lengths = state.prefix_lengths if config.prefix_lm else None
+  logits, cache = VLMModel(config).apply({"params": params}, state.tokens[:, None], None, cache.lengths[:, None],
+                                         cache, prefix_lengths=prefix_lengths)
+  split = jax.vmap(jax.random.split)(state.keys)  # [N, 2]: per slot, (next key, this step's sample key)
+  tokens = _sample_slots(logits[:, 0], state.sampling, split[:, 1])
+  cache = cache.replace(lengths=jnp.where(state.active, cache.lengths, 0))
+  return state.replace(cache=cache, tokens=tokens, keys=split[:, 0]), tokens
+
+
+def _sample_slots(logits: jax.Array, sampling: SamplingParams, keys: jax.Array) -> jax.Array:
+  """int32[N] from logits float32[N, V], each slot sampled with its own key exactly as `sample` samples a batch
+  of one. The per-slot vmap turns `sample`'s greedy shortcut into a select, so it is taken here, outside."""
+  one = lambda logits, params, key: sample(logits[None], jax.tree.map(lambda x: x[None], params), key)[0]
+  return jax.lax.cond(jnp.all(sampling.temperature == 0.0), lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                      lambda: jax.vmap(one)(logits, sampling, keys))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def release(state: SlotState, slot: jax.Array) -> SlotState:
+  """Frees `slot` (int32[]): inactive, greedy (so an all-greedy batch keeps its fast path), length 0, its page
+  table all null pages (so the steps it still takes write nowhere)."""
+  put = lambda array, value: jax.lax.dynamic_update_index_in_dim(array, value, slot, axis=0)
+  cache = state.cache
+  return state.replace(active=put(state.active, False), cache=cache.replace(
+      lengths=put(cache.lengths, 0), page_table=put(cache.page_table, jnp.full_like(cache.page_table[0],
+                                                                                      cache.num_pages))), sampling=state.sampling.replace(
+          temperature=put(state.sampling.temperature, 0.0)))
