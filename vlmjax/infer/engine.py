@@ -92,17 +92,20 @@ class Engine:
   """Continuous batching over `num_slots` slots of `max_len` tokens (prompt + generated) each, whose keys and
   values share a pool of `num_pages` pages of `page_size` tokens (default: enough for every slot to be full,
   the memory of a [num_slots, max_len] cache). With `prefix_caching` (causal models), requests that start with
-  the same images and tokens share the full pages of that prefix (`prefix_cache.PrefixCache`).
+  the same images and tokens share the full pages of that prefix (`prefix_cache.PrefixCache`). With
+  `static_batching` the slots are filled only when all of them are free (the baseline continuous batching is
+  measured against, in tools/bench_serve.py).
 
   `on_finish(request)` is called (from the detokenizer thread) once per request as it ends, for metrics.
   """
 
   def __init__(self, vlm, num_slots: int = 8, max_len: int | None = None,
                on_finish: Callable[[Request], None] | None = None, *, num_pages: int | None = None,
-               page_size: int = paged.DEFAULT_PAGE_SIZE, prefix_caching: bool = False):
+               page_size: int = paged.DEFAULT_PAGE_SIZE, prefix_caching: bool = False, static_batching: bool = False):
     if num_slots < 1:
       raise ValueError(f"num_slots must be at least 1, got {num_slots}")
     self.vlm, self.num_slots, self.on_finish, self.page_size = vlm, num_slots, on_finish, page_size
+    self.static_batching = static_batching
     self.config = vlm.model_config
     self.max_len = max_len or vlm.max_len or DEFAULT_MAX_LEN
     self.buckets = tuple(b for b in generation.BUCKETS if b < self.max_len) + (self.max_len,)
@@ -249,7 +252,10 @@ class Engine:
       for slot, request in enumerate(self._slots):
         if request is not None and (request.cancelled or request.done.is_set()):  # done: a stop string
           self._free(slot, "cancelled" if request.cancelled else None)
-        if self._slots[slot] is None and self._waiting and self._reserve_pages(slot, self._waiting[0]):
+      # Static batching (a baseline to measure against) fills the slots only once every one of them is free.
+      admitting = not self.static_batching or not self.num_running
+      for slot in range(self.num_slots):
+        if admitting and self._slots[slot] is None and self._waiting and self._reserve_pages(slot, self._waiting[0]):
           admitted.append((slot, self._waiting.popleft()))
           self._slots[slot] = admitted[-1][1]
       if not self.num_running:
