@@ -1,0 +1,250 @@
+"""Serving benchmark: the same load through the HTTP API against continuous batching, static batching and one
+request at a time, with the definitions `vllm bench serve` uses.
+
+    python tools/bench_serve.py --num_prompts 64 --max_concurrency 16 --request_rate inf --plot /tmp/serve.png
+    python tools/bench_serve.py --checkpoint runs/shapes --data_dir runs/shapes/data   # shapes questions
+
+Each request is a chat turn with an image (the shapes validation images and questions with --data_dir, else
+random images and prompts of --prompt_words words), streamed (`stream: true`). Requests arrive as a Poisson
+process at --request_rate per second (gamma intervals with --burstiness != 1; `inf`: all at once), at most
+--max_concurrency in flight. Per request: TTFT (arrival to the first streamed token), TPOT = (latency - TTFT) /
+(output tokens - 1), inter-token latencies (gaps between streamed chunks) and end-to-end latency; per run:
+request throughput, output tokens/s, and goodput (requests/s meeting both --ttft_slo and --tpot_slo). The
+default model is tools/bench_decode.py's LLaVA of 23.8 M parameters with random weights. A last table times a
+second question about an image already asked about, with and without prefix caching.
+"""
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+
+import numpy as np
+import openai
+import uvicorn
+from PIL import Image
+
+import bench_decode  # tools/bench_decode.py: this script's own folder is on sys.path
+import vlmjax
+from vlmjax.serve.server import create_app
+
+MODES = {"continuous": dict(), "static": dict(static_batching=True), "single": dict(num_slots=1)}
+
+
+def _png_url(pixels: np.ndarray) -> str:
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, format="PNG")
+  return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+# LLaVA-1.5's conversation format.
+CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'].upper() }}: {% if message['content'] is string %}"
+                 "{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+                 "<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %} {% endfor %}"
+                 "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def build_chat_checkpoint(directory: str) -> None:
+  """bench_decode's LLaVA, with `<image>` a special token of its tokenizer and LLaVA-1.5's chat template."""
+  import tokenizers
+  bench_decode.build_checkpoint(directory)
+  path = os.path.join(directory, "tokenizer.json")
+  backend = tokenizers.Tokenizer.from_file(path)
+  backend.add_special_tokens([tokenizers.AddedToken("<image>", special=True)])
+  backend.save(path)
+  with open(os.path.join(directory, "chat_template.jinja"), "w") as f:
+    f.write(CHAT_TEMPLATE)
+
+
+def make_requests(args) -> list[tuple[str, str]]:
+  """(image data: URL, question) per request."""
+  rng = np.random.default_rng(args.seed)
+  if args.data_dir:
+    from vlmjax.data import shapes
+    source = shapes.load(args.data_dir, "validation")
+    records = [source[i] for i in range(min(len(source), args.num_prompts))]
+    questions = [(record["image"], question["question"]) for record in records for question in record["vqa"]]
+    return [(_png_url(image), question) for image, question in questions[:args.num_prompts]]
+  return [(_png_url(rng.integers(0, 256, (112, 112, 3), np.uint8)),
+           " ".join(f"w{word}" for word in rng.integers(3, 3999, args.prompt_words)))
+          for _ in range(args.num_prompts)]
+
+
+class Server:
+  """An app on a free loopback port, served by uvicorn in a thread."""
+
+  def __init__(self, app):
+    self.socket = socket.socket()
+    self.socket.bind(("127.0.0.1", 0))
+    self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+    self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+  def __enter__(self):
+    self.thread.start()
+    while not self.server.started:
+      time.sleep(0.05)
+    return self
+
+  def __exit__(self, *exc):
+    self.server.should_exit = True
+    self.thread.join()
+
+
+async def _one(client: openai.AsyncOpenAI, image: str, question: str, max_tokens: int) -> dict:
+  """One streamed chat request through the OpenAI client -> {ttft, latency, output_tokens, itl: [s]}."""
+  messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                           {"type": "text", "text": question}]}]
+  start, chunk_times, output_tokens = time.perf_counter(), [], 0
+  stream = await client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens,
+                                                temperature=0, stream=True, stream_options={"include_usage": True})
+  async for chunk in stream:
+    if chunk.usage:
+      output_tokens = chunk.usage.completion_tokens
+    if chunk.choices and chunk.choices[0].delta.content:
+      chunk_times.append(time.perf_counter())
+  latency = time.perf_counter() - start
+  ttft = (chunk_times[0] - start) if chunk_times else latency
+  return {"ttft": ttft, "latency": latency, "output_tokens": output_tokens,
+          "itl": list(np.diff(chunk_times)) if len(chunk_times) > 1 else []}
+
+
+def _client(url: str) -> openai.AsyncOpenAI:
+  return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600.0)
+
+
+async def run_load(url: str, requests: list[tuple[str, str]], args) -> tuple[list[dict], float]:
+  """Every request, arriving as the load says; -> (per-request results, wall-clock seconds)."""
+  rng = np.random.default_rng(args.seed)
+  limit = asyncio.Semaphore(args.max_concurrency)
+
+  async def limited(client, image, question):
+    async with limit:
+      return await _one(client, image, question, args.max_tokens)
+
+  async with _client(url) as client:
+    start, tasks = time.perf_counter(), []
+    for image, question in requests:
+      tasks.append(asyncio.create_task(limited(client, image, question)))
+      if args.request_rate != float("inf"):  # gamma intervals with mean 1/rate (burstiness 1: Poisson)
+        await asyncio.sleep(rng.gamma(args.burstiness, 1.0 / (args.request_rate * args.burstiness)))
+    results = await asyncio.gather(*tasks)
+  return results, time.perf_counter() - start
+
+
+def summarize(results: list[dict], duration: float, args) -> dict:
+  tpot = [(r["latency"] - r["ttft"]) / (r["output_tokens"] - 1) for r in results if r["output_tokens"] > 1]
+  itl = [gap for r in results for gap in r["itl"]]
+  good = sum(r["ttft"] <= args.ttft_slo and (r["output_tokens"] <= 1 or (r["latency"] - r["ttft"]) / (
+      r["output_tokens"] - 1) <= args.tpot_slo) for r in results)
+  stats = lambda values: {"mean": statistics.fmean(values), **{f"p{q}": float(np.percentile(values, q))
+                                                             for q in (50, 90, 99)}} if values else {}
+  return {"requests/s": len(results) / duration, "output tok/s": sum(r["output_tokens"] for r in results) / duration,
+          "goodput req/s": good / duration, "duration s": duration, "ttft": stats([r["ttft"] for r in results]),
+          "tpot": stats(tpot), "itl": stats(itl), "e2e": stats([r["latency"] for r in results])}
+
+
+def prefix_reuse(vlm, args, requests) -> dict[str, float]:
+  """Median TTFT of a second question about an image already asked about, without and with prefix caching."""
+  images = [image for image, _ in requests[:args.prefix_images]]
+  medians = {}
+  for caching in (False, True):
+    with Server(create_app(vlm, "bench", num_slots=args.slots, max_len=args.max_len,
+                           page_size=args.prefix_page_size, prefix_caching=caching)) as server:
+      async def ask():
+        async with _client(server.url) as client:
+          await _one(client, images[0], "warm up w5", args.max_tokens)  # compiles
+          repeated = []
+          for image in images:
+            await _one(client, image, "first question w7 w8", 2)
+            repeated.append((await _one(client, image, "second question w9", 2))["ttft"])
+          return statistics.median(repeated)
+      medians["prefix caching" if caching else "no prefix caching"] = asyncio.run(ask())
+  return medians
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--checkpoint", default=None, help="a workdir or Hugging Face directory (default: "
+                      "bench_decode's random LLaVA)")
+  parser.add_argument("--data_dir", default=None, help="a shapes data set: its validation questions as prompts")
+  parser.add_argument("--num_prompts", type=int, default=64)
+  parser.add_argument("--prompt_words", type=int, default=32)
+  parser.add_argument("--max_tokens", type=int, default=32)
+  parser.add_argument("--request_rate", type=float, default=float("inf"))
+  parser.add_argument("--burstiness", type=float, default=1.0)
+  parser.add_argument("--max_concurrency", type=int, default=16)
+  parser.add_argument("--slots", type=int, default=16, help="decode slots of the batching modes")
+  parser.add_argument("--max_len", type=int, default=256, help="tokens per slot (prompt + output)")
+  parser.add_argument("--page_size", type=int, default=16, help="tokens per KV-cache page")
+  parser.add_argument("--prefix_page_size", type=int, default=4, help="pages of the prefix-reuse table: a hit "
+                      "needs the image's last token inside a full page shared by both questions")
+  parser.add_argument("--modes", default=",".join(MODES))
+  parser.add_argument("--ttft_slo", type=float, default=2.0, help="seconds, for goodput")
+  parser.add_argument("--tpot_slo", type=float, default=0.1, help="seconds, for goodput")
+  parser.add_argument("--prefix_images", type=int, default=5, help="images of the prefix-reuse table (0: skip)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--plot", default=None, help="PNG: output tokens/s against p90 TTFT per mode")
+  args = parser.parse_args()
+
+  with tempfile.TemporaryDirectory() as scratch:
+    if args.checkpoint is None:
+      args.checkpoint = os.path.join(scratch, "llava")
+      build_chat_checkpoint(args.checkpoint)
+    vlm = vlmjax.load(args.checkpoint)
+  requests = make_requests(args)
+  print(f"{len(requests)} requests, max_tokens {args.max_tokens}, rate {args.request_rate}/s, burstiness "
+        f"{args.burstiness}, max concurrency {args.max_concurrency}, {args.slots} slots")
+  rows = {}
+  for mode in args.modes.split(","):
+    settings = {"num_slots": args.slots, "max_len": args.max_len, "page_size": args.page_size, **MODES[mode]}
+    with Server(create_app(vlm, "bench", **settings)) as server:
+      asyncio.run(run_load(server.url, requests[:2], args))  # compiles the buckets and the step, unmeasured
+      rows[mode] = summarize(*asyncio.run(run_load(server.url, requests, args)), args)
+  print(f"\n{'mode':>10} {'req/s':>6} {'tok/s':>7} {'good/s':>6} | {'TTFT mean':>9} {'p50':>6} {'p90':>6} "
+        f"{'p99':>6} | {'TPOT mean ms':>12} {'p90':>6} | {'ITL p50 ms':>10} {'p99':>6} | {'E2E p50 s':>9} {'p90':>6}")
+  for mode, row in rows.items():
+    ttft, tpot, itl, e2e = row["ttft"], row["tpot"], row["itl"], row["e2e"]
+    print(f"{mode:>10} {row['requests/s']:6.2f} {row['output tok/s']:7.1f} {row['goodput req/s']:6.2f} | "
+          f"{ttft['mean']:9.3f} {ttft['p50']:6.3f} {ttft['p90']:6.3f} {ttft['p99']:6.3f} | "
+          f"{1e3 * tpot['mean']:12.2f} {1e3 * tpot['p90']:6.2f} | {1e3 * itl['p50']:10.2f} {1e3 * itl['p99']:6.2f} | "
+          f"{e2e['p50']:9.3f} {e2e['p90']:6.3f}")
+  if "continuous" in rows and "single" in rows:
+    print(f"\ncontinuous / one at a time, output tokens/s: "
+          f"{rows['continuous']['output tok/s'] / rows['single']['output tok/s']:.2f}x")
+  if "continuous" in rows and "static" in rows:
+    print(f"p90 TTFT, static / continuous: {rows['static']['ttft']['p90'] / rows['continuous']['ttft']['p90']:.2f}x")
+  if args.prefix_images:
+    medians = prefix_reuse(vlm, args, requests)
+    print("\nTTFT of a second question about the same image (median of "
+          f"{args.prefix_images} images): " + ", ".join(f"{k} {v:.3f} s" for k, v in medians.items()) +
+          f" ({medians['no prefix caching'] / medians['prefix caching']:.2f}x)")
+  if args.plot:
+    _plot(rows, args.plot)
+
+
+def _plot(rows: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  figure, axes = plt.subplots(figsize=(5, 4))
+  for mode, row in rows.items():
+    axes.scatter(row["ttft"]["p90"], row["output tok/s"], s=60)
+    axes.annotate(mode, (row["ttft"]["p90"], row["output tok/s"]), textcoords="offset points", xytext=(5, 5))
+  axes.set_xlabel("p90 time to first token (s)")
+  axes.set_ylabel("output tokens/s")
+  axes.set_title("Serving: throughput against latency")
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
