@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import base64
 import io
-import json
 import os
 import socket
 import statistics

@@ -12,7 +12,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import tensorflow_datasets as tfds
 import tqdm
