@@ -114,7 +114,6 @@ class Engine:
     self._state = init_state(self.config, num_slots, self.max_len, self.pages.num_pages, page_size)
     self._slots: list[Request | None] = [None] * num_slots
     self._slot_pages: list[list[int]] = [[] for _ in range(num_slots)]  # the pages each slot's request holds
-    self._cached_tokens = [0] * num_slots  # prompt tokens each slot's request found in the prefix cache
     if prefix_caching and self.config.prefix_lm:
       raise ValueError("prefix caching needs a causal model: under a prefix-LM mask a prompt's keys depend on "
                        "the tokens after them")
@@ -263,7 +262,7 @@ class Engine:
     for slot, request in admitted:
       pages = np.full((self._state.cache.page_table.shape[1],), self.pages.num_pages, np.int32)  # null-padded
       pages[:len(self._slot_pages[slot])] = self._slot_pages[slot]
-      prefix = self._prefill(request, pages, self._cached_tokens[slot])
+      prefix = self._prefill(request, pages)
       self._state, first = insert(prefix, self._state, jnp.int32(slot), pages, request.sampling, request.key)
       if self.prefix_cache is not None:
         keys = page_keys(request.prompt_ids, request.pixel_values, self.page_size)
@@ -274,8 +273,9 @@ class Engine:
   def _pages_needed(self, prompt_length: int, max_tokens: int) -> int:
     return paged.pages_for(prompt_length + max_tokens, self.page_size)
 
-  def _prefill(self, request: Request, pages: np.ndarray, cached_tokens: int) -> Prefix:
+  def _prefill(self, request: Request, pages: np.ndarray) -> Prefix:
     """The request's prompt through the model: whole, or past its `cached_tokens` found in the prefix cache."""
+    cached_tokens = request.cached_tokens
     if not cached_tokens:
       bucket = generation.bucket_length(len(request.prompt_ids), self.buckets)
       return prefill(self.vlm.params, self.config, request.prompt_ids, request.pixel_values, bucket,
@@ -316,7 +316,7 @@ class Engine:
     except paged.PoolExhausted:
       self.pages.free(shared)
       return False
-    self._cached_tokens[slot] = request.cached_tokens = len(shared) * self.page_size
+    request.cached_tokens = len(shared) * self.page_size
     return True
 
   def _step(self) -> None:

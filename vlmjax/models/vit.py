@@ -170,10 +170,11 @@ class ViT(nn.Module):
     if height % cfg.patch_size or width % cfg.patch_size:
       raise ValueError(f"image size {height}x{width} is not a multiple of vision.patch_size={cfg.patch_size}")
     x = images.astype(compute_dtype)
+    window = cfg.patch_size  # the linear patch embedding's window and stride; 1x1 after a conv stem
     if cfg.stem == "conv":
       x = ConvStem(cfg.width, cfg.patch_size, cfg.norm_eps, compute_dtype, param_dtype, name="conv_stem")(x)
-    x = nn.Conv(cfg.width, (1, 1) if cfg.stem == "conv" else (cfg.patch_size, cfg.patch_size),
-                strides=1 if cfg.stem == "conv" else cfg.patch_size, padding="VALID",
+      window = 1
+    x = nn.Conv(cfg.width, (window, window), strides=window, padding="VALID",
                 use_bias=cfg.patch_bias, dtype=compute_dtype, param_dtype=param_dtype,
                 kernel_init=layers.param_init(nn.initializers.lecun_normal(), (None, None, None, layers.EMBED)),
                 bias_init=layers.param_init(nn.initializers.zeros, (layers.EMBED,)),
