@@ -99,6 +99,17 @@ def test_splicing_equals_feeding_the_projected_image_embeddings_by_hand(vlm):
   np.testing.assert_allclose(other[2], logits[2], rtol=1e-5, atol=1e-6)
 
 
+def test_placeholder_ids_past_the_images_embed_as_ordinary_tokens(vlm):
+  config, params = vlm
+  model = VLM(config)
+  input_ids = _ids_with_images(config, [(2, 1, 3)]).at[0, -1].set(config.image_token_id)  # one more, generated
+  image_embeddings = model.apply(params, _images((1, 16, 16, 3)), method=VLM.encode_images)
+  embedded = model.apply(params, input_ids, image_embeddings, method=VLM.embed)
+  as_text = model.apply(params, input_ids, None, method=VLM.embed)
+  np.testing.assert_array_equal(embedded[0, -1], as_text[0, -1])
+  np.testing.assert_array_equal(embedded[0, 2:2 + config.tokens_per_image], image_embeddings[0])
+
+
 def test_text_only_batch_needs_no_pixels(vlm):
   config, params = vlm
   input_ids = _ids_with_images(config, [(5, 0, 0)])

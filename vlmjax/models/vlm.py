@@ -121,13 +121,16 @@ class VLM(nn.Module):
     """Token embeddings with the k-th image placeholder of each row replaced by its k-th image embedding.
 
     input_ids: int[B, T]; image_embeddings: float[B, I*P, D] or None -> float[B, T, D].
-    A row must not hold more placeholders than I*P (the extra ones would repeat the last embedding).
+    Placeholders past a row's first I*P are ordinary tokens, as a generated placeholder id is when decoding (the
+    engine prefills a preempted request's generated tokens again after its prompt).
     """
     text = self.decoder.embed(input_ids)
     if image_embeddings is None:  # decoding: a generated placeholder id is an ordinary token, as in transformers
       return text
-    is_image = input_ids == self.config.image_token_id  # [B, T]
-    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_embeddings.shape[1] - 1)  # [B, T]
+    is_placeholder = input_ids == self.config.image_token_id  # [B, T]
+    slot = jnp.cumsum(is_placeholder, axis=1) - 1  # [B, T], the image embedding each placeholder takes
+    is_image = is_placeholder & (slot < image_embeddings.shape[1])
+    slot = jnp.clip(slot, 0, image_embeddings.shape[1] - 1)
     spliced = jnp.take_along_axis(image_embeddings, slot[:, :, None], axis=1).astype(text.dtype)  # [B, T, D]
     embedded = jnp.where(is_image[:, :, None], spliced, text)
     return nn.with_logical_constraint(embedded, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED))
