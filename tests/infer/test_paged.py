@@ -50,15 +50,24 @@ def test_paged_decoding_matches_the_contiguous_cache_token_for_token(decoder):
   cache = paged.PagedKVCache.zeros(num_layers=CONFIG.depth, num_pages=20, page_size=PAGE_SIZE, batch_size=2,
                                    max_len=MAX_LEN, num_kv_heads=CONFIG.num_kv_heads,
                                    head_dim=CONFIG.attention_head_dim)
+  planned = [np.random.default_rng(1).permutation(20)[:8], [19, 3, 17, 0, 8, 11]]  # each row's pages, scattered
+  # As the engine allocates: a row starts with the pages of its prompt and first token, and takes the next of
+  # its pages before the step that writes past them.
   table = np.full((2, MAX_LEN // PAGE_SIZE), cache.num_pages, np.int32)
-  table[0], table[1, :6] = np.random.default_rng(1).permutation(20)[:8], [19, 3, 17, 0, 8, 11]  # scattered
+  held = [paged.pages_for(length + 1, PAGE_SIZE) for length in lengths]
   for row in range(2):  # each row's prompt into its own pages, as the engine inserts one prompt at a time
-    one_row = jax.tree.map(lambda x: x[row:row + 1], prefilled)
+    table[row, :held[row]] = planned[row][:held[row]]
+    one_row = jax.tree.map(lambda x: x[row:row + 1], prefilled)  # a bucket longer than its pages: the rest dropped
     cache = cache.write_prompt(one_row, jnp.asarray(table[row]))
   cache = cache.replace(page_table=jnp.asarray(table), lengths=prefilled.lengths)
 
   tokens_contiguous, tokens_paged = last, last
   for _ in range(12):  # row 1 reaches 23 tokens, within its 6 pages
+    for row, length in enumerate(cache.lengths.tolist()):
+      if length + 1 > held[row] * PAGE_SIZE:
+        table[row, held[row]] = planned[row][held[row]]
+        held[row] += 1
+    cache = cache.replace(page_table=jnp.asarray(table))
     logits_contiguous, contiguous = step(tokens_contiguous[:, None], contiguous)
     logits_paged, cache = step(tokens_paged[:, None], cache)
     np.testing.assert_allclose(logits_paged, logits_contiguous, rtol=1e-5, atol=1e-5)
@@ -66,6 +75,7 @@ def test_paged_decoding_matches_the_contiguous_cache_token_for_token(decoder):
     tokens_paged = jnp.argmax(logits_paged[:, 0], axis=-1).astype(jnp.int32)
     assert tokens_paged.tolist() == tokens_contiguous.tolist()
   assert cache.lengths.tolist() == contiguous.lengths.tolist() == (lengths + 12).tolist()
+  assert held == [5, 6]  # both rows grew page by page
 
 
 def test_writes_past_a_rows_pages_touch_no_other_page():

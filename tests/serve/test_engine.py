@@ -214,7 +214,7 @@ def test_static_batching_fills_the_slots_only_when_all_are_free(tiny_vlm, monkey
   decoded_at_insert = []  # at each insert: the tokens decoded so far by each request holding a slot
   insert = engine_module.insert
   monkeypatch.setattr(engine_module, "insert", lambda *args: decoded_at_insert.append(
-      [r.num_decoded for r in engine._slots if r is not None]) or insert(*args))
+      [len(entry.request.decoded_ids) for entry in engine._scheduler.slots if entry is not None]) or insert(*args))
   engine.start()
   specs = [("What colour is the circle?", 0, 15), ("Hi", None, 3), ("How many triangles are there?", 1, 4)]
   prompts = [_prompt(tiny_vlm, question, seed) for question, seed, _ in specs]
@@ -226,3 +226,67 @@ def test_static_batching_fills_the_slots_only_when_all_are_free(tiny_vlm, monkey
   # had decoded a token yet), although the short request's slot freed while the long one was decoding.
   assert len(decoded_at_insert) == 3 and all(count == 0 for counts in decoded_at_insert for count in counts)
   engine.stop()
+
+
+def test_a_pool_too_small_for_every_request_at_once_preempts_and_each_decodes_as_if_alone(tiny_vlm):
+  # 6 pages of 16 tokens. The first two prompts (43 and 37 tokens) take 3 pages each at admission and need a 4th
+  # within a few tokens: the pool runs dry while they decode, and the later admitted one is preempted. Prefix
+  # caching holds the full prompt pages too; a preempted request finds its own prompt's pages there.
+  engine = Engine(tiny_vlm, num_slots=3, max_len=MAX_LEN, num_pages=6, page_size=16, prefix_caching=True).start()
+  specs = [("Describe the picture in detail.", None, {}), ("What colour is the circle?", 0, dict(
+      temperature=1.5, top_p=0.9, seed=7)), ("Is the big square blue?", 3, {})]
+  prompts = [_prompt(tiny_vlm, question, seed) for question, seed, _ in specs]
+  streamed = [[] for _ in specs]  # what each listener received
+  with engine._condition:  # held: the engine thread sees the whole burst at once
+    requests = [engine.submit(ids, pixels, max_tokens=21, listener=lambda output, seen=seen: seen.extend(
+        output.token_ids), **sampling) for (ids, pixels), (_, _, sampling), seen in zip(prompts, specs, streamed)]
+  for request, (ids, pixels), (_, _, sampling), seen in zip(requests, prompts, specs, streamed):
+    expected = _alone(tiny_vlm, ids, pixels, 21, **sampling)
+    assert request.wait(60).token_ids == seen == expected  # nothing streamed twice, the sampled one included
+    assert request.text == tiny_vlm.tokenizer.decode(expected)
+  assert engine.num_preemptions > 0
+  assert [request.cached_tokens for request in requests] == [0, 32, 32]  # the preempted read their prompt's pages
+  assert engine.num_running == engine.num_waiting == 0
+  assert engine.pages.num_free + engine.prefix_cache.num_entries == 6
+  engine.prefix_cache.clear()
+  assert engine.pages.num_free == 6
+  engine.stop()
+
+
+@pytest.fixture(scope="module")
+def chunking_engine(tiny_vlm):
+  """Prompts prefilled in chunks of 8 tokens; the module engine's shapes otherwise (its compiled steps)."""
+  engine = Engine(tiny_vlm, num_slots=3, max_len=MAX_LEN, prefill_chunk=8).start()
+  yield engine
+  engine.stop()
+
+
+def _record_chunks(monkeypatch, record) -> list:
+  """What `record(args)` says of each `prefill_chunk` call from now on."""
+  calls, prefill_chunk = [], engine_module.prefill_chunk
+  monkeypatch.setattr(engine_module, "prefill_chunk", lambda *args: calls.append(record(args)) or prefill_chunk(*args))
+  return calls
+
+
+def test_a_prompt_prefilled_in_chunks_decodes_as_if_prefilled_whole(chunking_engine, tiny_vlm, monkeypatch):
+  ids, pixels = _prompt(tiny_vlm, "What colour is the circle?", 0)  # 37 tokens; image placeholders at 7..10
+  chunks = _record_chunks(monkeypatch, lambda args: (args[-1], args[4] is not None))  # (start, with images)
+  request = chunking_engine.submit(ids, pixels, max_tokens=21).wait(60)
+  assert request.token_ids == _alone(tiny_vlm, ids, pixels, 21)
+  # The first chunk reaches past the image, which is encoded in it; then 8 tokens a chunk.
+  assert chunks == [(0, True), (11, False), (19, False), (27, False), (35, False)]
+  assert chunking_engine.pages.num_free == chunking_engine.pages.num_pages
+
+
+def test_running_requests_decode_between_the_chunks_of_a_long_prompt(chunking_engine, tiny_vlm, monkeypatch):
+  running_ids, _ = _prompt(tiny_vlm, "Describe the picture in detail.", None)  # 43 tokens: 6 chunks
+  long_ids, long_pixels = _prompt(tiny_vlm, "Is the big square blue?", 3)  # 41 tokens: 5 chunks
+  with chunking_engine._condition:  # held: both admitted at once, the first one's chunks first
+    running = chunking_engine.submit(running_ids, max_tokens=21)
+    long = chunking_engine.submit(long_ids, long_pixels, max_tokens=5)
+    chunks = _record_chunks(monkeypatch, lambda args: (args[-1], len(running.decoded_ids)))  # (start, decoded)
+  assert long.wait(60).token_ids == _alone(tiny_vlm, long_ids, long_pixels, 5)
+  assert running.wait(60).token_ids == _alone(tiny_vlm, running_ids, None, 21)
+  assert [start for start, _ in chunks] == [0, 8, 16, 24, 32, 40, 0, 11, 19, 27, 35]
+  decoded = [count for _, count in chunks[6:]]  # the running request's tokens at each of the long one's chunks
+  assert decoded[0] > 0 and all(before < after for before, after in zip(decoded, decoded[1:])), decoded

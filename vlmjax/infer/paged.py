@@ -1,11 +1,14 @@
 """The paged KV cache: keys and values in fixed-size pages of one pool, read through a page table per row.
 
     pages = PageAllocator(num_pages)
-    row_pages = pages.allocate(pages_for(prompt_length + max_tokens, page_size))   # host side
-    logits, cache = decoder.apply(params, tokens, positions, cache)                 # cache: a PagedKVCache
+    row_pages = pages.allocate(pages_for(prompt_length + 1, page_size))   # host side: the prompt, its first token
+    logits, cache = decoder.apply(params, tokens, positions, cache)        # cache: a PagedKVCache
+    row_pages += pages.allocate(1)   # before the step whose token falls past the row's pages (its table row too)
 
-Memory follows the tokens a row really holds (whole pages of them), not rows x max_len. A page-table entry
-past a row's pages holds `cache.num_pages`, the null page: writes to it are dropped and reads of it are masked.
+Memory follows the tokens a row really holds (whole pages of them), not rows x max_len: a row's pages are taken
+as its sequence grows, so the pool may hold more rows than it could if each reserved its longest length (the
+engine preempts a row when the pool runs dry). A page-table entry past a row's pages holds `cache.num_pages`,
+the null page: writes to it are dropped and reads of it are masked.
 
 Attention reads a row by gathering its pages into the contiguous [B, S, K, H] layout the contiguous cache gives
 (`PagedLayer.write_and_read`), then runs the same masked attention, so both caches produce the same numbers. It

@@ -1,10 +1,12 @@
 """The batched decode state of the engine's slots and the jitted calls over it (see `engine.py`).
 
-  `prefill`               one prompt (its images encoded) into a cache of its length bucket
-  `prefill_after_cached`  the rest of a prompt whose start is in the prefix cache's pages
-  `insert`                a prefilled prompt into a free slot's pages, with its first token and sampling
-  `generate`              one token for every slot
-  `release`               a slot freed: inactive, greedy, its page table all null pages
+  `prefill`        one prompt (its images encoded) into a cache of its length bucket
+  `prefill_chunk`  a piece of a prompt into a slot's pages, attending over the pieces before it there (a long
+                   prompt in chunks, or the rest of a prompt whose start is in the prefix cache's pages)
+  `insert`         a prefilled prompt into a free slot's pages, with its first token and sampling
+  `add_pages`      pages appended to slots' page-table rows, as their sequences grow
+  `generate`       one token for every slot
+  `release`        a slot freed: inactive, greedy, its page table all null pages
 """
 
 import functools
@@ -67,42 +69,59 @@ def init_state(config: VLMConfig, num_slots: int, max_len: int, num_pages: int, 
                    prefix_lengths=jnp.zeros((num_slots,), jnp.int32))
 
 
-def prefill(params, config: VLMConfig, prompt_ids: Sequence[int], pixel_values: np.ndarray | None, bucket: int,
-            pad_id: int) -> Prefix:
-  """One prompt (int[T] with image placeholders; pixel_values float32[I, H, W, 3] or None) through the model,
-  right-padded to `bucket` tokens: `generate.prefill`, compiled once per bucket and image count."""
-  length = len(prompt_ids)
+def _padded(token_ids: Sequence[int], bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """(input_ids int32[1, bucket], input_mask bool[1, bucket]): the tokens right-padded with pad_id."""
   input_ids = np.full((1, bucket), pad_id, np.int32)
-  input_ids[0, :length] = prompt_ids
-  input_mask = np.arange(bucket)[None, :] < length
-  prefix_lengths = jnp.array([length], jnp.int32) if config.prefix_lm else None
+  input_ids[0, :len(token_ids)] = token_ids
+  return input_ids, np.arange(bucket)[None, :] < len(token_ids)
+
+
+def prefill(params, config: VLMConfig, prompt_ids: Sequence[int], pixel_values: np.ndarray | None, bucket: int,
+            pad_id: int, prefix_length: int) -> Prefix:
+  """One prompt (int[T] with image placeholders; pixel_values float32[I, H, W, 3] or None) through the model,
+  right-padded to `bucket` tokens: `generate.prefill`, compiled once per bucket and image count. A prefix-LM
+  model attends bidirectionally over its first `prefix_length` tokens (the request's own prompt: tokens it
+  decoded before a preemption come after it, causal as when they were decoded)."""
+  input_ids, input_mask = _padded(prompt_ids, bucket, pad_id)
+  prefix_lengths = jnp.array([prefix_length], jnp.int32) if config.prefix_lm else None
   pixels = None if pixel_values is None else jnp.asarray(pixel_values[None], jnp.float32)
   logits, cache = generation.prefill(params, config, input_ids, input_mask, pixels, prefix_lengths,
                                      config.decoder.init_cache(batch_size=1, max_len=bucket))
   return Prefix(cache=cache, logits=logits)
 
 
+def prefill_chunk(params, config: VLMConfig, state: SlotState, token_ids: Sequence[int],
+                  pixel_values: np.ndarray | None, bucket: int, pad_id: int, pages: np.ndarray,
+                  start: int) -> tuple[SlotState, jax.Array]:
+  """Tokens `start` onwards of a prompt whose first `start` tokens are in its pages already: token_ids int[T]
+  (right-padded to `bucket`) go through the model at positions start.., attending over the pages before them,
+  into `pages` (int32[max_pages], the request's page-table row; the state's page table is left as it is).
+  pixel_values: float32[I, H, W, 3], the images whose placeholders are all among these tokens, or None.
+  Causal models only. Returns (the state with the new keys and values in its pool, logits float32[1, V] of
+  the last token); compiled once per bucket and image count."""
+  input_ids, input_mask = _padded(token_ids, bucket, pad_id)
+  pixels = None if pixel_values is None else jnp.asarray(pixel_values[None], jnp.float32)
+  return _prefill_chunk(params, config, state, input_ids, input_mask, pixels, jnp.asarray(pages), jnp.int32(start))
+
+
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
-def prefill_after_cached(params, config: VLMConfig, state: SlotState, input_ids, input_mask, pages: jax.Array,
-                         start: jax.Array) -> tuple[SlotState, jax.Array]:
-  """The rest of a prompt whose first `start` tokens (int32[], whole pages) are in the pool already: its text
-  tokens input_ids int32[1, T_bucket] (input_mask bool[1, T_bucket]) go through the model at positions start
-  onwards, attending over the cached pages, into `pages` (int32[max_pages], the request's page table row).
-  Returns (the state with the new keys and values in its pool, logits float32[1, V] of the last token)."""
-  positions = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]
+def _prefill_chunk(params, config: VLMConfig, state: SlotState, input_ids, input_mask, pixel_values,
+                   pages: jax.Array, start: jax.Array) -> tuple[SlotState, jax.Array]:
+  positions = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]  # [1, T_bucket]
   cache = state.cache.replace(page_table=pages[None], lengths=start[None])
   last = jnp.sum(input_mask, axis=1, dtype=jnp.int32) - 1
-  logits, cache = VLMModel(config).apply({"params": params}, input_ids, None, positions, cache,
+  logits, cache = VLMModel(config).apply({"params": params}, input_ids, pixel_values, positions, cache,
                                          input_mask=input_mask, logit_positions=last[:, None])
   return state.replace(cache=state.cache.replace(k=cache.k, v=cache.v)), logits[:, 0]
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def insert(prefix: Prefix, state: SlotState, slot: jax.Array, pages: jax.Array, sampling: SamplingParams,
-           key: jax.Array):
+           key: jax.Array, prefix_length: jax.Array):
   """Puts a prefilled prompt into `slot` (int32[]) whose pages are `pages` (int32[max_pages], null-page padded)
   and samples its first token as `generate.generate` does with the same key. sampling: SamplingParams of one
-  row. Returns (the new state, the first token int32[])."""
+  row; prefix_length: int32[], the bidirectional prefix of a prefix-LM model (as `prefill`'s). Returns (the new
+  state, the first token int32[])."""
   key, sample_key = jax.random.split(key)
   first = sample(prefix.logits, sampling, sample_key)[0]
   put = lambda array, row: jax.lax.dynamic_update_index_in_dim(array, row, slot, axis=0)
@@ -114,7 +133,15 @@ def insert(prefix: Prefix, state: SlotState, slot: jax.Array, pages: jax.Array, 
       tokens=put(state.tokens, first),
       active=put(state.active, True), sampling=jax.tree.map(lambda all_, one: put(all_, one[0]), state.sampling,
                                                              sampling),
-      keys=put(state.keys, key), prefix_lengths=put(state.prefix_lengths, length)), first
+      keys=put(state.keys, key), prefix_lengths=put(state.prefix_lengths, prefix_length)), first
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def add_pages(state: SlotState, slots: jax.Array, columns: jax.Array, pages: jax.Array) -> SlotState:
+  """Sets page_table[slots[i], columns[i]] = pages[i] (int32[N] each; an entry whose slot is N, past the last
+  slot, is padding and changes nothing): the pages a step's growing sequences were given."""
+  cache = state.cache
+  return state.replace(cache=cache.replace(page_table=cache.page_table.at[slots, columns].set(pages, mode="drop")))
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
