@@ -57,6 +57,8 @@ _PAGES = flags.DEFINE_integer("pages", None, "serve: KV-cache pages in the pool 
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "serve: tokens per KV-cache page.")
 _PREFIX_CACHING = flags.DEFINE_bool("prefix_caching", False, "serve: share the pages of a repeated image and "
                                     "prompt prefix between requests (causal models).")
+_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 256, "serve: prompt tokens per prefill call; a longer "
+                                      "prompt is prefilled in chunks between decode steps (0: each prompt whole).")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "serve: the model name clients send (default: the "
                                   "checkpoint directory's name).")
 
@@ -196,7 +198,8 @@ def serve(args: list[str]) -> None:
     server.serve(_CHECKPOINT.value, host=_HOST.value, port=_PORT.value, num_slots=_SLOTS.value,
                  max_len=_MAX_LEN.value, api_key=_API_KEY.value or os.environ.get("VLMJAX_API_KEY"),
                  image_dir=_IMAGE_DIR.value, model_name=_MODEL_NAME.value, num_pages=_PAGES.value,
-                 page_size=_PAGE_SIZE.value, prefix_caching=_PREFIX_CACHING.value)
+                 page_size=_PAGE_SIZE.value, prefix_caching=_PREFIX_CACHING.value,
+                 prefill_chunk=_PREFILL_CHUNK.value or None)
   except FileNotFoundError as error:  # no such checkpoint, or one missing a file
     raise SystemExit(f"vlmjax serve: {error}") from error
 

@@ -215,6 +215,7 @@ def test_metrics_count_requests_tokens_latencies_pages_and_prefix_hits(server, c
   engine = server["app"].state.engine
   assert _metric(text, "vlmjax_kv_pages_total") == engine.pages.num_pages
   assert _metric(text, "vlmjax_kv_pages_used") == engine.pages.num_pages - engine.pages.num_free  # the cache's
+  assert _metric(text, "vlmjax_preemptions_total") == engine.num_preemptions == 0  # a pool for every slot full
   hits = _metric(text, "vlmjax_prefix_cache_hits_total")
   messages = _chat(_data_url(_png(7)), "How many circles are there?")
   first, second = (client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0)

@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine (FastAPI + uvicorn).
 
     vlmjax serve --checkpoint /tmp/serve_model --port 8000 [--slots 8 --api_key KEY --image_dir DIR]
-                 [--pages N --page_size 16 --prefix_caching]
+                 [--pages N --page_size 16 --prefix_caching --prefill_chunk 256]
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
@@ -29,10 +29,12 @@ import prometheus_client
 import uvicorn
 from fastapi.exceptions import RequestValidationError
 from PIL import Image, UnidentifiedImageError
+from prometheus_client.core import CounterMetricFamily
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from vlmjax.infer.engine import Engine, Output, PromptTooLong, Request
+from vlmjax.infer.engine import Engine, PromptTooLong
+from vlmjax.infer.requests import Output, Request
 from vlmjax.serve import protocol
 
 _log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class Metrics:
     self.waiting.set_function(lambda: engine.num_waiting)
     self.pages_used.set_function(lambda: engine.pages.num_pages - engine.pages.num_free)
     self.pages_total.set(engine.pages.num_pages)
+    self.registry.register(_Preemptions(engine))
 
   def observe(self, request: Request) -> None:
     """Called by the engine as each request ends."""
@@ -99,6 +102,18 @@ class Metrics:
     self.ttft.observe(request.first_token_at - request.submitted_at)
     if len(request.token_ids) > 1:
       self.tpot.observe((request.finished_at - request.first_token_at) / (len(request.token_ids) - 1))
+
+
+class _Preemptions:
+  """vlmjax_preemptions_total: the engine's count, read as /metrics is scraped."""
+
+  def __init__(self, engine: Engine):
+    self.engine = engine
+
+  def collect(self):
+    yield CounterMetricFamily(
+        "vlmjax_preemptions", "Requests preempted for want of KV-cache pages (prefilled again later).",
+        value=self.engine.num_preemptions)
 
 
 class _RequireAPIKey:
@@ -185,7 +200,7 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
                image_dir: str | None = None, max_image_bytes: int = MAX_IMAGE_BYTES,
                **paging) -> fastapi.FastAPI:
   """The app and its engine (`app.state.engine`), started and drained with the app's lifespan. `paging`:
-  the engine's num_pages, page_size and prefix_caching."""
+  the engine's num_pages, page_size, prefix_caching and prefill_chunk."""
   if image_dir is not None and not os.path.isdir(image_dir):
     raise ValueError(f"--image_dir {image_dir} is not a directory")
   metrics = Metrics()
