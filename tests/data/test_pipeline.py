@@ -58,6 +58,22 @@ def test_loss_mask_covers_exactly_the_assistant_turns(data_dir, tokenizer):
       assert message["content"].replace("<image>", "") in user_text.replace("<image>", "")
 
 
+def test_fresh_questions_are_drawn_from_the_scene_each_view(data_dir):
+  record = shapes.load(data_dir, "train")[0]
+  def questions(seed, per_type):
+    messages = shapes_tasks.training_messages(record, np.random.default_rng(seed), per_type)
+    return [(q["content"].removeprefix("<image>\n"), a["content"]) for q, a in zip(messages[::2], messages[1::2])]
+  stored = {(q["question"], q["answer"]) for q in record["vqa"]}
+  assert stored <= set(questions(0, 0))  # 0: the record's own questions (and one other task)
+  first, second = questions(1, 3), questions(2, 3)
+  assert first != second and len(first) > len(stored) + 1
+  # The fresh questions are the scene generator's (so their answers are the scene's), plus one other task.
+  from vlmjax.data import shapes_scene
+  drawn = shapes_scene.vqa_questions(shapes_tasks.scene_objects(record), np.random.default_rng(1), 3)
+  extra = set(first) - {(q["question"], q["answer"]) for q in drawn}
+  assert len(first) == len(drawn) + 1 and len(extra) == 1 and extra <= set(shapes_tasks.other_tasks(record))
+
+
 def test_expanded_placeholders_equal_the_image_token_count(data_dir, tokenizer):
   record = shapes.load(data_dir, "train")[1]
   ids, _ = _encoder(tokenizer)(shapes_tasks.training_messages(record, np.random.default_rng(1)))

@@ -157,6 +157,9 @@ def test_a_loaded_model_keeps_its_layers_unrolled_and_exports_them_stacked(check
 
 def test_export_refuses_what_a_hugging_face_checkpoint_cannot_express(tmp_path):
   config = importlib.import_module("configs.shapes_tiny").get_config()  # SigLIP tower with a LLaVA projector
+  with pytest.raises(ValueError, match=r"model\.image_token_merge=2 cannot be written as a Hugging Face llava"):
+    hf.save_pretrained(str(tmp_path), config, params=None)
+  config.model.image_token_merge, config.model.vision.stem = 1, "patch"
   with pytest.raises(ValueError, match=r"model\.vision\.cls_token=False cannot be written as a Hugging Face llava"):
     hf.save_pretrained(str(tmp_path), config, params=None)
 

@@ -51,7 +51,8 @@ def test_shapes_tiny_runs_for_real():
   inputs = config.example_inputs(2)
   variables = VLM(config).init(jax.random.key(0), **inputs)
   logits, _ = jax.jit(VLM(config).apply)(variables, **inputs)
-  assert logits.shape == (2, 72, 512) and bool(jnp.all(jnp.isfinite(logits)))
+  assert config.tokens_per_image == 16  # 64 patches, 2 x 2 merged
+  assert logits.shape == (2, 16 + 8, 512) and bool(jnp.all(jnp.isfinite(logits)))
 
 
 @pytest.mark.parametrize("name,published", [("llava_1_5_7b", 7.06e9), ("paligemma_3b_224", 2.92e9)])

@@ -39,7 +39,7 @@ def test_a_dimension_that_does_not_divide_its_mesh_axis_is_an_error():
   boxed = jax.eval_shape(lambda: VLM(model_config).init(jax.random.key(0), **model_config.example_inputs(1)))
   mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=8))
   with pytest.raises(ValueError, match=r"\['params'\]\['decoder'\]\['layers'\]\['attention'\]\['key'\]\['kernel'\] of "
-                     r"shape \(4, 256, 2, 64\): dimension 2 \('kv_heads', size 2\) is sharded over mesh axes "
+                     r"shape \(4, 128, 2, 32\): dimension 2 \('kv_heads', size 2\) is sharded over mesh axes "
                      r"\('tensor',\) of total size 8, and 2 is not a multiple of 8"):
     mesh_lib.param_shardings(boxed, mesh, config.sharding_rules)
 
@@ -106,7 +106,7 @@ def test_sharded_loss_and_gradients_equal_one_device(setup, name):
   embedding = params["decoder"]["embedding"]  # ('vocab', 'embed') -> (tensor, fsdp)
   expected_pieces = (MESHES[name]["tensor"], MESHES[name]["fsdp"])
   assert mesh_lib.shard_count(embedding) == expected_pieces
-  assert embedding.addressable_shards[0].data.shape == (512 // expected_pieces[0], 256 // expected_pieces[1])
+  assert embedding.addressable_shards[0].data.shape == (512 // expected_pieces[0], 128 // expected_pieces[1])
   up = params["decoder"]["layers"]["mlp"]["up"]["kernel"]  # ('layers', 'embed', 'mlp')
   assert mesh_lib.shard_count(up) == (1, MESHES[name]["fsdp"], MESHES[name]["tensor"])
   assert shardings["params"]["decoder"]["embedding"] == embedding.sharding

@@ -1,31 +1,36 @@
 """What the shapes VLM is trained on and asked: shapes records -> conversations, and images -> pixels.
 
-Training shows each image with all its VQA questions plus one of its other tasks (a POPE probe, a multiple
-choice, a caption or a box), as turns of one conversation in random order: one image encoding serves
-several supervised answers.
+Training shows each image with VQA questions plus one of its other tasks (a POPE probe, a multiple choice, a
+caption or a box), as turns of one conversation in random order: one image encoding serves several supervised
+answers. The questions are the record's own, or drawn afresh from its scene each time the image is seen
+(`questions_per_type`): several yes/no and attribute questions about one image teach the language model that
+the answer depends on the image far sooner than one of each.
 """
 
 import numpy as np
 
+from vlmjax.data import shapes_scene
 from vlmjax.data.shapes_scene import COLOURS, IMAGE_TOKEN, SHAPES, SIZES, shuffled_conversation
 
 CAPTION_PROMPT = "Describe the image."
-# The object labels of an image, for supervised pretraining of the vision tower: which (shape, colour) pairs,
-# shapes, colours and (size, shape) pairs it holds.
-OBJECT_LABELS = ([f"{colour} {shape}" for shape in SHAPES for colour in COLOURS] + list(SHAPES) + list(COLOURS)
-                 + [f"{size} {shape}" for size in SIZES for shape in SHAPES])
-NUM_OBJECT_LABELS = len(OBJECT_LABELS)
-_LABEL_INDEX = {label: i for i, label in enumerate(OBJECT_LABELS)}
+# What each patch of an image shows, for supervised pretraining of the vision tower: the shape, colour and
+# size of the object under the patch's centre; class 0 of each group means no object is there.
+PATCH_ATTRIBUTES = {"shape": tuple(SHAPES), "colour": tuple(COLOURS), "size": tuple(SIZES)}
+PATCH_CLASSES = tuple(1 + len(values) for values in PATCH_ATTRIBUTES.values())
 OPTION_LETTERS = "ABCD"
 
 
-def object_labels(record: dict) -> np.ndarray:
-  """float32[NUM_OBJECT_LABELS]: 1 for each label (OBJECT_LABELS) that an object of the record's scene has."""
-  labels = np.zeros(NUM_OBJECT_LABELS, np.float32)
+def patch_labels(record: dict, grid: int) -> np.ndarray:
+  """int32[grid * grid, len(PATCH_ATTRIBUTES)], patches in raster order: for each patch of a grid x grid tiling
+  of the record's image, 1 + the index of each attribute's value for the object whose box holds the patch's
+  centre, 0 where no object's box does (boxes never overlap)."""
+  centres = (np.arange(grid) + 0.5) * record["image"].shape[0] / grid  # pixel coordinate of each row/column
+  labels = np.zeros((grid, grid, len(PATCH_ATTRIBUTES)), np.int32)
   for obj in record["scene"]:
-    for label in (f"{obj['colour']} {obj['shape']}", obj["shape"], obj["colour"], f"{obj['size']} {obj['shape']}"):
-      labels[_LABEL_INDEX[label]] = 1
-  return labels
+    x0, y0, x1, y1 = obj["box"]
+    inside = ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None, :]
+    labels[inside] = [1 + values.index(obj[name]) for name, values in PATCH_ATTRIBUTES.items()]
+  return labels.reshape(grid * grid, len(PATCH_ATTRIBUTES))
 
 
 def multiple_choice_prompt(question: str, options: list[str]) -> str:
@@ -50,9 +55,16 @@ def other_tasks(record: dict) -> list[tuple[str, str]]:
   return pairs
 
 
-def training_messages(record: dict, rng: np.random.Generator) -> list[dict]:
-  """All VQA turns and one other task, shuffled; the image placeholder leads the first user turn."""
-  turns = [(q["question"], q["answer"]) for q in record["vqa"]]
+def scene_objects(record: dict) -> tuple[shapes_scene.SceneObject, ...]:
+  return tuple(shapes_scene.SceneObject(o["shape"], o["colour"], o["size"], tuple(o["box"])) for o in record["scene"])
+
+
+def training_messages(record: dict, rng: np.random.Generator, questions_per_type: int = 0) -> list[dict]:
+  """VQA turns and one other task, shuffled; the image placeholder leads the first user turn. The VQA turns are
+  the record's when questions_per_type is 0, else up to that many questions of each type drawn from its scene."""
+  vqa = (shapes_scene.vqa_questions(scene_objects(record), rng, questions_per_type) if questions_per_type
+         else record["vqa"])
+  turns = [(q["question"], q["answer"]) for q in vqa]
   others = other_tasks(record)
   turns.append(others[rng.integers(len(others))])
   return shuffled_conversation(turns, rng)

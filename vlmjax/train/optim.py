@@ -6,7 +6,7 @@ Stages, as LLaVA and PaliGemma train:
   finetune  projector + language model (vision encoder frozen)
   full      everything
   contrastive  the CLIP dual tower, everything
-  classify  the vision tower with a multi-label classification head, everything
+  classify  the vision tower with a per-patch classification head, everything
 """
 
 from typing import Any, Mapping

@@ -4,9 +4,9 @@
 
 Two stages pretrain the run's vision tower inside another model: `contrastive` trains the CLIP dual tower (the
 vision tower + `contrastive.text`) on image-caption pairs, `classify` trains it with a classification head on
-the objects each image holds (multi-label, as ViTs were pretrained on ImageNet-21k and JFT). The VLM stages
-(`align`, `finetune`, `full`) train the VLM on conversations. A VLM stage after a pretraining one starts from
-its vision tower, as LLaVA starts from a CLIP and PaliGemma from a SigLIP.
+each patch (the shape, colour and size of the object under it, as dense-prediction pretraining trains a tower).
+The VLM stages (`align`, `finetune`, `full`) train the VLM on conversations. A VLM stage after a pretraining
+one starts from its vision tower, as LLaVA starts from a CLIP and PaliGemma from a SigLIP.
 """
 
 import dataclasses
@@ -87,8 +87,8 @@ def clip_config(config: ml_collections.ConfigDict) -> CLIPConfig:
 
 
 def classifier_config(config: ml_collections.ConfigDict) -> ClassifierConfig:
-  """The classify stage's model: the run's `model.vision` with a head over the shapes object labels."""
-  return ClassifierConfig.from_dict({**_section(config, CLASSIFY), "num_labels": shapes_tasks.NUM_OBJECT_LABELS},
+  """The classify stage's model: the run's `model.vision` with a per-patch head over the shapes attributes."""
+  return ClassifierConfig.from_dict({**_section(config, CLASSIFY), "label_classes": shapes_tasks.PATCH_CLASSES},
                                     CLASSIFY)
 
 
@@ -121,8 +121,8 @@ def pretraining_model(config: ml_collections.ConfigDict, stage: str, model_dir: 
     inputs = dict(images=images, text_ids=jnp.ones((1, length), jnp.int32), text_mask=jnp.ones((1, length), bool))
     return PretrainingModel(CLIP, model_config, inputs, caption_example_fn(model_config, model_dir),
                             config[stage].batch_size, length)
-  return PretrainingModel(ViTClassifier, model_config, dict(images=images), object_labels_example_fn(model_dir),
-                          config[stage].batch_size, 0)
+  to_example = patch_labels_example_fn(model_dir, model_config.vision.grid_size)
+  return PretrainingModel(ViTClassifier, model_config, dict(images=images), to_example, config[stage].batch_size, 0)
 
 
 def optim_config(config: ml_collections.ConfigDict, stage: Stage) -> ml_collections.ConfigDict:
@@ -145,7 +145,7 @@ def shapes_example_fn(config: ml_collections.ConfigDict, model_config: VLMConfig
   image_processor = ImageProcessor.from_directory(model_dir)
 
   def to_example(record, rng):
-    ids, assistant = encoder(shapes_tasks.training_messages(record, rng))
+    ids, assistant = encoder(shapes_tasks.training_messages(record, rng, config.data.questions_per_type))
     return pipeline.example_arrays(ids, assistant, image_processor([record["image"]])[0])
   return to_example
 
@@ -164,11 +164,13 @@ def caption_example_fn(model_config: CLIPConfig, model_dir: str):
   return to_example
 
 
-def object_labels_example_fn(model_dir: str):
-  """(shapes record, rng) -> {pixel_values, labels: float32[NUM_OBJECT_LABELS] the objects the image holds}."""
+def patch_labels_example_fn(model_dir: str, grid: int):
+  """(shapes record, rng) -> {pixel_values, labels: int32[grid * grid, 3] what each patch shows
+  (`shapes_tasks.patch_labels`)}."""
   image_processor = ImageProcessor.from_directory(model_dir)
 
   def to_example(record, rng: np.random.Generator):
     del rng
-    return {"pixel_values": image_processor([record["image"]])[0], "labels": shapes_tasks.object_labels(record)}
+    return {"pixel_values": image_processor([record["image"]])[0],
+            "labels": shapes_tasks.patch_labels(record, grid)}
   return to_example

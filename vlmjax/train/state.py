@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlmjax.models.classifier import ClassifierConfig, ViTClassifier
+from vlmjax.models.classifier import ClassifierConfig, ViTClassifier, patch_classification_loss
 from vlmjax.models.clip import CLIP, CLIPConfig
 from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.train import losses
@@ -65,16 +65,16 @@ def clip_loss(params, config: CLIPConfig, batch: dict) -> tuple[jax.Array, jax.A
 
 
 def classify_loss(params, config: ClassifierConfig, batch: dict) -> tuple[jax.Array, jax.Array]:
-  """(sigmoid cross-entropy averaged over images and labels, number of images)."""
+  """(per-patch cross-entropy summed over the attribute groups, number of images)."""
   logits = ViTClassifier(config).apply({"params": params}, batch["pixel_values"])
-  loss = optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean()
+  loss = patch_classification_loss(logits, batch["labels"], config.label_classes)
   return loss, jnp.asarray(logits.shape[0], jnp.float32)
 
 
 def stage_loss(params, config: VLMConfig | CLIPConfig | ClassifierConfig, batch: dict,
                stage: str) -> tuple[jax.Array, jax.Array]:
-  """The loss of a stage: contrastive for the CLIP dual tower, multi-label for the classifier, next-token for
-  the VLM."""
+  """The loss of a stage: contrastive for the CLIP dual tower, per-patch classification for the classifier,
+  next-token for the VLM."""
   if stage == "contrastive":
     return clip_loss(params, config, batch)
   if stage == "classify":
