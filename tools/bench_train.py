@@ -2,6 +2,8 @@
 utilization (MFU) of each against this machine's measured float32 matmul peak.
 
     python tools/bench_train.py [--config configs/shapes_tiny.py --batch_size 32 --repeats 7]
+    # shapes_tiny merges image tokens and has a conv stem, which transformers' LLaVA cannot express:
+    python tools/bench_train.py --config.model.image_token_merge=1 --config.model.vision.stem=patch
 
 vlmjax: `vlmjax.train.state.train_step` as the trainer runs it (AdamW, clipping, the jitted step with donated
 state) on a batch of the config's `data.length` tokens per row, one image each. transformers: a
@@ -79,6 +81,10 @@ def time_transformers(model_config: VLMConfig, config, batch: dict, repeats: int
   import transformers
 
   vision, decoder = model_config.vision, model_config.decoder
+  if model_config.image_token_merge != 1 or vision.stem != "patch":
+    raise ValueError(f"transformers' LLaVA has no image_token_merge={model_config.image_token_merge} or "
+                     f"vision.stem={vision.stem!r}: compare the same step with --config.model.image_token_merge=1 "
+                     f"--config.model.vision.stem=patch")
   hf_config = transformers.LlavaConfig(
       vision_config=transformers.CLIPVisionConfig(
           hidden_size=vision.width, intermediate_size=vision.mlp_dim, num_hidden_layers=vision.depth,
