@@ -61,6 +61,21 @@ def test_patch_labels_name_the_object_under_each_patch_centre():
   assert (coarse[0, 0:2] == star).all() and (coarse[3, 3] == circle).all() and (coarse > 0).any(-1).sum() == 3
 
 
+def test_the_patch_loss_is_each_groups_cross_entropy_summed():
+  from vlmjax.models.classifier import patch_classification_loss
+  rng = np.random.default_rng(0)
+  classes = (6, 9, 3)
+  logits = rng.normal(size=(2, 5, sum(classes))).astype(np.float32)
+  labels = np.stack([rng.integers(0, n, size=(2, 5)) for n in classes], -1)
+  expected, start = 0.0, 0
+  for g, n in enumerate(classes):  # by hand: -log softmax of the right class, averaged over images and patches
+    group = logits[..., start:start + n]
+    log_probs = group - np.log(np.exp(group).sum(-1, keepdims=True))
+    expected += -np.take_along_axis(log_probs, labels[..., g:g + 1], -1).mean()
+    start += n
+  np.testing.assert_allclose(patch_classification_loss(logits, labels, classes), expected, rtol=1e-5)
+
+
 def test_the_classify_stage_examples_label_every_patch(tiny_shapes_dir):
   to_example = stages.patch_labels_example_fn(shapes.tokenizer_dir(tiny_shapes_dir), grid=8)
   record = shapes.load(tiny_shapes_dir, "train")[0]
