@@ -56,6 +56,7 @@ def other_tasks(record: dict) -> list[tuple[str, str]]:
 
 
 def scene_objects(record: dict) -> tuple[shapes_scene.SceneObject, ...]:
+  """The record's scene (JSON) as the objects `shapes_scene` generated it from."""
   return tuple(shapes_scene.SceneObject(o["shape"], o["colour"], o["size"], tuple(o["box"])) for o in record["scene"])
 
 

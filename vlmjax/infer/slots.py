@@ -172,7 +172,7 @@ def release(state: SlotState, slot: jax.Array) -> SlotState:
   table all null pages (so the steps it still takes write nowhere)."""
   put = lambda array, value: jax.lax.dynamic_update_index_in_dim(array, value, slot, axis=0)
   cache = state.cache
-  return state.replace(active=put(state.active, False), cache=cache.replace(
-      lengths=put(cache.lengths, 0), page_table=put(cache.page_table, jnp.full_like(cache.page_table[0],
-                                                                                      cache.num_pages))), sampling=state.sampling.replace(
-          temperature=put(state.sampling.temperature, 0.0)))
+  null_row = jnp.full_like(cache.page_table[0], cache.num_pages)
+  cache = cache.replace(lengths=put(cache.lengths, 0), page_table=put(cache.page_table, null_row))
+  sampling = state.sampling.replace(temperature=put(state.sampling.temperature, 0.0))
+  return state.replace(active=put(state.active, False), cache=cache, sampling=sampling)

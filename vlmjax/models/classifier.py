@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from vlmjax.models import layers
-from vlmjax.models.config import ModelConfig, build_towers, dtype
+from vlmjax.models.config import ModelConfig, build_towers, check_positive, dtype
 from vlmjax.models.vit import ViT, ViTConfig
 
 
@@ -33,8 +33,7 @@ class ClassifierConfig(ModelConfig):
     if not classes or any(not isinstance(n, int) or n < 2 for n in classes):
       raise ValueError(f"classify.label_classes must be group sizes of at least 2, got {self.label_classes!r}")
     object.__setattr__(self, "label_classes", classes)
-    if not isinstance(self.head_mlp_dim, int) or self.head_mlp_dim <= 0:
-      raise ValueError(f"classify.head_mlp_dim must be a positive integer, got {self.head_mlp_dim!r}")
+    check_positive(self, "classify", "head_mlp_dim")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any], where: str = "classify") -> "ClassifierConfig":

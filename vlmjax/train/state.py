@@ -5,7 +5,8 @@ A batch is a dict of arrays, every one with the global batch as its leading axis
   targets int32[B, T] (the next token of each position), loss_mask float32[B, T] (1 on assistant tokens),
   and optionally positions int32[B, T] + segment_ids int32[B, T] (packed rows), prefix_lengths int32[B].
 The contrastive stage's batches are image-caption pairs: pixel_values, input_ids int32[B, T] (the caption) and
-input_mask bool[B, T]; the classify stage's are pixel_values and labels float32[B, num_labels] (multi-hot).
+input_mask bool[B, T]; the classify stage's are pixel_values and labels int32[B, P, G] (each patch's class in
+each of the G attribute groups, `shapes_tasks.patch_labels`).
 """
 
 import functools

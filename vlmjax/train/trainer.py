@@ -125,8 +125,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
       for step in progress:
         local = next(iterator)
         # Tokens for the VLM and the captions of the contrastive stage, images for the classify stage.
-        tokens += int(local["input_mask"].sum() if "input_mask" in local else len(local["pixel_values"])) * (
-            jax.process_count())
+        units = local["input_mask"].sum() if "input_mask" in local else len(local["pixel_values"])
+        tokens += int(units) * jax.process_count()
         state, metrics = state_lib.train_step(state, _global_batch(local, mesh), config=stage_config,
                                               optimizer=optimizer, stage=stage.name)
         pending.append((step + 1, metrics))
