@@ -68,6 +68,21 @@ def test_staggered_requests_each_decode_as_if_alone(engine, tiny_vlm):
   assert engine.num_running == engine.num_waiting == 0
 
 
+def test_prompts_admitted_together_are_prefilled_in_one_call_and_decode_as_if_alone(engine, tiny_vlm, monkeypatch):
+  calls = []  # prompts per prefill call
+  prefill = engine_module.prefill
+  monkeypatch.setattr(engine_module, "prefill", lambda params, config, prompts, *args: calls.append(len(prompts))
+                      or prefill(params, config, prompts, *args))
+  specs = [("What colour is the circle?", 4, 9), ("How many triangles are there?", 5, 6), ("What colour?", 6, 9)]
+  prompts = [_prompt(tiny_vlm, question, seed) for question, seed, _ in specs]
+  with engine._condition:  # the engine thread admits all three in one iteration: one call, a batch of 4 rows
+    requests = [engine.submit(ids, pixels, max_tokens=max_tokens) for (ids, pixels), (_, _, max_tokens)
+                in zip(prompts, specs)]
+  for request, (ids, pixels), (_, _, max_tokens) in zip(requests, prompts, specs):
+    assert request.wait(60).token_ids == _alone(tiny_vlm, ids, pixels, max_tokens)
+  assert calls == [3]
+
+
 def test_seeded_sampling_matches_a_request_alone(engine, tiny_vlm):
   ids, pixels = _prompt(tiny_vlm, "What colour is the circle?", 5)
   requests = [engine.submit(ids, pixels, max_tokens=21, temperature=1.5, top_p=0.9, seed=seed) for seed in (7, 8)]

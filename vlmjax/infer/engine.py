@@ -6,12 +6,13 @@
     request.wait().text
 
 The jitted calls (in `slots.py`), as JAX serving engines (JetStream) split the work:
-  `prefill`        one prompt (its images encoded) into a cache of its length bucket; one compilation per bucket.
+  `prefill`        the prompts admitted together (their images encoded) into a cache of their length bucket, in
+                   one call per bucket; one compilation per bucket and batch size.
   `prefill_chunk`  a piece of a prompt straight into its slot's pages, attending over the pieces before it.
   `insert`         a prefilled prompt into a free slot of the batched `SlotState`, with the slot's first token,
                    sampling settings and PRNG key, while the other slots keep their place.
   `add_pages`      new pages into the page-table rows of the slots whose sequences grow into them.
-  `generate`       one token for every slot.
+  `generate`       one token for every slot, reading as much of the page table as the longest sequence needs.
 The engine thread loops: drop the requests that ended → give pages to the sequences about to grow past theirs
 (preempting if need be) → admit → prefill → dispatch `generate` → copy the inserted requests' first tokens
 (ready before the step is) → one host copy of the step's tokens. Which request holds which slot and pages, and
@@ -30,7 +31,7 @@ the one it would have had without the preemption. With short requests, far more 
 [slots, max_len] cache would take.
 
 Prefill: a prompt of at most `prefill_chunk` tokens past what the prefix cache holds of it is prefilled in one
-call, in the loop iteration that admits it. A longer one is prefilled in chunks of `prefill_chunk` tokens, each
+call, in the loop iteration that admits it, together with the other prompts of its bucket admitted then. A longer one is prefilled in chunks of `prefill_chunk` tokens, each
 written into the slot's pages and attending over the chunks before it, one chunk per loop iteration (of the
 earliest admitted such prompt): the decoding slots take a step between chunks instead of stalling behind a long
 prompt. Its images are encoded whole, in the first chunk, which reaches past the last of them. The greedy tokens
@@ -59,6 +60,13 @@ from vlmjax.infer.slots import (Prefix, add_pages, generate, init_state, insert,
 _log = logging.getLogger(__name__)
 DEFAULT_MAX_LEN = 2048  # a slot's context when neither the caller nor the checkpoint states one
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per prefill call; a longer prompt is prefilled between decode steps
+# Prompt tokens (bucket x prompts) of one batched prefill call: 8 prompts of 128 tokens. Several prompts in one
+# call share the reads of the weights (a 16-slot server admits 16 at once after a lull).
+PREFILL_BATCH_TOKENS = 1024
+# A decode step reads the page table's first columns only, as many as the longest sequence needs rounded up to
+# the next of READ_WIDTHS equal steps of a slot's table (one compilation each): its gather and attention follow
+# the tokens held, not the slots' context.
+READ_WIDTHS = 8
 
 
 class PromptTooLong(ValueError):
@@ -94,6 +102,8 @@ class Engine:
     self.error: BaseException | None = None
     self.pages = paged.PageAllocator(num_pages or num_slots * paged.pages_for(self.max_len, page_size))
     self._state = init_state(self.config, num_slots, self.max_len, self.pages.num_pages, page_size)
+    table_width = self._state.cache.page_table.shape[1]
+    self._read_widths = sorted({-(-table_width * step // READ_WIDTHS) for step in range(1, READ_WIDTHS + 1)})
     if prefix_caching and self.config.prefix_lm:
       raise ValueError("prefix caching needs a causal model: under a prefix-LM mask a prompt's keys depend on "
                        "the tokens after them")
@@ -212,8 +222,7 @@ class Engine:
   def _run(self) -> None:
     try:
       while self._schedule():
-        for slot, end in self._scheduler.to_prefill():
-          self._prefill(slot, end)
+        self._prefill(self._scheduler.to_prefill())
         self._step()
     except Exception as error:  # an XLA or model failure: every request ends with it, and health turns bad
       _log.exception("the engine failed")
@@ -268,34 +277,53 @@ class Engine:
       updates[:, :len(grown)] = np.array(grown, np.int32).T  # slots, page-table columns, pages
       self._state = add_pages(self._state, *updates)
 
-  def _prefill(self, slot: int, end: int) -> None:
-    """Prefills the slot's context up to `end`: whole through `prefill` when none of it is cached and this call
-    holds all of it, else the next piece into its pages. Once the context is all in, the slot is inserted."""
+  def _prefill(self, calls: list[tuple[int, int]]) -> None:
+    """This iteration's prefill calls, (slot, where the piece of its context ends) each. The contexts that none
+    of is cached and one call holds whole go through `prefill` together, those of a bucket and image count in
+    batches of up to PREFILL_BATCH_TOKENS tokens (a power of two of prompts, so few batch sizes compile); the
+    others in pieces through `prefill_chunk`. A slot whose context is all in is inserted."""
+    whole: dict[tuple[int, int], list[int]] = {}  # (bucket, images) -> slots
+    for slot, end in calls:
+      entry = self._scheduler.slots[slot]
+      if not entry.prefilled and end == len(entry.context_ids):
+        pixel_values = entry.request.pixel_values
+        group = (generation.bucket_length(end, self.buckets), 0 if pixel_values is None else len(pixel_values))
+        whole.setdefault(group, []).append(slot)
+      else:
+        self._prefill_piece(slot, end)
+    for (bucket, _), slots in whole.items():
+      limit = max(1, PREFILL_BATCH_TOKENS // bucket)
+      for first in range(0, len(slots), limit):
+        batch = slots[first:first + limit]
+        prompts = [(entry.context_ids, entry.request.pixel_values, len(entry.request.prompt_ids))
+                   for entry in (self._scheduler.slots[slot] for slot in batch)]
+        rows = min(1 << (len(batch) - 1).bit_length(), limit)
+        prefix = prefill(self.vlm.params, self.config, prompts, bucket, self.vlm.pad_token_id, rows)
+        for row, slot in enumerate(batch):
+          self._insert(slot, prefix, row)
+
+  def _prefill_piece(self, slot: int, end: int) -> None:
+    """The slot's context from what its pages hold up to `end`, into its pages; inserted once it is all in."""
     entry = self._scheduler.slots[slot]
     request, context, start = entry.request, entry.context_ids, entry.prefilled
-    params, config, pad_id = self.vlm.params, self.config, self.vlm.pad_token_id
-    if not start and end == len(context):
-      bucket = generation.bucket_length(len(context), self.buckets)
-      prefix = prefill(params, config, context, request.pixel_values, bucket, pad_id, len(request.prompt_ids))
-    else:
-      pixel_values = request.pixel_values if start < request.images_end else None  # the images are in this piece
-      bucket = generation.bucket_length(end - start, self.buckets)
-      self._state, logits = prefill_chunk(params, config, self._state, context[start:end], pixel_values, bucket,
-                                          pad_id, self._page_row(slot), start)
-      entry.prefilled = end
-      if end < len(context):
-        return
-      empty = config.decoder.init_cache(batch_size=1, max_len=0)  # nothing left for `insert` to copy
-      prefix = Prefix(cache=empty.replace(lengths=jnp.array([len(context)], jnp.int32)), logits=logits)
-    self._insert(slot, prefix)
+    config = self.config
+    pixel_values = request.pixel_values if start < request.images_end else None  # the images are in this piece
+    bucket = generation.bucket_length(end - start, self.buckets)
+    self._state, logits = prefill_chunk(self.vlm.params, config, self._state, context[start:end], pixel_values,
+                                        bucket, self.vlm.pad_token_id, self._page_row(slot), start)
+    entry.prefilled = end
+    if end < len(context):
+      return
+    empty = config.decoder.init_cache(batch_size=1, max_len=0)  # nothing left for `insert` to copy
+    self._insert(slot, Prefix(cache=empty.replace(lengths=jnp.array([len(context)], jnp.int32)), logits=logits), 0)
 
-  def _insert(self, slot: int, prefix: Prefix) -> None:
-    """Puts the slot's prefilled context into the decode batch (its first token is delivered after the step) and
-    lists its full pages in the prefix cache."""
+  def _insert(self, slot: int, prefix: Prefix, row: int) -> None:
+    """Puts the slot's prefilled context (row `row` of `prefix`) into the decode batch (its first token is
+    delivered after the step) and lists its full pages in the prefix cache."""
     entry = self._scheduler.slots[slot]
     request = entry.request
-    self._state, first = insert(prefix, self._state, jnp.int32(slot), self._page_row(slot), request.sampling,
-                                request.key, jnp.int32(len(request.prompt_ids)))
+    self._state, first = insert(prefix, jnp.int32(row), self._state, jnp.int32(slot), self._page_row(slot),
+                                request.sampling, request.key, jnp.int32(len(request.prompt_ids)))
     entry.prefilled = len(entry.context_ids)
     if self.prefix_cache is not None:
       keys = page_keys(entry.context_ids, request.pixel_values, self.page_size)
@@ -311,9 +339,14 @@ class Engine:
 
   def _step(self) -> None:
     slots = self._scheduler.slots
-    if not any(entry is not None and entry.decoding for entry in slots):
+    decoding = [entry for entry in slots if entry is not None and entry.decoding]
+    if not decoding:
       return
-    self._state, tokens = generate(self.vlm.params, self.config, self._state)
+    # Every decoding sequence's pages, the one this step writes into included, lie within the width read.
+    held = max(len(entry.pages) for entry in decoding)
+    width = next(width for width in self._read_widths if width >= held)
+    self._state, tokens = generate(self.vlm.params, self.config, self._state,
+                                   None if width == self._read_widths[-1] else width)
     # The inserted requests' first tokens are ready before the step is: they go out while it runs.
     for (slot, _), first in zip(self._inserted, jax.device_get([first for _, first in self._inserted])):
       self._deliver(slot, int(first))

@@ -1,9 +1,9 @@
 """The batched decode state of the engine's slots and the jitted calls over it (see `engine.py`).
 
-  `prefill`        one prompt (its images encoded) into a cache of its length bucket
+  `prefill`        prompts of one length bucket (their images encoded) into a cache of that length, in one call
   `prefill_chunk`  a piece of a prompt into a slot's pages, attending over the pieces before it there (a long
                    prompt in chunks, or the rest of a prompt whose start is in the prefix cache's pages)
-  `insert`         a prefilled prompt into a free slot's pages, with its first token and sampling
+  `insert`         one of the prefilled prompts into a free slot's pages, with its first token and sampling
   `add_pages`      pages appended to slots' page-table rows, as their sequences grow
   `generate`       one token for every slot
   `release`        a slot freed: inactive, greedy, its page table all null pages
@@ -50,8 +50,8 @@ class SlotState:
 
 @flax.struct.dataclass
 class Prefix:
-  """A prefilled prompt: its cache (int32[1] length, L layers of float[1, K, H, T_bucket]) and the logits
-  float32[1, V] of its last token."""
+  """n prefilled prompts: their cache (int32[n] lengths, L layers of float[n, K, H, T_bucket]) and the logits
+  float32[n, V] of each one's last token."""
 
   cache: KVCache
   logits: jax.Array
@@ -76,17 +76,25 @@ def _padded(token_ids: Sequence[int], bucket: int, pad_id: int) -> tuple[np.ndar
   return input_ids, np.arange(bucket)[None, :] < len(token_ids)
 
 
-def prefill(params, config: VLMConfig, prompt_ids: Sequence[int], pixel_values: np.ndarray | None, bucket: int,
-            pad_id: int, prefix_length: int) -> Prefix:
-  """One prompt (int[T] with image placeholders; pixel_values float32[I, H, W, 3] or None) through the model,
-  right-padded to `bucket` tokens: `generate.prefill`, compiled once per bucket and image count. A prefix-LM
-  model attends bidirectionally over its first `prefix_length` tokens (the request's own prompt: tokens it
-  decoded before a preemption come after it, causal as when they were decoded)."""
-  input_ids, input_mask = _padded(prompt_ids, bucket, pad_id)
-  prefix_lengths = jnp.array([prefix_length], jnp.int32) if config.prefix_lm else None
-  pixels = None if pixel_values is None else jnp.asarray(pixel_values[None], jnp.float32)
+def prefill(params, config: VLMConfig, prompts: Sequence[tuple[Sequence[int], np.ndarray | None, int]], bucket: int,
+            pad_id: int, rows: int | None = None) -> Prefix:
+  """Prompts through the model in one call, each right-padded to `bucket` tokens: `generate.prefill`, compiled
+  once per bucket, image count and batch. One prompt is (token ids int[T] with image placeholders,
+  pixel_values float32[I, H, W, 3] or None, prefix length); all have the same number of images. The batch is
+  `rows` (default: len(prompts)), filled up with copies of the first prompt. A prefix-LM model attends
+  bidirectionally over each prompt's first `prefix length` tokens (the request's own prompt: tokens it decoded
+  before a preemption come after it, causal as when they were decoded). Returns a Prefix of `rows` rows, the
+  prompts' first."""
+  rows = rows or len(prompts)
+  prompts = list(prompts) + [prompts[0]] * (rows - len(prompts))
+  padded = [_padded(ids, bucket, pad_id) for ids, _, _ in prompts]
+  input_ids = np.concatenate([ids for ids, _ in padded])
+  input_mask = np.concatenate([mask for _, mask in padded])
+  prefix_lengths = jnp.array([length for _, _, length in prompts], jnp.int32) if config.prefix_lm else None
+  pixels = (None if prompts[0][1] is None else
+            jnp.asarray(np.stack([pixel_values for _, pixel_values, _ in prompts]), jnp.float32))
   logits, cache = generation.prefill(params, config, input_ids, input_mask, pixels, prefix_lengths,
-                                     config.decoder.init_cache(batch_size=1, max_len=bucket))
+                                     config.decoder.init_cache(batch_size=rows, max_len=bucket))
   return Prefix(cache=cache, logits=logits)
 
 
@@ -116,15 +124,16 @@ def _prefill_chunk(params, config: VLMConfig, state: SlotState, input_ids, input
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
-def insert(prefix: Prefix, state: SlotState, slot: jax.Array, pages: jax.Array, sampling: SamplingParams,
-           key: jax.Array, prefix_length: jax.Array):
-  """Puts a prefilled prompt into `slot` (int32[]) whose pages are `pages` (int32[max_pages], null-page padded)
-  and samples its first token as `generate.generate` does with the same key. sampling: SamplingParams of one
-  row; prefix_length: int32[], the bidirectional prefix of a prefix-LM model (as `prefill`'s). Returns (the new
-  state, the first token int32[])."""
+def insert(prefix: Prefix, row: jax.Array, state: SlotState, slot: jax.Array, pages: jax.Array,
+           sampling: SamplingParams, key: jax.Array, prefix_length: jax.Array):
+  """Puts row `row` (int32[]) of the prefilled prompts into `slot` (int32[]) whose pages are `pages`
+  (int32[max_pages], null-page padded) and samples its first token as `generate.generate` does with the same key.
+  sampling: SamplingParams of one row; prefix_length: int32[], the bidirectional prefix of a prefix-LM model (as
+  `prefill`'s). Returns (the new state, the first token int32[])."""
+  prefix = jax.tree.map(lambda array: jax.lax.dynamic_slice_in_dim(array, row, 1, axis=0), prefix)  # [1, ...]
   key, sample_key = jax.random.split(key)
   first = sample(prefix.logits, sampling, sample_key)[0]
-  put = lambda array, row: jax.lax.dynamic_update_index_in_dim(array, row, slot, axis=0)
+  put = lambda array, value: jax.lax.dynamic_update_index_in_dim(array, value, slot, axis=0)
   # The prompt's T_bucket slots go to the slot's first pages; what lies beyond its length is masked out.
   length = prefix.cache.lengths[0]
   cache = state.cache.write_prompt(prefix.cache, pages)
@@ -144,17 +153,21 @@ def add_pages(state: SlotState, slots: jax.Array, columns: jax.Array, pages: jax
   return state.replace(cache=cache.replace(page_table=cache.page_table.at[slots, columns].set(pages, mode="drop")))
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
-def generate(params, config: VLMConfig, state: SlotState):
+@functools.partial(jax.jit, static_argnames=("config", "read_pages"), donate_argnames=("state",))
+def generate(params, config: VLMConfig, state: SlotState, read_pages: int | None = None):
   """One decode step for every slot: forward each slot's latest token through its cache and sample the next.
+  With `read_pages`, attention gathers only the first read_pages columns of the page table (every slot's
+  sequence, this step's token included, must lie within them): the gather and the attention cost follow the
+  longest sequence rather than the slots' context. Compiled once per read_pages.
   Returns (the new state, tokens int32[N]); a free slot's token means nothing and its cache length stays 0."""
-  cache = state.cache
+  table = state.cache.page_table
+  cache = state.cache.replace(page_table=table[:, :read_pages])
   prefix_lengths = state.prefix_lengths if config.prefix_lm else None
   logits, cache = VLMModel(config).apply({"params": params}, state.tokens[:, None], None, cache.lengths[:, None],
                                          cache, prefix_lengths=prefix_lengths)
   split = jax.vmap(jax.random.split)(state.keys)  # [N, 2]: per slot, (next key, this step's sample key)
   tokens = _sample_slots(logits[:, 0], state.sampling, split[:, 1])
-  cache = cache.replace(lengths=jnp.where(state.active, cache.lengths, 0))
+  cache = cache.replace(page_table=table, lengths=jnp.where(state.active, cache.lengths, 0))
   return state.replace(cache=cache, tokens=tokens, keys=split[:, 0]), tokens
 
 
