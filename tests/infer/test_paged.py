@@ -36,7 +36,9 @@ def decoder():
   return model, params, step
 
 
-def test_paged_decoding_matches_the_contiguous_cache_token_for_token(decoder):
+# The Pallas GPU kernel runs in Pallas' interpreter here, on the CPU: the kernel code a GPU compiles.
+@pytest.mark.parametrize("kernel", [None, *paged.KERNELS])
+def test_paged_decoding_matches_the_contiguous_cache_token_for_token(decoder, kernel):
   model, params, step = decoder
   lengths = np.array([5, 11])  # not whole pages
   prompts = np.random.default_rng(0).integers(1, 61, (2, BUCKET)).astype(np.int32)
@@ -49,7 +51,7 @@ def test_paged_decoding_matches_the_contiguous_cache_token_for_token(decoder):
   contiguous = prefilled.extend(MAX_LEN - BUCKET)
   cache = paged.PagedKVCache.zeros(num_layers=CONFIG.depth, num_pages=20, page_size=PAGE_SIZE, batch_size=2,
                                    max_len=MAX_LEN, num_kv_heads=CONFIG.num_kv_heads,
-                                   head_dim=CONFIG.attention_head_dim)
+                                   head_dim=CONFIG.attention_head_dim, kernel=kernel, interpret=True)
   planned = [np.random.default_rng(1).permutation(20)[:8], [19, 3, 17, 0, 8, 11]]  # each row's pages, scattered
   # As the engine allocates: a row starts with the pages of its prompt and first token, and takes the next of
   # its pages before the step that writes past them.

@@ -83,6 +83,20 @@ def test_prompts_admitted_together_are_prefilled_in_one_call_and_decode_as_if_al
   assert calls == [3]
 
 
+def test_decode_steps_through_the_pallas_gpu_kernel_decode_as_if_alone(tiny_vlm):
+  # The kernel in Pallas' interpreter, on the CPU; its pool in the kernel's layout, prompts written into it.
+  engine = Engine(tiny_vlm, num_slots=2, max_len=MAX_LEN, attention_kernel="pallas_gpu", interpret_kernel=True)
+  assert engine._state.cache.kernel == "pallas_gpu"
+  engine.start()
+  specs = [("What colour is the circle?", 7, 9), ("Hi", None, 6), ("How many triangles are there?", 8, 7)]
+  prompts = [_prompt(tiny_vlm, question, seed) for question, seed, _ in specs]
+  requests = [engine.submit(ids, pixels, max_tokens=max_tokens) for (ids, pixels), (_, _, max_tokens)
+              in zip(prompts, specs)]
+  for request, (ids, pixels), (_, _, max_tokens) in zip(requests, prompts, specs):
+    assert request.wait(120).token_ids == _alone(tiny_vlm, ids, pixels, max_tokens)
+  engine.stop()
+
+
 def test_seeded_sampling_matches_a_request_alone(engine, tiny_vlm):
   ids, pixels = _prompt(tiny_vlm, "What colour is the circle?", 5)
   requests = [engine.submit(ids, pixels, max_tokens=21, temperature=1.5, top_p=0.9, seed=seed) for seed in (7, 8)]

@@ -80,7 +80,9 @@ class Engine:
   `prefill_chunk` tokens (None: no limit) are prefilled in chunks of that many, between decode steps. With
   `prefix_caching` (causal models), requests that start with the same images and tokens share the full pages of
   that prefix (`prefix_cache.PrefixCache`). With `static_batching` the slots are filled only when all of them
-  are free (the baseline continuous batching is measured against, in tools/bench_serve.py).
+  are free (the baseline continuous batching is measured against, in tools/bench_serve.py). Decode steps attend
+  through `attention_kernel` (one of `paged.KERNELS`, None: the gather; "auto": the Pallas kernel of this
+  platform, where JAX ships one), in Pallas' interpreter with `interpret_kernel` (tests on the CPU).
 
   `on_finish(request)` is called (from the detokenizer thread) once per request as it ends, for metrics.
   `num_preemptions` counts the requests preempted for want of pages.
@@ -89,7 +91,8 @@ class Engine:
   def __init__(self, vlm, num_slots: int = 8, max_len: int | None = None,
                on_finish: Callable[[Request], None] | None = None, *, num_pages: int | None = None,
                page_size: int = paged.DEFAULT_PAGE_SIZE, prefix_caching: bool = False, static_batching: bool = False,
-               prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+               prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, attention_kernel: str | None = "auto",
+               interpret_kernel: bool = False):
     if num_slots < 1:
       raise ValueError(f"num_slots must be at least 1, got {num_slots}")
     if prefill_chunk is not None and prefill_chunk < 1:
@@ -101,7 +104,10 @@ class Engine:
     self.buckets = tuple(b for b in generation.BUCKETS if b < self.max_len) + (self.max_len,)
     self.error: BaseException | None = None
     self.pages = paged.PageAllocator(num_pages or num_slots * paged.pages_for(self.max_len, page_size))
-    self._state = init_state(self.config, num_slots, self.max_len, self.pages.num_pages, page_size)
+    if attention_kernel == "auto":
+      attention_kernel = paged.kernel_for(jax.default_backend())
+    self._state = init_state(self.config, num_slots, self.max_len, self.pages.num_pages, page_size,
+                             attention_kernel, interpret_kernel)
     table_width = self._state.cache.page_table.shape[1]
     self._read_widths = sorted({-(-table_width * step // READ_WIDTHS) for step in range(1, READ_WIDTHS + 1)})
     if prefix_caching and self.config.prefix_lm:

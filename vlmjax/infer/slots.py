@@ -57,12 +57,15 @@ class Prefix:
   logits: jax.Array
 
 
-def init_state(config: VLMConfig, num_slots: int, max_len: int, num_pages: int, page_size: int) -> SlotState:
-  """Every slot free, with a page table for `max_len` tokens each, over a pool of `num_pages` pages."""
+def init_state(config: VLMConfig, num_slots: int, max_len: int, num_pages: int, page_size: int,
+               kernel: str | None = None, interpret: bool = False) -> SlotState:
+  """Every slot free, with a page table for `max_len` tokens each, over a pool of `num_pages` pages (in the
+  layout of the paged-attention `kernel` that decode steps call, `paged.KERNELS`; None: gather)."""
   decoder = config.decoder
   cache = paged.PagedKVCache.zeros(num_layers=decoder.depth, num_pages=num_pages, page_size=page_size,
                                    batch_size=num_slots, max_len=max_len, num_kv_heads=decoder.num_kv_heads,
-                                   head_dim=decoder.attention_head_dim, dtype=dtype(decoder.dtype))
+                                   head_dim=decoder.attention_head_dim, dtype=dtype(decoder.dtype), kernel=kernel,
+                                   interpret=interpret)
   return SlotState(cache=cache, tokens=jnp.zeros((num_slots,), jnp.int32),
                    active=jnp.zeros((num_slots,), bool), sampling=SamplingParams.fill(num_slots),
                    keys=jax.random.split(jax.random.key(0), num_slots),

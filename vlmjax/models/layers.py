@@ -239,6 +239,13 @@ class Attention(nn.Module):
     key = nn.with_logical_constraint(key, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, None))
     value = nn.with_logical_constraint(value, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, None))
 
+    scale = self.query_scale if self.query_scale is not None else self.head_dim**-0.5
+    if isinstance(kv_cache, paged.PagedLayer) and kv_cache.kernel and x.shape[1] == 1:
+      # A decode step through the platform's paged-attention kernel: one new token per row, attending to every key
+      # its row holds (the causal and prefix-LM masks allow all of them).
+      kv_cache = kv_cache.write(key, value, write_index)
+      out = kv_cache.decode_attention(query * scale, write_index + 1)
+      return self._output(out, x.shape[-1]), kv_cache
     if isinstance(kv_cache, paged.PagedLayer):
       kv_cache, (key, value) = kv_cache.write_and_read(key, value, write_index)  # [B, S, K, H]
     elif kv_cache is not None:
@@ -252,15 +259,17 @@ class Attention(nn.Module):
       kv_cache = tuple(nn.with_logical_constraint(c, cache_axes) for c in (k_cache, v_cache))
       key, value = (jnp.transpose(c, (0, 3, 1, 2)) for c in kv_cache)  # [B, S, K, H], folded into the matmuls
 
-    scale = self.query_scale if self.query_scale is not None else self.head_dim**-0.5
     out = jax.nn.dot_product_attention(
         query, key.astype(self.dtype), value.astype(self.dtype), mask=mask, scale=scale
     )  # [B, T, N, H]
+    return self._output(out, x.shape[-1]), kv_cache
+
+  def _output(self, out: jax.Array, width: int) -> jax.Array:
+    """The heads' outputs float[B, T, N, H] -> float[B, T, D] through the output projection."""
     out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
-    out = Projection("BTNH,NHD->BTD", (self.num_heads, self.head_dim, x.shape[-1]), (HEADS, HEAD_DIM, EMBED),
-                     fan_in_axes=(0, 1), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="out")(out)  # [B, T, D]
-    return out, kv_cache
+    return Projection("BTNH,NHD->BTD", (self.num_heads, self.head_dim, width), (HEADS, HEAD_DIM, EMBED),
+                      fan_in_axes=(0, 1), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name="out")(out)  # [B, T, D]
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
