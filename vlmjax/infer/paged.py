@@ -12,13 +12,12 @@ the null page: writes to it are dropped and reads of it are masked.
 
 Attention reads a row by gathering its pages into the contiguous [B, S, K, H] layout the contiguous cache gives
 (`PagedLayer.write_and_read`), then runs the same masked attention, so both caches produce the same numbers. The
-gather runs everywhere. On a GPU, a decode step (one new token per row) instead calls the Pallas paged-attention
-kernel JAX ships (`PagedLayer.decode_attention`), which reads the pages where they lie; the pool is then kept in
-the kernel's layout, [K, P, page_size, H] (`KERNELS`, `kernel_for`). JAX's TPU kernel is not wired in: its
-interpreter, the only way to run it here, rounds its matmuls to bfloat16, so it cannot be checked against the
-gather at float32.
+gather runs everywhere. On a GPU or TPU, a decode step (one new token per row) instead calls the Pallas
+paged-attention kernel JAX ships for that platform (`PagedLayer.decode_attention`), which reads the pages where
+they lie; the pool is then kept in the kernels' layout, [K, P, page_size, H] (`KERNELS`, `kernel_for`).
 """
 
+import contextlib
 import math
 
 import flax.struct
@@ -35,14 +34,15 @@ def pages_for(num_tokens: int, page_size: int) -> int:
   return -(-num_tokens // page_size)
 
 
-# The Pallas paged-attention kernels wired in. Their pool layout is [K, P, page_size, H]; without a kernel the
-# pool is [P, K, H, page_size], whose gathered pages the CPU's attention matmuls read without a copy.
-KERNELS = ("pallas_gpu",)
+# JAX's Pallas paged-attention kernels, by platform. Their pool layout is [K, P, page_size, H]; without a kernel
+# the pool is [P, K, H, page_size], whose gathered pages the CPU's attention matmuls read without a copy.
+KERNELS = ("pallas_gpu", "pallas_tpu")
 
 
 def kernel_for(backend: str) -> str | None:
-  """The paged-attention kernel for a JAX backend ('gpu', 'cpu', ...): None (the gather) where none is wired."""
-  return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}.get(backend)
+  """The paged-attention kernel for a JAX backend ('gpu', 'tpu', 'cpu', ...): None (the gather) where JAX ships
+  none."""
+  return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend)
 
 
 def pool_shape(kernel: str | None, num_pages: int, num_kv_heads: int, head_dim: int,
@@ -113,14 +113,21 @@ class PagedLayer:
   def decode_attention(self, query: jax.Array, lengths: jax.Array) -> jax.Array:
     """Attention of one new token per row over its pages, through the kernel: query float[B, 1, N, H], already
     scaled; lengths int32[B], the keys row b holds (its new token's included) -> float[B, 1, N, H]."""
-    from jax.experimental.pallas.ops.gpu import paged_attention as gpu_kernel  # imported only where it runs
     # Entries past a row's length are never attended to; clipping the null page keeps every read in the pool.
     table = jnp.minimum(self.page_table, self.num_pages - 1)
     per_row = table.shape[1]
-    splits = math.gcd(per_row, 16)  # the kernel splits a row's pages into partitions of whole compute blocks
-    out = gpu_kernel.paged_attention(query[:, 0], self.k, self.v, table, lengths, k_splits=splits,
-                                     pages_per_compute_block=math.gcd(per_row // splits, 8),
-                                     interpret=self.interpret)
+    if self.kernel == "pallas_gpu":  # the kernels are imported only where they run
+      from jax.experimental.pallas.ops.gpu import paged_attention as gpu_kernel
+      splits = math.gcd(per_row, 16)  # the kernel splits a row's pages into partitions of whole compute blocks
+      out = gpu_kernel.paged_attention(query[:, 0], self.k, self.v, table, lengths, k_splits=splits,
+                                       pages_per_compute_block=math.gcd(per_row // splits, 8),
+                                       interpret=self.interpret)
+    else:
+      from jax.experimental.pallas import tpu as pltpu
+      from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as tpu_kernel
+      interpreting = pltpu.force_tpu_interpret_mode() if self.interpret else contextlib.nullcontext()
+      with interpreting:
+        out = tpu_kernel(query[:, 0], self.k, self.v, lengths, table, pages_per_compute_block=math.gcd(per_row, 8))
     return out[:, None].astype(query.dtype)
 
 
