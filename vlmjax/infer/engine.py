@@ -31,10 +31,10 @@ the one it would have had without the preemption. With short requests, far more 
 [slots, max_len] cache would take.
 
 Prefill: a prompt of at most `prefill_chunk` tokens past what the prefix cache holds of it is prefilled in one
-call, in the loop iteration that admits it, together with the other prompts of its bucket admitted then. A longer one is prefilled in chunks of `prefill_chunk` tokens, each
-written into the slot's pages and attending over the chunks before it, one chunk per loop iteration (of the
-earliest admitted such prompt): the decoding slots take a step between chunks instead of stalling behind a long
-prompt. Its images are encoded whole, in the first chunk, which reaches past the last of them. The greedy tokens
+call, in the loop iteration that admits it, together with the other prompts of its bucket admitted then. A
+longer one is prefilled in chunks of `prefill_chunk` tokens, each written into the slot's pages and attending
+over the chunks before it, one chunk per loop iteration (of the earliest admitted such prompt): the decoding
+slots take a step between chunks instead of stalling behind a long prompt. Its images are encoded whole, in the first chunk, which reaches past the last of them. The greedy tokens
 are those of a whole-prompt prefill. Prefix-LM prompts attend bidirectionally and are prefilled whole.
 """
 

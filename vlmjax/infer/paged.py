@@ -45,12 +45,6 @@ def kernel_for(backend: str) -> str | None:
   return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend)
 
 
-def pool_shape(kernel: str | None, num_pages: int, num_kv_heads: int, head_dim: int,
-               page_size: int) -> tuple[int, int, int, int]:
-  """One layer's key (or value) pool: [K, P, page_size, H] for a kernel, else [P, K, H, page_size]."""
-  return (num_kv_heads, num_pages, page_size, head_dim) if kernel else (num_pages, num_kv_heads, head_dim, page_size)
-
-
 @flax.struct.dataclass
 class PagedLayer:
   """One layer's view of the paged cache, what `layers.Attention` reads and writes.
@@ -197,7 +191,8 @@ class PagedKVCache:
     pages), all pages free; in the layout of `kernel` (one of KERNELS, or None: gather)."""
     if kernel is not None and kernel not in KERNELS:
       raise ValueError(f"unknown paged-attention kernel {kernel!r}; choose one of {list(KERNELS)} or None")
-    shape = pool_shape(kernel, num_pages, num_kv_heads, head_dim, page_size)
+    shape = ((num_kv_heads, num_pages, page_size, head_dim) if kernel else
+             (num_pages, num_kv_heads, head_dim, page_size))
     return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
                v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
                page_table=jnp.full((batch_size, pages_for(max_len, page_size)), num_pages, jnp.int32),

@@ -224,7 +224,8 @@ class Attention(nn.Module):
         costs the new tokens and one read of the cache, not a copy of it. Slots last is the layout the two
         attention matmuls read directly on the CPU (XLA copies a [B, S, K, H] cache into it every step).
         Or a paged.PagedLayer: the new keys and values go into the rows' pages, and attention reads the pages
-        gathered through the page table.
+        gathered through the page table, or, for one new token per row (a decode step) on a layer with a
+        kernel, the Pallas paged-attention kernel reads them in place.
       write_index: int[B], the cache slot where row b's first new token goes.
     Returns:
       (float[B, T, D], the updated (k, v) cache or None).
