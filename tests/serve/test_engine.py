@@ -35,6 +35,20 @@ def _alone(vlm, prompt_ids, pixels, max_tokens, **sampling) -> list[int]:
   return tokens[:ends[0] + 1] if ends else tokens
 
 
+def _submit_all(engine, vlm, specs):
+  """Submits a request per (question, image seed or None, max_tokens) -> [(request, prompt ids, pixels)]."""
+  submitted = []
+  for question, seed, max_tokens in specs:
+    ids, pixels = _prompt(vlm, question, seed)
+    submitted.append((engine.submit(ids, pixels, max_tokens=max_tokens), ids, pixels))
+  return submitted
+
+
+def _assert_each_decodes_as_if_alone(vlm, submitted, timeout: float = 60) -> None:
+  for request, ids, pixels in submitted:
+    assert request.wait(timeout).token_ids == _alone(vlm, ids, pixels, request.max_tokens)
+
+
 def _after_tokens(count: int):
   """A listener, and an event set once the request has produced `count` tokens."""
   reached, seen = threading.Event(), []
@@ -74,12 +88,9 @@ def test_prompts_admitted_together_are_prefilled_in_one_call_and_decode_as_if_al
   monkeypatch.setattr(engine_module, "prefill", lambda params, config, prompts, *args: calls.append(len(prompts))
                       or prefill(params, config, prompts, *args))
   specs = [("What colour is the circle?", 4, 9), ("How many triangles are there?", 5, 6), ("What colour?", 6, 9)]
-  prompts = [_prompt(tiny_vlm, question, seed) for question, seed, _ in specs]
   with engine._condition:  # the engine thread admits all three in one iteration: one call, a batch of 4 rows
-    requests = [engine.submit(ids, pixels, max_tokens=max_tokens) for (ids, pixels), (_, _, max_tokens)
-                in zip(prompts, specs)]
-  for request, (ids, pixels), (_, _, max_tokens) in zip(requests, prompts, specs):
-    assert request.wait(60).token_ids == _alone(tiny_vlm, ids, pixels, max_tokens)
+    submitted = _submit_all(engine, tiny_vlm, specs)
+  _assert_each_decodes_as_if_alone(tiny_vlm, submitted)
   assert calls == [3]
 
 
@@ -89,11 +100,7 @@ def test_decode_steps_through_the_pallas_gpu_kernel_decode_as_if_alone(tiny_vlm)
   assert engine._state.cache.kernel == "pallas_gpu"
   engine.start()
   specs = [("What colour is the circle?", 7, 9), ("Hi", None, 6), ("How many triangles are there?", 8, 7)]
-  prompts = [_prompt(tiny_vlm, question, seed) for question, seed, _ in specs]
-  requests = [engine.submit(ids, pixels, max_tokens=max_tokens) for (ids, pixels), (_, _, max_tokens)
-              in zip(prompts, specs)]
-  for request, (ids, pixels), (_, _, max_tokens) in zip(requests, prompts, specs):
-    assert request.wait(120).token_ids == _alone(tiny_vlm, ids, pixels, max_tokens)
+  _assert_each_decodes_as_if_alone(tiny_vlm, _submit_all(engine, tiny_vlm, specs), timeout=120)
   engine.stop()
 
 
@@ -246,11 +253,7 @@ def test_static_batching_fills_the_slots_only_when_all_are_free(tiny_vlm, monkey
       [len(entry.request.decoded_ids) for entry in engine._scheduler.slots if entry is not None]) or insert(*args))
   engine.start()
   specs = [("What colour is the circle?", 0, 15), ("Hi", None, 3), ("How many triangles are there?", 1, 4)]
-  prompts = [_prompt(tiny_vlm, question, seed) for question, seed, _ in specs]
-  requests = [engine.submit(ids, pixels, max_tokens=max_tokens) for (ids, pixels), (_, _, max_tokens)
-              in zip(prompts, specs)]
-  for request, (ids, pixels), (_, _, max_tokens) in zip(requests, prompts, specs):
-    assert request.wait(60).token_ids == _alone(tiny_vlm, ids, pixels, max_tokens)
+  _assert_each_decodes_as_if_alone(tiny_vlm, _submit_all(engine, tiny_vlm, specs))
   # Three requests, two slots: two rounds. Every insert found only requests of its own round in the slots (none
   # had decoded a token yet), although the short request's slot freed while the long one was decoding.
   assert len(decoded_at_insert) == 3 and all(count == 0 for counts in decoded_at_insert for count in counts)
