@@ -200,6 +200,8 @@ def main():
   parser.add_argument("--slots", type=int, default=16, help="decode slots of the batching modes")
   parser.add_argument("--max_len", type=int, default=256, help="tokens per slot (prompt + output)")
   parser.add_argument("--page_size", type=int, default=16, help="tokens per KV-cache page")
+  parser.add_argument("--prefill_budget", type=int, default=1024, help="prompt tokens prefilled per decode step at "
+                      "most (0: no limit)")
   parser.add_argument("--prefix_page_size", type=int, default=4, help="pages of the prefix-reuse table: a hit "
                       "needs the image's last token inside a full page shared by both questions")
   parser.add_argument("--modes", default=",".join(MODES))
@@ -225,7 +227,8 @@ def benchmark(args) -> None:
   modes = args.modes.split(",")
   rounds = {mode: [] for mode in modes}
   with contextlib.ExitStack() as stack:
-    settings = dict(num_slots=args.slots, max_len=args.max_len, page_size=args.page_size)
+    settings = dict(num_slots=args.slots, max_len=args.max_len, page_size=args.page_size,
+                    prefill_budget=args.prefill_budget or None)
     servers = {mode: stack.enter_context(Server(args.checkpoint, **{**settings, **MODES[mode]})) for mode in modes}
     for server in servers.values():
       # The same load twice unmeasured: it compiles the prefill buckets and batch sizes and the step's read widths

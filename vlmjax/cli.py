@@ -59,6 +59,9 @@ _PREFIX_CACHING = flags.DEFINE_bool("prefix_caching", False, "serve: share the p
                                     "prompt prefix between requests (causal models).")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 256, "serve: prompt tokens per prefill call; a longer "
                                       "prompt is prefilled in chunks between decode steps (0: each prompt whole).")
+_PREFILL_BUDGET = flags.DEFINE_integer("prefill_budget", 1024, "serve: prompt tokens prefilled per decode step at "
+                                       "most, so that a burst of new prompts delays the running streams by one bounded "
+                                       "prefill (0: no limit).")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "serve: the model name clients send (default: the "
                                   "checkpoint directory's name).")
 
@@ -199,7 +202,7 @@ def serve(args: list[str]) -> None:
                  max_len=_MAX_LEN.value, api_key=_API_KEY.value or os.environ.get("VLMJAX_API_KEY"),
                  image_dir=_IMAGE_DIR.value, model_name=_MODEL_NAME.value, num_pages=_PAGES.value,
                  page_size=_PAGE_SIZE.value, prefix_caching=_PREFIX_CACHING.value,
-                 prefill_chunk=_PREFILL_CHUNK.value or None)
+                 prefill_chunk=_PREFILL_CHUNK.value or None, prefill_budget=_PREFILL_BUDGET.value or None)
   except FileNotFoundError as error:  # no such checkpoint, or one missing a file
     raise SystemExit(f"vlmjax serve: {error}") from error
 

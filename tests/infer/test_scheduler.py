@@ -83,3 +83,18 @@ def test_a_long_prompt_is_prefilled_one_chunk_per_iteration_while_short_ones_go_
       scheduler.slots[slot].prefilled = end
   # The first chunk reaches past the image; the later long prompt waits for the earlier one's chunks.
   assert plans == [[(0, 6), (1, 4)], [(0, 10)], [(0, 11)], [(2, 4)], [(2, 8)], [(2, 9)]]
+
+
+def test_an_iteration_prefills_within_the_budget_the_earliest_admitted_first():
+  scheduler = Scheduler(4, PageAllocator(32), PAGE_SIZE, None, prefill_chunk=8, prefill_budget=10)
+  requests = [_request(6), _request(3), _request(5), _request(20, images_end=2)]
+  scheduler.waiting.extend(requests)
+  scheduler.admit()
+  plans = []
+  while plan := scheduler.to_prefill():
+    plans.append(plan)
+    for slot, end in plan:
+      scheduler.slots[slot].prefilled = end
+  # 6 + 3 tokens fit the budget of 10 and the third prompt waits; it and the long prompt's first chunk of 8 would
+  # exceed it, so each goes in an iteration of its own.
+  assert plans == [[(0, 6), (1, 3)], [(2, 5)], [(3, 8)], [(3, 16)], [(3, 20)]]

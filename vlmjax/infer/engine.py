@@ -34,8 +34,10 @@ Prefill: a prompt of at most `prefill_chunk` tokens past what the prefix cache h
 call, in the loop iteration that admits it, together with the other prompts of its bucket admitted then. A
 longer one is prefilled in chunks of `prefill_chunk` tokens, each written into the slot's pages and attending
 over the chunks before it, one chunk per loop iteration (of the earliest admitted such prompt): the decoding
-slots take a step between chunks instead of stalling behind a long prompt. Its images are encoded whole, in the first chunk, which reaches past the last of them. The greedy tokens
-are those of a whole-prompt prefill. Prefix-LM prompts attend bidirectionally and are prefilled whole.
+slots take a step between chunks instead of stalling behind a long prompt. Its images are encoded whole, in the
+first chunk, which reaches past the last of them. The greedy tokens are those of a whole-prompt prefill.
+Prefix-LM prompts attend bidirectionally and are prefilled whole. One iteration prefills at most
+`prefill_budget` prompt tokens, the earliest admitted first; the rest wait, admitted, for the next iteration.
 """
 
 import logging
@@ -60,6 +62,9 @@ from vlmjax.infer.slots import (Prefix, add_pages, generate, init_state, insert,
 _log = logging.getLogger(__name__)
 DEFAULT_MAX_LEN = 2048  # a slot's context when neither the caller nor the checkpoint states one
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per prefill call; a longer prompt is prefilled between decode steps
+# Prompt tokens prefilled per loop iteration at most (one call always goes): the most a burst of new prompts delays
+# the running streams' next token by.
+DEFAULT_PREFILL_BUDGET = 1024
 # Prompt tokens (bucket x prompts) of one batched prefill call: 8 prompts of 128 tokens. Several prompts in one
 # call share the reads of the weights (a 16-slot server admits 16 at once after a lull).
 PREFILL_BATCH_TOKENS = 1024
@@ -77,7 +82,8 @@ class Engine:
   """Continuous batching over `num_slots` slots of `max_len` tokens (prompt + generated) each, whose keys and
   values share a pool of `num_pages` pages of `page_size` tokens (default: enough for every slot to be full,
   the memory of a [num_slots, max_len] cache), taken as the sequences grow. Prompts longer than
-  `prefill_chunk` tokens (None: no limit) are prefilled in chunks of that many, between decode steps. With
+  `prefill_chunk` tokens (None: no limit) are prefilled in chunks of that many, between decode steps, and each
+  loop iteration prefills at most `prefill_budget` prompt tokens (None: every admitted prompt at once). With
   `prefix_caching` (causal models), requests that start with the same images and tokens share the full pages of
   that prefix (`prefix_cache.PrefixCache`). With `static_batching` the slots are filled only when all of them
   are free (the baseline continuous batching is measured against, in tools/bench_serve.py). Decode steps attend
@@ -91,12 +97,14 @@ class Engine:
   def __init__(self, vlm, num_slots: int = 8, max_len: int | None = None,
                on_finish: Callable[[Request], None] | None = None, *, num_pages: int | None = None,
                page_size: int = paged.DEFAULT_PAGE_SIZE, prefix_caching: bool = False, static_batching: bool = False,
-               prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, attention_kernel: str | None = "auto",
-               interpret_kernel: bool = False):
+               prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, prefill_budget: int | None = DEFAULT_PREFILL_BUDGET,
+               attention_kernel: str | None = "auto", interpret_kernel: bool = False):
     if num_slots < 1:
       raise ValueError(f"num_slots must be at least 1, got {num_slots}")
     if prefill_chunk is not None and prefill_chunk < 1:
       raise ValueError(f"prefill_chunk must be at least 1 token (or None: each prompt whole), got {prefill_chunk}")
+    if prefill_budget is not None and prefill_budget < 1:
+      raise ValueError(f"prefill_budget must be at least 1 token (or None: no limit), got {prefill_budget}")
     self.vlm, self.num_slots, self.on_finish, self.page_size = vlm, num_slots, on_finish, page_size
     self.static_batching, self.prefill_chunk = static_batching, prefill_chunk
     self.config = vlm.model_config
@@ -116,7 +124,7 @@ class Engine:
     self.prefix_cache = PrefixCache(self.pages) if prefix_caching else None
     # A prefix-LM prompt attends bidirectionally: its keys need all of it at once.
     self._scheduler = Scheduler(num_slots, self.pages, page_size, self.prefix_cache,
-                                None if self.config.prefix_lm else prefill_chunk)
+                                None if self.config.prefix_lm else prefill_chunk, prefill_budget)
     self._inserted: list[tuple[int, jax.Array]] = []  # (slot, first token) of the requests inserted this round
     self._condition = threading.Condition()
     self._accepting = self._stopping = False

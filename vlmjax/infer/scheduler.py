@@ -8,7 +8,9 @@ loop iteration prefills. Plain Python; `engine.py` makes the device calls it dec
               that, the most recently admitted request is preempted: its pages are freed and it goes back to
               the front of the queue, to be prefilled again with the tokens it generated (recompute preemption).
   prefill     per loop iteration: one call for each admitted prompt that needs no more, and the next chunk of
-              the earliest admitted longer one, so that the decoding slots take a step between its chunks.
+              the earliest admitted longer one, so that the decoding slots take a step between its chunks; at
+              most `prefill_budget` prompt tokens in all (the earliest admitted first), so that a burst of new
+              prompts delays the running streams by one bounded prefill per step.
 """
 
 import collections
@@ -41,8 +43,9 @@ class Scheduler:
   Prompts longer than `prefill_chunk` tokens past their cached prefix (None: no limit) are prefilled in chunks."""
 
   def __init__(self, num_slots: int, pages: paged.PageAllocator, page_size: int, prefix_cache: PrefixCache | None,
-               prefill_chunk: int | None):
+               prefill_chunk: int | None, prefill_budget: int | None = None):
     self.pages, self.page_size, self.prefix_cache, self.prefill_chunk = pages, page_size, prefix_cache, prefill_chunk
+    self.prefill_budget = prefill_budget
     self.slots: list[Slot | None] = [None] * num_slots
     self.waiting: collections.deque[Request] = collections.deque()
     self.num_preemptions = self._admissions = 0
@@ -141,9 +144,9 @@ class Scheduler:
 
   def to_prefill(self) -> list[tuple[int, int]]:
     """This iteration's prefill calls, (slot, where the call's piece of its context ends) each: the whole rest
-    of each context that needs one call, and the next chunk of the earliest admitted longer one. A chunk reaches
-    past the images: they are encoded whole, in the first chunk."""
-    calls, chunk_taken = [], False
+    of each context that needs one call, and the next chunk of the earliest admitted longer one, within the
+    prefill budget. A chunk reaches past the images: they are encoded whole, in the first chunk."""
+    calls, chunk_taken, tokens = [], False, 0
     for slot in self.by_admission():
       entry = self.slots[slot]
       if entry.decoding or (entry.chunked and chunk_taken):
@@ -151,6 +154,9 @@ class Scheduler:
       end = len(entry.context_ids)
       if entry.chunked:
         end = min(end, max(entry.prefilled + self.prefill_chunk, entry.request.images_end))
-        chunk_taken = True
+      tokens += end - entry.prefilled
+      if calls and self.prefill_budget is not None and tokens > self.prefill_budget:
+        break  # this prompt and those admitted after it wait for the next iteration (one call always goes)
+      chunk_taken = chunk_taken or entry.chunked
       calls.append((slot, end))
     return calls

@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine (FastAPI + uvicorn).
 
     vlmjax serve --checkpoint /tmp/serve_model --port 8000 [--slots 8 --api_key KEY --image_dir DIR]
-                 [--pages N --page_size 16 --prefix_caching --prefill_chunk 256]
+                 [--pages N --page_size 16 --prefix_caching --prefill_chunk 256 --prefill_budget 1024]
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
@@ -200,7 +200,7 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
                image_dir: str | None = None, max_image_bytes: int = MAX_IMAGE_BYTES,
                **paging) -> fastapi.FastAPI:
   """The app and its engine (`app.state.engine`), started and drained with the app's lifespan. `paging`:
-  the engine's num_pages, page_size, prefix_caching and prefill_chunk."""
+  the engine's num_pages, page_size, prefix_caching, prefill_chunk and prefill_budget."""
   if image_dir is not None and not os.path.isdir(image_dir):
     raise ValueError(f"--image_dir {image_dir} is not a directory")
   metrics = Metrics()
