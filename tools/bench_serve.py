@@ -10,8 +10,9 @@ process at --request_rate per second (gamma intervals with --burstiness != 1; `i
 --max_concurrency in flight. Per request: TTFT (arrival to the first streamed token), TPOT = (latency - TTFT) /
 (output tokens - 1), inter-token latencies (gaps between streamed chunks) and end-to-end latency; per run:
 request throughput, output tokens/s, and goodput (requests/s meeting both --ttft_slo and --tpot_slo). The
-default model is tools/bench_decode.py's LLaVA of 23.8 M parameters with random weights. A last table times a
-second question about an image already asked about, with and without prefix caching.
+default model is tools/bench_decode.py's LLaVA of 23.8 M parameters with random weights. Two last figures: the
+TTFT of a second question about an image already asked about, with and without prefix caching; and how many
+short requests run at once in a pool with the memory of --capacity_slots full slots.
 """
 
 import argparse
@@ -186,6 +187,40 @@ def prefix_reuse(args, requests) -> dict[str, float]:
   return medians
 
 
+def capacity(args) -> dict[str, float]:
+  """Concurrent sequences a pool with the memory of `--capacity_slots` full slots holds, with short prompts:
+  a server of 8x as many slots over that pool takes a burst of short text requests, and /metrics is polled for
+  the peak of requests holding a slot."""
+  full_slots, slots = args.capacity_slots, 8 * args.capacity_slots
+  num_pages = full_slots * -(-args.max_len // args.page_size)  # the memory of full_slots [max_len] slots
+  with Server(args.checkpoint, num_slots=slots, max_len=args.max_len, page_size=args.page_size,
+              num_pages=num_pages) as server:
+    async def burst():
+      peak, preempted, done = 0, 0.0, False
+
+      async def poll():
+        nonlocal peak, preempted
+        while not done:
+          with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as response:
+            for line in response.read().decode().splitlines():
+              if line.startswith("vlmjax_requests_running"):
+                peak = max(peak, int(float(line.split()[-1])))
+              elif line.startswith("vlmjax_preemptions_total"):
+                preempted = float(line.split()[-1])
+          await asyncio.sleep(0.01)
+
+      async with _client(server.url) as client:
+        await client.completions.create(model="bench", prompt="w5 w6", max_tokens=2)  # compiles
+        poller = asyncio.create_task(poll())
+        await asyncio.gather(*(client.completions.create(model="bench", prompt=f"w{7 + i} w8 w9", max_tokens=8)
+                               for i in range(2 * slots)))
+        done = True
+        await poller
+      return {"slots of full-length memory": full_slots, "pages": num_pages, "peak concurrent": peak,
+              "preemptions": preempted}
+    return asyncio.run(burst())
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", default=None, help="a workdir or Hugging Face directory (default: "
@@ -208,6 +243,8 @@ def main():
   parser.add_argument("--ttft_slo", type=float, default=2.0, help="seconds, for goodput")
   parser.add_argument("--tpot_slo", type=float, default=0.1, help="seconds, for goodput")
   parser.add_argument("--prefix_images", type=int, default=5, help="images of the prefix-reuse table (0: skip)")
+  parser.add_argument("--capacity_slots", type=int, default=4, help="the capacity table: a pool with the memory of "
+                      "this many full slots (0: skip)")
   parser.add_argument("--repeats", type=int, default=3, help="measured rounds per mode (medians are reported)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--plot", default=None, help="PNG: output tokens/s against p90 TTFT per mode")
@@ -258,6 +295,12 @@ def benchmark(args) -> None:
     print("\nTTFT of a second question about the same image (median of "
           f"{args.prefix_images} images): " + ", ".join(f"{k} {v:.3f} s" for k, v in medians.items()) +
           f" ({medians['no prefix caching'] / medians['prefix caching']:.2f}x)")
+  if args.capacity_slots:
+    held = capacity(args)
+    print(f"\nShort requests (a 3-word prompt, 8 tokens) in a pool of {held['pages']} pages, the memory of "
+          f"{held['slots of full-length memory']} slots of {args.max_len} tokens: {held['peak concurrent']} "
+          f"sequences at once ({held['peak concurrent'] / held['slots of full-length memory']:.1f}x), "
+          f"{held['preemptions']:.0f} preemptions")
   if args.plot:
     _plot(rows, args.plot)
 
