@@ -20,8 +20,8 @@ import asyncio
 import base64
 import contextlib
 import io
-import os
 import multiprocessing
+import os
 import socket
 import statistics
 import tempfile
@@ -257,7 +257,7 @@ def main():
 
 
 def benchmark(args) -> None:
-  """Every mode under the load, then the prefix-reuse table; prints the tables (and writes the plot)."""
+  """Every mode under the load, then the prefix-reuse and capacity figures; prints them (and writes the plot)."""
   requests = make_requests(args)
   print(f"{len(requests)} requests, max_tokens {args.max_tokens}, rate {args.request_rate}/s, burstiness "
         f"{args.burstiness}, max concurrency {args.max_concurrency}, {args.slots} slots")
@@ -276,8 +276,9 @@ def benchmark(args) -> None:
       for mode, server in servers.items():
         rounds[mode].append(summarize(*asyncio.run(run_load(server.url, requests, args)), args))
   rows = {mode: _medians(runs) for mode, runs in rounds.items()}
-  print(f"\nmedians of {args.repeats} rounds\n{'mode':>10} {'req/s':>6} {'tok/s':>7} {'good/s':>6} | {'TTFT mean':>9} {'p50':>6} {'p90':>6} "
-        f"{'p99':>6} | {'TPOT mean ms':>12} {'p90':>6} | {'ITL p50 ms':>10} {'p99':>6} | {'E2E p50 s':>9} {'p90':>6}")
+  print(f"\nmedians of {args.repeats} rounds\n{'mode':>10} {'req/s':>6} {'tok/s':>7} {'good/s':>6} | "
+        f"{'TTFT mean':>9} {'p50':>6} {'p90':>6} {'p99':>6} | {'TPOT mean ms':>12} {'p90':>6} | "
+        f"{'ITL p50 ms':>10} {'p99':>6} | {'E2E p50 s':>9} {'p90':>6}")
   for mode, row in rows.items():
     ttft, tpot, itl, e2e = row["ttft"], row["tpot"], row["itl"], row["e2e"]
     print(f"{mode:>10} {row['requests/s']:6.2f} {row['output tok/s']:7.1f} {row['goodput req/s']:6.2f} | "
