@@ -4,6 +4,7 @@ import base64
 import http.client
 import io
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -231,3 +232,43 @@ def test_the_serve_command_checks_its_flags(tmp_path):
                                      text=True, timeout=120)
   assert "vlmjax serve: --checkpoint PATH is required" in run("--api-key", "k").stderr
   assert run("--checkpoint", f"{tmp_path}/none").stderr.startswith(f"vlmjax serve: {tmp_path}/none is not a directory")
+
+
+def test_sigterm_stops_accepting_and_finishes_the_stream_in_flight(tiny_vlm, tmp_path):
+  from vlmjax.interop import hf
+  checkpoint = str(tmp_path / "tiny")
+  hf.save_pretrained(checkpoint, tiny_vlm.config, tiny_vlm.params, tiny_vlm.tokenizer, tiny_vlm.image_processor,
+                     tiny_vlm.eos_token_ids, tiny_vlm.pad_token_id, max_len=MAX_LEN)
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  with open(tmp_path / "serve.log", "w") as log:
+    process = subprocess.Popen([sys.executable, "-m", "vlmjax.cli", "serve", "--checkpoint", checkpoint, "--port",
+                                str(port), "--slots", "2"], stdout=log, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + 120
+    while True:
+      try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request("GET", "/health")
+        if connection.getresponse().status == 200:
+          break
+      except OSError:  # not listening yet
+        pass
+      assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+      time.sleep(0.2)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+    stream = client.completions.create(model="tiny", prompt="Hi", max_tokens=40, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = [next(stream)]
+    process.send_signal(signal.SIGTERM)  # with the stream open: it is finished, not cut
+    chunks += list(stream)
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 40
+    # uvicorn waits for the open connection, runs the app's shutdown (the engine drains), then exits by the signal.
+    assert process.wait(60) == -signal.SIGTERM
+    assert "Application shutdown complete" in (tmp_path / "serve.log").read_text()
+    with pytest.raises(openai.APIConnectionError):
+      client.completions.create(model="tiny", prompt="Hi", max_tokens=2)
+  finally:
+    process.kill()
