@@ -117,6 +117,35 @@ def test_padded_prefill_then_decode_equals_each_row_alone(model):
       np.testing.assert_allclose(decoded[t][row], alone[0, length + t], rtol=1e-4, atol=1e-4)
 
 
+def test_long_causal_sequences_attend_block_by_block_as_in_one_piece(model, monkeypatch):
+  """Training (no cache) and a padded prefill that fills its cache, with blocks of 4 queries over 10 tokens (the
+  last block short): the same logits as attention in one piece, and the same cache."""
+  config, params = model
+  decoder = Decoder(config)
+  tokens = _tokens(2, 10, config.vocab_size, seed=7)
+  input_mask = jnp.arange(10)[None] < jnp.array([[10], [7]])
+  key_lengths = []  # the keys each attention call reads
+  attention = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, k, *args, **kwargs: key_lengths.append(k.shape[1])
+                      or attention(q, k, *args, **kwargs))
+
+  def run():
+    trained, _ = decoder.apply(params, tokens, _positions(2, 10))
+    prefilled, cache = decoder.apply(params, tokens, _positions(2, 10), config.init_cache(batch_size=2, max_len=10),
+                                     input_mask=input_mask)
+    return trained, prefilled, cache
+
+  whole = run()
+  assert set(key_lengths) == {10}
+  key_lengths.clear()
+  monkeypatch.setattr(layers, "CAUSAL_BLOCK", 4)
+  blocked = run()
+  # Each block reads the keys up to its last query (in every traced layer of both calls).
+  assert len(key_lengths) >= 6 and key_lengths == [4, 8, 10] * (len(key_lengths) // 3)
+  for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_prefix_lm_cache_matches_full_forward():
   config, params = GEMMA, _init(GEMMA)
   decoder = Decoder(config)

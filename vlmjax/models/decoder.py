@@ -165,6 +165,11 @@ class Decoder(nn.Module):
       cache_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (batch, cache.max_len))
       mask = layers.make_attention_mask(write_index[:, None] + new_index, cache_index,
                                         kv_valid=cache_index < new_lengths[:, None], prefix_lengths=prefix_lengths)
+    # Causal from slot 0 (training, or a prefill filling a contiguous cache of its length: nothing was in it) and
+    # no bidirectional prefix: no query sees a key past its own slot, and attention may skip those blocks.
+    fills_cache = isinstance(cache, KVCache) and cache.max_len == length
+    if prefix_lengths is None and (cache is None or fills_cache):
+      mask = layers.CausalMask(mask)
     layer_caches = (None,) * cfg.depth if cache is None else cache.layers()  # L x (k, v) or L x PagedLayer
 
     if cfg.scan_layers:
