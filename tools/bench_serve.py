@@ -32,6 +32,7 @@ import numpy as np
 import openai
 import uvicorn
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 import bench_decode  # tools/bench_decode.py: this script's own folder is on sys.path
 import vlmjax
@@ -198,15 +199,18 @@ def capacity(args) -> dict[str, float]:
     async def burst():
       peak, preempted, done = 0, 0.0, False
 
+      def metrics() -> dict[str, float]:
+        with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as response:
+          text = response.read().decode()
+        return {sample.name: sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples}
+
       async def poll():
         nonlocal peak, preempted
         while not done:
-          with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as response:
-            for line in response.read().decode().splitlines():
-              if line.startswith("vlmjax_requests_running"):
-                peak = max(peak, int(float(line.split()[-1])))
-              elif line.startswith("vlmjax_preemptions_total"):
-                preempted = float(line.split()[-1])
+          now = await asyncio.to_thread(metrics)  # off the event loop that sends the requests
+          peak = max(peak, int(now["vlmjax_requests_running"]))
+          preempted = now["vlmjax_preemptions_total"]
           await asyncio.sleep(0.01)
 
       async with _client(server.url) as client:

@@ -165,8 +165,8 @@ def caption_example_fn(model_config: CLIPConfig, model_dir: str):
 
 
 def patch_labels_example_fn(model_dir: str, grid: int):
-  """(shapes record, rng) -> {pixel_values, labels: int32[grid * grid, 3] what each patch shows
-  (`shapes_tasks.patch_labels`)}."""
+  """(shapes record, rng) -> {pixel_values, labels: int32[grid * grid, len(PATCH_ATTRIBUTES)] what each patch
+  shows (`shapes_tasks.patch_labels`)}."""
   image_processor = ImageProcessor.from_directory(model_dir)
 
   def to_example(record, rng: np.random.Generator):
