@@ -113,3 +113,28 @@ def test_conv_stem_gives_the_patch_grid_and_is_translation_equivariant():
 def test_conv_stem_needs_a_power_of_two_patch():
   with pytest.raises(ValueError, match="patch_size=14 must be a power of two"):
     ViTConfig.from_dict(sizes.vit("Ti/16", "siglip", image_size=28, patch_size=14, stem="conv"))
+
+
+@pytest.mark.parametrize("variant", [CLIP, SIGLIP], ids=["clip", "siglip"])
+def test_sincos2d_position_embeddings_start_as_the_2d_sine_cosine_table(variant):
+  config = variant.replace(position_embedding_init="sincos2d")
+  params = nn.meta.unbox(ViT(config).init(jax.random.key(0), _images(1, 32)))
+  positions = np.asarray(params["params"]["position_embedding"])  # [cls + 16, 32]
+  if config.cls_token:
+    np.testing.assert_array_equal(positions[0], 0.0)
+  table = positions[int(config.cls_token):]
+  rows, columns = np.divmod(np.arange(16), 4)  # a 4 x 4 patch grid in raster order
+  omega = 1.0 / 10_000.0 ** (np.arange(8) / 7)  # width/4 = 8 frequencies
+  expected = np.concatenate([np.sin(columns[:, None] * omega), np.cos(columns[:, None] * omega),
+                             np.sin(rows[:, None] * omega), np.cos(rows[:, None] * omega)], axis=1)
+  np.testing.assert_allclose(table, expected, rtol=1e-6, atol=1e-6)
+  # The default stays CLIP's and SigLIP's small random start.
+  default = nn.meta.unbox(ViT(variant).init(jax.random.key(0), _images(1, 32)))["params"]["position_embedding"]
+  assert float(np.abs(default).max()) < 0.2
+
+
+def test_position_embedding_init_is_checked():
+  with pytest.raises(ValueError, match="position_embedding_init"):
+    SIGLIP.replace(position_embedding_init="rope")
+  with pytest.raises(ValueError, match="width=30 must be a multiple of 4"):
+    SIGLIP.replace(width=30, num_heads=2, position_embedding_init="sincos2d")

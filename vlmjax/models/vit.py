@@ -35,6 +35,9 @@ class ViTConfig(ModelConfig):
   post_norm: bool = True
   patch_bias: bool = False
   stem: str = "patch"  # "patch": one linear patch embedding (CLIP, SigLIP); "conv": a convolutional stem
+  # How the learned position embeddings start: "normal" (std 0.02, as CLIP and SigLIP) or "sincos2d" (big_vision's
+  # fixed 2-D sine-cosine table, of unit amplitude: every patch's row and column stay readable in its features).
+  position_embedding_init: str = "normal"
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = True
@@ -49,6 +52,10 @@ class ViTConfig(ModelConfig):
                   f"of {where}.patch_size={self.patch_size}")
     check_choice(self.activation, tuple(layers.ACTIVATIONS), f"{where}.activation")
     check_choice(self.stem, ("patch", "conv"), f"{where}.stem")
+    check_choice(self.position_embedding_init, tuple(POSITION_EMBEDDING_INITS), f"{where}.position_embedding_init")
+    if self.position_embedding_init == "sincos2d" and self.width % 4:
+      raise ValueError(f"{where}.position_embedding_init='sincos2d' splits the width in 4 (sin, cos of row and of "
+                       f"column): {where}.width={self.width} must be a multiple of 4")
     if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
       raise ValueError(f"{where}.stem='conv' halves the image per convolution down to the patch grid, so "
                        f"{where}.patch_size={self.patch_size} must be a power of two (2, 4, 8, 16 ...)")
@@ -183,8 +190,8 @@ class ViT(nn.Module):
     x = x.reshape(batch, grid_h * grid_w, cfg.width)  # [B, P, D]
 
     num_prefix = 1 if cfg.cls_token else 0
-    positions = self.param("position_embedding",
-                           layers.param_init(nn.initializers.normal(0.02), (None, layers.EMBED)),
+    init = POSITION_EMBEDDING_INITS[cfg.position_embedding_init](num_prefix, cfg.grid_size)
+    positions = self.param("position_embedding", layers.param_init(init, (None, layers.EMBED)),
                            (num_prefix + cfg.num_patches, cfg.width), param_dtype)
     patch_positions = resize_position_embeddings(positions[num_prefix:], cfg.grid_size, (grid_h, grid_w))
     x = x + patch_positions.astype(compute_dtype)[None]
@@ -213,6 +220,32 @@ class ViT(nn.Module):
     if cfg.post_norm:
       x = norm("post_norm")(x)
     return x
+
+
+def sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> jax.Array:
+  """float32[grid*grid, width], patches in raster order: sin and cos of the column, then of the row, each at
+  width/4 frequencies from 1 down to 1/temperature (big_vision's `posemb_sincos_2d`)."""
+  rows, columns = jnp.mgrid[:grid, :grid]
+  omega = 1.0 / temperature ** (jnp.arange(width // 4) / max(width // 4 - 1, 1))
+  x = columns.reshape(-1, 1) * omega  # [grid*grid, width/4]
+  y = rows.reshape(-1, 1) * omega
+  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+
+
+def _sincos_init(num_prefix: int, grid: int):
+  """An initializer of float[num_prefix + grid*grid, D] position embeddings: zeros for the class token, then
+  `sincos_2d`. It ignores the random key."""
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    table = sincos_2d(grid, shape[1])
+    return jnp.concatenate([jnp.zeros((num_prefix, shape[1])), table]).astype(dtype)
+  return init
+
+
+POSITION_EMBEDDING_INITS = {
+  "normal": lambda num_prefix, grid: nn.initializers.normal(0.02),
+  "sincos2d": _sincos_init,
+}
 
 
 def resize_position_embeddings(positions: jax.Array, grid: int, target: tuple[int, int]) -> jax.Array:
