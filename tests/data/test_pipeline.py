@@ -1,3 +1,4 @@
+import collections
 import itertools
 import json
 
@@ -72,6 +73,23 @@ def test_fresh_questions_are_drawn_from_the_scene_each_view(data_dir):
   drawn = shapes_scene.vqa_questions(shapes_tasks.scene_objects(record), np.random.default_rng(1), 3)
   extra = set(first) - {(q["question"], q["answer"]) for q in drawn}
   assert len(first) == len(drawn) + 1 and len(extra) == 1 and extra <= set(shapes_tasks.other_tasks(record))
+
+
+def test_the_other_turn_draws_each_task_equally_often(data_dir):
+  record = shapes.load(data_dir, "train")[0]
+  groups = shapes_tasks.other_task_groups(record)
+  assert len(groups["pope"]) > 2 * len(groups["caption"])  # an image has far more probes than captions
+  task_of = {pair: task for task, pairs in groups.items() for pair in pairs}
+  counts = collections.Counter()
+  for seed in range(400):
+    messages = shapes_tasks.training_messages(record, np.random.default_rng(seed))
+    turns = {(q["content"].removeprefix("<image>\n"), a["content"]) for q, a in zip(messages[::2], messages[1::2])}
+    [other] = [pair for pair in turns if pair in task_of]
+    counts[task_of[other]] += 1
+  present = [task for task, pairs in groups.items() if pairs]
+  assert set(counts) == set(present)
+  for task in present:  # 400 draws at 1/len(present) each: within 4 standard deviations
+    assert abs(counts[task] / 400 - 1 / len(present)) < 4 * (1 / len(present) / 400) ** 0.5
 
 
 def test_expanded_placeholders_equal_the_image_token_count(data_dir, tokenizer):
