@@ -1,10 +1,10 @@
 """What the shapes VLM is trained on and asked: shapes records -> conversations, and images -> pixels.
 
 Training shows each image with VQA questions plus one of its other tasks (a POPE probe, a multiple choice, a
-caption or a box; each task equally likely), as turns of one conversation in random order: one image encoding serves several supervised
-answers. The questions are the record's own, or drawn afresh from its scene each time the image is seen
-(`questions_per_type`): several yes/no and attribute questions about one image teach the language model that
-the answer depends on the image far sooner than one of each.
+caption or a box; each task equally likely), as turns of one conversation in random order: one image encoding
+serves several supervised answers. The questions are the record's own, or drawn afresh from its scene each
+time the image is seen (`questions_per_type`): several yes/no and attribute questions about one image teach the
+language model that the answer depends on the image far sooner than one of each.
 """
 
 import numpy as np
@@ -68,8 +68,9 @@ def scene_objects(record: dict) -> tuple[shapes_scene.SceneObject, ...]:
 
 
 def training_messages(record: dict, rng: np.random.Generator, questions_per_type: int = 0) -> list[dict]:
-  """VQA turns and one turn of another task (each task equally likely), shuffled; the image placeholder leads the first user turn. The VQA turns are
-  the record's when questions_per_type is 0, else up to that many questions of each type drawn from its scene."""
+  """VQA turns and one turn of another task (each task equally likely), shuffled; the image placeholder leads
+  the first user turn. The VQA turns are the record's when questions_per_type is 0, else up to that many
+  questions of each type drawn from its scene."""
   vqa = (shapes_scene.vqa_questions(scene_objects(record), rng, questions_per_type) if questions_per_type
          else record["vqa"])
   turns = [(q["question"], q["answer"]) for q in vqa]
