@@ -13,24 +13,13 @@ import numpy as np
 from absl import app, flags
 
 import vlmjax
-from vlmjax.data import shapes
+from vlmjax.data import shapes, shapes_tasks
 from vlmjax.models.vit import ViT
 from vlmjax.models.vlm import VLM
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained shapes VLM's workdir.", required=True)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "A built shapes data set.", required=True)
 _IMAGES = flags.DEFINE_integer("images", 400, "Validation images probed.")
-
-
-def on_object(scenes: list[list[dict]], grid: int, image_size: int) -> np.ndarray:
-  """bool[N * grid * grid]: whether each token's centre (raster order) lies in one of its image's object boxes."""
-  centres = (np.arange(grid) + 0.5) * image_size / grid
-  inside = np.zeros((len(scenes), grid, grid), bool)
-  for i, scene in enumerate(scenes):
-    for obj in scene:
-      x0, y0, x1, y1 = obj["box"]
-      inside[i] |= ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None, :]
-  return inside.reshape(-1)
 
 
 def ridge_r2(features: np.ndarray, target: np.ndarray, l2: float = 1e-2) -> float:
@@ -42,13 +31,15 @@ def ridge_r2(features: np.ndarray, target: np.ndarray, l2: float = 1e-2) -> floa
   return float(1 - (residual**2).mean() / target[half:].var())
 
 
-def report(name: str, tokens: np.ndarray, scenes: list[list[dict]], image_size: int) -> None:
-  """tokens float[N, grid*grid, D]: prints the probe's R² for row and column, all tokens and object tokens."""
+def report(name: str, tokens: np.ndarray, records: list[dict]) -> None:
+  """tokens float[N, grid*grid, D] of the N records' images: prints the probe's R² for row and column, all
+  tokens and object tokens."""
   grid = int(round(tokens.shape[1] ** 0.5))
   features = tokens.reshape(-1, tokens.shape[-1]).astype(np.float64)
-  rows, columns = (np.tile(axis.reshape(-1), len(scenes)).astype(np.float64)
+  rows, columns = (np.tile(axis.reshape(-1), len(records)).astype(np.float64)
                    for axis in np.divmod(np.arange(grid * grid), grid))
-  objects = on_object(scenes, grid, image_size)
+  # A token is on an object when its centre lies in one's box: the patch label's class 0 means none.
+  objects = np.concatenate([shapes_tasks.patch_labels(record, grid)[:, 0] > 0 for record in records])
   scores = [ridge_r2(features[keep], target[keep]) for keep in (slice(None), objects) for target in (columns, rows)]
   print(f"{name:<22} {grid:>2}x{grid:<2} " + " ".join(f"{s:>8.3f}" for s in scores))
 
@@ -59,16 +50,14 @@ def main(argv):
   config = vlm.model_config
   source = shapes.load(_DATA_DIR.value, "validation")
   records = [source[i] for i in range(min(_IMAGES.value, len(source)))]
-  scenes = [r["scene"] for r in records]
   pixels = vlm.image_processor([r["image"] for r in records])
-  image_size = records[0]["image"].shape[0]
   print(f"{'features':<22} {'grid':<5} {'col':>8} {'row':>8} {'obj col':>8} {'obj row':>8}")
   for layer in [*range(1, config.vision.depth), None]:
     tokens = np.asarray(ViT(config.vision).apply({"params": vlm.params["vision"]}, pixels, feature_layer=layer))
     tokens = tokens[:, int(config.vision.cls_token):]
-    report(f"vit layer {layer}" if layer else "vit output", tokens, scenes, image_size)
+    report(f"vit layer {layer}" if layer else "vit output", tokens, records)
   report("projector (LM input)", np.asarray(VLM(config).apply({"params": vlm.params}, pixels,
-                                                                method=VLM.encode_images)), scenes, image_size)
+                                                                method=VLM.encode_images)), records)
 
 
 if __name__ == "__main__":
