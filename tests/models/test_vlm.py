@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 
 from configs import sizes
+from vlmjax.models.layers import unstack_layers
 from vlmjax.models.summary import abstract_params
 from vlmjax.models.vlm import VLM, VLMConfig
 
-TINY_LLAVA = VLMConfig.from_dict(dict(
+TINY_LLAVA_MODEL = dict(
     vision=sizes.vit("Ti/16", "clip", image_size=16, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64),
     decoder=sizes.lm("tiny", vocab_size=101, width=48, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=96),
-    image_token_id=100, vision_feature_layer=-2, vision_feature_select="default"))
+    image_token_id=100, vision_feature_layer=-2, vision_feature_select="default")
+TINY_LLAVA = VLMConfig.from_dict(TINY_LLAVA_MODEL)
 TINY_PALIGEMMA = VLMConfig.from_dict(dict(
     vision=sizes.vit("Ti/16", "siglip", image_size=16, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64),
     decoder=sizes.lm("gemma-2b", vocab_size=103, width=32, depth=2, num_heads=2, num_kv_heads=1, head_dim=16,
@@ -154,6 +156,32 @@ def test_config_errors_name_the_field():
     VLMConfig.from_dict(dict(vision={}, decoder={}, image_token_id=1, vision_featur_layer=-2))
   with pytest.raises(ValueError, match=r"model.vision: unknown keys \['patch'\]"):
     VLMConfig.from_dict(dict(vision={"patch": 3}, decoder={}, image_token_id=1))
+
+
+def test_a_tower_section_overrides_the_model_wide_dtype_and_scan():
+  # A bfloat16, unscanned language model over a float32, scanned vision tower.
+  mixed = VLMConfig.from_dict({**TINY_LLAVA_MODEL, "dtype": "bfloat16", "scan_layers": False,
+                               "vision": {**TINY_LLAVA_MODEL["vision"], "dtype": "float32", "scan_layers": True}})
+  assert (mixed.vision.dtype, mixed.vision.scan_layers) == ("float32", True)
+  assert (mixed.decoder.dtype, mixed.decoder.scan_layers) == ("bfloat16", False)
+  uniform = VLMConfig.from_dict({**TINY_LLAVA_MODEL, "dtype": "bfloat16"})
+  assert uniform.vision.dtype == uniform.decoder.dtype == "bfloat16"
+
+  inputs = TINY_LLAVA.example_inputs(2, seed=0)
+  reference = nn.meta.unbox(VLM(TINY_LLAVA).init(jax.random.key(0), **inputs))
+  params = nn.meta.unbox(VLM(mixed).init(jax.random.key(0), **inputs))
+  vision_out = lambda config, p: VLM(config).apply(p, inputs["pixel_values"],
+                                                   method=lambda m, x: m.vision(x, feature_layer=-2))
+  assert vision_out(mixed, params).dtype == jnp.float32
+  # The same weights (the unscanned decoder's layers unstacked) give the float32 model's logits to bfloat16
+  # precision.
+  decoder = unstack_layers(reference["params"]["decoder"])
+  assert jax.tree.structure(decoder) == jax.tree.structure(params["params"]["decoder"])
+  params = {"params": {**reference["params"], "decoder": decoder}}
+  expected, _ = VLM(TINY_LLAVA).apply(reference, **inputs)
+  logits, _ = VLM(mixed).apply(params, **inputs)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, expected, atol=0.05 * float(jnp.abs(expected).max()))
 
 
 def test_merging_neighbouring_image_tokens():

@@ -31,19 +31,20 @@ class ModelConfig:
     return dataclasses.replace(self, **changes)
 
 
-# Keys of a model section that apply to every tower (vision, decoder, text) of a two-tower model.
+# Keys of a model section that apply to every tower (vision, decoder, text) of a two-tower model, unless the
+# tower's own section sets them (e.g. a bfloat16 language model over a float32 vision tower).
 SHARED_KEYS = ("dtype", "param_dtype", "scan_layers", "remat_policy")
 
 
 def build_towers(values: Mapping[str, Any], towers: Mapping[str, type[ModelConfig]], where: str) -> dict:
   """A copy of a model section with each tower section (e.g. `vision`) built as its config class and the
-  SHARED_KEYS moved into every tower."""
+  SHARED_KEYS moved into every tower that does not set them itself."""
   values = dict(values)
   shared = {key: values.pop(key) for key in SHARED_KEYS if key in values}
   for tower, tower_cls in towers.items():
     if tower not in values:
       raise ValueError(f"{where}: missing section {tower!r}")
-    values[tower] = tower_cls.from_dict({**dict(values[tower]), **shared}, f"{where}.{tower}")
+    values[tower] = tower_cls.from_dict({**shared, **dict(values[tower])}, f"{where}.{tower}")
   return values
 
 
