@@ -165,7 +165,7 @@ def caption_example_fn(model_config: CLIPConfig, model_dir: str):
 
 
 def patch_labels_example_fn(model_dir: str, grid: int):
-  """(shapes record, rng) -> {pixel_values, labels: int32[grid * grid, len(PATCH_ATTRIBUTES)] what each patch
+  """(shapes record, rng) -> {pixel_values, labels: int32[grid * grid, len(PATCH_CLASSES)] what each patch
   shows (`shapes_tasks.patch_labels`)}."""
   image_processor = ImageProcessor.from_directory(model_dir)
 
