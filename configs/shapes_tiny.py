@@ -56,7 +56,8 @@ def get_config(arg: str | None = None):
   # steps at batch 64), then the projector and language model learn the conversations over the frozen tower
   # (1270 steps at batch 16: twice the updates of batch 32 for the same time, and more accurate). Which shape
   # lies under a patch is learned suddenly, around step 300: trained for 300 classify steps, the tower names a
-  # patch's shape right 0.87 of the time, for 380 steps 0.976. Sized for the README's main job: about 9 minutes on a 2-core CPU.
+  # patch's shape right 0.87 of the time, for 380 steps 0.976 (experiments/shapes_tiny/probe_classify.py).
+  # Sized for the README's main job: about 9 minutes on a 2-core CPU.
   config.train.update(steps=1650, stages="classify:0.2303,finetune", batch_size=16, log_every=10,
                       checkpoint_every=100)
   config.optim.update(learning_rate=1e-3, warmup_steps=20)

@@ -38,8 +38,8 @@ def test_a_dimension_that_does_not_divide_its_mesh_axis_is_an_error():
   model_config = VLMConfig.from_dict(config.model)
   boxed = jax.eval_shape(lambda: VLM(model_config).init(jax.random.key(0), **model_config.example_inputs(1)))
   mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=8))
-  with pytest.raises(ValueError, match=r"\['params'\]\['decoder'\]\['layers_0'\]\['attention'\]\['key'\]\['kernel'\] of "
-                     r"shape \(128, 2, 32\): dimension 1 \('kv_heads', size 2\) is sharded over mesh axes "
+  with pytest.raises(ValueError, match=r"\['params'\]\['decoder'\]\['layers_0'\]\['attention'\]\['key'\]\['kernel'\] "
+                     r"of shape \(128, 2, 32\): dimension 1 \('kv_heads', size 2\) is sharded over mesh axes "
                      r"\('tensor',\) of total size 8, and 2 is not a multiple of 8"):
     mesh_lib.param_shardings(boxed, mesh, config.sharding_rules)
 
