@@ -13,16 +13,14 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
 from ml_collections import config_flags
 
 from vlmjax.data import shapes, shapes_tasks
-from vlmjax.data.images import ImageProcessor
-from vlmjax.models.classifier import ViTClassifier, patch_classification_loss
-from vlmjax.train import optim, stages
+from vlmjax.models.classifier import ViTClassifier
+from vlmjax.train import optim, stages, state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes_tiny.py", "Experiment config (its classify stage).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "runs/shapes/data", "A built shapes data set.")
@@ -35,30 +33,29 @@ def main(argv):
   config = _CONFIG.value
   model_config = stages.classifier_config(config)
   model = ViTClassifier(model_config)
-  grid = model_config.vision.grid_size
-  image_processor = ImageProcessor.from_directory(shapes.tokenizer_dir(_DATA_DIR.value))
+  to_example = stages.patch_labels_example_fn(shapes.tokenizer_dir(_DATA_DIR.value), model_config.vision.grid_size)
   train, validation = shapes.load(_DATA_DIR.value, "train"), shapes.load(_DATA_DIR.value, "validation")
 
-  def arrays(source, indices):
-    return (image_processor([source[i]["image"] for i in indices]),
-            np.stack([shapes_tasks.patch_labels(source[i], grid) for i in indices]))
+  def batch(source, indices) -> dict:
+    """{pixel_values, labels} of the records, as the classify stage makes them."""
+    examples = [to_example(source[i], None) for i in indices]
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
-  params = model.init(jax.random.key(config.seed), jnp.zeros((1, *arrays(train, [0])[0].shape[1:])))["params"]
-  optim_config = ml_collections.ConfigDict({**config.optim.to_dict(),
-                                            "learning_rate": config.classify.learning_rate})
-  optimizer = optim.make_optimizer(optim_config, params, "classify", _STEPS.value)
+  image_size = model_config.vision.image_size
+  params = model.init(jax.random.key(config.seed), jnp.zeros((1, image_size, image_size, 3)))["params"]
+  optim_config = stages.optim_config(config, stages.Stage(stages.CLASSIFY, 0, _STEPS.value))
+  optimizer = optim.make_optimizer(optim_config, params, stages.CLASSIFY, _STEPS.value)
   opt_state = optimizer.init(params)
 
   @jax.jit
-  def step(params, opt_state, pixels, labels):
-    loss_fn = lambda p: patch_classification_loss(model.apply({"params": p}, pixels), labels,
-                                                  model_config.label_classes)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+  def step(params, opt_state, batch):
+    (loss, _), grads = jax.value_and_grad(state_lib.classify_loss, has_aux=True)(params, model_config, batch)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  val_pixels, val_labels = arrays(validation, range(500))
-  predict = jax.jit(lambda p: model.apply({"params": p}, val_pixels))
+  val = batch(validation, range(500))
+  val_labels = val["labels"]
+  predict = jax.jit(lambda p: model.apply({"params": p}, val["pixel_values"]))
   bounds = np.cumsum((0,) + model_config.label_classes)
   on_object = val_labels[..., 0] > 0  # [N, P]
 
@@ -71,8 +68,8 @@ def main(argv):
 
   rng, start = np.random.default_rng(config.seed), time.perf_counter()
   for i in range(1, _STEPS.value + 1):
-    batch = arrays(train, rng.integers(0, len(train), config.classify.batch_size))
-    params, opt_state, loss = step(params, opt_state, *batch)
+    params, opt_state, loss = step(params, opt_state,
+                                   batch(train, rng.integers(0, len(train), config.classify.batch_size)))
     if i % _EVERY.value == 0 or i == _STEPS.value:
       print(f"step {i}: loss {float(loss):.4f}, object patches right: {report(params)} "
             f"({time.perf_counter() - start:.0f} s)", flush=True)

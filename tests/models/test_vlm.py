@@ -170,9 +170,8 @@ def test_a_tower_section_overrides_the_model_wide_dtype_and_scan():
   inputs = TINY_LLAVA.example_inputs(2, seed=0)
   reference = nn.meta.unbox(VLM(TINY_LLAVA).init(jax.random.key(0), **inputs))
   params = nn.meta.unbox(VLM(mixed).init(jax.random.key(0), **inputs))
-  vision_out = lambda config, p: VLM(config).apply(p, inputs["pixel_values"],
-                                                   method=lambda m, x: m.vision(x, feature_layer=-2))
-  assert vision_out(mixed, params).dtype == jnp.float32
+  vision_tokens = VLM(mixed).apply(params, inputs["pixel_values"], method=lambda m, x: m.vision(x, feature_layer=-2))
+  assert vision_tokens.dtype == jnp.float32
   # The same weights (the unscanned decoder's layers unstacked) give the float32 model's logits to bfloat16
   # precision.
   decoder = unstack_layers(reference["params"]["decoder"])
