@@ -5,8 +5,9 @@
 Trains the recipe's `classify` model (the config's vision tower with its per-patch head, the stage's batch and
 learning rate, `optim`'s warmup and cosine decay over --steps) outside the trainer, and every --every steps
 prints, on the first 500 validation images, the fraction of object patches whose shape, colour and size the head
-names right (`shapes_tasks.patch_labels`; background patches are left out), and of all patches whether the head
-says right which patch holds an object's box centre.
+names right, and the quarter of the image across and down that holds the object's box centre
+(`shapes_tasks.patch_labels`; background patches are left out), and of all patches whether the head says right
+which patch holds an object's box centre.
 """
 
 import time
@@ -62,7 +63,7 @@ def main(argv):
   def report(params) -> str:
     logits = np.asarray(predict(params))
     right = {name: (logits[..., bounds[g]:bounds[g + 1]].argmax(-1) == val_labels[..., g])[on_object].mean()
-             for g, name in enumerate(shapes_tasks.PATCH_ATTRIBUTES)}
+             for g, name in enumerate(shapes_tasks.PATCH_GROUPS[:-1])}
     right["box centre"] = (logits[..., bounds[-2]:].argmax(-1) == val_labels[..., -1]).mean()
     return ", ".join(f"{name} {value:.3f}" for name, value in right.items())
 
