@@ -19,6 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
       vision_feature_select="default",
       image_token_merge=1,
       prefix_lm=False,
+      image_position_embedding="none",
       dtype="float32",  # compute dtype; "bfloat16" for mixed precision
       param_dtype="float32",  # master weights
       scan_layers=True,

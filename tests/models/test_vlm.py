@@ -9,7 +9,9 @@ import pytest
 from configs import sizes
 from vlmjax.models.layers import unstack_layers
 from vlmjax.models.summary import abstract_params
+from vlmjax.models.vit import sincos_2d
 from vlmjax.models.vlm import VLM, VLMConfig
+from vlmjax.train import optim
 
 TINY_LLAVA_MODEL = dict(
     vision=sizes.vit("Ti/16", "clip", image_size=16, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64),
@@ -201,3 +203,24 @@ def test_merging_neighbouring_image_tokens():
     TINY_PALIGEMMA.replace(image_token_merge=3)
   with pytest.raises(ValueError, match=r"image_token_merge needs patch tokens only"):
     TINY_LLAVA.replace(vision_feature_select="full", image_token_merge=2)
+
+
+def test_image_position_embedding_adds_a_learned_table_started_at_sincos():
+  config = TINY_PALIGEMMA.replace(vision=TINY_PALIGEMMA.vision.replace(image_size=32),
+                                  image_token_merge=2, vision_feature_select="default")
+  with_positions = config.replace(image_position_embedding="sincos2d")
+  inputs = with_positions.example_inputs(2, seed=0)
+  params = nn.meta.unbox(VLM(with_positions).init(jax.random.key(0), **inputs))["params"]
+  table = params["projector"]["position_embedding"]
+  np.testing.assert_array_equal(table, sincos_2d(2, config.decoder.width))  # a 2 x 2 grid of merged tokens
+  plain = {**params, "projector": {k: v for k, v in params["projector"].items() if k != "position_embedding"}}
+  encode = lambda cfg, p: VLM(cfg).apply({"params": p}, inputs["pixel_values"], method=VLM.encode_images)
+  # The same image token content at each of the grid's positions, each moved by its own row of the table.
+  np.testing.assert_allclose(encode(with_positions, params), encode(config, plain) + table[None], rtol=1e-6,
+                             atol=1e-6)
+  # It is the projector's: the align and finetune stages train it.
+  assert optim.trainable_labels(params, "align")["projector"]["position_embedding"] == "train"
+  with pytest.raises(ValueError, match=r"model.image_position_embedding must be one of"):
+    config.replace(image_position_embedding="rope")
+  with pytest.raises(ValueError, match=r"image_position_embedding needs patch tokens only"):
+    TINY_LLAVA.replace(vision_feature_select="full", image_token_merge=1, image_position_embedding="sincos2d")

@@ -203,7 +203,7 @@ def model_type_of(model: VLMConfig) -> str:
   clip = model_type == "llava"
   expected = {
       "projector": "mlp2x_gelu" if clip else "linear",
-      "image_token_merge": 1, "vision.stem": "patch",
+      "image_token_merge": 1, "image_position_embedding": "none", "vision.stem": "patch",
       "vision.cls_token": clip, "vision.pre_norm": clip, "vision.post_norm": True, "vision.patch_bias": not clip,
       "decoder.norm_unit_offset": not clip, "decoder.scale_embeddings": not clip,
       "decoder.final_logit_softcap": None,

@@ -5,8 +5,10 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax.models import layers
+from vlmjax.models.vit import POSITION_EMBEDDING_INITS
 
 PROJECTORS = ("linear", "mlp2x_gelu")
+POSITION_EMBEDDINGS = ("none", "sincos2d")
 
 
 class Projector(nn.Module):
@@ -14,6 +16,9 @@ class Projector(nn.Module):
 
   kind: str
   out_dim: int
+  # "none" (LLaVA, PaliGemma) or "sincos2d": a learned embedding per token of the square token grid, started
+  # at the 2-D sine-cosine table of the token's row and column, added to the output.
+  position_embedding: str = "none"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -26,8 +31,16 @@ class Projector(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: float[B, P, D_vision] -> float[B, P, D]."""
     if self.kind == "linear":
-      return self._dense("linear", self.out_dim, (layers.EMBED, layers.MLP), x)
-    if self.kind == "mlp2x_gelu":
+      y = self._dense("linear", self.out_dim, (layers.EMBED, layers.MLP), x)
+    elif self.kind == "mlp2x_gelu":
       hidden = jax.nn.gelu(self._dense("linear_1", self.out_dim, (layers.EMBED, layers.MLP), x), approximate=False)
-      return self._dense("linear_2", self.out_dim, (layers.MLP, layers.EMBED), hidden)
-    raise ValueError(f"unknown projector {self.kind!r}; choose one of {list(PROJECTORS)}")
+      y = self._dense("linear_2", self.out_dim, (layers.MLP, layers.EMBED), hidden)
+    else:
+      raise ValueError(f"unknown projector {self.kind!r}; choose one of {list(PROJECTORS)}")
+    if self.position_embedding == "none":
+      return y
+    grid = int(round(x.shape[1] ** 0.5))
+    init = POSITION_EMBEDDING_INITS[self.position_embedding](0, grid)
+    positions = self.param("position_embedding", layers.param_init(init, (None, layers.EMBED)),
+                           (grid * grid, self.out_dim), self.param_dtype)
+    return y + positions.astype(y.dtype)[None]
