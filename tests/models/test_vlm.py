@@ -215,7 +215,7 @@ def test_image_position_embedding_adds_a_learned_table_started_at_sincos():
   np.testing.assert_array_equal(table, sincos_2d(2, config.decoder.width))  # a 2 x 2 grid of merged tokens
   plain = {**params, "projector": {k: v for k, v in params["projector"].items() if k != "position_embedding"}}
   encode = lambda cfg, p: VLM(cfg).apply({"params": p}, inputs["pixel_values"], method=VLM.encode_images)
-  # The same image token content at each of the grid's positions, each moved by its own row of the table.
+  # The projector's output with the table added, one row per token of the grid.
   np.testing.assert_allclose(encode(with_positions, params), encode(config, plain) + table[None], rtol=1e-6,
                              atol=1e-6)
   # It is the projector's: the align and finetune stages train it.
