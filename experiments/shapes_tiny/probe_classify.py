@@ -5,9 +5,9 @@
 Trains the recipe's `classify` model (the config's vision tower with its per-patch head, the stage's batch and
 learning rate, `optim`'s warmup and cosine decay over --steps) outside the trainer, and every --every steps
 prints, on the first 500 validation images, the fraction of object patches whose shape, colour and size the head
-names right, and the quarter of the image across and down that holds the object's box centre
-(`shapes_tasks.patch_labels`; background patches are left out), and of all patches whether the head says right
-which patch holds an object's box centre.
+names right (and, with --config.classify.position_bins, the strip of the image across and down that holds the
+object's box centre; `shapes_tasks.patch_labels`; background patches are left out), and of all patches whether
+the head says right which patch holds an object's box centre.
 """
 
 import time
@@ -34,7 +34,9 @@ def main(argv):
   config = _CONFIG.value
   model_config = stages.classifier_config(config)
   model = ViTClassifier(model_config)
-  to_example = stages.patch_labels_example_fn(shapes.tokenizer_dir(_DATA_DIR.value), model_config.vision.grid_size)
+  position_bins = config.classify.position_bins
+  to_example = stages.patch_labels_example_fn(shapes.tokenizer_dir(_DATA_DIR.value), model_config.vision.grid_size,
+                                              position_bins)
   train, validation = shapes.load(_DATA_DIR.value, "train"), shapes.load(_DATA_DIR.value, "validation")
 
   def batch(source, indices) -> dict:
@@ -63,7 +65,7 @@ def main(argv):
   def report(params) -> str:
     logits = np.asarray(predict(params))
     right = {name: (logits[..., bounds[g]:bounds[g + 1]].argmax(-1) == val_labels[..., g])[on_object].mean()
-             for g, name in enumerate(shapes_tasks.PATCH_GROUPS[:-1])}
+             for g, name in enumerate(shapes_tasks.patch_groups(position_bins)[:-1])}
     right["box centre"] = (logits[..., bounds[-2]:].argmax(-1) == val_labels[..., -1]).mean()
     return ", ".join(f"{name} {value:.3f}" for name, value in right.items())
 

@@ -33,7 +33,9 @@ def test_the_pretraining_models_take_the_runs_vision_tower_and_say_when_their_se
   assert clip.vision.width == config.model.vision.width and clip.text.vocab_size == config.contrastive.text.vocab_size
   assert clip.loss == "sigmoid"
   classifier = stages.classifier_config(config)
-  assert classifier.vision == clip.vision and classifier.label_classes == (6, 9, 3, 5, 5, 2)
+  assert classifier.vision == clip.vision and classifier.label_classes == (6, 9, 3, 2)
+  config.classify.position_bins = 4
+  assert stages.classifier_config(config).label_classes == (6, 9, 3, 5, 5, 2)
   assert [s.pretrains_vision for s in stages.parse_stages("contrastive:0.3,classify:0.3,full", 10)] == [
       True, True, False]
   del config.contrastive, config.classify
@@ -47,8 +49,9 @@ def test_patch_labels_name_the_object_under_each_patch_centre():
   record = {"image": np.zeros((64, 64, 3), np.uint8), "scene": [
       {"shape": "star", "colour": "green", "size": "large", "box": [8, 0, 25, 13]},  # columns 1-2, rows 0-1
       {"shape": "circle", "colour": "red", "size": "small", "box": [52, 44, 64, 62]}]}  # column 6-7, rows 5-7
-  assert shapes_tasks.PATCH_CLASSES == (6, 9, 3, 5, 5, 2)
-  labels = shapes_tasks.patch_labels(record, grid=8).reshape(8, 8, 6)
+  assert shapes_tasks.patch_groups(4) == ("shape", "colour", "size", "column", "row", "box centre")
+  assert shapes_tasks.patch_classes(4) == (6, 9, 3, 5, 5, 2)
+  labels = shapes_tasks.patch_labels(record, grid=8, position_bins=4).reshape(8, 8, 6)
   # Shape, colour, size, then the quarter of the image's width and height that holds the box centre: the
   # star's (16.5, 6.5) is in the second quarter across and the first down, the circle's (58, 53) in the last.
   star = [1 + shapes_tasks.PATCH_ATTRIBUTES[a].index(v) for a, v in (("shape", "star"), ("colour", "green"),
@@ -64,10 +67,14 @@ def test_patch_labels_name_the_object_under_each_patch_centre():
   centres[0, 2] = centres[6, 7] = 1
   np.testing.assert_array_equal(labels[..., 5], centres)
   # The same scene at another grid: 4 x 4 patches of 16 px (centres 8, 24, 40, 56).
-  coarse = shapes_tasks.patch_labels(record, grid=4).reshape(4, 4, 6)
+  coarse = shapes_tasks.patch_labels(record, grid=4, position_bins=4).reshape(4, 4, 6)
   assert (coarse[0, 0:2, :5] == star).all() and (coarse[3, 3, :5] == circle).all()
   assert (coarse[..., :5] > 0).any(-1).sum() == 3
   assert coarse[0, 1, 5] == coarse[3, 3, 5] == 1 and coarse[..., 5].sum() == 2
+  # Without position groups: the same attribute and box-centre groups, and only them.
+  assert shapes_tasks.patch_classes() == (6, 9, 3, 2)
+  plain = shapes_tasks.patch_labels(record, grid=8).reshape(8, 8, 4)
+  np.testing.assert_array_equal(plain, labels[..., [0, 1, 2, 5]])
 
 
 def test_the_patch_loss_is_each_groups_cross_entropy_summed():
@@ -86,7 +93,7 @@ def test_the_patch_loss_is_each_groups_cross_entropy_summed():
 
 
 def test_the_classify_stage_examples_label_every_patch(tiny_shapes_dir):
-  to_example = stages.patch_labels_example_fn(shapes.tokenizer_dir(tiny_shapes_dir), grid=8)
+  to_example = stages.patch_labels_example_fn(shapes.tokenizer_dir(tiny_shapes_dir), grid=8, position_bins=4)
   record = shapes.load(tiny_shapes_dir, "train")[0]
   example = to_example(record, np.random.default_rng(0))
   assert example["labels"].shape == (64, 6) and example["labels"].dtype == np.int32

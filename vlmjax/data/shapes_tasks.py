@@ -13,37 +13,49 @@ from vlmjax.data import shapes_scene
 from vlmjax.data.shapes_scene import COLOURS, IMAGE_TOKEN, SHAPES, SIZES, shuffled_conversation
 
 CAPTION_PROMPT = "Describe the image."
-# What each patch of an image shows, for supervised pretraining of the vision tower (PATCH_GROUPS): the shape,
-# colour and size of the object under the patch's centre and the quarter of the image's width and of its height
-# that holds that object's box centre (class 0 of each group: no object is there), and whether the patch holds
-# the centre of an object's box (class 1: one patch per object). With that last group an object is one token to
-# count, not 1-4 (the main job's count accuracy: 0.906, against 0.84-0.88 without it). The position groups keep
-# where each object is in the tokens the language model reads: without them the projector's output lost it
-# (a linear probe's R² of an object token's column 0.09, with them 0.87; experiments/shapes_tiny/README.md).
+# What each patch of an image shows, for supervised pretraining of the vision tower (`patch_groups`): the shape,
+# colour and size of the object under the patch's centre, optionally which of `position_bins` strips of the
+# image's width and of its height hold that object's box centre (class 0 of each group: no object is there), and
+# whether the patch holds the centre of an object's box (class 1: one patch per object). With that last group an
+# object is one token to count, not 1-4 (the main job's count accuracy: 0.906, against 0.84-0.88 without it).
+# The position groups keep where each object is in the tokens the language model reads: without them the
+# projector's output lost it (a linear probe's R² of an object token's column 0.09, with 4 bins 0.87), which
+# relation questions need once trained long enough (experiments/shapes_tiny/README.md, session 8).
 PATCH_ATTRIBUTES = {"shape": tuple(SHAPES), "colour": tuple(COLOURS), "size": tuple(SIZES)}
-POSITION_BINS = 4
-PATCH_GROUPS = (*PATCH_ATTRIBUTES, "column", "row", "box centre")
-PATCH_CLASSES = tuple(1 + len(values) for values in PATCH_ATTRIBUTES.values()) + (1 + POSITION_BINS,) * 2 + (2,)
 OPTION_LETTERS = "ABCD"
 
 
-def patch_labels(record: dict, grid: int) -> np.ndarray:
-  """int32[grid * grid, len(PATCH_CLASSES)], patches in raster order: for each patch of a grid x grid tiling
-  of the record's image, 1 + the index of each attribute's value and 1 + the quarter across and down of the box
-  centre, for the object whose box holds the patch's centre, 0 where no object's box does (boxes never overlap);
-  then 1 on the patch that holds the centre of an object's box, else 0."""
+def patch_groups(position_bins: int = 0) -> tuple[str, ...]:
+  """The names of the label groups `patch_labels` gives, in order."""
+  return (*PATCH_ATTRIBUTES, *(("column", "row") if position_bins else ()), "box centre")
+
+
+def patch_classes(position_bins: int = 0) -> tuple[int, ...]:
+  """The number of classes of each of `patch_groups(position_bins)`."""
+  return (tuple(1 + len(values) for values in PATCH_ATTRIBUTES.values())
+          + ((1 + position_bins,) * 2 if position_bins else ()) + (2,))
+
+
+def patch_labels(record: dict, grid: int, position_bins: int = 0) -> np.ndarray:
+  """int32[grid * grid, len(patch_classes(position_bins))], patches in raster order: for each patch of a
+  grid x grid tiling of the record's image, 1 + the index of each attribute's value (and, with position_bins,
+  1 + the strip across and down that holds the box centre) of the object whose box holds the patch's centre,
+  0 where no object's box does (boxes never overlap); then 1 on the patch that holds the centre of an object's
+  box, else 0."""
   size = record["image"].shape[0]
   cell = size / grid  # pixels per patch
   centres = (np.arange(grid) + 0.5) * cell  # pixel coordinate of each row/column's centre
-  labels = np.zeros((grid, grid, len(PATCH_CLASSES)), np.int32)
+  groups = len(patch_classes(position_bins))
+  labels = np.zeros((grid, grid, groups), np.int32)
   for obj in record["scene"]:
     x0, y0, x1, y1 = obj["box"]
     inside = ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None, :]
-    column, row = (min(int((a + b) / 2 / size * POSITION_BINS), POSITION_BINS - 1) for a, b in ((x0, x1), (y0, y1)))
-    labels[inside, :-1] = [1 + values.index(obj[name]) for name, values in PATCH_ATTRIBUTES.items()] + [
-        1 + column, 1 + row]
+    values = [1 + values.index(obj[name]) for name, values in PATCH_ATTRIBUTES.items()]
+    if position_bins:
+      values += [1 + min(int((a + b) / 2 / size * position_bins), position_bins - 1) for a, b in ((x0, x1), (y0, y1))]
+    labels[inside, :-1] = values
     labels[min(int((y0 + y1) / 2 / cell), grid - 1), min(int((x0 + x1) / 2 / cell), grid - 1), -1] = 1
-  return labels.reshape(grid * grid, len(PATCH_CLASSES))
+  return labels.reshape(grid * grid, groups)
 
 
 def multiple_choice_prompt(question: str, options: list[str]) -> str:

@@ -31,7 +31,7 @@ CONTRASTIVE = "contrastive"
 CLASSIFY = "classify"
 VISION_PRETRAINING = (CONTRASTIVE, CLASSIFY)  # stages whose config section is named after them
 # Keys of a pretraining stage's section that set how the stage trains, not its model.
-STAGE_ONLY_KEYS = ("batch_size", "learning_rate")
+STAGE_ONLY_KEYS = ("batch_size", "learning_rate", "position_bins")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +88,9 @@ def clip_config(config: ml_collections.ConfigDict) -> CLIPConfig:
 
 def classifier_config(config: ml_collections.ConfigDict) -> ClassifierConfig:
   """The classify stage's model: the run's `model.vision` with a per-patch head over the shapes attributes."""
-  return ClassifierConfig.from_dict({**_section(config, CLASSIFY), "label_classes": shapes_tasks.PATCH_CLASSES},
-                                    CLASSIFY)
+  section = _section(config, CLASSIFY)  # names a missing section
+  label_classes = shapes_tasks.patch_classes(config[CLASSIFY].get("position_bins", 0))
+  return ClassifierConfig.from_dict({**section, "label_classes": label_classes}, CLASSIFY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +122,7 @@ def pretraining_model(config: ml_collections.ConfigDict, stage: str, model_dir: 
     inputs = dict(images=images, text_ids=jnp.ones((1, length), jnp.int32), text_mask=jnp.ones((1, length), bool))
     return PretrainingModel(CLIP, model_config, inputs, caption_example_fn(model_config, model_dir),
                             config[stage].batch_size, length)
-  to_example = patch_labels_example_fn(model_dir, model_config.vision.grid_size)
+  to_example = patch_labels_example_fn(model_dir, model_config.vision.grid_size, config[stage].get("position_bins", 0))
   return PretrainingModel(ViTClassifier, model_config, dict(images=images), to_example, config[stage].batch_size, 0)
 
 
@@ -164,13 +165,13 @@ def caption_example_fn(model_config: CLIPConfig, model_dir: str):
   return to_example
 
 
-def patch_labels_example_fn(model_dir: str, grid: int):
-  """(shapes record, rng) -> {pixel_values, labels: int32[grid * grid, len(PATCH_CLASSES)] what each patch
-  shows (`shapes_tasks.patch_labels`)}."""
+def patch_labels_example_fn(model_dir: str, grid: int, position_bins: int = 0):
+  """(shapes record, rng) -> {pixel_values, labels: int32[grid * grid, G] what each patch shows
+  (`shapes_tasks.patch_labels`)}."""
   image_processor = ImageProcessor.from_directory(model_dir)
 
   def to_example(record, rng: np.random.Generator):
     del rng
     return {"pixel_values": image_processor([record["image"]])[0],
-            "labels": shapes_tasks.patch_labels(record, grid)}
+            "labels": shapes_tasks.patch_labels(record, grid, position_bins)}
   return to_example
