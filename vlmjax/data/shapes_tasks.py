@@ -50,10 +50,11 @@ def patch_labels(record: dict, grid: int, position_bins: int = 0) -> np.ndarray:
   for obj in record["scene"]:
     x0, y0, x1, y1 = obj["box"]
     inside = ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None, :]
-    values = [1 + values.index(obj[name]) for name, values in PATCH_ATTRIBUTES.items()]
-    if position_bins:
-      values += [1 + min(int((a + b) / 2 / size * position_bins), position_bins - 1) for a, b in ((x0, x1), (y0, y1))]
-    labels[inside, :-1] = values
+    classes = [1 + values.index(obj[name]) for name, values in PATCH_ATTRIBUTES.items()]
+    if position_bins:  # the strip across, then down, that holds the box centre
+      classes += [1 + min(int((lo + hi) / 2 / size * position_bins), position_bins - 1)
+                  for lo, hi in ((x0, x1), (y0, y1))]
+    labels[inside, :-1] = classes
     labels[min(int((y0 + y1) / 2 / cell), grid - 1), min(int((x0 + x1) / 2 / cell), grid - 1), -1] = 1
   return labels.reshape(grid * grid, groups)
 
