@@ -34,7 +34,7 @@ def main(argv):
   config = _CONFIG.value
   model_config = stages.classifier_config(config)
   model = ViTClassifier(model_config)
-  position_bins = config.classify.position_bins
+  position_bins = stages.position_bins(config)
   to_example = stages.patch_labels_example_fn(shapes.tokenizer_dir(_DATA_DIR.value), model_config.vision.grid_size,
                                               position_bins)
   train, validation = shapes.load(_DATA_DIR.value, "train"), shapes.load(_DATA_DIR.value, "validation")

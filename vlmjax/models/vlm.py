@@ -41,11 +41,11 @@ class VLMConfig(ModelConfig):
     check_choice(self.projector, PROJECTORS, "model.projector")
     check_choice(self.vision_feature_select, ("default", "full"), "model.vision_feature_select")
     check_choice(self.image_position_embedding, POSITION_EMBEDDINGS, "model.image_position_embedding")
-    if self.image_position_embedding != "none" and self.vision.cls_token and self.vision_feature_select == "full":
+    if self.image_position_embedding != "none" and self.keeps_cls_token:
       raise ValueError("model.image_position_embedding needs patch tokens only (a square grid): use "
                        "vision_feature_select='default' or a ViT without class token")
     if self.image_token_merge > 1:
-      if self.vision.cls_token and self.vision_feature_select == "full":
+      if self.keeps_cls_token:
         raise ValueError("model.image_token_merge needs patch tokens only: use vision_feature_select='default' "
                          "or a ViT without class token")
       if self.vision.grid_size % self.image_token_merge:
@@ -62,10 +62,14 @@ class VLMConfig(ModelConfig):
     return super().from_dict(values, where)
 
   @property
+  def keeps_cls_token(self) -> bool:
+    """Whether the image tokens include the ViT's class token (then they are no square grid of patches)."""
+    return self.vision.cls_token and self.vision_feature_select == "full"
+
+  @property
   def tokens_per_image(self) -> int:
     """Image embeddings (placeholder tokens) each image contributes."""
-    has_cls = self.vision.cls_token and self.vision_feature_select == "full"
-    return self.vision.num_patches // self.image_token_merge**2 + int(has_cls)
+    return self.vision.num_patches // self.image_token_merge**2 + int(self.keeps_cls_token)
 
   def example_inputs(self, batch_size: int, text_length: int = 8, seed: int | None = None) -> dict[str, jax.Array]:
     """Arguments for `VLM.init`, a shape check or a benchmark: one image per row, its placeholders after the

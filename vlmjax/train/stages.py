@@ -86,10 +86,15 @@ def clip_config(config: ml_collections.ConfigDict) -> CLIPConfig:
   return CLIPConfig.from_dict(_section(config, CONTRASTIVE), CONTRASTIVE)
 
 
+def position_bins(config: ml_collections.ConfigDict) -> int:
+  """The classify stage's position label groups (`shapes_tasks.patch_labels`): 0, none, where unset."""
+  return config[CLASSIFY].get("position_bins", 0)
+
+
 def classifier_config(config: ml_collections.ConfigDict) -> ClassifierConfig:
   """The classify stage's model: the run's `model.vision` with a per-patch head over the shapes attributes."""
   section = _section(config, CLASSIFY)  # names a missing section
-  label_classes = shapes_tasks.patch_classes(config[CLASSIFY].get("position_bins", 0))
+  label_classes = shapes_tasks.patch_classes(position_bins(config))
   return ClassifierConfig.from_dict({**section, "label_classes": label_classes}, CLASSIFY)
 
 
@@ -122,7 +127,7 @@ def pretraining_model(config: ml_collections.ConfigDict, stage: str, model_dir: 
     inputs = dict(images=images, text_ids=jnp.ones((1, length), jnp.int32), text_mask=jnp.ones((1, length), bool))
     return PretrainingModel(CLIP, model_config, inputs, caption_example_fn(model_config, model_dir),
                             config[stage].batch_size, length)
-  to_example = patch_labels_example_fn(model_dir, model_config.vision.grid_size, config[stage].get("position_bins", 0))
+  to_example = patch_labels_example_fn(model_dir, model_config.vision.grid_size, position_bins(config))
   return PretrainingModel(ViTClassifier, model_config, dict(images=images), to_example, config[stage].batch_size, 0)
 
 
