@@ -12,6 +12,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Device mesh; the product of the three is the device count, and -1 means "the rest of the devices".
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding_rules = LOGICAL_RULES
+  # XLA devices `vlmjax train` makes of this process's CPU (`distributed.split_cpu`); 0: JAX's default.
+  config.cpu_devices = 0
   # The model: `vision` and `decoder` sections come from `sizes`; these are the defaults of the rest.
   config.model = ml_collections.ConfigDict(dict(
       projector="mlp2x_gelu",
@@ -20,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
       image_token_merge=1,
       prefix_lm=False,
       image_position_embedding="none",
+      image_position_scale=0.0,
       dtype="float32",  # compute dtype; "bfloat16" for mixed precision
       param_dtype="float32",  # master weights
       scan_layers=True,

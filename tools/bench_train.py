@@ -6,7 +6,7 @@ utilization (MFU) of each against this machine's measured float32 matmul peak.
     python tools/bench_train.py --config.model.image_token_merge=1 --config.model.vision.stem=patch
 
 vlmjax: `vlmjax.train.state.train_step` as the trainer runs it (AdamW, clipping, the jitted step with donated
-state) on a batch of the config's `data.length` tokens per row, one image each. transformers: a
+state, the CPU split into the config's `cpu_devices` with the batch over them) on a batch of the config's `data.length` tokens per row, one image each. transformers: a
 `LlavaForConditionalGeneration` of the same shape (CLIP vision tower with the config's width, depth, heads and
 patches; Llama decoder with its width, depth, heads, KV heads, MLP and vocabulary), forward + backward + clipping
 + `torch.optim.AdamW` on the same token and image counts. Model FLOPs per step (`model_flops`: 6 x matmul
@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 import roofline  # tools/roofline.py: this script's own folder is on sys.path
 from vlmjax.models.vlm import VLM, VLMConfig
-from vlmjax.parallel import mesh as mesh_lib
+from vlmjax.parallel import distributed, mesh as mesh_lib
 from vlmjax.train import optim, state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes_tiny.py", "Experiment config file.")
@@ -116,6 +116,7 @@ def time_transformers(model_config: VLMConfig, config, batch: dict, repeats: int
 def main(argv):
   del argv
   config = _CONFIG.value
+  distributed.split_cpu(config.cpu_devices)  # as `vlmjax train` runs the config
   model_config = VLMConfig.from_dict(config.model)
   batch_size = _BATCH.value or config.train.batch_size
   length = config.data.length

@@ -106,8 +106,10 @@ def train(args: list[str]) -> None:
   del args
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise SystemExit("vlmjax train: --config FILE and --workdir DIR are required")
+  from vlmjax.parallel import distributed
   from vlmjax.train.trainer import train as run
 
+  distributed.split_cpu(_CONFIG.value.cpu_devices)
   run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 

@@ -22,6 +22,7 @@ from vlmjax.data import shapes, shapes_scene
 PALETTE = shapes_scene.COLOURS  # what each colour name means, in RGB
 SHAPE_WORDS = set(shapes_scene.SHAPES)
 SIZE_WORDS = {"small", "large"}
+IMAGE_SIZE = 64  # shapes.get_config()'s
 
 
 def tiny_config(seed=0):
@@ -134,6 +135,11 @@ def true_answer(question, objects):
     return str(len(matching(objects, m[1])))
   if m := re.fullmatch(r"Is there an? (.+?)( in the image)?\?", question):
     return "yes" if matching(objects, m[1]) else "no"
+  if m := re.fullmatch(r"Is the (.+) (to the left or to the right of|above or below) the centre\?", question):
+    axis = 0 if m[2].startswith("to") else 1
+    offset = centre(the(objects, m[1]))[axis] - IMAGE_SIZE / 2
+    assert abs(offset) >= 1, "on the centre line"
+    return ("left", "right", "above", "below")[2 * axis + (offset > 0)]
   if m := re.fullmatch(r"Is the (.+) to the left or to the right of the (.+)\?", question):
     a, b = the(objects, m[1]), the(objects, m[2])
     assert a["box"][2] < b["box"][0] or b["box"][2] < a["box"][0], "not clearly apart left-right"
@@ -179,6 +185,21 @@ def test_vqa_answers_are_true(examples):
       types[q["type"], q["answer"] in ("yes", "no")] += 1
   assert {t for t, _ in types} == {"colour", "shape", "count", "existence", "relation"}
   assert types["existence", True] == sum(n for (t, _), n in types.items() if t == "existence")
+
+
+def test_position_questions_are_true(examples):
+  rng = np.random.default_rng(0)
+  answers = collections.Counter()
+  for example in examples:
+    objects = seen_objects(example)
+    scene = tuple(shapes_scene.SceneObject(o["shape"], o["colour"], o["size"], tuple(o["box"]))
+                  for o in example["scene"])
+    every = shapes_scene.position_questions(scene, IMAGE_SIZE, rng, 100)
+    assert len(shapes_scene.position_questions(scene, IMAGE_SIZE, rng, 2)) == min(2, len(every))
+    for q in every:
+      assert q["type"] == "position" and q["answer"] == true_answer(q["question"], objects), (q, objects)
+      answers[q["answer"]] += 1
+  assert set(answers) == {"left", "right", "above", "below"}
 
 
 def test_pope_negatives_absent_and_popular_negatives_frequent(examples):

@@ -30,9 +30,10 @@ def shapes_dir(tiny_shapes_dir):
   return tiny_shapes_dir
 
 
-def _command(workdir, data_flags, *flags):
+def _command(workdir, data_flags, *flags, cpu_devices=0):
+  """The run's command line; its devices are XLA_FLAGS' (`_env`) unless cpu_devices splits the CPU."""
   return [sys.executable, "-m", "vlmjax.cli", "train", "--config", "configs/shapes_tiny.py", "--workdir",
-          str(workdir), *data_flags, *STEPS, *flags]
+          str(workdir), *data_flags, *STEPS, f"--config.cpu_devices={cpu_devices}", *flags]
 
 
 def _env(devices=1, **extra):
@@ -50,9 +51,9 @@ def _losses(workdir) -> dict[int, float]:
   return rows
 
 
-def _train(workdir, data_flags, *flags, devices=1):
-  result = subprocess.run(_command(workdir, data_flags, *flags), env=_env(devices), capture_output=True, text=True,
-                          timeout=600)
+def _train(workdir, data_flags, *flags, devices=1, cpu_devices=0):
+  result = subprocess.run(_command(workdir, data_flags, *flags, cpu_devices=cpu_devices), env=_env(devices),
+                          capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return _losses(workdir)
 
@@ -97,6 +98,13 @@ def test_a_run_killed_mid_way_resumes_to_the_same_losses(tmp_path, data_flags, r
 def test_sharded_training_gives_the_same_losses_as_one_device(tmp_path, data_flags, three_steps, mesh):
   losses = _train(tmp_path, data_flags, "--config.train.steps=3", "--config.train.checkpoint_every=3", FLOAT32,
                   *mesh, devices=8)
+  np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], [three_steps[s] for s in (1, 2, 3)], rtol=1e-4)
+
+
+def test_a_cpu_split_in_two_devices_trains_like_one(tmp_path, data_flags, three_steps):
+  """config.cpu_devices=2 in a process XLA_FLAGS gives one device: a data=2 mesh exists only if the split works."""
+  losses = _train(tmp_path, data_flags, "--config.train.steps=3", "--config.train.checkpoint_every=3", FLOAT32,
+                  "--config.mesh.data=2", cpu_devices=2)
   np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], [three_steps[s] for s in (1, 2, 3)], rtol=1e-4)
 
 

@@ -93,12 +93,16 @@ def scene_objects(record: dict) -> tuple[shapes_scene.SceneObject, ...]:
   return tuple(shapes_scene.SceneObject(o["shape"], o["colour"], o["size"], tuple(o["box"])) for o in record["scene"])
 
 
-def training_messages(record: dict, rng: np.random.Generator, questions_per_type: int = 0) -> list[dict]:
-  """VQA turns and one turn of another task (each task equally likely), shuffled; the image placeholder leads
-  the first user turn. The VQA turns are the record's when questions_per_type is 0, else up to that many
-  questions of each type drawn from its scene."""
-  vqa = (shapes_scene.vqa_questions(scene_objects(record), rng, questions_per_type) if questions_per_type
-         else record["vqa"])
+def training_messages(record: dict, rng: np.random.Generator, questions_per_type: int = 0,
+                      position_questions: int = 0) -> list[dict]:
+  """VQA turns, up to `position_questions` questions of where an object lies against the image's centre
+  (`shapes_scene.position_questions`, a training-only task), and one turn of another task (each task equally
+  likely), shuffled; the image placeholder leads the first user turn. The VQA turns are the record's when
+  questions_per_type is 0, else up to that many questions of each type drawn from its scene."""
+  objects = scene_objects(record)
+  vqa = shapes_scene.vqa_questions(objects, rng, questions_per_type) if questions_per_type else record["vqa"]
+  if position_questions:
+    vqa = vqa + shapes_scene.position_questions(objects, record["image"].shape[0], rng, position_questions)
   turns = [(q["question"], q["answer"]) for q in vqa]
   # The task first, then one of its pairs. Drawn from all pairs at once, the POPE probes (up to 12 per image)
   # took 62% of these turns and the one caption 6%. Equal odds per task gave the main job (seeds 0 and 1)

@@ -36,11 +36,17 @@ class VLMConfig(ModelConfig):
   # with it and classify.position_bins=4, 0.74 with the position groups alone (experiments/shapes_tiny/README.md,
   # session 8).
   image_position_embedding: str = "none"
+  # The table's start (`Projector.position_scale`): 0 the sine-cosine table as it is, s > 0 centred and scaled
+  # to a root mean square of s.
+  image_position_scale: float = 0.0
 
   def __post_init__(self):
     check_choice(self.projector, PROJECTORS, "model.projector")
     check_choice(self.vision_feature_select, ("default", "full"), "model.vision_feature_select")
     check_choice(self.image_position_embedding, POSITION_EMBEDDINGS, "model.image_position_embedding")
+    if self.image_position_scale < 0 or (self.image_position_scale and self.image_position_embedding == "none"):
+      raise ValueError(f"model.image_position_scale={self.image_position_scale} needs a table to scale: 0, or "
+                       f"positive with image_position_embedding='sincos2d'")
     if self.image_position_embedding != "none" and self.keeps_cls_token:
       raise ValueError("model.image_position_embedding needs patch tokens only (a square grid): use "
                        "vision_feature_select='default' or a ViT without class token")
@@ -113,6 +119,7 @@ class VLM(nn.Module):
     cfg = self.config
     self.vision = ViT(cfg.vision)
     self.projector = Projector(cfg.projector, cfg.decoder.width, position_embedding=cfg.image_position_embedding,
+                               position_scale=cfg.image_position_scale,
                                dtype=dtype(cfg.decoder.dtype), param_dtype=dtype(cfg.decoder.param_dtype))
     self.decoder = Decoder(cfg.decoder)
 

@@ -1,4 +1,4 @@
-"""Multi-host start-up: `jax.distributed.initialize` from the usual environment variables.
+"""Process start-up: `jax.distributed.initialize` from the usual environment variables, and the CPU's devices.
 
     JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 vlmjax train ...
 
@@ -22,3 +22,19 @@ def initialize_from_environment() -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; accelerators have their own
   jax.distributed.initialize(coordinator_address=address, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
                              process_id=int(os.environ["JAX_PROCESS_ID"]))
+
+
+def split_cpu(count: int) -> None:
+  """Makes this process's CPU `count` XLA devices (`jax_num_cpu_devices`); 0 keeps JAX's default (one, or what
+  XLA_FLAGS' --xla_force_host_platform_device_count says). Only a process's entry point can call it: JAX reads
+  it when it starts its backends, before any array exists.
+
+  Why: on a CPU, XLA runs each op of one device's program across all cores, and the small ops of a small model
+  spend much of their time dividing and joining that work. One device per core, the batch split over them
+  along the mesh's data axis, keeps each core on its own part: the shapes_tiny finetune step takes 0.226 s on
+  2 devices against 0.275 s on one (2 cores, medians of 3 runs side by side; 0.240 s on 4 devices).
+  """
+  if count < 0:
+    raise ValueError(f"cpu_devices must be 0 (JAX's default) or a device count, got {count}")
+  if count:
+    jax.config.update("jax_num_cpu_devices", count)
