@@ -4,7 +4,9 @@
 
 Bandwidth: a jitted reduction over a 1 GiB float32 array (bytes read / second). Matmul: a jitted 2048^3 float32
 matmul (2·n³ FLOPs / second). Medians over --repeats runs. Other tools import `measure()` to express their
-figures as fractions of these ceilings.
+figures as fractions of these ceilings. On a CPU split into several devices (`distributed.split_cpu`) one
+device is a part of the machine: the matmul then runs on every local device at once, one per device, and the
+FLOPs are summed.
 """
 
 import argparse
@@ -34,11 +36,14 @@ def measure(repeats: int = 10, bandwidth_bytes: int = 1 << 30, matmul_size: int 
   seconds = median_seconds(jax.jit(jnp.sum), data, repeats=repeats)
   bandwidth = bandwidth_bytes / seconds / 1e9
   del data
-  a = jax.random.normal(jax.random.key(0), (matmul_size, matmul_size), dtype)
-  b = jax.random.normal(jax.random.key(1), (matmul_size, matmul_size), dtype)
+  devices = jax.local_devices()
+  each = jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("device",)), jax.sharding.PartitionSpec("device"))
+  shape = (len(devices), matmul_size, matmul_size)  # one matmul per device
+  a = jax.device_put(jax.random.normal(jax.random.key(0), shape, dtype), each)
+  b = jax.device_put(jax.random.normal(jax.random.key(1), shape, dtype), each)
   matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   seconds = median_seconds(matmul, a, b, repeats=repeats)
-  return {"bandwidth_gb_s": bandwidth, "matmul_gflop_s": 2 * matmul_size**3 / seconds / 1e9}
+  return {"bandwidth_gb_s": bandwidth, "matmul_gflop_s": len(devices) * 2 * matmul_size**3 / seconds / 1e9}
 
 
 def main():
