@@ -73,7 +73,7 @@ def get_config(arg: str | None = None):
   # (1270 steps at batch 16: twice the updates of batch 32 for the same time, and more accurate). Which shape
   # lies under a patch is learned suddenly, around step 300: trained for 300 classify steps, the tower names a
   # patch's shape right 0.87 of the time, for 380 steps 0.976 (experiments/shapes_tiny/probe_classify.py).
-  # Sized for the README's main job: about 9 minutes on a 2-core CPU. Relation questions ("Is the X to the left
+  # Sized for the README's main job: about 10 minutes on a 2-core CPU. Relation questions ("Is the X to the left
   # or to the right of the Y?") go on rising long after this recipe stops: 4000 finetune steps (session 8: with
   # the raw-scale table and --config.train.steps=4380 --config.train.stages=classify:0.086758,finetune
   # --config.classify.position_bins=4, about 20 minutes) gave shapes_vqa 0.960, relation 0.902

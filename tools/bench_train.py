@@ -6,13 +6,14 @@ utilization (MFU) of each against this machine's measured float32 matmul peak.
     python tools/bench_train.py --config.model.image_token_merge=1 --config.model.vision.stem=patch
 
 vlmjax: `vlmjax.train.state.train_step` as the trainer runs it (AdamW, clipping, the jitted step with donated
-state, the CPU split into the config's `cpu_devices` with the batch over them) on a batch of the config's `data.length` tokens per row, one image each. transformers: a
-`LlavaForConditionalGeneration` of the same shape (CLIP vision tower with the config's width, depth, heads and
-patches; Llama decoder with its width, depth, heads, KV heads, MLP and vocabulary), forward + backward + clipping
-+ `torch.optim.AdamW` on the same token and image counts. Model FLOPs per step (`model_flops`: 6 x matmul
-parameters x tokens plus the attention scores, forward + backward) are the same number for both; MFU = model FLOPs /
-step time / the measured matmul peak of the compute dtype. Prints one table; the step times are medians of
---repeats timed steps after a warm-up.
+state, the CPU split into the config's `cpu_devices` with the batch over them) on a batch of the config's
+`data.length` tokens per row, one image each. transformers: a `LlavaForConditionalGeneration` of the same
+shape (CLIP vision tower with the config's width, depth, heads and patches; Llama decoder with its width, depth,
+heads, KV heads, MLP and vocabulary), forward + backward + clipping + `torch.optim.AdamW` on the same token
+and image counts. Model FLOPs per step (`model_flops`: 6 x matmul parameters x tokens plus the attention scores,
+forward + backward) are the same number for both; MFU = model FLOPs / step time / the measured matmul peak of
+the compute dtype (on a split CPU, of all its devices at once: `roofline.measure`). Prints one table; the step
+times are medians of --repeats timed steps after a warm-up.
 """
 
 import jax

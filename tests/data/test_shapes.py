@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmjax.data import shapes, shapes_scene
+from vlmjax.data import shapes, shapes_scene, shapes_tasks
 
 PALETTE = shapes_scene.COLOURS  # what each colour name means, in RGB
 SHAPE_WORDS = set(shapes_scene.SHAPES)
@@ -192,8 +192,7 @@ def test_position_questions_are_true(examples):
   answers = collections.Counter()
   for example in examples:
     objects = seen_objects(example)
-    scene = tuple(shapes_scene.SceneObject(o["shape"], o["colour"], o["size"], tuple(o["box"]))
-                  for o in example["scene"])
+    scene = shapes_tasks.scene_objects(example)
     every = shapes_scene.position_questions(scene, IMAGE_SIZE, rng, 100)
     assert len(shapes_scene.position_questions(scene, IMAGE_SIZE, rng, 2)) == min(2, len(every))
     for q in every:

@@ -222,7 +222,8 @@ def test_image_position_embedding_adds_a_learned_table_started_at_sincos():
   assert optim.trainable_labels(params, "align")["projector"]["position_embedding"] == "train"
   # Scaled: centred over the tokens, root mean square 3 (the raw table is nearly constant on a small grid).
   scaled = with_positions.replace(image_position_scale=3.0)
-  scaled_table = nn.meta.unbox(VLM(scaled).init(jax.random.key(0), **inputs))["params"]["projector"]["position_embedding"]
+  scaled_params = nn.meta.unbox(VLM(scaled).init(jax.random.key(0), **inputs))["params"]
+  scaled_table = scaled_params["projector"]["position_embedding"]
   centred = table - table.mean(0)
   np.testing.assert_allclose(scaled_table, 3.0 * centred / np.sqrt(np.mean(centred**2)), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match=r"image_position_scale=2.0 needs a table to scale"):

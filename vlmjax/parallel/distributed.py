@@ -29,10 +29,10 @@ def split_cpu(count: int) -> None:
   XLA_FLAGS' --xla_force_host_platform_device_count says). Only a process's entry point can call it: JAX reads
   it when it starts its backends, before any array exists.
 
-  Why: on a CPU, XLA runs each op of one device's program across all cores, and the small ops of a small model
-  spend much of their time dividing and joining that work. One device per core, the batch split over them
-  along the mesh's data axis, keeps each core on its own part: the shapes_tiny finetune step takes 0.226 s on
-  2 devices against 0.275 s on one (2 cores, medians of 3 runs side by side; 0.240 s on 4 devices).
+  Why: one CPU device runs each op of its program across all cores, and a small model's ops are too small to
+  divide well. One device per core, the batch split over them along the mesh's data axis, keeps each core on
+  its own part: on the 2-core development machine the shapes_tiny finetune step takes 0.226 s on 2 devices
+  against 0.275 s on one (medians of 3 runs side by side; 0.240-0.256 s on 4 devices).
   """
   if count < 0:
     raise ValueError(f"cpu_devices must be 0 (JAX's default) or a device count, got {count}")
