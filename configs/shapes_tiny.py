@@ -43,10 +43,10 @@ def get_config(arg: str | None = None):
   # Where each image token lies, made as strong as what it shows: --config.model.image_position_embedding=sincos2d
   # --config.model.image_position_scale=1.5 --config.data.position_questions=2 (a learned table started at the
   # sine-cosine table, centred and scaled to a root mean square of 1.5, and two training-only questions per view
-  # of where an object lies against the image's centre). With them seed 0 learns relation questions within
-  # this recipe (shapes_vqa 0.883, relation 0.713) but seed 1 does not learn shape questions (0.707, shape
-  # 0.642, against 0.817 and 0.892 without them), so the recipe leaves them out (experiments/shapes_tiny/README.md,
-  # session 9).
+  # of where an object lies against the image's centre). With them seeds 0 and 2 learn relation questions
+  # within this recipe (main job 0.883, relation 0.713; 0.863 and 0.659 against 0.865 and 0.534 without), but
+  # seed 1 does not learn shape questions (0.707, shape 0.642, against 0.817 and 0.892 without them), so the
+  # recipe leaves them out (experiments/shapes_tiny/README.md, session 9).
   config.data = ml_collections.ConfigDict(dict(
       dir="",  # where the shapes data set is built if missing; empty: <workdir>/data
       length=224,  # tokens per example: 16 image tokens + up to ~207 text tokens of ~15 turns, padded
