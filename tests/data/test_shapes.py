@@ -22,7 +22,7 @@ from vlmjax.data import shapes, shapes_scene, shapes_tasks
 PALETTE = shapes_scene.COLOURS  # what each colour name means, in RGB
 SHAPE_WORDS = set(shapes_scene.SHAPES)
 SIZE_WORDS = {"small", "large"}
-IMAGE_SIZE = 64  # shapes.get_config()'s
+IMAGE_SIZE = shapes.get_config().image_size  # the size every split is drawn at
 
 
 def tiny_config(seed=0):
