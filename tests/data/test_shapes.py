@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from vlmjax.data import shapes, shapes_scene, shapes_tasks
+from vlmjax.data.tokenizer import Tokenizer
 
 PALETTE = shapes_scene.COLOURS  # what each colour name means, in RGB
 SHAPE_WORDS = set(shapes_scene.SHAPES)
@@ -280,12 +281,24 @@ def test_two_builds_are_byte_identical(built, tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(shapes.__file__))))
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
   subprocess.run([sys.executable, "-c", code, str(tmp_path), config], check=True, capture_output=True, env=env)
-  first, second = built / "shapes" / "1.0.0", tmp_path / "shapes" / "1.0.0"
+  first, second = built / "shapes" / shapes.VERSION, tmp_path / "shapes" / shapes.VERSION
   names = sorted(str(path.relative_to(first)) for path in first.rglob("*") if path.is_file())
   assert names == sorted(str(path.relative_to(second)) for path in second.rglob("*") if path.is_file())
   assert any(".array_record-" in name for name in names) and "tokenizer/tokenizer.json" in names
   for name in names:
     assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_tokenizer_keeps_punctuation_and_line_breaks_out_of_words(built):
+  tokenizer = Tokenizer.from_directory(shapes.tokenizer_dir(built)).backend
+  circle = tokenizer.token_to_id("▁circle")
+  assert circle is not None
+  for text in ["Is there a circle?", "A red circle.", "A circle, a star", "Is the circle?\nA. red\nB. blue"]:
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    assert circle in ids, [tokenizer.id_to_token(i) for i in ids]
+  text = "USER: <image>\nWhat colour is the option's circle?\nA. red [12, 30] ASSISTANT: A</s>"
+  assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False).ids, skip_special_tokens=False) == text
+  assert tokenizer.encode(" ASSISTANT:", add_special_tokens=False).tokens == ["▁ASSISTANT:"]
 
 
 def test_splits_skip_images_already_used(monkeypatch):

@@ -1,6 +1,6 @@
 """The built-in "shapes" data set: a tensorflow-datasets builder writing array_record, with no TensorFlow.
 
-  build(out_dir, get_config())            # writes out_dir/shapes/1.0.0/, skipped if built with this config
+  build(out_dir, get_config())            # writes out_dir/shapes/<VERSION>/, skipped if built with this config
   source = load(out_dir, "train")         # random access (len, []) for grain
   render_grid([source[i] for i in range(8)], "grid.png")
 
@@ -34,7 +34,9 @@ from vlmjax.data import shapes_scene, shapes_tokenizer
 from vlmjax.data.images import ImageProcessor
 
 NAME = "shapes"
-VERSION = "1.0.0"
+# 1.1.0: the tokenizer keeps sentence punctuation and line breaks out of words (shapes_tokenizer.SEPARATE);
+# the records are those of 1.0.0.
+VERSION = "1.1.0"
 SPLITS = ("test", "validation", "train")  # generation order: a split never reuses an earlier split's image
 JSON_FIELDS = ("scene", "captions", "vqa", "pope", "multiple_choice", "grounding", "conversation")
 
@@ -152,7 +154,7 @@ class ShapesBuilder(tfds.core.GeneratorBasedBuilder):
 
 
 def build(out_dir: str | os.PathLike, config: ml_collections.ConfigDict | None = None) -> None:
-  """Writes the data set to out_dir/shapes/1.0.0/; does nothing if it is there, built with `config`."""
+  """Writes the data set to out_dir/shapes/<VERSION>/; does nothing if it is there, built with `config`."""
   config = get_config() if config is None else config
   _check_config(config)
   builder = ShapesBuilder(shapes_config=config, data_dir=os.fspath(out_dir), file_format="array_record")

@@ -11,12 +11,13 @@ import os
 import string
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from vlmjax.data import shapes_tasks
 
 PAD, BOS, EOS, IMAGE = "<pad>", "<s>", "</s>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, IMAGE)  # ids 0, 1, 2, 3: configs/shapes_tiny.py's image_token_id is 3
+SEPARATE = r"[?.,!;'\[\]\n]"  # characters the BPE never merges with a neighbour
 
 # LLaVA-1.5's conversation format. Content is a string (with "<image>" inline) or a list of OpenAI-style parts.
 CHAT_TEMPLATE = (
@@ -40,8 +41,14 @@ CHAT_TEMPLATE = (
 def train(texts: Iterable[str], out_dir: str, vocab_size: int = 512) -> None:
   """Trains the BPE on `texts` and writes tokenizer.json and tokenizer_config.json into out_dir."""
   tokenizer = Tokenizer(models.BPE(unk_token=None))
-  # Metaspace (as SentencePiece): spaces become part of the tokens, so decode(encode(text)) == text.
-  tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+  # Metaspace (as SentencePiece): spaces become part of the tokens, so decode(encode(text)) == text. Sentence
+  # punctuation and line breaks are tokens of their own, as in the tokenizers of real LMs: merged into words, the
+  # BPE made ten tokens of each shape name ("▁circle", "▁circle?", "▁circle.", "▁circle?\nA.", ...), and the
+  # model had to learn separately which image tokens each one names. A colon stays with its word, so the
+  # template's "ASSISTANT:" is one token per turn.
+  tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+      pre_tokenizers.Split(Regex(SEPARATE), behavior="isolated")])
   tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
   # Every printable ASCII character is in the vocabulary: the BPE has no unknown token, so a character it never
   # saw in training would silently vanish from the text.
