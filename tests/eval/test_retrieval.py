@@ -89,9 +89,11 @@ def test_shapes_retrieval_with_a_random_clip_matches_a_direct_computation(tiny_c
   records = [source[i] for i in range(len(source))]
   texts = [(i, caption) for i, record in enumerate(records) for caption in record["captions"]]
   assert len(texts) > len(records)  # several captions per image
-  ids, mask = np.zeros((len(texts), 24), np.int32), np.zeros((len(texts), 24), bool)
-  for row, (_, caption) in enumerate(texts):
-    tokens = tiny_clip.tokenizer.encode(caption, add_special_tokens=False) + [tiny_clip.tokenizer.eos_token_id]
+  length = CONFIG.text.context_length
+  ids, mask = np.zeros((len(texts), length), np.int32), np.zeros((len(texts), length), bool)
+  for row, (_, caption) in enumerate(texts):  # cut to leave room for the end token, where CLIP pools
+    tokens = tiny_clip.tokenizer.encode(caption, add_special_tokens=False)[:length - 1]
+    tokens.append(tiny_clip.tokenizer.eos_token_id)
     ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, True
   pixels = tiny_clip.image_processor([record["image"] for record in records])
   image_embeddings, text_embeddings, _, _ = CLIP(CONFIG).apply(tiny_clip.params, pixels, ids, mask)
