@@ -91,9 +91,8 @@ def test_shapes_retrieval_with_a_random_clip_matches_a_direct_computation(tiny_c
   assert len(texts) > len(records)  # several captions per image
   length = CONFIG.text.context_length
   ids, mask = np.zeros((len(texts), length), np.int32), np.zeros((len(texts), length), bool)
-  for row, (_, caption) in enumerate(texts):  # cut to leave room for the end token, where CLIP pools
-    tokens = tiny_clip.tokenizer.encode(caption, add_special_tokens=False)[:length - 1]
-    tokens.append(tiny_clip.tokenizer.eos_token_id)
+  for row, (_, caption) in enumerate(texts):  # caption_ids' own cut is tested above
+    tokens = retrieval.caption_ids(tiny_clip.tokenizer, caption, length)
     ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, True
   pixels = tiny_clip.image_processor([record["image"] for record in records])
   image_embeddings, text_embeddings, _, _ = CLIP(CONFIG).apply(tiny_clip.params, pixels, ids, mask)
