@@ -73,7 +73,10 @@ def test_paged_decoding_matches_the_contiguous_cache_token_for_token(decoder, ke
     cache = cache.replace(page_table=jnp.asarray(table))
     logits_contiguous, contiguous = step(tokens_contiguous[:, None], contiguous)
     logits_paged, cache = step(tokens_paged[:, None], cache)
-    np.testing.assert_allclose(logits_paged, logits_contiguous, rtol=1e-5, atol=1e-5)
+    # The kernel sums a row's pages in partitions by an online softmax (through exp2): float32 rounding in
+    # another order, ~1e-6 of logits ~10 that two layers of weights x3 amplify up to ~1e-4. A wrong page,
+    # length or head group is off by O(1).
+    np.testing.assert_allclose(logits_paged, logits_contiguous, rtol=1e-5, atol=3e-4)
     tokens_contiguous = jnp.argmax(logits_contiguous[:, 0], axis=-1).astype(jnp.int32)
     tokens_paged = jnp.argmax(logits_paged[:, 0], axis=-1).astype(jnp.int32)
     assert tokens_paged.tolist() == tokens_contiguous.tolist()
