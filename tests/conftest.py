@@ -1,18 +1,18 @@
 """Test-session setup: 8 fake CPU devices (for the sharding tests) and JAX's persistent compilation cache.
 
-XLA_FLAGS must be set before JAX initializes its backend, hence here, before any test module imports jax.
-Single-device tests are unaffected: arrays live on the first device unless a test shards them.
+XLA_FLAGS and the cache's settings must be set before JAX reads them, hence here, before any test module
+imports jax. Single-device tests are unaffected: arrays live on the first device unless a test shards them.
 """
 
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import jax  # noqa: E402
-
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("VLMJAX_TEST_CACHE", os.path.expanduser("~/.cache/vlmjax/jax-test-cache")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Through the environment, so that the runs the tests start in subprocesses (`vlmjax train`, the server) share
+# the cache too: a resumed run, or a second run of one config, loads its programs instead of compiling them.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.environ.get("VLMJAX_TEST_CACHE", os.path.expanduser("~/.cache/vlmjax/jax-test-cache")))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 
