@@ -10,9 +10,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 
 # Through the environment, so that the runs the tests start in subprocesses (`vlmjax train`, the server) share
 # the cache too: a resumed run, or a second run of one config, loads its programs instead of compiling them.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.environ.get("VLMJAX_TEST_CACHE", os.path.expanduser("~/.cache/vlmjax/jax-test-cache")))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("VLMJAX_TEST_CACHE",
+                                                        os.path.expanduser("~/.cache/vlmjax/jax-test-cache"))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 import pytest  # noqa: E402
 
