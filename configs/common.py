@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
       stages="full",  # a chain of stages with fractions of train.steps, e.g. "align:0.2,finetune:0.8"
       init_from="",  # a workdir whose latest parameters the run starts from
       validate_every=0,  # steps between validations (exact-match VQA accuracy); 0: only at the end
-      validation_questions=256,
+      validation_questions=256,  # 0: no validation
   ))
   config.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=100, end_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
