@@ -134,3 +134,31 @@ def test_vision_learning_rate_scales_only_the_vision_towers_steps(params):
                step(scaled, "vision"), step(plain, "vision"))
   for group in ("projector", "decoder"):
     jax.tree.map(np.testing.assert_array_equal, step(scaled, group), step(plain, group))
+
+
+def test_a_sharded_step_keeps_the_states_shardings_and_compiles_once(params):
+  """fsdp: left to XLA, the fresh Adam moments come out replicated and the step's outputs sharded like the
+  parameters, so the second step would compile again."""
+  from vlmjax.parallel import mesh as mesh_lib
+
+  mesh = mesh_lib.make_mesh(dict(data=1, fsdp=4, tensor=1), devices=jax.devices()[:4])
+  rules = common.base_config().sharding_rules
+  boxed = jax.eval_shape(lambda: VLM(CONFIG).init(jax.random.key(0), **CONFIG.example_inputs(1)))
+  sharded = jax.device_put(params, mesh_lib.param_shardings(boxed, mesh, rules)["params"])
+  optimizer = _optimizer(params, "finetune")
+  state, shardings = state_lib.create_sharded(sharded, optimizer, 0, mesh)
+  step = state_lib.sharded_train_step(shardings, config=CONFIG, optimizer=optimizer, stage="finetune")
+  with mesh_lib.activate(mesh, rules):
+    for seed in range(3):
+      batch = {key: jax.device_put(value, mesh_lib.batch_sharding(mesh, value.ndim))
+               for key, value in _batch(seed).items()}
+      state, metrics = step(state, batch)
+  assert step._cache_size() == 1
+  jax.tree.map(lambda array, sharding: array.sharding.is_equivalent_to(sharding, array.ndim) or pytest.fail(
+      f"{array.shape}: {array.sharding} against {sharding}"), state, shardings)
+  # The moments are split as their parameters are (the decoder's embedding over fsdp), not replicated.
+  embedding = sharded["decoder"]["embedding"]
+  moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == embedding.shape]
+  assert moments and all(mesh_lib.shard_count(m) == mesh_lib.shard_count(embedding) != (1, 1) for m in moments)
+  _, losses = _run(params, "finetune")
+  np.testing.assert_allclose(float(metrics["loss"]), losses[-1], rtol=1e-5)

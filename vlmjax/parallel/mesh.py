@@ -136,6 +136,10 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *(None,) * (ndim - 1)))
 
 
+# How programs that run once (initializers) are compiled: XLA's backend optimizations off.
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args) -> tuple[Any, Any]:
   """Runs `init_fn(*args)` (e.g. `model.init`) straight into its shardings: each device only ever allocates its
   own shards (`jax.eval_shape` -> shardings -> `jax.jit(out_shardings=...)`), never the whole tree.
@@ -147,7 +151,10 @@ def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args) -
   shardings = param_shardings(boxed, mesh, rules)
   # Outside `activate`: the out_shardings place every variable; constraints inside scanned layers at init
   # would see per-layer shapes against the stacked layers' axes.
-  variables = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+  # XLA's CPU backend spends most of an init's compile optimizing one threefry hash per parameter (the
+  # shapes_tiny VLM: 11 s); a program that runs once is compiled without its optimizations (6 s).
+  variables = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings,
+                      compiler_options=INIT_COMPILER_OPTIONS)(*args)
   return variables, shardings
 
 

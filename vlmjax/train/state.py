@@ -10,12 +10,13 @@ each of the G attribute groups, `shapes_tasks.patch_labels`).
 """
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlmjax.models.classifier import ClassifierConfig, ViTClassifier, patch_classification_loss
 from vlmjax.models.clip import CLIP, CLIPConfig
@@ -39,6 +40,27 @@ def create(params: Any, optimizer: optax.GradientTransformation, step: int = 0) 
   """A fresh optimizer over `params`; `step` counts globally across the stages of a run."""
   return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=optimizer.init(params),
                     skipped=jnp.zeros((), jnp.int32))
+
+
+def create_sharded(params: Any, optimizer: optax.GradientTransformation, step: int,
+                   mesh: Mesh) -> tuple[TrainState, TrainState]:
+  """`create` straight into the shardings the train step keeps: the parameters' own (as placed by the logical
+  rules), each optimizer-state leaf that mirrors a parameter (AdamW's moments) that parameter's, and the rest
+  (the step, counts) replicated. Left to XLA, the moments (zeros, tied to no input) come out replicated, the
+  step's outputs sharded like the parameters, and the second step compiles again.
+
+  Returns:
+    (the state, its shardings: a TrainState of NamedShardings).
+  """
+  replicated = NamedSharding(mesh, PartitionSpec())
+  param_shardings = jax.tree.map(lambda p: p.sharding, params)
+  new_state = lambda p: create(p, optimizer, step)
+  masked = lambda leaf: isinstance(leaf, optax.MaskedNode)  # a frozen group's (`optim.make_optimizer`): no state
+  opt_shardings = optax.tree_map_params(optimizer, lambda leaf, sharding: leaf if masked(leaf) else sharding,
+                                        jax.eval_shape(new_state, params).opt_state, param_shardings,
+                                        transform_non_params=lambda _: replicated, is_leaf=masked)
+  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, skipped=replicated)
+  return jax.jit(new_state, out_shardings=shardings)(params), shardings
 
 
 def _freeze(params: dict, stage: str) -> dict:
@@ -83,9 +105,8 @@ def stage_loss(params, config: VLMConfig | CLIPConfig | ClassifierConfig, batch:
   return vlm_loss(params, config, batch, stage)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "optimizer", "stage"), donate_argnames=("state",))
-def train_step(state: TrainState, batch: dict, *, config: VLMConfig | CLIPConfig | ClassifierConfig,
-               optimizer: optax.GradientTransformation, stage: str) -> tuple[TrainState, dict]:
+def _train_step(state: TrainState, batch: dict, *, config: VLMConfig | CLIPConfig | ClassifierConfig,
+                optimizer: optax.GradientTransformation, stage: str) -> tuple[TrainState, dict]:
   """One update. A non-finite loss or gradient norm skips the update (params and optimizer state unchanged)
   and counts it in `skipped`; the run goes on.
 
@@ -101,3 +122,16 @@ def train_step(state: TrainState, batch: dict, *, config: VLMConfig | CLIPConfig
   state = TrainState(step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
                      skipped=state.skipped + (~finite).astype(jnp.int32))
   return state, {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "skipped": state.skipped}
+
+
+# The step, its state donated; its output shardings are what XLA propagates from the inputs'.
+train_step = jax.jit(_train_step, static_argnames=("config", "optimizer", "stage"), donate_argnames=("state",))
+
+
+def sharded_train_step(state_shardings: TrainState, *, config: VLMConfig | CLIPConfig | ClassifierConfig,
+                       optimizer: optax.GradientTransformation, stage: str) -> Callable:
+  """`train_step` for one stage, jitted with the state's shardings (`create_sharded`) as its output's, so that
+  every step of the stage runs the one program: `state, metrics = step(state, batch)`."""
+  replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
+  return jax.jit(functools.partial(_train_step, config=config, optimizer=optimizer, stage=stage),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)

@@ -105,7 +105,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
       batch_size, length = config.train.batch_size, config.data.length
     optim_config = stages_lib.optim_config(config, stage)
     optimizer = optim.make_optimizer(optim_config, stage_params, stage.name, stage.steps)
-    state = jax.jit(lambda p: state_lib.create(p, optimizer, stage.start))(stage_params)
+    state, state_shardings = state_lib.create_sharded(stage_params, optimizer, stage.start, mesh)
+    train_step = state_lib.sharded_train_step(state_shardings, config=stage_config, optimizer=optimizer,
+                                              stage=stage.name)
     bad_records = pipeline.BadRecords()
     dataset = pipeline.train_dataset(
         source, to_example, seed=config.seed + index, batch_size=batch_size // jax.process_count(),
@@ -127,8 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
         # Tokens for the VLM and the captions of the contrastive stage, images for the classify stage.
         units = local["input_mask"].sum() if "input_mask" in local else len(local["pixel_values"])
         tokens += int(units) * jax.process_count()
-        state, metrics = state_lib.train_step(state, _global_batch(local, mesh), config=stage_config,
-                                              optimizer=optimizer, stage=stage.name)
+        state, metrics = train_step(state, _global_batch(local, mesh))
         pending.append((step + 1, metrics))
         done = step + 1
         # Validation generates with the inference code on this process's devices: single-process runs only
