@@ -21,6 +21,7 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 import pytest  # noqa: E402
 
+
 def pytest_collection_modifyitems(items):
   """The `vlmjax train` end-to-end files first: they are the longest, and xdist hands each file to one worker
   (pyproject.toml), so started last they would run on alone after every other file has finished."""

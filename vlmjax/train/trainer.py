@@ -119,6 +119,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
       iterator.set_state(data_state)
       logging.info("resumed %s at step %d", workdir, latest)
     schedule = optim.learning_rate_schedule(optim_config, stage.steps)
+    # Validation generates with the inference code on this process's devices: single-process runs only
+    # (a multi-host run's parameters span other hosts; evaluate its workdir with `vlmjax eval`).
+    validates = (jax.process_count() == 1 and not stage.pretrains_vision
+                 and config.train.validation_questions > 0)
 
     with mesh_lib.activate(mesh, rules):
       progress = tqdm.tqdm(range(int(state.step), stage.end), initial=int(state.step), total=stage.end,
@@ -132,11 +136,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
         state, metrics = train_step(state, _global_batch(local, mesh))
         pending.append((step + 1, metrics))
         done = step + 1
-        # Validation generates with the inference code on this process's devices: single-process runs only
-        # (a multi-host run's parameters span other hosts; evaluate its workdir with `vlmjax eval`).
-        validate = (jax.process_count() == 1 and not stage.pretrains_vision and config.train.validation_questions > 0
-                    and (done == stages[-1].end or (
-                        config.train.validate_every and done % config.train.validate_every == 0)))
+        validate = validates and (done == stages[-1].end or (
+            config.train.validate_every and done % config.train.validate_every == 0))
         if done % config.train.log_every == 0 or done == stage.end or validate:
           fetched = jax.device_get([m for _, m in pending])  # the one host sync per log interval
           elapsed = time.perf_counter() - since
