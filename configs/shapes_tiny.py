@@ -52,6 +52,7 @@ def get_config(arg: str | None = None):
       length=224,  # tokens per example: 16 image tokens + up to ~207 text tokens of ~15 turns, padded
       questions_per_type=3,  # VQA questions of each type drawn afresh each time an image is seen (0: the record's)
       position_questions=0,  # training-only questions of where an object lies against the image's centre
+      position_centre_first=False,  # those questions name the centre first, the object last
       shapes=shapes.get_config().to_dict(),
   ))
   # The contrastive stage's dual tower (used when train.stages names it): this vision tower, a small text tower.

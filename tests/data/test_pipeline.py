@@ -75,13 +75,16 @@ def test_fresh_questions_are_drawn_from_the_scene_each_view(data_dir):
   assert len(first) == len(drawn) + 1 and len(extra) == 1 and extra <= set(shapes_tasks.other_tasks(record))
 
 
-def test_position_questions_are_added_to_the_drawn_ones(data_dir):
+@pytest.mark.parametrize("centre_first", [False, True])
+def test_position_questions_are_added_to_the_drawn_ones(data_dir, centre_first):
   record = shapes.load(data_dir, "train")[0]
   def turns(position_questions):
-    messages = shapes_tasks.training_messages(record, np.random.default_rng(1), 3, position_questions)
+    messages = shapes_tasks.training_messages(record, np.random.default_rng(1), 3, position_questions, centre_first)
     return {(q["content"].removeprefix("<image>\n"), a["content"]) for q, a in zip(messages[::2], messages[1::2])}
-  about_centre = {turn for turn in turns(2) if turn[0].endswith(" the centre?")}
-  assert len(about_centre) == 2 and not any(turn[0].endswith(" the centre?") for turn in turns(0))
+  def names_centre(question):
+    return question.startswith("Is the centre ") if centre_first else question.endswith(" the centre?")
+  assert sum(names_centre(question) for question, _ in turns(2)) == 2
+  assert not any(names_centre(question) for question, _ in turns(0))
   assert turns(0) - set(shapes_tasks.other_tasks(record)) <= turns(2)  # the same VQA draw, then the two
 
 

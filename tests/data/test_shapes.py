@@ -141,6 +141,11 @@ def true_answer(question, objects):
     offset = centre(the(objects, m[1]))[axis] - IMAGE_SIZE / 2
     assert abs(offset) >= 1, "on the centre line"
     return ("left", "right", "above", "below")[2 * axis + (offset > 0)]
+  if m := re.fullmatch(r"Is the centre (to the left or to the right of|above or below) the (.+)\?", question):
+    axis = 0 if m[1].startswith("to") else 1
+    offset = centre(the(objects, m[2]))[axis] - IMAGE_SIZE / 2
+    assert abs(offset) >= 1, "on the centre line"
+    return ("left", "right", "above", "below")[2 * axis + (offset < 0)]
   if m := re.fullmatch(r"Is the (.+) to the left or to the right of the (.+)\?", question):
     a, b = the(objects, m[1]), the(objects, m[2])
     assert a["box"][2] < b["box"][0] or b["box"][2] < a["box"][0], "not clearly apart left-right"
@@ -188,16 +193,18 @@ def test_vqa_answers_are_true(examples):
   assert types["existence", True] == sum(n for (t, _), n in types.items() if t == "existence")
 
 
-def test_position_questions_are_true(examples):
+@pytest.mark.parametrize("centre_first", [False, True])
+def test_position_questions_are_true(examples, centre_first):
   rng = np.random.default_rng(0)
   answers = collections.Counter()
   for example in examples:
     objects = seen_objects(example)
     scene = shapes_tasks.scene_objects(example)
-    every = shapes_scene.position_questions(scene, IMAGE_SIZE, rng, 100)
-    assert len(shapes_scene.position_questions(scene, IMAGE_SIZE, rng, 2)) == min(2, len(every))
+    every = shapes_scene.position_questions(scene, IMAGE_SIZE, rng, 100, centre_first)
+    assert len(shapes_scene.position_questions(scene, IMAGE_SIZE, rng, 2, centre_first)) == min(2, len(every))
     for q in every:
       assert q["type"] == "position" and q["answer"] == true_answer(q["question"], objects), (q, objects)
+      assert q["question"].startswith("Is the centre ") == centre_first
       answers[q["answer"]] += 1
   assert set(answers) == {"left", "right", "above", "below"}
 

@@ -256,21 +256,27 @@ def _relation_questions(objects) -> list[dict]:
   return questions
 
 
-def position_questions(objects, image_size: int, rng: np.random.Generator, count: int) -> list[dict]:
+def position_questions(objects, image_size: int, rng: np.random.Generator, count: int,
+                       centre_first: bool = False) -> list[dict]:
   """Up to `count` relation questions about one object and the image's centre ("Is the red circle to the left
   or to the right of the centre?"), drawn from those of every object some description picks out alone, on each
   axis where its box centre lies at least RELATION_MARGIN / 2 pixels off the image's centre line. One object to
-  find, not two: 95% of relation questions are answered right by the first object's side of the centre alone."""
+  find, not two: 95% of relation questions are answered right by the first object's side of the centre alone,
+  and as often by the second's, the other way round. `centre_first` names the centre first ("Is the centre to
+  the left or to the right of the red circle?"), so the object is named last, where every other question names
+  the object it asks about."""
   centre = image_size / 2
+  sides = (("left", "right", "to the left or to the right of"), ("above", "below", "above or below"))
   questions = []
   for obj, name in _named(objects):
-    x, y = obj.center
-    if abs(x - centre) >= RELATION_MARGIN / 2:
-      answer = "left" if x < centre else "right"
-      questions.append(_vqa("position", f"Is the {name} to the left or to the right of the centre?", answer))
-    if abs(y - centre) >= RELATION_MARGIN / 2:
-      answer = "above" if y < centre else "below"
-      questions.append(_vqa("position", f"Is the {name} above or below the centre?", answer))
+    for (before, after, words), offset in zip(sides, (c - centre for c in obj.center)):
+      if abs(offset) < RELATION_MARGIN / 2:
+        continue
+      if centre_first:
+        question, answer = f"Is the centre {words} the {name}?", before if offset > 0 else after
+      else:
+        question, answer = f"Is the {name} {words} the centre?", before if offset < 0 else after
+      questions.append(_vqa("position", question, answer))
   return _pick(rng, questions, count)
 
 

@@ -151,8 +151,10 @@ def shapes_example_fn(config: ml_collections.ConfigDict, model_config: VLMConfig
   image_processor = ImageProcessor.from_directory(model_dir)
 
   def to_example(record, rng):
-    ids, assistant = encoder(shapes_tasks.training_messages(record, rng, config.data.questions_per_type,
-                                                           config.data.position_questions))
+    messages = shapes_tasks.training_messages(record, rng, config.data.questions_per_type,
+                                              config.data.position_questions,
+                                              config.data.position_centre_first)
+    ids, assistant = encoder(messages)
     return pipeline.example_arrays(ids, assistant, image_processor([record["image"]])[0])
   return to_example
 
