@@ -3,7 +3,8 @@
     python experiments/shapes_tiny/probe_where.py --workdir /tmp/shapes --data_dir /tmp/shapes/data
 
 On the first validation images it asks two questions per image of where an object lies against the image's
-centre (`shapes_scene.position_questions`, "Is the red circle to the left or to the right of the centre?") and
+centre (`shapes_scene.position_questions`, "Is the red circle to the left or to the right of the centre?", or with
+--centre_first "Is the centre to the left or to the right of the red circle?") and
 the image's own relation questions, and prints the exact-match accuracy of each kind for 1, 2, 3 and 4 objects
 in the image. With one object the model only has to read a position; with more it must first find the object
 named. It also prints how much of the language model's image-token variance is position: the variance over the
@@ -22,6 +23,8 @@ from vlmjax.models.vlm import VLM
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained shapes VLM's workdir.", required=True)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "A built shapes data set.", required=True)
 _IMAGES = flags.DEFINE_integer("images", 200, "Validation images asked about.")
+_CENTRE_FIRST = flags.DEFINE_bool("centre_first", False, "Name the centre first ('Is the centre to the left or to "
+                                  "the right of the red circle?'), as data.position_centre_first trains.")
 
 
 def main(argv):
@@ -33,7 +36,8 @@ def main(argv):
   asked = []  # (record, question)
   for record in records:
     objects = shapes_tasks.scene_objects(record)
-    asked += [(record, q) for q in shapes_scene.position_questions(objects, record["image"].shape[0], rng, 2)]
+    asked += [(record, q) for q in shapes_scene.position_questions(objects, record["image"].shape[0], rng, 2,
+                                                                         _CENTRE_FIRST.value)]
     asked += [(record, q) for q in record["vqa"] if q["type"] == "relation"]
   right, total = collections.Counter(), collections.Counter()
   for start in range(0, len(asked), 64):
