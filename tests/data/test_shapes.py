@@ -126,6 +126,15 @@ def centre(obj):
   return (x0 + x1) / 2, (y0 + y1) / 2
 
 
+def centre_offset(objects, description, words):
+  """(axis: 0 across, 1 down; the described object's box centre minus the image's centre on that axis) for a
+  position question asked with `words` ("to the left or to the right of" or "above or below")."""
+  axis = 0 if words.startswith("to") else 1
+  offset = centre(the(objects, description))[axis] - IMAGE_SIZE / 2
+  assert abs(offset) >= 1, "on the centre line"
+  return axis, offset
+
+
 def true_answer(question, objects):
   """The answer to a VQA question, worked out from the objects."""
   if m := re.fullmatch(r"What colour is the (.+)\?", question):
@@ -137,14 +146,10 @@ def true_answer(question, objects):
   if m := re.fullmatch(r"Is there an? (.+?)( in the image)?\?", question):
     return "yes" if matching(objects, m[1]) else "no"
   if m := re.fullmatch(r"Is the (.+) (to the left or to the right of|above or below) the centre\?", question):
-    axis = 0 if m[2].startswith("to") else 1
-    offset = centre(the(objects, m[1]))[axis] - IMAGE_SIZE / 2
-    assert abs(offset) >= 1, "on the centre line"
+    axis, offset = centre_offset(objects, m[1], m[2])
     return ("left", "right", "above", "below")[2 * axis + (offset > 0)]
   if m := re.fullmatch(r"Is the centre (to the left or to the right of|above or below) the (.+)\?", question):
-    axis = 0 if m[1].startswith("to") else 1
-    offset = centre(the(objects, m[2]))[axis] - IMAGE_SIZE / 2
-    assert abs(offset) >= 1, "on the centre line"
+    axis, offset = centre_offset(objects, m[2], m[1])
     return ("left", "right", "above", "below")[2 * axis + (offset < 0)]
   if m := re.fullmatch(r"Is the (.+) to the left or to the right of the (.+)\?", question):
     a, b = the(objects, m[1]), the(objects, m[2])
