@@ -24,7 +24,10 @@ def get_config(arg: str | None = None):
                                   num_heads=4, mlp_dim=512, stem="conv",
                                   position_embedding_init="sincos2d", dtype="float32")
   # The language model of this tiny vocabulary learns as much per step at width 128 as at 256, for 1/4 the cost.
-  config.model.decoder = sizes.lm("tiny", vocab_size=512, width=128, depth=4, num_heads=4, num_kv_heads=2,
+  # Every head has its own keys and values (4 of 4, not 2 shared): the lookups that read an image token's colour
+  # and the one that reads its position (relation questions, below) then no longer compete for two value heads
+  # (session 12, experiments/shapes_tiny/README.md).
+  config.model.decoder = sizes.lm("tiny", vocab_size=512, width=128, depth=4, num_heads=4, num_kv_heads=4,
                                   mlp_dim=384)
   # The language model computes in bfloat16 (float32 master weights). Both towers' layers are unrolled. The
   # finetune step takes 0.237 s against 0.303 s in float32 with scanned layers, the classify step 0.296 s against
@@ -40,22 +43,21 @@ def get_config(arg: str | None = None):
   config.model.vision_feature_layer = config_dict.placeholder(int)
   config.model.vision_feature_select = "default"
   config.model.image_token_merge = 2  # 2 x 2 patches per image token: 16 tokens of 16 x 16 pixels
-  # Where each image token lies, made as strong as what it shows: --config.model.image_position_embedding=sincos2d
-  # --config.model.image_position_scale=1.5 --config.data.position_questions=2 (a learned table started at the
-  # sine-cosine table, centred and scaled to a root mean square of 1.5, and two training-only questions per view
-  # of where an object lies against the image's centre). With them seeds 0 and 2 learn relation questions
-  # within this recipe (main job 0.883, relation 0.713; 0.863 and 0.659 against 0.865 and 0.534 without), but
-  # seed 1 does not learn shape questions (0.707, shape 0.642, against 0.817 and 0.892 without them), so the
-  # recipe leaves them out (experiments/shapes_tiny/README.md, session 9). With --config.data.position_centre_first
-  # those questions name the object last, as every other question does ("Is the centre to the left or to the
-  # right of the red circle?"): seed 0's finetune then answers relation 0.856 (0.868 in all, colour and count
-  # lower), seed 2 0.791 (0.842), but seed 1 stays at chance (session 11).
+  # Where each image token lies, made as strong as what it shows: a learned table added to the image tokens,
+  # started at the 2-D sine-cosine table, centred and scaled to a root mean square of 1.5 (session 9).
+  config.model.image_position_embedding = "sincos2d"
+  config.model.image_position_scale = 1.5
   config.data = ml_collections.ConfigDict(dict(
       dir="",  # where the shapes data set is built if missing; empty: <workdir>/data
       length=224,  # tokens per example: 16 image tokens + up to ~207 text tokens of ~15 turns, padded
       questions_per_type=3,  # VQA questions of each type drawn afresh each time an image is seen (0: the record's)
-      position_questions=0,  # training-only questions of where an object lies against the image's centre
-      position_centre_first=False,  # those questions name the centre first and the object last
+      # Two training-only questions per view of where an object lies against the image's centre, asked as
+      # relation questions are, with the object named last ("Is the centre to the left or to the right of the red
+      # circle?"; sessions 9 and 11). They teach the lookup that relation questions need: with them and the
+      # table above, finetunes of seeds 0, 1, 2 answer relation questions 0.875 / 0.870 / 0.547 (shapes_vqa 0.905 /
+      # 0.902 / 0.806) against 0.507 for seed 0 without (0.881; session 12).
+      position_questions=2,
+      position_centre_first=True,  # those questions name the centre first and the object last
       shapes=shapes.get_config().to_dict(),
   ))
   # The contrastive stage's dual tower (used when train.stages names it): this vision tower, a small text tower.
@@ -78,10 +80,10 @@ def get_config(arg: str | None = None):
   # lies under a patch is learned suddenly, around step 300: trained for 300 classify steps, the tower names a
   # patch's shape right 0.87 of the time, for 380 steps 0.976 (experiments/shapes_tiny/probe_classify.py).
   # Sized for the README's main job: about 10 minutes on a 2-core CPU. Relation questions ("Is the X to the left
-  # or to the right of the Y?") go on rising long after this recipe stops: 4000 finetune steps (session 8: with
-  # the raw-scale table and --config.train.steps=4380 --config.train.stages=classify:0.086758,finetune
-  # --config.classify.position_bins=4, about 20 minutes) gave shapes_vqa 0.960, relation 0.902
-  # (experiments/shapes_tiny/README.md).
+  # or to the right of the Y?") go on rising after this recipe stops: 4000 finetune steps (session 8: with 2 KV
+  # heads, the raw-scale table, no position questions and --config.train.steps=4380
+  # --config.train.stages=classify:0.086758,finetune --config.classify.position_bins=4, about 20 minutes) gave
+  # shapes_vqa 0.960, relation 0.902 (experiments/shapes_tiny/README.md).
   config.train.update(steps=1650, stages="classify:0.2303,finetune", batch_size=16, log_every=10,
                       checkpoint_every=100)
   config.optim.update(learning_rate=1e-3, warmup_steps=20)

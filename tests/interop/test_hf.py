@@ -159,11 +159,13 @@ def test_export_refuses_what_a_hugging_face_checkpoint_cannot_express(tmp_path):
   config = importlib.import_module("configs.shapes_tiny").get_config()  # SigLIP tower with a LLaVA projector
   with pytest.raises(ValueError, match=r"model\.image_token_merge=2 cannot be written as a Hugging Face llava"):
     hf.save_pretrained(str(tmp_path), config, params=None)
-  config.model.image_token_merge, config.model.image_position_embedding = 1, "sincos2d"
+  config.model.image_token_merge = 1
+  assert config.model.image_position_embedding == "sincos2d"
   with pytest.raises(ValueError, match=r"model\.image_position_embedding='sincos2d' cannot be written as a Hugging "
                                        r"Face llava"):
     hf.save_pretrained(str(tmp_path), config, params=None)
-  config.model.image_position_embedding, config.model.vision.stem = "none", "patch"
+  config.model.image_position_embedding, config.model.image_position_scale = "none", 0.0
+  config.model.vision.stem = "patch"
   with pytest.raises(ValueError, match=r"model\.vision\.cls_token=False cannot be written as a Hugging Face llava"):
     hf.save_pretrained(str(tmp_path), config, params=None)
 

@@ -39,8 +39,8 @@ def test_a_dimension_that_does_not_divide_its_mesh_axis_is_an_error():
   boxed = jax.eval_shape(lambda: VLM(model_config).init(jax.random.key(0), **model_config.example_inputs(1)))
   mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=8))
   with pytest.raises(ValueError, match=r"\['params'\]\['decoder'\]\['layers_0'\]\['attention'\]\['key'\]\['kernel'\] "
-                     r"of shape \(128, 2, 32\): dimension 1 \('kv_heads', size 2\) is sharded over mesh axes "
-                     r"\('tensor',\) of total size 8, and 2 is not a multiple of 8"):
+                     r"of shape \(128, 4, 32\): dimension 1 \('kv_heads', size 4\) is sharded over mesh axes "
+                     r"\('tensor',\) of total size 8, and 4 is not a multiple of 8"):
     mesh_lib.param_shardings(boxed, mesh, config.sharding_rules)
 
 
@@ -97,8 +97,10 @@ def test_sharded_loss_and_gradients_equal_one_device(setup, name):
   mesh = mesh_lib.make_mesh(MESHES[name])
   variables, shardings = mesh_lib.init_sharded(init, mesh, config.sharding_rules)
   params = variables["params"]
-  # Initialized straight into shards, with the same values as on one device.
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, params_1)
+  # Initialized straight into shards, with the same values as on one device: equal but for the image position
+  # table, whose centring and scaling (`Projector.position_scale`) sum over shards in another order.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.max(np.abs(b))), params, params_1)
+  assert sum(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_1))) <= 1
   batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
   with mesh_lib.activate(mesh, config.sharding_rules):
     loss, grads = jax.jit(_loss_and_grads, static_argnums=0)(model_config, params, batch)
