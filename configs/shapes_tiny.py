@@ -54,8 +54,8 @@ def get_config(arg: str | None = None):
       # Two training-only questions per view of where an object lies against the image's centre, asked as
       # relation questions are, with the object named last ("Is the centre to the left or to the right of the red
       # circle?"; sessions 9 and 11). They teach the lookup that relation questions need: with them and the
-      # table above, finetunes of seeds 0, 1, 2 answer relation questions 0.875 / 0.870 / 0.547 (shapes_vqa 0.905 /
-      # 0.902 / 0.806) against 0.507 for seed 0 without (0.881; session 12).
+      # table above, the main job of seeds 0, 1, 2 answers relation questions 0.875 / 0.740 / 0.759 (shapes_vqa
+      # 0.905 / 0.850 / 0.837) against 0.507 for seed 0 without them (0.881; session 12).
       position_questions=2,
       position_centre_first=True,  # those questions name the centre first and the object last
       shapes=shapes.get_config().to_dict(),
