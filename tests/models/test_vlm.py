@@ -212,7 +212,8 @@ def test_image_position_embedding_adds_a_learned_table_started_at_sincos():
   inputs = with_positions.example_inputs(2, seed=0)
   params = nn.meta.unbox(VLM(with_positions).init(jax.random.key(0), **inputs))["params"]
   table = params["projector"]["position_embedding"]
-  np.testing.assert_array_equal(table, sincos_2d(2, config.decoder.width))  # a 2 x 2 grid of merged tokens
+  # A 2 x 2 grid of merged tokens; the init computes the table by a jitted program of its own.
+  np.testing.assert_array_equal(table, jax.jit(sincos_2d, static_argnums=(0, 1))(2, config.decoder.width))
   plain = {**params, "projector": {k: v for k, v in params["projector"].items() if k != "position_embedding"}}
   encode = lambda cfg, p: VLM(cfg).apply({"params": p}, inputs["pixel_values"], method=VLM.encode_images)
   # The projector's output with the table added, one row per token of the grid.

@@ -1,5 +1,7 @@
 """Projector: vision-encoder tokens -> the language model's embedding space."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,17 @@ from vlmjax.models.vit import POSITION_EMBEDDING_INITS
 
 PROJECTORS = ("linear", "mlp2x_gelu")
 POSITION_EMBEDDINGS = ("none", "sincos2d")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _position_table(kind: str, grid: int, width: int, scale: float) -> jax.Array:
+  """float32[grid*grid, width]: the `kind` table, centred over the tokens and scaled to a root mean square of
+  `scale` when scale > 0."""
+  table = POSITION_EMBEDDING_INITS[kind](0, grid)(None, (grid * grid, width))
+  if not scale:
+    return table
+  centred = table - table.mean(0)
+  return scale * centred / jnp.sqrt(jnp.mean(centred**2))
 
 
 class Projector(nn.Module):
@@ -44,14 +57,13 @@ class Projector(nn.Module):
     if self.position_embedding == "none":
       return y
     grid = int(round(x.shape[1] ** 0.5))
-    table_init = POSITION_EMBEDDING_INITS[self.position_embedding](0, grid)
 
-    def init(*args):
-      table = table_init(*args)
-      if not self.position_scale:
-        return table
-      centred = table - table.mean(0)
-      return self.position_scale * centred / jnp.sqrt(jnp.mean(centred**2))
+    def init(key, shape, dtype):
+      del key
+      # Computed by a program of its own and put in as a constant: inside a sharded init, XLA would split the
+      # centring's sums over the shards and round differently from a one-device init.
+      table = _position_table.lower(self.position_embedding, grid, shape[1], self.position_scale).compile()()
+      return table.astype(dtype)
     positions = self.param("position_embedding", layers.param_init(init, (None, layers.EMBED)),
                            (grid * grid, self.out_dim), self.param_dtype)
     return y + positions.astype(y.dtype)[None]
