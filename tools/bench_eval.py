@@ -6,8 +6,8 @@ generation with the inference code), per batch size.
 For each batch size: one first pass (it compiles the prefill and decode programs of that batch), then --repeats
 timed passes, each into an empty output folder so that no answer is read back from an earlier one. Prints one
 table: the first pass's seconds, the median and min of the timed passes, questions/s at the median, and the
-accuracy (the same in every pass: decoding is greedy). The goal (evaluation issue): 1000 questions in under 60 s
-on the 2-core CPU.
+accuracy (the same in every pass of a batch size, decoding being greedy; the batch a prompt is padded into can
+change an answer by rounding). The goal (evaluation issue): 1000 questions in under 60 s on the 2-core CPU.
 """
 
 import os
