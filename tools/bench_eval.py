@@ -10,7 +10,6 @@ accuracy (the same in every pass of a batch size, decoding being greedy; the bat
 change an answer by rounding). The goal (evaluation issue): 1000 questions in under 60 s on the 2-core CPU.
 """
 
-import os
 import statistics
 import tempfile
 import time
@@ -39,7 +38,7 @@ def _timed_pass(vlm, data_dir: str, batch_size: int) -> tuple[float, float]:
 def main(argv):
   del argv
   workdir = _WORKDIR.value
-  data_dir = workdir_lib.read_config(workdir).data.dir or os.path.join(workdir, "data")
+  data_dir = workdir_lib.data_dir(workdir)
   vlm = vlmjax.load(workdir)
   rows = []
   for batch_size in map(int, _BATCH_SIZES.value):

@@ -136,7 +136,7 @@ def evaluate(args: list[str]) -> None:
   built_in = [name for name in names if name in benchmarks.BENCHMARKS or name in retrieval.BENCHMARKS]
   data_dir = _DATA_DIR.value
   if data_dir is None and os.path.exists(os.path.join(path, workdir_lib.CONFIG_FILE)):
-    data_dir = workdir_lib.read_config(path).data.dir or os.path.join(path, "data")
+    data_dir = workdir_lib.data_dir(path)
   if data_dir is None and built_in:
     raise SystemExit(f"vlmjax eval: --data_dir is required for {', '.join(built_in)} with a checkpoint that is not "
                      f"a vlmjax workdir")

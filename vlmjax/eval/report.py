@@ -195,8 +195,7 @@ def _data_dir(run_dir: str) -> str | None:
 
   if not os.path.isfile(os.path.join(run_dir, workdir_lib.CONFIG_FILE)):
     return None
-  config = workdir_lib.read_config(run_dir)
-  return config.get("data", {}).get("dir") or os.path.join(run_dir, "data")
+  return workdir_lib.data_dir(run_dir)
 
 
 def write_report(run_dirs: Sequence[str], out_md: str, data_dir: str | None = None, grid_samples: int = 8) -> None:

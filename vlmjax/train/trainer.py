@@ -54,7 +54,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
   is_main = jax.process_index() == 0
 
   # Workdir and data: process 0 writes, the others wait for it.
-  data_dir = config.data.dir or os.path.join(workdir, "data")
+  data_dir = workdir_lib.data_dir(workdir, config)
   if is_main:
     workdir_lib.write_or_check_config(workdir, config, allow_config_change)
     tfds.disable_progress_bar()  # the training bar is the one to watch

@@ -79,6 +79,13 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return config_from_json(f.read())
 
 
+def data_dir(workdir: str, config: ml_collections.ConfigDict | None = None) -> str:
+  """Where a run's shapes data set is built and read: its config's data.dir, else <workdir>/data. config: the
+  run's config (default: the one saved in the workdir)."""
+  config = read_config(workdir) if config is None else config
+  return config.get("data", {}).get("dir") or os.path.join(workdir, "data")
+
+
 def facade(config: ml_collections.ConfigDict, params, model_dir: str):
   """A `vlmjax.VLM` of `params` with the tokenizer and image processor saved in model_dir (a workdir, or the
   data set's tokenizer folder during training); the tokenizer's end token stops generation."""
