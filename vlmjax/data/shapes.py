@@ -36,13 +36,15 @@ from vlmjax.data.images import ImageProcessor
 NAME = "shapes"
 # 1.1.0: the tokenizer keeps sentence punctuation and line breaks out of words (shapes_tokenizer.SEPARATE);
 # the records are those of 1.0.0.
-VERSION = "1.1.0"
+# 1.2.0: images stored as their raw bytes (one bytes feature), not a list of 12288 int64 values: the same
+# records, built in 30 s instead of 49 (tfds wrote each int64 list value by value).
+VERSION = "1.2.0"
 SPLITS = ("test", "validation", "train")  # generation order: a split never reuses an earlier split's image
 JSON_FIELDS = ("scene", "captions", "vqa", "pope", "multiple_choice", "grounding", "conversation")
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """Default data set: 21000 images, about 31 s to build on 2 CPU cores and 183 MB on disk."""
+  """Default data set: 21000 images, about 30 s to build on 2 CPU cores and 183 MB on disk."""
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.image_size = 64  # pixels per side (64 or more); objects scale with it
@@ -125,7 +127,7 @@ class ShapesBuilder(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     size = self._shapes_config.image_size
     features = {
-      "image": tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8),
+      "image": tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES),
       "image_id": tfds.features.Tensor(shape=(), dtype=np.int64),
       "caption": tfds.features.Text(),
       **{field: tfds.features.Text() for field in JSON_FIELDS},
