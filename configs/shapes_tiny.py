@@ -84,7 +84,8 @@ def get_config(arg: str | None = None):
   # heads, the raw-scale table, no position questions and --config.train.steps=4380
   # --config.train.stages=classify:0.086758,finetune --config.classify.position_bins=4, about 20 minutes) gave
   # shapes_vqa 0.960, relation 0.902 (experiments/shapes_tiny/README.md).
+  # A checkpoint every 200 steps (about a minute): each one slows the next steps by about a second in all.
   config.train.update(steps=1650, stages="classify:0.2303,finetune", batch_size=16, log_every=10,
-                      checkpoint_every=100)
+                      checkpoint_every=200)
   config.optim.update(learning_rate=1e-3, warmup_steps=20)
   return config
