@@ -8,6 +8,7 @@ import pytest
 from configs import shapes_tiny
 from vlmjax.data import shapes, shapes_tasks
 from vlmjax.data.tokenizer import Tokenizer
+from vlmjax.models.vlm import VLMConfig
 from vlmjax.train import stages
 
 
@@ -128,3 +129,25 @@ def test_a_caption_example_is_one_of_the_records_captions_ending_with_the_end_to
     seen.add(tokenizer.backend.decode(ids[:-1].tolist()))
     assert example["pixel_values"].shape == (clip.vision.image_size, clip.vision.image_size, 3)
   assert seen <= set(record["captions"]) and len(seen) > 1
+
+
+def test_a_finetune_example_weighs_answers_1_the_prompt_text_its_weight_and_the_image_nothing(tiny_shapes_dir):
+  config = shapes_tiny.get_config()
+  model_config = VLMConfig.from_dict(config.model)
+  model_dir = shapes.tokenizer_dir(tiny_shapes_dir)
+  record = shapes.load(tiny_shapes_dir, "train")[0]
+  examples = {}
+  for weight in (0.0, 0.25):
+    config.data.prompt_loss_weight = weight
+    examples[weight] = stages.shapes_example_fn(config, model_config, model_dir)(record, np.random.default_rng(0))
+  answers, prompts = examples[0.0], examples[0.25]
+  np.testing.assert_array_equal(prompts["targets"], answers["targets"])
+  is_answer = answers["loss_mask"] == 1
+  is_image = answers["targets"] == model_config.image_token_id
+  assert set(np.unique(answers["loss_mask"])) == {0.0, 1.0} and is_answer.sum() > 10 and is_image.sum() == 16
+  np.testing.assert_array_equal(prompts["loss_mask"][is_answer], 1.0)
+  np.testing.assert_array_equal(prompts["loss_mask"][is_image], 0.0)
+  prompt = ~is_answer & ~is_image
+  prompt[-1] = False  # the last position predicts nothing
+  assert prompt.sum() > 50
+  np.testing.assert_array_equal(prompts["loss_mask"][prompt], 0.25)

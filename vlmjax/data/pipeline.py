@@ -81,9 +81,10 @@ def _assistant_spans(text: str, messages: Messages, eos_token: str) -> list[tupl
 
 def example_arrays(ids: np.ndarray, assistant: np.ndarray, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
   """Next-token training arrays of one example: targets are the ids shifted left, and the loss counts the
-  positions whose *next* token is an assistant token."""
+  positions whose *next* token is an assistant token (`assistant` bool[T]), or weighs each position by its next
+  token's weight (`assistant` float[T])."""
   targets = np.append(ids[1:], 0).astype(np.int32)
-  loss_mask = np.append(assistant[1:], False).astype(np.float32)
+  loss_mask = np.append(assistant[1:], 0).astype(np.float32)
   return {"input_ids": ids.astype(np.int32), "targets": targets, "loss_mask": loss_mask,
           "pixel_values": pixel_values.astype(np.float32)}
 

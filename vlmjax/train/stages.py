@@ -155,7 +155,10 @@ def shapes_example_fn(config: ml_collections.ConfigDict, model_config: VLMConfig
                                               config.data.position_questions,
                                               config.data.position_centre_first)
     ids, assistant = encoder(messages)
-    return pipeline.example_arrays(ids, assistant, image_processor([record["image"]])[0])
+    # Answers weigh 1 in the loss, the prompt's text prompt_loss_weight, the image placeholders nothing.
+    weights = np.where(assistant, 1.0, np.where(ids == model_config.image_token_id, 0.0,
+                                                config.data.prompt_loss_weight))
+    return pipeline.example_arrays(ids, weights, image_processor([record["image"]])[0])
   return to_example
 
 
