@@ -60,8 +60,8 @@ def get_config(arg: str | None = None):
       position_centre_first=True,  # those questions name the centre first and the object last
       # The loss weight of the prompt's text (answers weigh 1, image placeholders 0). The questions are drawn
       # from the image, so predicting them is image-grounded too; 0.1 moved the main job within the seed-to-seed
-      # spread (seeds 0 / 1: 0.896 / 0.847 against 0.886 / 0.844), 0.3 took answers' share (0.805 / 0.779;
-      # session 14).
+      # spread (seeds 0 / 1: 0.896 / 0.847 against 0.886 / 0.844), 0.3 took the answers' share of the loss
+      # (0.805 / 0.779; session 14).
       prompt_loss_weight=0.0,
       shapes=shapes.get_config().to_dict(),
   ))

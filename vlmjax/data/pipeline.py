@@ -79,12 +79,12 @@ def _assistant_spans(text: str, messages: Messages, eos_token: str) -> list[tupl
   return spans
 
 
-def example_arrays(ids: np.ndarray, assistant: np.ndarray, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-  """Next-token training arrays of one example: targets are the ids shifted left, and the loss counts the
-  positions whose *next* token is an assistant token (`assistant` bool[T]), or weighs each position by its next
-  token's weight (`assistant` float[T])."""
+def example_arrays(ids: np.ndarray, token_weights: np.ndarray, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+  """Next-token training arrays of one example: targets are the ids shifted left, and each position's loss
+  weight is its *next* token's: token_weights bool[T] (the assistant tokens, as `ConversationEncoder` marks
+  them) or float[T]."""
   targets = np.append(ids[1:], 0).astype(np.int32)
-  loss_mask = np.append(assistant[1:], 0).astype(np.float32)
+  loss_mask = np.append(token_weights[1:], 0).astype(np.float32)
   return {"input_ids": ids.astype(np.int32), "targets": targets, "loss_mask": loss_mask,
           "pixel_values": pixel_values.astype(np.float32)}
 
