@@ -199,7 +199,8 @@ def train_dataset(source, to_example: Callable[[Any, np.random.Generator], dict]
   # randomness, so a run on N processes sees what a run on one sees.
   # One reader thread a few examples ahead (the prefetch thread below keeps whole batches ready): grain's
   # default, 16 threads and 500 examples ahead, spends 3x the CPU on the same batches (the shapes finetune batch:
-  # 65 ms of CPU against 21), all of it taken from the train step's XLA threads on a small CPU.
+  # 65 ms of CPU against 21), CPU that the train step's XLA threads compete for on a small machine (the shapes
+  # main job's classify steps run about 15% faster with one thread).
   dataset = dataset[process_index::process_count].to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=16))
   # Worker w decodes positions w, w + W, ... of this process's part; they are read back in turn, so the order
