@@ -36,7 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
       validation_questions=256,  # 0: no validation
   ))
   config.optim = ml_collections.ConfigDict(dict(
+      optimizer="adamw",  # or "muon": Muon on the hidden layers' kernels, Adam on the rest (`optim.muon_update`)
       learning_rate=1e-3, warmup_steps=100, end_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
+      muon_learning_rate=0.02,  # Muon's peak rate, on the same warmup and decay as learning_rate
       grad_clip=1.0, accumulation_steps=1,
       vision_learning_rate=config_dict.placeholder(float),  # the vision tower's own peak rate; None: learning_rate
   ))

@@ -115,6 +115,20 @@ def test_the_contrastive_stage_trains_at_its_own_learning_rate_when_the_config_s
   assert "learning_rate" not in dataclasses.asdict(stages.clip_config(config))
 
 
+def test_a_pretraining_stage_may_train_with_its_own_optimizer():
+  config = shapes_tiny.get_config()
+  classify, finetune = stages.parse_stages("classify:0.5,finetune", 10)
+  config.optim.update(optimizer="muon", muon_learning_rate=0.01)
+  config.classify.update(optimizer="adamw", learning_rate=3e-3)
+  assert (stages.optim_config(config, classify).optimizer, stages.optim_config(config, classify).learning_rate) \
+      == ("adamw", 3e-3)
+  assert (stages.optim_config(config, finetune).optimizer, stages.optim_config(config, finetune).learning_rate) \
+      == ("muon", config.optim.learning_rate)
+  config.classify.optimizer = None
+  assert stages.optim_config(config, classify).optimizer == "muon"
+  assert "optimizer" not in dataclasses.asdict(stages.classifier_config(config))
+
+
 def test_a_caption_example_is_one_of_the_records_captions_ending_with_the_end_token(tiny_shapes_dir):
   clip = stages.clip_config(shapes_tiny.get_config())
   model_dir = shapes.tokenizer_dir(tiny_shapes_dir)

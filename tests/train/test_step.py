@@ -136,7 +136,8 @@ def test_vision_learning_rate_scales_only_the_vision_towers_steps(params):
     jax.tree.map(np.testing.assert_array_equal, step(scaled, group), step(plain, group))
 
 
-def test_a_sharded_step_keeps_the_states_shardings_and_compiles_once(params):
+@pytest.mark.parametrize("optimizer_name", ["adamw", "muon"])
+def test_a_sharded_step_keeps_the_states_shardings_and_compiles_once(params, optimizer_name):
   """fsdp: left to XLA, the fresh Adam moments come out replicated and the step's outputs sharded like the
   parameters, so the second step would compile again."""
   from vlmjax.parallel import mesh as mesh_lib
@@ -145,7 +146,7 @@ def test_a_sharded_step_keeps_the_states_shardings_and_compiles_once(params):
   rules = common.base_config().sharding_rules
   boxed = jax.eval_shape(lambda: VLM(CONFIG).init(jax.random.key(0), **CONFIG.example_inputs(1)))
   sharded = jax.device_put(params, mesh_lib.param_shardings(boxed, mesh, rules)["params"])
-  optimizer = _optimizer(params, "finetune")
+  optimizer = _optimizer(params, "finetune", optimizer=optimizer_name)
   state, shardings = state_lib.create_sharded(sharded, optimizer, 0, mesh)
   step = state_lib.sharded_train_step(shardings, config=CONFIG, optimizer=optimizer, stage="finetune")
   with mesh_lib.activate(mesh, rules):
@@ -160,5 +161,83 @@ def test_a_sharded_step_keeps_the_states_shardings_and_compiles_once(params):
   embedding = sharded["decoder"]["embedding"]
   moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == embedding.shape]
   assert moments and all(mesh_lib.shard_count(m) == mesh_lib.shard_count(embedding) != (1, 1) for m in moments)
-  _, losses = _run(params, "finetune")
+  _, losses = _run(params, "finetune", optimizer=optimizer_name)
   np.testing.assert_allclose(float(metrics["loss"]), losses[-1], rtol=1e-5)
+
+
+def test_muon_orthogonalizes_the_hidden_kernels_and_gives_the_rest_adam(params):
+  """One Muon step (no decay, no clipping) moves a hidden kernel by its gradient orthogonalized as one matrix
+  (every head of an attention projection together) at muon_learning_rate, scaled by sqrt(fan_out / fan_in)
+  where that is above 1; the embeddings, output head, norms and biases take Adam's first step (the gradient's
+  sign times a constant); the frozen tower does not move."""
+  rate, changes = 0.05, dict(grad_clip=0.0, weight_decay=0.0)
+  muon, _ = _run(params, "finetune", steps=1, optimizer="muon", muon_learning_rate=rate, **changes)
+  adam, _ = _run(params, "finetune", steps=1, **changes)
+  grads = jax.grad(lambda p: state_lib.vlm_loss(p, CONFIG, _batch(0), "finetune")[0])(params)
+  step = lambda state, keys: np.asarray(_at(state.params, keys), np.float64) - np.asarray(_at(params, keys))
+  layer = lambda array: array[1]  # the test model's layers are scanned: [L, ...]
+  for keys, matrix_shape, pick in [(("decoder", "layers", "mlp", "up", "kernel"), (32, 64), layer),
+                                   (("decoder", "layers", "attention", "query", "kernel"), (32, 32), layer),
+                                   (("decoder", "layers", "attention", "out", "kernel"), (32, 32), layer),
+                                   (("projector", "linear_1", "kernel"), None, lambda array: array)]:
+    gradient = pick(_at(grads, keys))
+    matrix = gradient.reshape(matrix_shape) if matrix_shape else gradient
+    fan_in, fan_out = matrix.shape
+    expected = -rate * max(1.0, (fan_out / fan_in) ** 0.5) * _newton_schulz(matrix).reshape(gradient.shape)
+    np.testing.assert_allclose(pick(step(muon, keys)), expected, rtol=1e-3, atol=1e-6, err_msg=str(keys))
+  for keys in [("decoder", "embedding"), ("decoder", "output_head"), ("decoder", "final_norm", "scale"),
+               ("projector", "linear_1", "bias")]:
+    muon_step, adam_step = step(muon, keys), step(adam, keys)
+    moved = np.abs(adam_step) > 1e-6
+    assert moved.any(), keys
+    ratio = muon_step[moved] / adam_step[moved]
+    np.testing.assert_allclose(ratio, np.median(ratio), rtol=1e-3, err_msg=str(keys))
+  jax.tree.map(np.testing.assert_array_equal, muon.params["vision"], params["vision"])
+
+
+def _newton_schulz(matrix, steps: int = 5) -> np.ndarray:
+  """Muon's quintic Newton-Schulz iteration (github.com/KellerJordan/Muon), written out as the reference."""
+  a, b, c = 3.4445, -4.7750, 2.0315
+  x = np.asarray(matrix, np.float64)
+  x = x / (np.linalg.norm(x) + 1e-8)
+  wide = x.shape[0] <= x.shape[1]
+  x = x if wide else x.T
+  for _ in range(steps):
+    gram = x @ x.T
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  return x if wide else x.T
+
+
+def _at(tree, keys):
+  for key in keys:
+    tree = tree[key]
+  return tree
+
+
+def test_muon_takes_the_kernels_of_hidden_layers_only():
+  """Scanned stacks orthogonalize each layer's matrix; convolutions map their window to their channels; the
+  output layers (classifier, contrastive projections) and everything that is not a kernel stay with Adam."""
+  tree = {"vision": {"conv_stem": {"conv_0": {"kernel": jnp.zeros((3, 3, 3, 8))}},
+                     "encoder": {"layers": {"attention": {"query": {"kernel": jnp.zeros((2, 16, 4, 8))},
+                                                          "out": {"kernel": jnp.zeros((2, 4, 8, 16))}},
+                                            "mlp": {"up": {"kernel": jnp.zeros((2, 16, 64))}}}}},
+          "decoder": {"embedding": jnp.zeros((10, 16)), "output_head": jnp.zeros((16, 10)),
+                      "layers_0": {"mlp": {"down": {"kernel": jnp.zeros((64, 16))}}}},
+          "classifier": {"kernel": jnp.zeros((16, 5)), "bias": jnp.zeros((5,))}}
+  specs = optim.muon_matrices(tree)
+  as_tuple = lambda axes: tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+  axes = lambda *keys: (as_tuple(_at(specs, keys).reduction_axis), as_tuple(_at(specs, keys).output_axis))
+  assert axes("vision", "conv_stem", "conv_0", "kernel") == ((0, 1, 2), (-1,))
+  assert axes("vision", "encoder", "layers", "attention", "query", "kernel") == ((-3,), (-2, -1))
+  assert axes("vision", "encoder", "layers", "attention", "out", "kernel") == ((-3, -2), (-1,))
+  assert axes("vision", "encoder", "layers", "mlp", "up", "kernel") == ((1,), (-1,))
+  assert axes("decoder", "layers_0", "mlp", "down", "kernel") == ((0,), (-1,))
+  for keys in [("decoder", "embedding"), ("decoder", "output_head"), ("classifier", "kernel"), ("classifier", "bias")]:
+    assert _at(specs, keys) is None, keys
+
+
+def test_an_unknown_optimizer_is_named():
+  config = common.base_config().optim
+  config.optimizer = "sgd"
+  with pytest.raises(ValueError, match="optim.optimizer='sgd' is not one of"):
+    optim.check_optimizer(config)

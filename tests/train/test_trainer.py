@@ -60,6 +60,7 @@ def test_a_different_config_refuses_to_resume_and_names_the_keys(tmp_path, data_
 @pytest.mark.parametrize("flag,message", [
     ("--config.train.stages=pretrain", "unknown training stage 'pretrain'"),
     ("--config.train.init_from=/nonexistent/run", "train.init_from='/nonexistent/run' does not exist"),
+    ("--config.classify.optimizer=sgd", "optim.optimizer='sgd' is not one of"),
 ])
 def test_bad_stage_or_checkpoint_fails_before_any_work(tmp_path, data_flags, flag, message):
   result = subprocess.run(runs.command(tmp_path, data_flags, flag), env=runs.env(), capture_output=True, text=True,

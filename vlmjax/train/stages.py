@@ -30,8 +30,10 @@ from vlmjax.train import optim
 CONTRASTIVE = "contrastive"
 CLASSIFY = "classify"
 VISION_PRETRAINING = (CONTRASTIVE, CLASSIFY)  # stages whose config section is named after them
+# Keys of the `optim` section that a pretraining stage's section may set for that stage (unset or None: optim's).
+STAGE_OPTIM_KEYS = ("optimizer", "learning_rate", "muon_learning_rate")
 # Keys of a pretraining stage's section that set how the stage trains, not its model.
-STAGE_ONLY_KEYS = ("batch_size", "learning_rate", "position_bins")
+STAGE_ONLY_KEYS = ("batch_size", "position_bins") + STAGE_OPTIM_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,13 +134,14 @@ def pretraining_model(config: ml_collections.ConfigDict, stage: str, model_dir: 
 
 
 def optim_config(config: ml_collections.ConfigDict, stage: Stage) -> ml_collections.ConfigDict:
-  """The `optim` section a stage trains with: a pretraining stage takes its section's `learning_rate` when the
-  config sets one (a vision tower learning from scratch stands a larger rate than the language model)."""
+  """The `optim` section a stage trains with: a pretraining stage takes its section's `STAGE_OPTIM_KEYS` where
+  the config sets them (a vision tower learning from scratch stands a larger rate than the language model)."""
   section = config.get(stage.name) if stage.pretrains_vision else None
-  learning_rate = section.get("learning_rate") if section is not None else None
-  if learning_rate is None:
+  overrides = {key: section[key] for key in STAGE_OPTIM_KEYS
+               if section is not None and section.get(key) is not None}
+  if not overrides:
     return config.optim
-  return ml_collections.ConfigDict({**config.optim.to_dict(), "learning_rate": learning_rate})
+  return ml_collections.ConfigDict({**config.optim.to_dict(), **overrides})
 
 
 def shapes_example_fn(config: ml_collections.ConfigDict, model_config: VLMConfig, model_dir: str):

@@ -46,6 +46,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
   pretraining_stages = sorted({stage.name for stage in stages if stage.pretrains_vision})
   for name in pretraining_stages:
     stages_lib.pretraining_config(config, name)  # a missing or bad section fails before anything runs
+  for stage in stages:
+    optim.check_optimizer(stages_lib.optim_config(config, stage))
   batch_sizes = {"train.batch_size": config.train.batch_size,
                  **{f"{name}.batch_size": config[name].batch_size for name in pretraining_stages}}
   for key, size in batch_sizes.items():
