@@ -5,18 +5,19 @@ utilization (MFU) of each against this machine's measured float32 matmul peak.
     # shapes_tiny merges image tokens and has a conv stem, which transformers' LLaVA cannot express:
     python tools/bench_train.py --config.model.image_token_merge=1 --config.model.vision.stem=patch
 
-vlmjax: `vlmjax.train.state.train_step` as the trainer runs it (AdamW, clipping, the jitted step with donated
-state, the CPU split into the config's `cpu_devices` with the batch over them) on a batch of the config's
-`data.length` tokens per row, one image each. transformers: a `LlavaForConditionalGeneration` of the same
-shape (CLIP vision tower with the config's width, depth, heads and patches; Llama decoder with its width, depth,
-heads, KV heads, MLP and vocabulary), forward + backward + clipping + `torch.optim.AdamW` on the same token
-and image counts. Model FLOPs per step (`model_flops`: 6 x matmul parameters x tokens plus the attention scores,
-forward + backward) are the same number for both; MFU = model FLOPs / step time / the measured matmul peak of
-the compute dtype (on a split CPU, of all its devices at once: `roofline.measure`). Prints one table; the step
-times are medians of --repeats timed steps after a warm-up.
+vlmjax: `vlmjax.train.state.train_step` as the trainer runs it (AdamW whatever the config's `optim.optimizer`, as
+transformers' side steps; clipping, the jitted step with donated state, the CPU split into the config's
+`cpu_devices` with the batch over them) on a batch of the config's `data.length` tokens per row, one image each.
+transformers: a `LlavaForConditionalGeneration` of the same shape (CLIP vision tower with the config's width,
+depth, heads and patches; Llama decoder with its width, depth, heads, KV heads, MLP and vocabulary), forward +
+backward + clipping + `torch.optim.AdamW` on the same token and image counts. Model FLOPs per step (`model_flops`:
+6 x matmul parameters x tokens plus the attention scores, forward + backward) are the same number for both; MFU =
+model FLOPs / step time / the measured matmul peak of the compute dtype (on a split CPU, of all its devices at
+once: `roofline.measure`). Prints one table; the step times are medians of --repeats timed steps after a warm-up.
 """
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -65,7 +66,8 @@ def time_vlmjax(config, batch: dict, repeats: int) -> float:
   rules = mesh_lib.normalize_rules(config.sharding_rules)
   init = lambda: VLM(model_config).init(jax.random.key(config.seed), **model_config.example_inputs(1))
   params = mesh_lib.init_sharded(init, mesh, rules)[0]["params"]
-  optimizer = optim.make_optimizer(config.optim, params, "full", total_steps=1000)
+  optim_config = ml_collections.ConfigDict({**config.optim.to_dict(), "optimizer": "adamw"})
+  optimizer = optim.make_optimizer(optim_config, params, "full", total_steps=1000)
   state = jax.jit(lambda p: state_lib.create(p, optimizer))(params)
   batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
   with mesh_lib.activate(mesh, rules):

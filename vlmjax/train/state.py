@@ -45,9 +45,9 @@ def create(params: Any, optimizer: optax.GradientTransformation, step: int = 0) 
 def create_sharded(params: Any, optimizer: optax.GradientTransformation, step: int,
                    mesh: Mesh) -> tuple[TrainState, TrainState]:
   """`create` straight into the shardings the train step keeps: the parameters' own (as placed by the logical
-  rules), each optimizer-state leaf that mirrors a parameter (AdamW's moments) that parameter's, and the rest
-  (the step, counts) replicated. Left to XLA, the moments (zeros, tied to no input) come out replicated, the
-  step's outputs sharded like the parameters, and the second step compiles again.
+  rules), each optimizer-state leaf that mirrors a parameter (Adam's moments, Muon's momentum) that parameter's,
+  and the rest (the step, counts) replicated. Left to XLA, the moments (zeros, tied to no input) come out
+  replicated, the step's outputs sharded like the parameters, and the second step compiles again.
 
   Returns:
     (the state, its shardings: a TrainState of NamedShardings).
