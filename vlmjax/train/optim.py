@@ -63,18 +63,17 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   Keys: optimizer ('adamw' or 'muon': `muon_update`), learning_rate, warmup_steps, end_ratio, b1, b2, eps,
   weight_decay (not on 1-D parameters: norms, biases), muon_learning_rate (Muon's peak rate), grad_clip (global
   norm of the trained groups' gradients; 0 disables), accumulation_steps (gradients averaged over that many steps
-  before one update), vision_learning_rate (the vision tower's peak rate in the
-  VLM stages; None: learning_rate. As LLaVA-OneVision's mm_vision_tower_lr: a tower learning from scratch
-  stands a larger rate than the language model, a pretrained one wants a smaller one).
+  before one update), vision_learning_rate (the vision tower's peak rate in the VLM stages, its steps scaled by
+  vision_learning_rate / learning_rate; None: learning_rate. As LLaVA-OneVision's mm_vision_tower_lr: a tower
+  learning from scratch stands a larger rate than the language model, a pretrained one wants a smaller one).
   """
   check_optimizer(config)
-  schedule = learning_rate_schedule(config, total_steps)
   if config.optimizer == "muon":
     update = muon_update(config, total_steps)
   else:
     decay_mask = lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree)
-    update = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
-                         mask=decay_mask)
+    update = optax.adamw(learning_rate_schedule(config, total_steps), b1=config.b1, b2=config.b2, eps=config.eps,
+                         weight_decay=config.weight_decay, mask=decay_mask)
   vision_rate = config.get("vision_learning_rate")
   if vision_rate is not None and stage == "full":  # the VLM stage that trains the vision tower
     # The step (decay included) is proportional to the rate under AdamW and Muon alike, so scaling the vision
