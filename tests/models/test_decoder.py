@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlmjax.models import layers
+from vlmjax.models import dot_attention, layers
 from vlmjax.models.decoder import Decoder, DecoderConfig
 
 LLAMA = DecoderConfig(vocab_size=97, width=32, depth=3, num_heads=4, num_kv_heads=2, mlp_dim=48, norm_eps=1e-5)
@@ -125,9 +125,10 @@ def test_long_causal_sequences_attend_block_by_block_as_in_one_piece(model, monk
   tokens = _tokens(2, 10, config.vocab_size, seed=7)
   input_mask = jnp.arange(10)[None] < jnp.array([[10], [7]])
   key_lengths = []  # the keys each attention call reads
-  attention = jax.nn.dot_product_attention
-  monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, k, *args, **kwargs: key_lengths.append(k.shape[1])
-                      or attention(q, k, *args, **kwargs))
+  for module in (dot_attention, jax.nn):  # without a cache (training) and with one (the prefill)
+    attention = module.dot_product_attention
+    monkeypatch.setattr(module, "dot_product_attention", lambda q, k, *args, attention=attention, **kwargs:
+                        key_lengths.append(k.shape[1]) or attention(q, k, *args, **kwargs))
 
   def run():
     trained, _ = decoder.apply(params, tokens, _positions(2, 10))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax.infer.kv_cache import KVCache
-from vlmjax.models import layers
+from vlmjax.models import layers, matmul
 from vlmjax.models.config import ModelConfig, check_choice, check_divides, check_positive, dtype
 
 
@@ -190,7 +190,7 @@ class Decoder(nn.Module):
       x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)  # [B, K, D]
     x = self.final_norm(x)
     head = self.embedding.T if cfg.tie_embeddings else self.output_head  # [D, V]
-    logits = jnp.einsum("BTD,DV->BTV", x, head.astype(x.dtype))
+    logits = matmul.contract(x, head)  # [B, T, V]
     logits = nn.with_logical_constraint(logits, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_VOCAB))
     logits = logits.astype(jnp.float32)
     if cfg.final_logit_softcap is not None:

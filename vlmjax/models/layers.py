@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax.infer import paged
+from vlmjax.models import dot_attention, matmul
 
 # Logical axis names. Weights use bare names; activations `activation_*`; the KV cache `cache_*`.
 EMBED = "embed"
@@ -169,42 +170,50 @@ class CausalMask:
   mask: jax.Array
 
 
-def _attend(query, key, value, mask, scale: float) -> jax.Array:
-  """dot_product_attention over float[B, T, N, H] queries and float[B, S, K, H] keys/values; a CausalMask is
-  computed in blocks of CAUSAL_BLOCK queries, each over the keys up to its last query."""
+def _jax_attention(query, key, value, mask, scale: float) -> jax.Array:
+  return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale)
+
+
+def _attend(query, key, value, mask, scale: float, attention: Callable) -> jax.Array:
+  """`attention` (dot_attention.dot_product_attention's arguments) over float[B, T, N, H] queries and float[B, S,
+  K, H] keys/values; a CausalMask is computed in blocks of CAUSAL_BLOCK queries, each over the keys up to its last
+  query."""
   if not isinstance(mask, CausalMask) or query.shape[1] <= CAUSAL_BLOCK:
     mask = mask.mask if isinstance(mask, CausalMask) else mask
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale)
+    return attention(query, key, value, mask, scale)
   blocks = []
   for start in range(0, query.shape[1], CAUSAL_BLOCK):
     end = min(start + CAUSAL_BLOCK, query.shape[1])
-    blocks.append(jax.nn.dot_product_attention(query[:, start:end], key[:, :end], value[:, :end],
-                                               mask=mask.mask[:, :, start:end, :end], scale=scale))
+    blocks.append(attention(query[:, start:end], key[:, :end], value[:, :end], mask.mask[:, :, start:end, :end],
+                            scale))
   return jnp.concatenate(blocks, axis=1)
 
 
 class Projection(nn.Module):
-  """A linear map written as one einsum over a kernel of the given shape (+ a bias over its output axes).
+  """A linear map over a kernel of the given shape (+ a bias over its output axes): the input's last
+  len(fan_in_axes) axes contracted with the kernel's leading fan-in axes (`matmul.contract`), e.g. [B, T, D] x
+  [D, N, H] -> [B, T, N, H].
 
   Used for the attention projections, whose kernels keep their head axes ([D, N, H], [N, H, D]) so each axis
   carries its own logical name. (`nn.DenseGeneral` would create them flattened and reshape, which breaks
   logical-axis constraints.)
   """
 
-  equation: str  # e.g. "BTD,DNH->BTNH"; the kernel is the second operand
   kernel_shape: tuple[int, ...]
   kernel_axes: tuple[str | None, ...]
-  fan_in_axes: tuple[int, ...]
+  fan_in_axes: tuple[int, ...]  # the kernel's leading axes, contracted with the input's last
   use_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.fan_in_axes != tuple(range(len(self.fan_in_axes))):
+      raise ValueError(f"a Projection contracts its kernel's leading axes, got fan_in_axes={self.fan_in_axes}")
     out_axes = tuple(i for i in range(len(self.kernel_shape)) if i not in self.fan_in_axes)
     init = nn.initializers.lecun_normal(in_axis=self.fan_in_axes, out_axis=out_axes)
     kernel = self.param("kernel", param_init(init, self.kernel_axes), self.kernel_shape, self.param_dtype)
-    y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    y = matmul.contract(x.astype(self.dtype), kernel, len(self.fan_in_axes))
     if self.use_bias:
       bias_shape = tuple(self.kernel_shape[i] for i in out_axes)
       bias = self.param("bias", param_init(nn.initializers.zeros, tuple(self.kernel_axes[i] for i in out_axes)),
@@ -216,9 +225,10 @@ class Projection(nn.Module):
 class Attention(nn.Module):
   """Multi-head attention with MHA, GQA (num_kv_heads < num_heads) and MQA (num_kv_heads = 1).
 
-  The softmax goes through `jax.nn.dot_product_attention`, which handles grouped heads natively and picks
-  cuDNN flash attention on GPU. With a layer of KV cache (`kv_cache`: keys and values float[B, K, H, S]) the new
-  keys and values are written at `write_index` of each row and attention runs over the whole cache.
+  The softmax goes through `dot_attention.dot_product_attention` (grouped heads natively; every matmul in the
+  compute dtype with float32 accumulation, forward and backward), or with a cache `jax.nn.dot_product_attention`.
+  With a layer of KV cache (`kv_cache`: keys and values float[B, K, H, S]) the new keys and values are written at
+  `write_index` of each row and attention runs over the whole cache.
   """
 
   num_heads: int
@@ -231,7 +241,7 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def _project(self, name: str, x: jax.Array, heads: int, heads_axis: str) -> jax.Array:
-    return Projection("BTD,DNH->BTNH", (x.shape[-1], heads, self.head_dim), (EMBED, heads_axis, HEAD_DIM),
+    return Projection((x.shape[-1], heads, self.head_dim), (EMBED, heads_axis, HEAD_DIM),
                       fan_in_axes=(0,), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                       name=name)(x)
 
@@ -291,13 +301,18 @@ class Attention(nn.Module):
       kv_cache = tuple(nn.with_logical_constraint(c, cache_axes) for c in (k_cache, v_cache))
       key, value = (jnp.transpose(c, (0, 3, 1, 2)) for c in kv_cache)  # [B, S, K, H], folded into the matmuls
 
-    out = _attend(query, key.astype(self.dtype), value.astype(self.dtype), mask, scale)  # [B, T, N, H]
+    # Without a cache (training, a forward over whole sequences): `dot_attention`, every matmul in the compute
+    # dtype. A cache's [B, K, H, S] slots, transposed into those matmuls, leave XLA's CPU backend bfloat16 matmuls
+    # with float32 results in forms only YNNPACK would run and it does not take ("Unsupported element type for
+    # DotThunk::Execute: BF16 x BF16 = F32", jax 0.10.2); with a cache, `jax.nn.dot_product_attention`.
+    attention = dot_attention.dot_product_attention if kv_cache is None else _jax_attention
+    out = _attend(query, key.astype(self.dtype), value.astype(self.dtype), mask, scale, attention)  # [B, T, N, H]
     return self._output(out, x.shape[-1]), kv_cache
 
   def _output(self, out: jax.Array, width: int) -> jax.Array:
     """The heads' outputs float[B, T, N, H] -> float[B, T, D] through the output projection."""
     out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
-    return Projection("BTNH,NHD->BTD", (self.num_heads, self.head_dim, width), (HEADS, HEAD_DIM, EMBED),
+    return Projection((self.num_heads, self.head_dim, width), (HEADS, HEAD_DIM, EMBED),
                       fan_in_axes=(0, 1), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                       name="out")(out)  # [B, T, D]
 
@@ -335,6 +350,7 @@ class FeedForward(nn.Module):
         bias_init=param_init(nn.initializers.zeros, (axes[1],)),
         dtype=self.dtype,
         param_dtype=self.param_dtype,
+        dot_general=matmul.dense_dot_general,
         name=name,
     )(x)
 

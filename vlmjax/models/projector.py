@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlmjax.models import layers
+from vlmjax.models import layers, matmul
 from vlmjax.models.vit import POSITION_EMBEDDING_INITS
 
 PROJECTORS = ("linear", "mlp2x_gelu")
@@ -41,6 +41,7 @@ class Projector(nn.Module):
 
   def _dense(self, name: str, features: int, axes: tuple[str, str], x: jax.Array) -> jax.Array:
     return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                    dot_general=matmul.dense_dot_general,
                     kernel_init=layers.param_init(nn.initializers.lecun_normal(), axes),
                     bias_init=layers.param_init(nn.initializers.zeros, (axes[1],)))(x)
 
