@@ -7,7 +7,7 @@ the softmax's backward reads float32 scores. Here the four backward matmuls take
 (`matmul.contract`'s reasoning), and the forward pass keeps the probabilities in the compute dtype ([B, N, T, S]:
 3.2 MB per layer and device for the shapes_tiny step) instead of the float32 scores. On the shapes_tiny training
 step (tools/bench_train.py) this took the language model's attention from 61 to 17 ms per device and step.
-The forward pass computes what `jax.nn.dot_product_attention` computes (test_dot_attention.py).
+The forward pass computes what `jax.nn.dot_product_attention` computes (tests/models/test_mixed_precision.py).
 """
 
 import functools

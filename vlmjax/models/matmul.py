@@ -4,9 +4,10 @@ On a CPU, XLA runs a bfloat16 matmul with YNNPACK's bfloat16 kernels only when i
 the AVX512-BF16 development machine: 685 GFLOP/s for a [1792, 128] x [128, 384] product, against 376 in float32).
 A bfloat16 x bfloat16 -> bfloat16 dot, what `jnp.einsum` and `nn.Dense` write, is computed as a float32 dot
 between converts. Asking for a float32 result fixes the forward pass only: JAX differentiates such a dot by
-multiplying the float32 cotangent with the bfloat16 operand, a float32 dot again. `contract` therefore writes its
-own backward pass, which rounds the cotangent to the compute dtype first, so all three matmuls of a layer run in
-bfloat16 (on the shapes_tiny training step: 0.257 s against 0.275 s; tools/bench_train.py).
+multiplying the float32 cotangent with the bfloat16 operand, a float32 dot again. `contract` therefore casts its
+result back to the compute dtype and writes its own backward pass, which multiplies the cotangent as it arrives
+(in the compute dtype): all three matmuls of a layer run in bfloat16 (on the shapes_tiny training step: 0.257 s
+against 0.275 s; tools/bench_train.py).
 
 In float32 this is the plain matmul. On accelerators it is what mixed-precision training does anyway: bfloat16
 operands, float32 accumulation, bfloat16 activation gradients.
