@@ -190,9 +190,8 @@ def _attend(query, key, value, mask, scale: float, attention: Callable) -> jax.A
 
 
 class Projection(nn.Module):
-  """A linear map over a kernel of the given shape (+ a bias over its output axes): the input's last
-  len(fan_in_axes) axes contracted with the kernel's leading fan-in axes (`matmul.contract`), e.g. [B, T, D] x
-  [D, N, H] -> [B, T, N, H].
+  """A linear map over a kernel of the given shape (+ a bias over its output axes): the input's last `fan_in` axes
+  contracted with the kernel's first `fan_in` (`matmul.contract`), e.g. [B, T, D] x [D, N, H] -> [B, T, N, H].
 
   Used for the attention projections, whose kernels keep their head axes ([D, N, H], [N, H, D]) so each axis
   carries its own logical name. (`nn.DenseGeneral` would create them flattened and reshape, which breaks
@@ -201,19 +200,17 @@ class Projection(nn.Module):
 
   kernel_shape: tuple[int, ...]
   kernel_axes: tuple[str | None, ...]
-  fan_in_axes: tuple[int, ...]  # the kernel's leading axes, contracted with the input's last
+  fan_in: int  # how many of the kernel's leading axes are its inputs (contracted with the input's last)
   use_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.fan_in_axes != tuple(range(len(self.fan_in_axes))):
-      raise ValueError(f"a Projection contracts its kernel's leading axes, got fan_in_axes={self.fan_in_axes}")
-    out_axes = tuple(i for i in range(len(self.kernel_shape)) if i not in self.fan_in_axes)
-    init = nn.initializers.lecun_normal(in_axis=self.fan_in_axes, out_axis=out_axes)
+    out_axes = tuple(range(self.fan_in, len(self.kernel_shape)))
+    init = nn.initializers.lecun_normal(in_axis=tuple(range(self.fan_in)), out_axis=out_axes)
     kernel = self.param("kernel", param_init(init, self.kernel_axes), self.kernel_shape, self.param_dtype)
-    y = matmul.contract(x.astype(self.dtype), kernel, len(self.fan_in_axes))
+    y = matmul.contract(x.astype(self.dtype), kernel, self.fan_in)
     if self.use_bias:
       bias_shape = tuple(self.kernel_shape[i] for i in out_axes)
       bias = self.param("bias", param_init(nn.initializers.zeros, tuple(self.kernel_axes[i] for i in out_axes)),
@@ -242,7 +239,7 @@ class Attention(nn.Module):
 
   def _project(self, name: str, x: jax.Array, heads: int, heads_axis: str) -> jax.Array:
     return Projection((x.shape[-1], heads, self.head_dim), (EMBED, heads_axis, HEAD_DIM),
-                      fan_in_axes=(0,), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                      fan_in=1, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                       name=name)(x)
 
   @nn.compact
@@ -313,7 +310,7 @@ class Attention(nn.Module):
     """The heads' outputs float[B, T, N, H] -> float[B, T, D] through the output projection."""
     out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
     return Projection((self.num_heads, self.head_dim, width), (HEADS, HEAD_DIM, EMBED),
-                      fan_in_axes=(0, 1), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                      fan_in=2, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                       name="out")(out)  # [B, T, D]
 
 

@@ -17,6 +17,8 @@ import ml_collections
 import optax
 import optax.contrib
 
+from vlmjax.models import layers
+
 OPTIMIZERS = ("adamw", "muon")
 # Top-level parameter groups that train in each stage; every other group is frozen.
 TRAINABLE = {
@@ -123,7 +125,7 @@ def muon_matrices(params: Mapping[str, Any]) -> dict:
       return optax.contrib.MuonDimensionNumbers(reduction_axis=-3, output_axis=(-2, -1))
     if names[-2] == "out":
       return optax.contrib.MuonDimensionNumbers(reduction_axis=(-3, -2), output_axis=-1)
-    first = 1 if "layers" in names else 0
+    first = 1 if layers.LAYER_STACK in names else 0
     return optax.contrib.MuonDimensionNumbers(reduction_axis=tuple(range(first, leaf.ndim - 1)), output_axis=-1)
   return jax.tree_util.tree_map_with_path(spec, params)
 
