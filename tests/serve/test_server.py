@@ -173,23 +173,30 @@ def test_api_key_and_unknown_routes(server):
   assert _post(port, "/health", b"", key=None, method="GET") == (200, {"status": "ok"})
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client):
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client, monkeypatch):
   engine = server["app"].state.engine
   body = {**GOOD, "max_tokens": MAX_LEN - 24, "temperature": 0, "stream": True}
   whole = client.chat.completions.create(**{**body, "stream": False})
   assert whole.choices[0].finish_reason == "length"  # undisturbed, it would run all max_tokens
-  connection = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
-  connection.request("POST", "/v1/chat/completions", json.dumps(body),
-                     {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
-  response = connection.getresponse()
-  assert response.status == 200 and response.readline().startswith(b"data: ")
-  deadline = time.monotonic() + 10
-  while not engine.num_running and time.monotonic() < deadline:
-    time.sleep(0.001)
-  connection.close()  # hang up mid-stream
-  while engine.num_running and time.monotonic() < deadline:
-    time.sleep(0.01)
-  assert engine.num_running == 0
+  # The tiny model decodes max_tokens faster than a loaded machine may notice the hang-up: the engine's decode
+  # steps wait (10 s at most) until the server has cancelled the request, so that it cannot end by its length first.
+  cancelled = threading.Event()
+  cancel, step = engine.cancel, engine._step
+  with monkeypatch.context() as patch:
+    patch.setattr(engine, "cancel", lambda request: (cancel(request), cancelled.set()))
+    patch.setattr(engine, "_step", lambda: (cancelled.wait(10), step()))
+    connection = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
+    connection.request("POST", "/v1/chat/completions", json.dumps(body),
+                       {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    deadline = time.monotonic() + 10
+    while not engine.num_running and time.monotonic() < deadline:
+      time.sleep(0.001)
+    connection.close()  # hang up mid-stream
+    while engine.num_running and time.monotonic() < deadline:
+      time.sleep(0.01)
+  assert cancelled.is_set() and engine.num_running == 0
   assert 'vlmjax_requests_finished_total{finish_reason="cancelled"} 1.0' in _metrics(server)
   assert client.chat.completions.create(**{**body, "stream": False}).choices[0].message.content == \
       whole.choices[0].message.content
