@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax.infer import paged
-from vlmjax.models import dot_attention, matmul
+from vlmjax.models import dot_attention, matmul, trig
 
 # Logical axis names. Weights use bare names; activations `activation_*`; the KV cache `cache_*`.
 EMBED = "embed"
@@ -106,8 +106,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   assert head_dim % 2 == 0, f"RoPE needs an even head dim, got {head_dim}"
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [H/2]
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
-  sin = jnp.sin(angles)[:, :, None, :]  # [B, T, 1, H/2]
-  cos = jnp.cos(angles)[:, :, None, :]
+  sin, cos = (part[:, :, None, :] for part in trig.sincos(angles))  # [B, T, 1, H/2]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x.dtype)
