@@ -19,6 +19,13 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("VLMJAX_TEST_CACHE",
                                                         os.path.expanduser("~/.cache/vlmjax/jax-test-cache"))
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
+# The setting `vlmjax` commands re-execute themselves with (vlmjax/runtime.py), given up front: the commands the
+# tests start in subprocesses then run at once instead of starting twice. tests/test_runtime.py clears it.
+from vlmjax import runtime  # noqa: E402
+
+if runtime.huge_pages_available():
+  os.environ.setdefault("GLIBC_TUNABLES", f"{runtime.HUGE_PAGES}=1")
+
 import pytest  # noqa: E402
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import roofline  # tools/roofline.py: this script's own folder is on sys.path
 
 import vlmjax
+from vlmjax import runtime
 from vlmjax.infer import generate as generation
 
 
@@ -169,4 +170,5 @@ def _plot(rows, path: str) -> None:
 
 
 if __name__ == "__main__":
+  runtime.exec_with_huge_pages()  # as `vlmjax` runs: XLA's CPU buffers in huge pages
   main()

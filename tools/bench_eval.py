@@ -17,6 +17,7 @@ import time
 from absl import app, flags
 
 import vlmjax
+from vlmjax import runtime
 from vlmjax.eval import harness
 from vlmjax.train import workdir as workdir_lib
 
@@ -53,4 +54,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  runtime.exec_with_huge_pages()  # as `vlmjax` runs: XLA's CPU buffers in huge pages
   app.run(main)

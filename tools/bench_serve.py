@@ -36,6 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import bench_decode  # tools/bench_decode.py: this script's own folder is on sys.path
 import vlmjax
+from vlmjax import runtime
 from vlmjax.serve.server import create_app
 
 MODES = {"continuous": dict(), "static": dict(static_batching=True), "single": dict(num_slots=1)}
@@ -333,4 +334,5 @@ def _plot(rows: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
+  runtime.exec_with_huge_pages()  # as `vlmjax` runs: XLA's CPU buffers in huge pages
   main()

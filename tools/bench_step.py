@@ -13,6 +13,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from vlmjax import runtime
 from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.parallel import mesh as mesh_lib
 from vlmjax.train.losses import next_token_loss
@@ -63,4 +64,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  runtime.exec_with_huge_pages()  # as `vlmjax` runs: XLA's CPU buffers in huge pages
   app.run(main)

@@ -23,6 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import roofline  # tools/roofline.py: this script's own folder is on sys.path
+from vlmjax import runtime
 from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.parallel import distributed, mesh as mesh_lib
 from vlmjax.train import optim, state as state_lib
@@ -140,4 +141,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  runtime.exec_with_huge_pages()  # as `vlmjax` runs: XLA's CPU buffers in huge pages
   app.run(main)

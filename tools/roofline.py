@@ -16,6 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from vlmjax import runtime
+
 
 def median_seconds(fn, *args, repeats: int) -> float:
   """Median wall-clock seconds of `fn(*args)`, blocked until ready, over `repeats` calls after a warm-up call."""
@@ -57,4 +59,5 @@ def main():
 
 
 if __name__ == "__main__":
+  runtime.exec_with_huge_pages()  # as `vlmjax` runs: XLA's CPU buffers in huge pages
   main()

@@ -10,6 +10,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from vlmjax import runtime
+
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
@@ -214,6 +216,8 @@ COMMANDS = {"summarize": summarize, "data": data, "train": train, "eval": evalua
 
 
 def main(argv: list[str] | None = None) -> None:
+  if argv is None:  # the program itself, not a call from Python: its process may still be set up
+    runtime.exec_with_huge_pages()
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
     raise SystemExit(f"usage: vlmjax {{{','.join(COMMANDS)}}} [flags]   (vlmjax COMMAND --help for its flags)")
