@@ -51,10 +51,13 @@ def _contract_bwd(axes, residuals, grad):
   batch_axes = range(x.ndim - axes)
   # For a matmul that contracts the rows (M), XLA's CPU backend first copies its first operand into [C, M] for
   # YNNPACK, and fuses that copy with the ops that produced the operand; with elementwise ops in it the copy is slow
-  # (the vision tower's GELU: 0.63 ms against 0.10 for a plain transpose). So the narrower of x and the cotangent
-  # goes first, and when that is the cotangent the kernel-sized product is transposed (the shapes_tiny bench step:
-  # 177.0 against 183.9 ms).
-  if math.prod(x.shape[x.ndim - axes:]) > math.prod(grad.shape[grad.ndim - out_axes:]):
+  # (the float32 vision tower's GELU: 0.63 ms against 0.10 for a plain transpose). So in float32 the narrower of x
+  # and the cotangent goes first, and when that is the cotangent the kernel-sized product is transposed (the
+  # shapes_tiny bench step: 177.0 against 183.9 ms). Not in bfloat16: XLA may fold that transpose into the matmul
+  # as a form YNNPACK does not take, and its fallback has no bfloat16 matmul ("Unsupported element type for
+  # DotThunk::Execute", on one device).
+  narrower_grad = math.prod(grad.shape[grad.ndim - out_axes:]) < math.prod(x.shape[x.ndim - axes:])
+  if x.dtype == jnp.float32 and narrower_grad:
     swapped = _dot_f32(grad, x, batch_axes, batch_axes)  # [O..., C...]
     grad_kernel = jnp.transpose(swapped, (*range(out_axes, kernel.ndim), *range(out_axes)))
   else:
