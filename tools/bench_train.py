@@ -1,5 +1,5 @@
 """Training throughput: the vlmjax train step against the same step in PyTorch/transformers, and the model FLOPs
-utilization (MFU) of each against this machine's measured float32 matmul peak.
+utilization (MFU) of each against this machine's measured matmul peak in its compute dtype.
 
     python tools/bench_train.py [--config configs/shapes_tiny.py --batch_size 32 --repeats 7]
     # shapes_tiny merges image tokens and has a conv stem, which transformers' LLaVA cannot express:

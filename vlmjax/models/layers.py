@@ -97,7 +97,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
   Args:
     x: float[B, T, N, H], H even.
-    positions: int[B, T], the position of each token (passed in, so padded and packed rows work).
+    positions: int[B, T], the position of each token (passed in, so padded and packed rows work); the sines and
+      cosines (`trig.sincos`) hold float32 accuracy up to position 2**17.
     theta: the RoPE base frequency.
   Returns:
     float[B, T, N, H] in x's dtype.
