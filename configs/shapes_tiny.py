@@ -34,10 +34,11 @@ def get_config(arg: str | None = None):
   # 0.286 s when XLA upcast them (session 16). Both towers' layers are unrolled (the finetune step took 0.237 s
   # against 0.303 s in float32 with scanned layers, session 7), and the steps saved go to more training.
   config.model.dtype = "bfloat16"
-  # One XLA device per core of the 2-core machine the main job is sized for, the batch split over them: the
-  # finetune step takes 0.190 s against 0.196 s on one device, the classify step 0.291 s against 0.270 s; the
-  # finetune stage's 1800 steps decide (`distributed.split_cpu`).
-  config.cpu_devices = 2
+  # One XLA device over both cores of the 2-core machine the main job is sized for. Two devices, one per core with
+  # the batch split over them, were faster while every step faulted its temporaries in 4 KiB pages (session 16:
+  # finetune 0.190 s against 0.196 s); with huge pages (`vlmjax/runtime.py`) one device takes 0.150 s against
+  # 0.162 s, and the classify step 0.216 s on either (`distributed.split_cpu`; session 17).
+  config.cpu_devices = 1
   config.model.scan_layers = False
   config.model.projector = "mlp2x_gelu"
   config.model.image_token_id = 3
