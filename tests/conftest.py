@@ -23,7 +23,7 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 # tests start in subprocesses then run at once instead of starting twice. tests/test_runtime.py clears it.
 from vlmjax import runtime  # noqa: E402
 
-if runtime.huge_pages_available():
+if runtime.huge_pages_on_request():
   os.environ.setdefault("GLIBC_TUNABLES", f"{runtime.HUGE_PAGES}=1")
 
 import pytest  # noqa: E402

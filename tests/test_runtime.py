@@ -11,7 +11,7 @@ from vlmjax import runtime
 # Prints its PID, re-executes with huge pages, then prints the tunables and, after three runs of a program whose
 # temporaries take 64 MB, the minor page faults of the last run.
 SCRIPT = """
-import os, resource, sys
+import os, resource
 print(os.getpid(), flush=True)
 from vlmjax import runtime
 runtime.exec_with_huge_pages()
@@ -34,7 +34,7 @@ def _run(tunables: str | None) -> list[str]:
   return result.stdout.split()
 
 
-@pytest.mark.skipif(not runtime.huge_pages_available(), reason="needs Linux with glibc 2.35+ and huge pages on")
+@pytest.mark.skipif(not runtime.huge_pages_on_request(), reason="needs Linux, glibc 2.35+ and huge pages in madvise mode")
 def test_the_process_restarts_itself_with_huge_pages_and_faults_far_less():
   *pids, tunables, huge_faults = _run(None)
   assert len(pids) == 2 and pids[0] == pids[1]  # started twice, in one process
@@ -46,7 +46,7 @@ def test_the_process_restarts_itself_with_huge_pages_and_faults_far_less():
 
 def test_other_tunables_are_kept():
   *pids, tunables, _ = _run("glibc.malloc.arena_max=2")
-  if runtime.huge_pages_available():
+  if runtime.huge_pages_on_request():
     assert len(pids) == 2 and tunables == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
   else:
     assert len(pids) == 1 and tunables == "glibc.malloc.arena_max=2"
