@@ -34,7 +34,8 @@ def _run(tunables: str | None) -> list[str]:
   return result.stdout.split()
 
 
-@pytest.mark.skipif(not runtime.huge_pages_on_request(), reason="needs Linux, glibc 2.35+ and huge pages in madvise mode")
+@pytest.mark.skipif(not runtime.huge_pages_on_request(),
+                    reason="needs Linux, glibc 2.35+ and huge pages in madvise mode")
 def test_the_process_restarts_itself_with_huge_pages_and_faults_far_less():
   *pids, tunables, huge_faults = _run(None)
   assert len(pids) == 2 and pids[0] == pids[1]  # started twice, in one process
