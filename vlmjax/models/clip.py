@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlmjax.models import layers
+from vlmjax.models import activation as activation_lib, layers
 from vlmjax.models.config import (ModelConfig, build_towers, check_choice, check_divides, check_positive,
                                   dtype)
 from vlmjax.models.vit import Encoder, ViT, ViTConfig
@@ -40,7 +40,7 @@ class TextConfig(ModelConfig):
     check_positive(self, where, "vocab_size", "context_length", "width", "depth", "num_heads", "mlp_dim")
     check_divides(self.num_heads, self.width, f"{where}.width={self.width} must split evenly into "
                   f"{where}.num_heads={self.num_heads} heads")
-    check_choice(self.activation, tuple(layers.ACTIVATIONS), f"{where}.activation")
+    check_choice(self.activation, tuple(activation_lib.ACTIVATIONS), f"{where}.activation")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax.infer.kv_cache import KVCache
-from vlmjax.models import layers, matmul
+from vlmjax.models import activation as activation_lib, layers, matmul
 from vlmjax.models.config import ModelConfig, check_choice, check_divides, check_positive, dtype
 
 
@@ -50,7 +50,7 @@ class DecoderConfig(ModelConfig):
     check_divides(self.num_kv_heads, self.num_heads, f"{where}.num_heads={self.num_heads} must be a multiple of "
                   f"{where}.num_kv_heads={self.num_kv_heads} (grouped-query attention)")
     check_divides(2, self.attention_head_dim, f"{where}.head_dim={self.attention_head_dim} must be even for RoPE")
-    check_choice(self.activation, tuple(layers.ACTIVATIONS), f"{where}.activation")
+    check_choice(self.activation, tuple(activation_lib.ACTIVATIONS), f"{where}.activation")
 
   @property
   def attention_head_dim(self) -> int:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax.infer import paged
-from vlmjax.models import dot_attention, matmul, trig
+from vlmjax.models import activation as activation_lib, dot_attention, matmul, trig
 
 # Logical axis names. Weights use bare names; activations `activation_*`; the KV cache `cache_*`.
 EMBED = "embed"
@@ -314,20 +314,6 @@ class Attention(nn.Module):
                       name="out")(out)  # [B, T, D]
 
 
-def quick_gelu(x: jax.Array) -> jax.Array:
-  """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
-  return x * jax.nn.sigmoid(1.702 * x)
-
-
-# Activations by the names configs use. "gelu" is exact (erf), "gelu_tanh" the tanh approximation.
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "quick_gelu": quick_gelu,
-}
-
-
 class FeedForward(nn.Module):
   """Feed-forward block. Gated (`gated=True`: act(x W_gate) * (x W_up) W_down — SwiGLU with silu, GeGLU with
   gelu_tanh) or plain (act(x W_up + b) W_down + b — GELU / quick-GELU as in ViTs)."""
@@ -354,12 +340,12 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: float[B, T, D] -> float[B, T, D]."""
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f"unknown MLP activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
-    act = ACTIVATIONS[self.activation]
-    hidden = act(self._dense("up" if not self.gated else "gate", self.hidden_dim, (EMBED, MLP), x))
-    if self.gated:
-      hidden = hidden * self._dense("up", self.hidden_dim, (EMBED, MLP), x)
+    if self.activation not in activation_lib.ACTIVATIONS:
+      raise ValueError(f"unknown MLP activation {self.activation!r}; "
+                       f"choose one of {sorted(activation_lib.ACTIVATIONS)}")
+    first = self._dense("up" if not self.gated else "gate", self.hidden_dim, (EMBED, MLP), x)
+    up = self._dense("up", self.hidden_dim, (EMBED, MLP), x) if self.gated else None
+    hidden = activation_lib.activate(self.activation, first, up)
     hidden = nn.with_logical_constraint(hidden, (ACT_BATCH, ACT_LENGTH, ACT_MLP))  # [B, T, F]
     return self._dense("down", x.shape[-1], (MLP, EMBED), hidden)
 

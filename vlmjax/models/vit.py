@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlmjax.models import layers
+from vlmjax.models import activation as activation_lib, layers
 from vlmjax.models.config import ModelConfig, check_choice, check_divides, check_positive, dtype
 
 
@@ -50,7 +50,7 @@ class ViTConfig(ModelConfig):
                   f"{where}.num_heads={self.num_heads} heads")
     check_divides(self.patch_size, self.image_size, f"{where}.image_size={self.image_size} must be a multiple "
                   f"of {where}.patch_size={self.patch_size}")
-    check_choice(self.activation, tuple(layers.ACTIVATIONS), f"{where}.activation")
+    check_choice(self.activation, tuple(activation_lib.ACTIVATIONS), f"{where}.activation")
     check_choice(self.stem, ("patch", "conv"), f"{where}.stem")
     check_choice(self.position_embedding_init, tuple(POSITION_EMBEDDING_INITS), f"{where}.position_embedding_init")
     if self.position_embedding_init == "sincos2d" and self.width % 4:
