@@ -1,7 +1,7 @@
 """Training throughput: the vlmjax train step against the same step in PyTorch/transformers, and the model FLOPs
 utilization (MFU) of each against this machine's measured matmul peak in its compute dtype.
 
-    python tools/bench_train.py [--config configs/shapes_tiny.py --batch_size 32 --repeats 7]
+    python tools/bench_train.py [--config configs/shapes_tiny.py --batch_size 32 --repeats 15]
     # shapes_tiny merges image tokens and has a conv stem, which transformers' LLaVA cannot express; this shape's
     # full step (the vision tower trained too) runs faster on the CPU split in two (0.122 s against 0.136 s):
     python tools/bench_train.py --config.model.image_token_merge=1 --config.model.vision.stem=patch \
@@ -15,7 +15,8 @@ depth, heads and patches; Llama decoder with its width, depth, heads, KV heads, 
 backward + clipping + `torch.optim.AdamW` on the same token and image counts. Model FLOPs per step (`model_flops`:
 6 x matmul parameters x tokens plus the attention scores, forward + backward) are the same number for both; MFU =
 model FLOPs / step time / the measured matmul peak of the compute dtype (on a split CPU, of all its devices at
-once: `roofline.measure`). Prints one table; the step times are medians of --repeats timed steps after a warm-up.
+once: `roofline.measure`). Prints one table; the step times are medians of --repeats timed steps after three
+warm-up steps.
 """
 
 import jax
@@ -32,7 +33,9 @@ from vlmjax.train import optim, state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes_tiny.py", "Experiment config file.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Rows per step (default: the config's train.batch_size).")
-_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed steps per framework.")
+_REPEATS = flags.DEFINE_integer("repeats", 15, "Timed steps per framework.")
+# The train step's first few calls after the compile run slow (the second: 2.5x the median, session 18).
+_WARMUP_STEPS = 3
 
 
 def _batch(model_config: VLMConfig, batch_size: int, length: int) -> dict[str, np.ndarray]:
@@ -78,7 +81,7 @@ def time_vlmjax(config, batch: dict, repeats: int) -> float:
       nonlocal state
       state, metrics = state_lib.train_step(state, batch, config=model_config, optimizer=optimizer, stage="full")
       jax.block_until_ready(metrics["loss"])
-    return roofline.median_seconds(step, repeats=repeats)
+    return roofline.median_seconds(step, repeats=repeats, warmup=_WARMUP_STEPS)
 
 
 def time_transformers(model_config: VLMConfig, config, batch: dict, repeats: int) -> float:
@@ -116,7 +119,7 @@ def time_transformers(model_config: VLMConfig, config, batch: dict, repeats: int
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-  return roofline.median_seconds(step, repeats=repeats)
+  return roofline.median_seconds(step, repeats=repeats, warmup=_WARMUP_STEPS)
 
 
 def main(argv):

@@ -19,9 +19,11 @@ import jax.numpy as jnp
 from vlmjax import runtime
 
 
-def median_seconds(fn, *args, repeats: int) -> float:
-  """Median wall-clock seconds of `fn(*args)`, blocked until ready, over `repeats` calls after a warm-up call."""
-  jax.block_until_ready(fn(*args))  # compile and warm up
+def median_seconds(fn, *args, repeats: int, warmup: int = 1) -> float:
+  """Median wall-clock seconds of `fn(*args)`, blocked until ready, over `repeats` calls after `warmup` calls (the
+  first compiles)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
