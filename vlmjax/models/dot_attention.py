@@ -103,9 +103,11 @@ def _attention_bwd(scale, residuals, grad):
   # against 4.5 ms).
   probs32 = probs.astype(_F32)
   row = jnp.sum(probs32 * grad_probs, axis=-1, keepdims=True)  # [B, K, T, G, 1]
-  grad_scores = (probs32 * (grad_probs - row) * scale).astype(dtype)
-  grad_query = _from_heads_major(_dot("BKTGS,BSKH->BKTGH", grad_scores, key.astype(dtype), grouped))
-  grad_key = _dot("BKTGS,BTKGH->BSKH", grad_scores, grouped, grouped)
+  # dS / scale: the scale goes onto the [.., H] products (XLA's CPU backend gave YNNPACK this fusion, and a scalar
+  # in it as a [T, S] array of copies).
+  grad_scores = (probs32 * (grad_probs - row)).astype(dtype)
+  grad_query = _from_heads_major(_dot("BKTGS,BSKH->BKTGH", grad_scores, key.astype(dtype), grouped) * scale)
+  grad_key = _dot("BKTGS,BTKGH->BSKH", grad_scores, grouped, grouped) * scale
   grad_value = _dot("BKTGS,BTKGH->BSKH", probs, grad, grouped)
   grad_mask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
   return grad_query.reshape(query.shape).astype(dtype), grad_key.astype(key.dtype), grad_value.astype(value.dtype), grad_mask
