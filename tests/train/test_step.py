@@ -2,6 +2,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import common, sizes
@@ -123,6 +124,28 @@ def test_contrastive_losses_match_their_definitions():
   np.testing.assert_allclose(losses.sigmoid_contrastive_loss(images, texts, scale, bias), expected, rtol=1e-5)
   # Matching pairs give a lower loss than shuffled ones.
   assert losses.softmax_contrastive_loss(images, images, 10.0) < losses.softmax_contrastive_loss(images, texts, 10.0)
+
+
+def test_next_token_loss_is_optax_cross_entropy_averaged_over_the_weights():
+  from vlmjax.train import losses
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(3 * rng.standard_normal((2, 5, 7)), jnp.bfloat16)
+  targets = jnp.asarray(rng.integers(0, 7, (2, 5)))
+  weights = jnp.asarray(rng.integers(0, 2, (2, 5)), jnp.float32).at[0, 0].set(1.0)
+
+  def reference(logits):
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(per_token * weights) / jnp.sum(weights)
+
+  (loss, total), grad = jax.value_and_grad(losses.next_token_loss, has_aux=True)(logits, targets, weights)
+  expected, expected_grad = jax.value_and_grad(reference)(logits)
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  assert float(total) == float(weights.sum())
+  np.testing.assert_allclose(grad.astype(jnp.float32), expected_grad.astype(jnp.float32), rtol=1e-2, atol=1e-6)
+  assert float(jnp.abs(grad.astype(jnp.float32)).sum()) > 0
+  # No weight, no loss and no gradient (and no division by zero).
+  (loss, _), grad = jax.value_and_grad(losses.next_token_loss, has_aux=True)(logits, targets, 0 * weights)
+  assert float(loss) == 0.0 and not np.any(np.asarray(grad, np.float32))
 
 
 def test_vision_learning_rate_scales_only_the_vision_towers_steps(params):
