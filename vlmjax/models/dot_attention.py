@@ -49,7 +49,8 @@ def _dot(equation: str, a: jax.Array, b: jax.Array, grouped: jax.Array) -> jax.A
 
 
 def _probabilities(query, key, mask, scale):
-  """Softmax over keys of float[B, T, K, G, H] queries against float[B, S, K, H] keys -> float32[B, K, T, G, S]."""
+  """Softmax over keys of float[B, T, K, G, H] queries against float[B, S, K, H] keys -> float32[B, K, T, G, S]
+  (without G for ungrouped [B, T, N, H] queries: `_group`)."""
   scores = _dot("BTKGH,BSKH->BKTGS", query, key, query) * scale
   if mask is not None:
     # What jax.nn.dot_product_attention fills in: a fully masked row attends uniformly instead of giving NaN.
@@ -110,7 +111,8 @@ def _attention_bwd(scale, residuals, grad):
   grad_key = _dot("BKTGS,BTKGH->BSKH", grad_scores, grouped, grouped) * scale
   grad_value = _dot("BKTGS,BTKGH->BSKH", probs, grad, grouped)
   grad_mask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
-  return grad_query.reshape(query.shape).astype(dtype), grad_key.astype(key.dtype), grad_value.astype(value.dtype), grad_mask
+  return (grad_query.reshape(query.shape).astype(dtype), grad_key.astype(key.dtype), grad_value.astype(value.dtype),
+          grad_mask)
 
 
 dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
