@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlmjax.models import activation, layers, matmul
+from vlmjax.models import layers, matmul
 from vlmjax.models.vit import POSITION_EMBEDDING_INITS
 
 PROJECTORS = ("linear", "mlp2x_gelu")
@@ -51,7 +51,7 @@ class Projector(nn.Module):
     if self.kind == "linear":
       y = self._dense("linear", self.out_dim, (layers.EMBED, layers.MLP), x)
     elif self.kind == "mlp2x_gelu":
-      hidden = activation.activate("gelu", self._dense("linear_1", self.out_dim, (layers.EMBED, layers.MLP), x))
+      hidden = jax.nn.gelu(self._dense("linear_1", self.out_dim, (layers.EMBED, layers.MLP), x), approximate=False)
       y = self._dense("linear_2", self.out_dim, (layers.MLP, layers.EMBED), hidden)
     else:
       raise ValueError(f"unknown projector {self.kind!r}; choose one of {list(PROJECTORS)}")
