@@ -41,17 +41,18 @@ def _group(query: jax.Array, num_kv_heads: int) -> jax.Array:
   return query.reshape(batch, length, num_kv_heads, heads // num_kv_heads, head_dim)
 
 
-def _dot(equation: str, a: jax.Array, b: jax.Array, grouped: jax.Array) -> jax.Array:
-  """The einsum of a and b (in the grouped form: G the group axis) accumulated in float32; without the G axis
-  where `grouped` (the grouped queries) has none."""
-  equation = equation if grouped.ndim == 5 else equation.replace("G", "")
+def _dot(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """The einsum of a and b, accumulated in float32. The equation is written in the grouped form (G the group axis,
+  in a's subscripts); where a has one axis fewer (ungrouped, `_group`), G is left out."""
+  if a.ndim < len(equation.split(",")[0]):
+    equation = equation.replace("G", "")
   return jnp.einsum(equation, a, b, preferred_element_type=_F32)
 
 
 def _probabilities(query, key, mask, scale):
   """Softmax over keys of float[B, T, K, G, H] queries against float[B, S, K, H] keys -> float32[B, K, T, G, S]
   (without G for ungrouped [B, T, N, H] queries: `_group`)."""
-  scores = _dot("BTKGH,BSKH->BKTGS", query, key, query) * scale
+  scores = _dot("BTKGH,BSKH->BKTGS", query, key) * scale
   if mask is not None:
     # What jax.nn.dot_product_attention fills in: a fully masked row attends uniformly instead of giving NaN.
     mask = mask if query.ndim == 4 else mask[:, :, :, None]
@@ -67,7 +68,7 @@ def _from_heads_major(x: jax.Array) -> jax.Array:
 def _forward(query, key, value, mask, scale):
   grouped = _group(query, key.shape[2])
   probs = _probabilities(grouped, key, mask, scale).astype(query.dtype)
-  out = _from_heads_major(_dot("BKTGS,BSKH->BKTGH", probs, value.astype(query.dtype), grouped).astype(query.dtype))
+  out = _from_heads_major(_dot("BKTGS,BSKH->BKTGH", probs, value.astype(query.dtype)).astype(query.dtype))
   return out.reshape(query.shape), probs
 
 
@@ -97,7 +98,7 @@ def _attention_bwd(scale, residuals, grad):
   dtype = query.dtype
   grouped = _group(query, key.shape[2])
   grad = _group(grad, key.shape[2])  # [B, T, K, G, H] like the queries, in the compute dtype as the result
-  grad_probs = _dot("BTKGH,BSKH->BKTGS", grad, value.astype(dtype), grouped)
+  grad_probs = _dot("BTKGH,BSKH->BKTGS", grad, value.astype(dtype))
   # The softmax's backward: dS = P (dP - rowsum(P * dP)). The row sums are taken over the [T, S] arrays at hand
   # rather than as rowsum(dO * O) over the heads: XLA's CPU backend gives that small reduction to YNNPACK, which
   # took longer than the larger sum fused with dS (attention's forward + backward at the bench step's size: 3.9
@@ -107,9 +108,9 @@ def _attention_bwd(scale, residuals, grad):
   # dS / scale: the scale goes onto the [.., H] products (XLA's CPU backend gave YNNPACK this fusion, and a scalar
   # in it as a [T, S] array of copies).
   grad_scores = (probs32 * (grad_probs - row)).astype(dtype)
-  grad_query = _from_heads_major(_dot("BKTGS,BSKH->BKTGH", grad_scores, key.astype(dtype), grouped) * scale)
-  grad_key = _dot("BKTGS,BTKGH->BSKH", grad_scores, grouped, grouped) * scale
-  grad_value = _dot("BKTGS,BTKGH->BSKH", probs, grad, grouped)
+  grad_query = _from_heads_major(_dot("BKTGS,BSKH->BKTGH", grad_scores, key.astype(dtype)) * scale)
+  grad_key = _dot("BKTGS,BTKGH->BSKH", grad_scores, grouped) * scale
+  grad_value = _dot("BKTGS,BTKGH->BSKH", probs, grad)
   grad_mask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
   return (grad_query.reshape(query.shape).astype(dtype), grad_key.astype(key.dtype), grad_value.astype(value.dtype),
           grad_mask)
