@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from vlmjax.models.classifier import ClassifierConfig, ViTClassifier, patch_classification_loss
 from vlmjax.models.clip import CLIP, CLIPConfig
 from vlmjax.models.vlm import VLM, VLMConfig
-from vlmjax.train import losses
+from vlmjax.train import gradients, losses
 from vlmjax.train.optim import TRAINABLE
 
 
@@ -113,7 +113,9 @@ def _train_step(state: TrainState, batch: dict, *, config: VLMConfig | CLIPConfi
   Returns:
     (the new state, metrics {loss, grad_norm, tokens (loss tokens or pairs), skipped}: float32/int32 scalars).
   """
-  (loss, tokens), grads = jax.value_and_grad(stage_loss, has_aux=True)(state.params, config, batch, stage)
+  loss_fn = lambda params, batch: stage_loss(params, config, batch, stage)
+  loss, tokens, grads = gradients.loss_and_grads(loss_fn, state.params, TRAINABLE[stage], batch,
+                                                 decomposable=stage != "contrastive")
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
