@@ -139,6 +139,20 @@ def test_rope_scores_depend_only_on_relative_position():
                              jnp.linalg.norm(q), rtol=1e-5)
 
 
+def test_rope_of_positions_known_when_tracing_matches_rope_computed_in_the_program():
+  """numpy positions (constants of the program) against the same positions as a jax array (`trig.sincos` in the
+  program), jitted, rows differing and one [1, T] row broadcast over the batch."""
+  x = jnp.asarray(_random((2, 300, 2, 32)))
+  positions = np.stack([np.arange(300), np.arange(300) * 7 + 5]).astype(np.int32)
+  computed = jax.jit(lambda x, p: layers.apply_rope(x, p, 10000.0))(x, positions)
+  constant = jax.jit(lambda x: layers.apply_rope(x, positions, 10000.0))(x)
+  np.testing.assert_allclose(constant, computed, rtol=0, atol=1e-6)
+  broadcast = jax.jit(lambda x: layers.apply_rope(x, positions[:1], 10000.0))(x)
+  second_row_at_first_positions = layers.apply_rope(x[1:], jnp.asarray(positions[:1]), 10000.0)
+  np.testing.assert_allclose(broadcast, jnp.concatenate([computed[:1], second_row_at_first_positions]), atol=1e-6)
+  assert not np.allclose(broadcast[1], computed[1], atol=1e-3)  # the second row's positions differ
+
+
 @pytest.mark.parametrize("activation,gated", [("silu", True), ("gelu_tanh", True), ("gelu", False),
                                                ("quick_gelu", False)])
 def test_feed_forward_variants_match_numpy(activation, gated):

@@ -137,7 +137,7 @@ class Decoder(nn.Module):
 
     Args:
       tokens: int[B, T], or None when `embeddings` is given.
-      positions: int[B, T] RoPE positions.
+      positions: int[B, T] (or [1, T]) RoPE positions, a jax or numpy array (`layers.apply_rope`).
       cache: a KVCache or a paged.PagedKVCache; the T new tokens of row b go to slots cache.lengths[b] onwards, and attention covers
         the cache. None for a plain forward pass.
       embeddings: float[B, T, D], used instead of embedding `tokens` (a VLM splices image embeddings in).

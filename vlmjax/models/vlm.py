@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlmjax.infer.kv_cache import KVCache
 from vlmjax.models import layers
@@ -171,7 +172,8 @@ class VLM(nn.Module):
     """Args:
       input_ids: int[B, T] with image placeholders.
       pixel_values: float[B, H, W, 3] or float[B, I, H, W, 3] normalized images, or None for text only.
-      positions: int[B, T]; defaults to 0..T-1 in every row.
+      positions: int[B, T]; defaults to 0..T-1 in every row (a numpy [1, T], whose RoPE sines and cosines are
+        constants of the program: `layers.apply_rope`).
       cache, input_mask, segment_ids, logit_positions: as `Decoder.__call__`.
       prefix_lengths: int[B] bidirectional prefix per row; required when the config is prefix-LM.
     Returns:
@@ -180,7 +182,7 @@ class VLM(nn.Module):
     if self.config.prefix_lm and prefix_lengths is None:
       raise ValueError("a prefix-LM model (model.prefix_lm=True) needs prefix_lengths: the image + prompt length")
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+      positions = np.arange(input_ids.shape[1], dtype=np.int32)[None]
     image_embeddings = None if pixel_values is None else self.encode_images(pixel_values)
     embeddings = self.embed(input_ids, image_embeddings)
     return self.decoder(None, positions, cache, embeddings=embeddings, input_mask=input_mask,
