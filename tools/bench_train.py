@@ -1,7 +1,7 @@
 """Training throughput: the vlmjax train step against the same step in PyTorch/transformers, and the model FLOPs
 utilization (MFU) of each against this machine's measured matmul peak in its compute dtype.
 
-    python tools/bench_train.py [--config configs/shapes_tiny.py --batch_size 32 --repeats 15]
+    python tools/bench_train.py [--config configs/shapes_tiny.py --batch_size 32 --rounds 20]
     # shapes_tiny merges image tokens and has a conv stem, which transformers' LLaVA cannot express; this shape's
     # full step (the vision tower trained too) runs faster on the CPU split in two (0.101 s against 0.118-0.128 s):
     python tools/bench_train.py --config.model.image_token_merge=1 --config.model.vision.stem=patch \
@@ -15,9 +15,13 @@ depth, heads and patches; Llama decoder with its width, depth, heads, KV heads, 
 backward + clipping + `torch.optim.AdamW` on the same token and image counts. Model FLOPs per step (`model_flops`:
 6 x matmul parameters x tokens plus the attention scores, forward + backward) are the same number for both; MFU =
 model FLOPs / step time / the measured matmul peak of the compute dtype (on a split CPU, of all its devices at
-once: `roofline.measure`). Prints one table; the step times are medians of --repeats timed steps after three
-warm-up steps.
+once: `roofline.peak_matmul`). The steps and the peak matmuls are timed in turn over --rounds rounds, 3 calls
+each per round after one untimed call, after three warm-up calls each (`roofline.interleaved_median_seconds`:
+this machine's speed drifts within minutes, so every ratio is of figures from the same minutes). Prints one
+table of medians.
 """
+
+from typing import Callable
 
 import jax
 import ml_collections
@@ -33,7 +37,9 @@ from vlmjax.train import optim, state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes_tiny.py", "Experiment config file.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Rows per step (default: the config's train.batch_size).")
-_REPEATS = flags.DEFINE_integer("repeats", 15, "Timed steps per framework.")
+_ROUNDS = flags.DEFINE_integer("rounds", 20, "Rounds of calls; in each, every step and peak matmul in turn, "
+                                "1 untimed call and 3 timed calls each.")
+_CALLS_PER_ROUND = 3
 # The train step's first few calls after the compile run slow (the second: 2.5x the median, session 18).
 _WARMUP_STEPS = 3
 
@@ -65,8 +71,8 @@ def model_flops(model_config: VLMConfig, batch_size: int, length: int) -> float:
   return 3 * forward
 
 
-def time_vlmjax(config, batch: dict, repeats: int) -> float:
-  """Median step seconds of the vlmjax train step."""
+def vlmjax_step(config, batch: dict) -> Callable[[], jax.Array]:
+  """A call that runs one vlmjax train step (and returns its loss)."""
   model_config = VLMConfig.from_dict(config.model)
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.normalize_rules(config.sharding_rules)
@@ -76,16 +82,17 @@ def time_vlmjax(config, batch: dict, repeats: int) -> float:
   optimizer = optim.make_optimizer(optim_config, params, "full", total_steps=1000)
   state = jax.jit(lambda p: state_lib.create(p, optimizer))(params)
   batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
-  with mesh_lib.activate(mesh, rules):
-    def step():
-      nonlocal state
+
+  def step():
+    nonlocal state
+    with mesh_lib.activate(mesh, rules):
       state, metrics = state_lib.train_step(state, batch, config=model_config, optimizer=optimizer, stage="full")
-      jax.block_until_ready(metrics["loss"])
-    return roofline.median_seconds(step, repeats=repeats, warmup=_WARMUP_STEPS)
+    return metrics["loss"]
+  return step
 
 
-def time_transformers(model_config: VLMConfig, config, batch: dict, repeats: int) -> float:
-  """Median step seconds of the same-shaped LLaVA in transformers (float32, eager, CPU)."""
+def transformers_step(model_config: VLMConfig, config, batch: dict) -> Callable[[], None]:
+  """A call that runs one train step of the same-shaped LLaVA in transformers (float32, eager, CPU)."""
   import torch
   import transformers
 
@@ -119,7 +126,7 @@ def time_transformers(model_config: VLMConfig, config, batch: dict, repeats: int
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-  return roofline.median_seconds(step, repeats=repeats, warmup=_WARMUP_STEPS)
+  return step
 
 
 def main(argv):
@@ -131,18 +138,21 @@ def main(argv):
   length = config.data.length
   batch = _batch(model_config, batch_size, length)
   compute_dtype = model_config.decoder.dtype
-  peaks = {dtype: roofline.measure(repeats=5, dtype=dtype)["matmul_gflop_s"] * 1e9
-           for dtype in {"float32", compute_dtype}}
   flops = model_flops(model_config, batch_size, length)
-  jax_seconds = time_vlmjax(config, batch, _REPEATS.value)
-  torch_seconds = time_transformers(model_config, config, batch, _REPEATS.value)
+  peak_matmuls = {dtype: roofline.peak_matmul(dtype) for dtype in ("float32", compute_dtype)}
+  calls = {"vlmjax": vlmjax_step(config, batch), "transformers": transformers_step(model_config, config, batch),
+           **{dtype: matmul for dtype, (matmul, _) in peak_matmuls.items()}}
+  seconds = roofline.interleaved_median_seconds(calls, rounds=_ROUNDS.value, calls=_CALLS_PER_ROUND,
+                                                warmup=_WARMUP_STEPS)
+  peaks = {dtype: matmul_flops / seconds[dtype] for dtype, (_, matmul_flops) in peak_matmuls.items()}
   tokens = batch_size * length
   print(f"batch {batch_size} x {length} tokens, {flops / 1e9:.1f} model GFLOP per step; matmul peaks: " +
         ", ".join(f"{dtype} {peak / 1e9:.0f} GFLOP/s" for dtype, peak in peaks.items()))
   print(f"{'framework':<16}{'compute':>10}{'step s (median)':>17}{'tokens/s':>11}{'MFU':>8}{'speed-up':>10}")
-  for name, dtype, seconds in (("vlmjax", compute_dtype, jax_seconds), ("transformers", "float32", torch_seconds)):
-    print(f"{name:<16}{dtype:>10}{seconds:>17.3f}{tokens / seconds:>11.0f}{flops / seconds / peaks[dtype]:>8.1%}"
-          f"{torch_seconds / seconds:>9.2f}x")
+  for name, dtype in (("vlmjax", compute_dtype), ("transformers", "float32")):
+    step = seconds[name]
+    print(f"{name:<16}{dtype:>10}{step:>17.3f}{tokens / step:>11.0f}{flops / step / peaks[dtype]:>8.1%}"
+          f"{seconds['transformers'] / step:>9.2f}x")
 
 
 if __name__ == "__main__":

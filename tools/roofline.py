@@ -12,6 +12,7 @@ FLOPs are summed.
 import argparse
 import statistics
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,47 @@ def median_seconds(fn, *args, repeats: int, warmup: int = 1) -> float:
   return statistics.median(times)
 
 
+def interleaved_median_seconds(fns: dict[str, Callable[[], Any]], rounds: int, calls: int, warmup: int = 1,
+                               settle_seconds: float = 0.25) -> dict[str, float]:
+  """{name: median wall-clock seconds of `fn()`} over `rounds` x `calls` calls: in every round each function is
+  called once untimed and then `calls` times timed, in turn; `warmup` calls each up front.
+
+  Why: a shared machine's speed drifts by 10% and more within minutes (session 19: the bfloat16 matmul peak read
+  510 to 795 GFLOP/s in five measurements seconds apart), so figures that are divided by one another are measured
+  in the same minutes. But each function then runs after the others, and what they leave behind slows its first
+  call: PyTorch's threads spin on after its step (a matmul timed straight after one ran at 673-697 GFLOP/s
+  against 749-762 a 50 ms sleep later), and the first vlmjax train step after a PyTorch step and a peak matmul
+  took 258 ms against 90 ms for the next two (medians of 20 rounds; session 19). Each function's calls therefore
+  start `settle_seconds` after the previous function's, and the first is not timed: the figures are of steady
+  running, as in a training loop.
+  """
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      time.sleep(settle_seconds)
+      jax.block_until_ready(fn())
+      for _ in range(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
+def peak_matmul(dtype: str = "float32", size: int = 2048) -> tuple[Callable[[], jax.Array], float]:
+  """(a call that runs one size^3 matmul of `dtype` operands, float32 accumulation, on every local device at once;
+  the FLOPs of a call)."""
+  devices = jax.local_devices()
+  each = jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("device",)), jax.sharding.PartitionSpec("device"))
+  shape = (len(devices), size, size)  # one matmul per device
+  a = jax.device_put(jax.random.normal(jax.random.key(0), shape, dtype), each)
+  b = jax.device_put(jax.random.normal(jax.random.key(1), shape, dtype), each)
+  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+  return lambda: matmul(a, b), len(devices) * 2 * size**3
+
+
 def measure(repeats: int = 10, bandwidth_bytes: int = 1 << 30, matmul_size: int = 2048,
             dtype: str = "float32") -> dict[str, float]:
   """{'bandwidth_gb_s': bytes read per second / 1e9, 'matmul_gflop_s': matmul FLOPs per second / 1e9, with
@@ -40,14 +82,8 @@ def measure(repeats: int = 10, bandwidth_bytes: int = 1 << 30, matmul_size: int 
   seconds = median_seconds(jax.jit(jnp.sum), data, repeats=repeats)
   bandwidth = bandwidth_bytes / seconds / 1e9
   del data
-  devices = jax.local_devices()
-  each = jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("device",)), jax.sharding.PartitionSpec("device"))
-  shape = (len(devices), matmul_size, matmul_size)  # one matmul per device
-  a = jax.device_put(jax.random.normal(jax.random.key(0), shape, dtype), each)
-  b = jax.device_put(jax.random.normal(jax.random.key(1), shape, dtype), each)
-  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
-  seconds = median_seconds(matmul, a, b, repeats=repeats)
-  return {"bandwidth_gb_s": bandwidth, "matmul_gflop_s": len(devices) * 2 * matmul_size**3 / seconds / 1e9}
+  matmul, flops = peak_matmul(dtype, matmul_size)
+  return {"bandwidth_gb_s": bandwidth, "matmul_gflop_s": flops / median_seconds(matmul, repeats=repeats) / 1e9}
 
 
 def main():
