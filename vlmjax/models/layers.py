@@ -168,8 +168,10 @@ def make_attention_mask(
 
 # Query rows per attention block when a causal mask lets a query see no key past its own slot (`CausalMask`):
 # block i attends only to the keys up to its last query, so a long prefill skips the scores above the diagonal
-# (60% of the work at 5 blocks) and never holds the whole [T, T] score matrix.
-CAUSAL_BLOCK = 256
+# (60% of the work at 5 blocks) and never holds the whole [T, T] score matrix. 128 rather than 256: a training
+# step of 224 tokens then computes 76% of the scores in two blocks, and the bench step (tools/bench_train.py) took
+# 94.5-100.1 ms against 100.0-104.2 ms (in-process A/Bs, 22 alternating steps each, twice in each order; session 19).
+CAUSAL_BLOCK = 128
 
 
 @flax.struct.dataclass
