@@ -228,7 +228,7 @@ class Projection(nn.Module):
       bias_shape = tuple(self.kernel_shape[i] for i in out_axes)
       bias = self.param("bias", param_init(nn.initializers.zeros, tuple(self.kernel_axes[i] for i in out_axes)),
                         bias_shape, self.param_dtype)
-      y = y + bias.astype(self.dtype)
+      y = matmul.add_bias(y, bias)
     return y
 
 
@@ -339,16 +339,8 @@ class FeedForward(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def _dense(self, name: str, features: int, axes: tuple[str, str], x: jax.Array) -> jax.Array:
-    return nn.Dense(
-        features,
-        use_bias=self.use_bias,
-        kernel_init=param_init(nn.initializers.lecun_normal(), axes),
-        bias_init=param_init(nn.initializers.zeros, (axes[1],)),
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        dot_general=matmul.dense_dot_general,
-        name=name,
-    )(x)
+    return Projection((x.shape[-1], features), axes, fan_in=1, use_bias=self.use_bias, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name=name)(x)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
