@@ -1,5 +1,6 @@
-"""`matmul.contract` and `dot_attention.dot_product_attention`: the same values and gradients as JAX's own
-einsum and attention, and every matmul of the forward and backward pass on compute-dtype operands."""
+"""`matmul.contract`, `matmul.add_bias` and `dot_attention.dot_product_attention`: the same values and gradients
+as JAX's own einsum, sum and attention, and every matmul of the forward and backward pass on compute-dtype
+operands."""
 
 import re
 
@@ -70,11 +71,22 @@ def test_contract_in_bfloat16_multiplies_bfloat16_and_accumulates_in_float32(equ
   np.testing.assert_allclose(jitted_grad_kernel, grad_kernel, rtol=1e-4, atol=1e-4)
 
 
-def test_dense_dot_general_contracts_only_the_last_axis():
-  x, kernel = _normal(0, (2, 3, 4)), _normal(1, (4, 5))
-  np.testing.assert_allclose(matmul.dense_dot_general(x, kernel, (((2,), (0,)), ((), ()))), x @ kernel, rtol=1e-5)
-  with pytest.raises(ValueError, match="contracts the last axis"):
-    matmul.dense_dot_general(x, _normal(1, (3, 5)), (((1,), (0,)), ((), ())))
+@pytest.mark.parametrize("dtype", [jnp.float32, BF16])
+def test_add_bias_sums_the_bias_gradient_in_float32(dtype):
+  """[B, T, N, H] activations in the compute dtype plus a float32 [N, H] bias: the sum in the activations' dtype,
+  their gradient passed through, the bias's the float32 sum of the cotangent over B and T (bfloat16 accumulation
+  over these 448 rows would be off by ~1e-2), by a float32-accumulating matmul."""
+  y, bias, grad_out = _normal(0, (8, 56, 3, 4), dtype), _normal(1, (3, 4)), _normal(2, (8, 56, 3, 4), dtype)
+  out, vjp = jax.vjp(matmul.add_bias, y, bias)
+  grad_y, grad_bias = vjp(grad_out)
+  assert (out.dtype, grad_y.dtype, grad_bias.dtype) == (dtype, dtype, jnp.float32)
+  np.testing.assert_array_equal(out, y + bias.astype(dtype))
+  np.testing.assert_array_equal(grad_y, grad_out)
+  np.testing.assert_allclose(grad_bias, np.asarray(grad_out, np.float64).sum((0, 1)), rtol=1e-5, atol=1e-5)
+  loss = lambda y, b: (matmul.add_bias(y, b).astype(jnp.float32) * grad_out.astype(jnp.float32)).sum()
+  element = "bf16" if dtype == BF16 else "f32"
+  assert _dot_operand_dtypes(jax.grad(loss, 1), y, bias) == {(element, element, "f32")}
+  np.testing.assert_allclose(jax.jit(jax.grad(loss, 1))(y, bias), grad_bias, rtol=1e-5, atol=1e-5)
 
 
 def _mask(batch, length):

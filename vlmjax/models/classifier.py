@@ -51,9 +51,8 @@ class ViTClassifier(nn.Module):
     cfg = self.config
     compute_dtype, param_dtype = dtype(cfg.vision.dtype), dtype(cfg.vision.param_dtype)
     tokens = ViT(cfg.vision, name="vision")(images)[:, int(cfg.vision.cls_token):]  # [B, P, D]
-    hidden = nn.Dense(cfg.head_mlp_dim, dtype=compute_dtype, param_dtype=param_dtype, name="head",
-                      kernel_init=layers.param_init(nn.initializers.lecun_normal(), (layers.EMBED, layers.MLP)),
-                      bias_init=layers.param_init(nn.initializers.zeros, (layers.MLP,)))(tokens)
+    hidden = layers.Projection((tokens.shape[-1], cfg.head_mlp_dim), (layers.EMBED, layers.MLP), fan_in=1,
+                               use_bias=True, dtype=compute_dtype, param_dtype=param_dtype, name="head")(tokens)
     logits = nn.Dense(sum(cfg.label_classes), param_dtype=param_dtype, name="classifier",
                       kernel_init=layers.param_init(nn.initializers.zeros, (layers.MLP, None)),
                       bias_init=layers.param_init(nn.initializers.zeros, (None,)))(nn.gelu(hidden))

@@ -92,12 +92,3 @@ def _add_bias_bwd(bias, grad):
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
-
-
-def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """`contract` as the `dot_general` of `flax.linen.Dense` (which contracts its input's last axis with the
-  kernel's first, after casting both to its dtype)."""
-  del precision, preferred_element_type  # float32 accumulation always
-  if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())):
-    raise ValueError(f"dense_dot_general contracts the last axis with the kernel's first, got {dimension_numbers}")
-  return contract(lhs, rhs, 1)

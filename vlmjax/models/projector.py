@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlmjax.models import layers, matmul
+from vlmjax.models import layers
 from vlmjax.models.vit import POSITION_EMBEDDING_INITS
 
 PROJECTORS = ("linear", "mlp2x_gelu")
@@ -40,10 +40,8 @@ class Projector(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   def _dense(self, name: str, features: int, axes: tuple[str, str], x: jax.Array) -> jax.Array:
-    return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-                    dot_general=matmul.dense_dot_general,
-                    kernel_init=layers.param_init(nn.initializers.lecun_normal(), axes),
-                    bias_init=layers.param_init(nn.initializers.zeros, (axes[1],)))(x)
+    return layers.Projection((x.shape[-1], features), axes, fan_in=1, use_bias=True, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name=name)(x)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
