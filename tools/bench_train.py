@@ -3,7 +3,7 @@ utilization (MFU) of each against this machine's measured matmul peak in its com
 
     python tools/bench_train.py [--config configs/shapes_tiny.py --batch_size 32 --rounds 20]
     # shapes_tiny merges image tokens and has a conv stem, which transformers' LLaVA cannot express; this shape's
-    # full step (the vision tower trained too) runs faster on the CPU split in two (0.101 s against 0.118-0.128 s):
+    # full step (the vision tower trained too) runs faster on the CPU split in two (0.086-0.089 s against 0.098 s):
     python tools/bench_train.py --config.model.image_token_merge=1 --config.model.vision.stem=patch \
         --config.cpu_devices=2
 
