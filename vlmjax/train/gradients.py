@@ -11,9 +11,9 @@ gradients under `shard_map`, and one `psum` of their concatenation sums them.
 
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec
 
