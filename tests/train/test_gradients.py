@@ -53,7 +53,8 @@ def _on_mesh(params, mesh_config: dict, decomposable: bool):
   params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
   with mesh_lib.activate(mesh, mesh_lib.LOGICAL_RULES):
     step = jax.jit(lambda p, b: gradients.loss_and_grads(_loss_fn, p, TRAINABLE, b, decomposable=decomposable))
-    return step(params, batch), step.lower(params, batch).compile().as_text()
+    compiled = step.lower(params, batch).compile()
+    return compiled(params, batch), compiled.as_text()
 
 
 def _assert_same(result, reference):

@@ -44,6 +44,7 @@ def loss_and_grads(loss_fn: LossFn, params: dict, trainable: tuple[str, ...], ba
   if not (decomposable and not mesh.empty and _splits_only_the_batch(mesh)):
     (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
     return loss, count, grads
+  trained = {group: tree for group, tree in params.items() if group in trainable}
   frozen = {group: tree for group, tree in params.items() if group not in trainable}
 
   def device_part(trained: dict, frozen: dict, batch: dict):
@@ -59,7 +60,6 @@ def loss_and_grads(loss_fn: LossFn, params: dict, trainable: tuple[str, ...], ba
 
   # check_vma=False: the custom VJPs of `matmul.contract`, `dot_attention` and `activation` do not track which
   # values vary across devices; the psum above is the only collective.
-  trained = {group: tree for group, tree in params.items() if group in trainable}
   loss, count, grads = jax.shard_map(
       device_part, in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(mesh_lib.BATCH_AXES)),
       out_specs=PartitionSpec(), check_vma=False)(trained, frozen, batch)
