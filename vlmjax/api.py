@@ -14,16 +14,19 @@ import functools
 import os
 from typing import Any, Iterator, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vlmjax import workdir as workdir_lib
 from vlmjax.data.images import ImageProcessor
 from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.infer import generate as generation
 from vlmjax.infer.sampling import SamplingParams
 from vlmjax.models import layers
+from vlmjax.models.summary import abstract_params
 from vlmjax.models.vlm import VLM as VLMModel
 from vlmjax.models.vlm import VLMConfig
 
@@ -161,14 +164,35 @@ def _forward(params, config: VLMConfig, input_ids, pixel_values, prefix_lengths)
   return VLMModel(config).apply({"params": params}, input_ids, pixel_values, prefix_lengths=prefix_lengths)
 
 
+def from_trained(config: ml_collections.ConfigDict, params, model_dir: str) -> VLM:
+  """A VLM of a training config's `params`, with the tokenizer and image processor saved in model_dir (a workdir,
+  or the data set's tokenizer folder during training); the tokenizer's end token stops generation."""
+  tokenizer = Tokenizer.from_directory(model_dir)
+  return VLM(config=config, params=params, tokenizer=tokenizer, image_processor=ImageProcessor.from_directory(
+      model_dir), eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+
+
+def load_workdir(workdir: str) -> VLM:
+  """The trained model of a vlmjax training workdir (its latest checkpoint)."""
+  config = workdir_lib.read_config(workdir)
+  checkpointer = workdir_lib.Checkpointer(workdir, asynchronous=False)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{workdir} holds no finished checkpoint yet")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          nn.meta.unbox(abstract_params(VLMConfig.from_dict(config.model))))
+  params = checkpointer.restore_params(step, abstract)
+  checkpointer.close()
+  return from_trained(config, params, workdir)
+
+
 def load(path: str) -> VLM:
   """A vlmjax training workdir or a Hugging Face LLaVA-1.5 / PaliGemma directory."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is not a directory: give a vlmjax workdir or a Hugging Face model directory")
-  from vlmjax.train import workdir as workdir_lib
-
   if workdir_lib.is_workdir(path):
-    return workdir_lib.load_model(path)
+    return load_workdir(path)
   from vlmjax.interop import hf
 
   pretrained = hf.load_pretrained(path)

@@ -108,11 +108,13 @@ def train(args: list[str]) -> None:
   del args
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise SystemExit("vlmjax train: --config FILE and --workdir DIR are required")
+  from vlmjax.eval import harness
   from vlmjax.parallel import distributed
   from vlmjax.train.trainer import train as run
 
   distributed.split_cpu(_CONFIG.value.cpu_devices)
-  run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+      validate=harness.training_validation(_CONFIG.value, _WORKDIR.value))
 
 
 def evaluate(args: list[str]) -> None:
@@ -122,8 +124,8 @@ def evaluate(args: list[str]) -> None:
   import os
 
   import vlmjax
-  from vlmjax.eval import benchmarks, harness, retrieval
-  from vlmjax.train import workdir as workdir_lib
+  from vlmjax import workdir as workdir_lib
+  from vlmjax.eval import benchmarks, harness, registry, retrieval
 
   path = _WORKDIR.value or _CHECKPOINT.value
   if path is None or _OUT.value is None:
@@ -145,7 +147,7 @@ def evaluate(args: list[str]) -> None:
   out_dir = os.path.dirname(os.path.abspath(_OUT.value))
   try:
     for name in names:
-      benchmarks.get(name)  # unknown names and missing benchmark files fail before the model loads
+      registry.get(name)  # unknown names and missing benchmark files fail before the model loads
     retrieval_names = [name for name in names if name in retrieval.BENCHMARKS]
     vlm = vlmjax.load(path) if len(retrieval_names) < len(names) else None
     clip = retrieval.load_clip(path) if retrieval_names else None

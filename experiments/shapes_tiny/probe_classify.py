@@ -19,6 +19,7 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
+from vlmjax import workdir
 from vlmjax.data import shapes, shapes_tasks
 from vlmjax.models.classifier import ViTClassifier
 from vlmjax.train import optim, stages, state as state_lib
@@ -46,8 +47,8 @@ def main(argv):
 
   image_size = model_config.vision.image_size
   params = model.init(jax.random.key(config.seed), jnp.zeros((1, image_size, image_size, 3)))["params"]
-  optim_config = stages.optim_config(config, stages.Stage(stages.CLASSIFY, 0, _STEPS.value))
-  optimizer = optim.make_optimizer(optim_config, params, stages.CLASSIFY, _STEPS.value)
+  optim_config = stages.optim_config(config, workdir.Stage(workdir.CLASSIFY, 0, _STEPS.value))
+  optimizer = optim.make_optimizer(optim_config, params, workdir.CLASSIFY, _STEPS.value)
   opt_state = optimizer.init(params)
 
   @jax.jit

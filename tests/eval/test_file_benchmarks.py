@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmjax.eval import benchmarks, file_benchmarks, harness, retrieval
+from vlmjax.eval import benchmarks, file_benchmarks, harness, registry, retrieval
 
 
 def _png(path, value):
@@ -125,7 +125,7 @@ def test_pope_files_score_each_split(tmp_path, image_dir):
   assert results["adversarial/precision"] == 0.25 and results["adversarial/accuracy"] == 0.25
   assert results["yes_ratio"] == 1.0 and results["precision"] == pytest.approx(3 / 8)
   with pytest.raises(ValueError, match=r"are both POPE split 'random'"):
-    benchmarks.get(f"pope:{random}:{random}:{image_dir}")
+    registry.get(f"pope:{random}:{random}:{image_dir}")
 
 
 def test_a_malformed_pope_line_names_the_file_and_line(tmp_path, image_dir):
@@ -172,11 +172,11 @@ def test_mmbench_circular_eval(tmp_path):
 def test_spec_errors_say_what_to_write(tmp_path, image_dir):
   with pytest.raises(ValueError, match=r"unknown benchmark 'vqa'; available: shapes_vqa, .*shapes_retrieval, "
                                        r"or files as KIND:PATH:\.\.\. with KIND one of vqav2, coco_captions, pope"):
-    benchmarks.get("vqa")
+    registry.get("vqa")
   with pytest.raises(ValueError, match=r"unknown file kind 'vqa'; kinds: vqav2:QUESTIONS_JSON:ANNOTATIONS_JSON"):
-    benchmarks.get("vqa:q.json")
+    registry.get("vqa:q.json")
   with pytest.raises(ValueError, match=r"expected coco_captions:CAPTIONS_JSON:IMAGE_DIR"):
-    benchmarks.get(f"coco_captions:{image_dir}")
+    registry.get(f"coco_captions:{image_dir}")
   with pytest.raises(FileNotFoundError, match=r"absent/q.json does not exist"):
     harness.evaluate(ScriptedModel(None), [f"vqav2:{tmp_path}/absent/q.json:a.json:{image_dir}"], str(tmp_path), "")
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from vlmjax.eval import benchmarks, harness
+from vlmjax.eval import benchmarks, harness, registry
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def _key(prompt, image):
 
 
 def test_vqa_scores_follow_the_answers_and_a_rerun_asks_nothing(data_dir, tmp_path):
-  samples = benchmarks.get("shapes_vqa").samples(data_dir)
+  samples = registry.get("shapes_vqa").samples(data_dir)
   answerer = ScriptedAnswerer(samples)
   results = harness.evaluate(answerer, ["shapes_vqa"], str(tmp_path), data_dir, batch_size=5)["shapes_vqa"]
   assert results["accuracy/colour"] == 0.0
@@ -50,7 +50,7 @@ def test_vqa_scores_follow_the_answers_and_a_rerun_asks_nothing(data_dir, tmp_pa
 
 
 def test_a_killed_evaluation_continues_where_it_stopped(data_dir, tmp_path):
-  samples = benchmarks.get("shapes_vqa").samples(data_dir)
+  samples = registry.get("shapes_vqa").samples(data_dir)
   answerer = ScriptedAnswerer(samples)
   path = tmp_path / "predictions" / "shapes_vqa.jsonl"
   path.parent.mkdir()

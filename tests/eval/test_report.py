@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from vlmjax.eval import benchmarks, report
+from vlmjax.eval import registry, report
 
 RUN_A = {
     "shapes_vqa": {"accuracy": 0.912, "accuracy/colour": 0.8, "accuracy/shape": 1.0},
@@ -34,7 +34,7 @@ def _write_run(path, results, predictions, metrics_rows=()):
 
 @pytest.fixture
 def runs(tmp_path, tiny_shapes_dir):
-  samples = benchmarks.get("shapes_vqa").samples(tiny_shapes_dir)
+  samples = registry.get("shapes_vqa").samples(tiny_shapes_dir)
   rows = [{"step": step, "loss": 3.0 / step, "learning_rate": 1e-3} for step in range(1, 6)]
   return (_write_run(tmp_path / "run_a", RUN_A, [(s.id, "red") for s in samples[:5]], rows),
           _write_run(tmp_path / "run_b", RUN_B, [(s.id, "blue") for s in samples[:3]]))

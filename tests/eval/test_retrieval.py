@@ -11,12 +11,13 @@ import optax
 import pytest
 
 from configs import shapes_tiny, sizes
+from vlmjax import workdir
 from vlmjax.data import shapes
 from vlmjax.data.images import ImageProcessor
 from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.eval import harness, metrics, retrieval
-from vlmjax.models.clip import CLIP, CLIPConfig
-from vlmjax.train import checkpoint, stages, state, workdir
+from vlmjax.models.clip import CLIP, CLIPConfig, clip_config
+from vlmjax.train import state
 
 # similarity[image, text]; text j describes image j. Text -> image ranks of the true image: 0, 0, 0, 1 (t3 prefers
 # i2); image -> text ranks of the true text: 0, 1, 1, 1.
@@ -117,8 +118,8 @@ def test_load_clip_reads_the_contrastive_stage_checkpoint(tiny_shapes_dir, tmp_p
   run = str(tmp_path / "run")
   workdir.write_or_check_config(run, config, allow_change=False)
   workdir.copy_model_files(shapes.tokenizer_dir(tiny_shapes_dir), run)
-  params = _init(stages.clip_config(config))
-  saver = checkpoint.Checkpointer(run, asynchronous=False)
+  params = _init(clip_config(config))
+  saver = workdir.Checkpointer(run, asynchronous=False)
   saver.save(2, state.create(params, optax.sgd(0.1), step=2), {})  # what the trainer saves at the stage's end
   saver.close()
 

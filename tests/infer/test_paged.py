@@ -6,6 +6,7 @@ import pytest
 
 from configs import sizes
 from vlmjax.infer import paged
+from vlmjax.models import paged_cache
 from vlmjax.models.decoder import Decoder, DecoderConfig
 
 CONFIG = DecoderConfig(**sizes.lm("tiny", vocab_size=61, width=32, depth=2, num_heads=4, num_kv_heads=2,
@@ -50,14 +51,14 @@ def test_paged_decoding_matches_the_contiguous_cache_token_for_token(decoder, ke
   last = jnp.asarray(np.argmax(np.asarray(logits)[np.arange(2), lengths - 1], axis=-1), jnp.int32)
 
   contiguous = prefilled.extend(MAX_LEN - BUCKET)
-  cache = paged.PagedKVCache.zeros(num_layers=CONFIG.depth, num_pages=20, page_size=PAGE_SIZE, batch_size=2,
+  cache = paged_cache.PagedKVCache.zeros(num_layers=CONFIG.depth, num_pages=20, page_size=PAGE_SIZE, batch_size=2,
                                    max_len=MAX_LEN, num_kv_heads=CONFIG.num_kv_heads,
                                    head_dim=CONFIG.attention_head_dim, kernel=kernel, interpret=True)
   planned = [np.random.default_rng(1).permutation(20)[:8], [19, 3, 17, 0, 8, 11]]  # each row's pages, scattered
   # As the engine allocates: a row starts with the pages of its prompt and first token, and takes the next of
   # its pages before the step that writes past them.
   table = np.full((2, MAX_LEN // PAGE_SIZE), cache.num_pages, np.int32)
-  held = [paged.pages_for(length + 1, PAGE_SIZE) for length in lengths]
+  held = [paged_cache.pages_for(length + 1, PAGE_SIZE) for length in lengths]
   for row in range(2):  # each row's prompt into its own pages, as the engine inserts one prompt at a time
     table[row, :held[row]] = planned[row][:held[row]]
     one_row = jax.tree.map(lambda x: x[row:row + 1], prefilled)  # a bucket longer than its pages: the rest dropped
@@ -85,7 +86,7 @@ def test_paged_decoding_matches_the_contiguous_cache_token_for_token(decoder, ke
 
 
 def test_writes_past_a_rows_pages_touch_no_other_page():
-  cache = paged.PagedKVCache.zeros(num_layers=1, num_pages=3, page_size=2, batch_size=2, max_len=4,
+  cache = paged_cache.PagedKVCache.zeros(num_layers=1, num_pages=3, page_size=2, batch_size=2, max_len=4,
                                    num_kv_heads=1, head_dim=1)
   layer = cache.replace(page_table=jnp.array([[0, 3], [3, 3]], jnp.int32)).layers()[0]  # row 1: no pages
   ones = jnp.ones((2, 1, 1, 1))
@@ -100,16 +101,16 @@ def test_a_kernel_attends_over_each_rows_pages_as_the_gather_does(kernel, tolera
   would be off by far more than its tolerance."""
   rng = np.random.default_rng(0)
   batch, heads, kv_heads, head_dim, num_pages, page_size = 3, 4, 2, 8, 24, 4
-  cache = paged.PagedKVCache.zeros(num_layers=1, num_pages=num_pages, page_size=page_size, batch_size=batch,
+  cache = paged_cache.PagedKVCache.zeros(num_layers=1, num_pages=num_pages, page_size=page_size, batch_size=batch,
                                    max_len=32, num_kv_heads=kv_heads, head_dim=head_dim, kernel=kernel,
                                    interpret=True)
   pool = lambda: jnp.asarray(rng.normal(size=cache.k[0].shape), jnp.float32)
   lengths = np.array([5, 32, 13])
   table = np.full((batch, 8), num_pages, np.int32)
   pages = rng.permutation(num_pages)
-  for row, used in enumerate(paged.pages_for(length, page_size) for length in lengths):
+  for row, used in enumerate(paged_cache.pages_for(length, page_size) for length in lengths):
     table[row, :used], pages = pages[:used], pages[used:]
-  layer = paged.PagedLayer(pool(), pool(), jnp.asarray(table), kernel, True)
+  layer = paged_cache.PagedLayer(pool(), pool(), jnp.asarray(table), kernel, True)
   query = jnp.asarray(rng.normal(size=(batch, 1, heads, head_dim)) / np.sqrt(head_dim), jnp.float32)
   out = layer.decode_attention(query, jnp.asarray(lengths, jnp.int32))
   keys, values = layer.read()  # [B, S, K, H]

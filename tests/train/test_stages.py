@@ -6,14 +6,20 @@ import numpy as np
 import pytest
 
 from configs import shapes_tiny
+from vlmjax import workdir
 from vlmjax.data import shapes, shapes_tasks
 from vlmjax.data.tokenizer import Tokenizer
+from vlmjax.models.clip import clip_config
 from vlmjax.models.vlm import VLMConfig
-from vlmjax.train import stages
+from vlmjax.train import optim, stages
+
+
+def test_every_stage_a_run_may_name_says_what_it_trains():
+  assert set(optim.TRAINABLE) == set(workdir.STAGES)
 
 
 def test_stages_split_the_steps_by_their_fractions():
-  chain = stages.parse_stages("contrastive:0.2, align:0.3,full", 100)
+  chain = workdir.parse_stages("contrastive:0.2, align:0.3,full", 100)
   assert [(s.name, s.start, s.end) for s in chain] == [("contrastive", 0, 20), ("align", 20, 50), ("full", 50, 100)]
   assert [s.is_contrastive for s in chain] == [True, False, False]
 
@@ -25,19 +31,19 @@ def test_stages_split_the_steps_by_their_fractions():
 ])
 def test_bad_stage_chains_are_named(spec, message):
   with pytest.raises(ValueError, match=message):
-    stages.parse_stages(spec, 100)
+    workdir.parse_stages(spec, 100)
 
 
 def test_the_pretraining_models_take_the_runs_vision_tower_and_say_when_their_section_is_missing():
   config = shapes_tiny.get_config()
-  clip = stages.clip_config(config)
+  clip = clip_config(config)
   assert clip.vision.width == config.model.vision.width and clip.text.vocab_size == config.contrastive.text.vocab_size
   assert clip.loss == "sigmoid"
   classifier = stages.classifier_config(config)
   assert classifier.vision == clip.vision and classifier.label_classes == (6, 9, 3, 2)
   config.classify.position_bins = 4
   assert stages.classifier_config(config).label_classes == (6, 9, 3, 5, 5, 2)
-  assert [s.pretrains_vision for s in stages.parse_stages("contrastive:0.3,classify:0.3,full", 10)] == [
+  assert [s.pretrains_vision for s in workdir.parse_stages("contrastive:0.3,classify:0.3,full", 10)] == [
       True, True, False]
   del config.contrastive, config.classify
   for stage in ("contrastive", "classify"):
@@ -105,19 +111,19 @@ def test_the_classify_stage_examples_label_every_patch(tiny_shapes_dir):
 
 def test_the_contrastive_stage_trains_at_its_own_learning_rate_when_the_config_sets_one():
   config = shapes_tiny.get_config()
-  contrastive, full = stages.parse_stages("contrastive:0.5,full", 10)
+  contrastive, full = workdir.parse_stages("contrastive:0.5,full", 10)
   config.contrastive.learning_rate = None
   assert stages.optim_config(config, contrastive).learning_rate == config.optim.learning_rate
   config.contrastive.learning_rate = 7e-3
   assert stages.optim_config(config, contrastive).learning_rate == 7e-3
   assert stages.optim_config(config, contrastive).warmup_steps == config.optim.warmup_steps
   assert stages.optim_config(config, full).learning_rate == config.optim.learning_rate
-  assert "learning_rate" not in dataclasses.asdict(stages.clip_config(config))
+  assert "learning_rate" not in dataclasses.asdict(clip_config(config))
 
 
 def test_a_pretraining_stage_may_train_with_its_own_optimizer():
   config = shapes_tiny.get_config()
-  classify, finetune = stages.parse_stages("classify:0.5,finetune", 10)
+  classify, finetune = workdir.parse_stages("classify:0.5,finetune", 10)
   config.optim.update(optimizer="muon", muon_learning_rate=0.01)
   config.classify.update(optimizer="adamw", learning_rate=3e-3)
   assert (stages.optim_config(config, classify).optimizer, stages.optim_config(config, classify).learning_rate) \
@@ -130,7 +136,7 @@ def test_a_pretraining_stage_may_train_with_its_own_optimizer():
 
 
 def test_a_caption_example_is_one_of_the_records_captions_ending_with_the_end_token(tiny_shapes_dir):
-  clip = stages.clip_config(shapes_tiny.get_config())
+  clip = clip_config(shapes_tiny.get_config())
   model_dir = shapes.tokenizer_dir(tiny_shapes_dir)
   to_example = stages.caption_example_fn(clip, model_dir)
   tokenizer = Tokenizer.from_directory(model_dir)

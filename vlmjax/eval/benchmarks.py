@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from vlmjax.data import shapes, shapes_tasks
-from vlmjax.eval import metrics, retrieval
+from vlmjax.eval import metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,18 +141,3 @@ BENCHMARKS: dict[str, Benchmark] = {
     "shapes_grounding": Benchmark("shapes_grounding", _shapes_grounding_samples, grounding_score,
                                   max_new_tokens=20, limit=300),
 }
-
-
-def get(name: str) -> Benchmark | retrieval.RetrievalBenchmark:
-  """A built-in benchmark by name, or a file benchmark from its spec `[NAME=]KIND:PATH:...` (file_benchmarks.py)."""
-  from vlmjax.eval import file_benchmarks  # imported here: it builds on this module's Sample and scores
-
-  if name in BENCHMARKS:
-    return BENCHMARKS[name]
-  if name in retrieval.BENCHMARKS:
-    return retrieval.BENCHMARKS[name]
-  if ":" in name:
-    return file_benchmarks.parse(name)
-  raise ValueError(f"unknown benchmark {name!r}; available: {', '.join([*BENCHMARKS, *retrieval.BENCHMARKS])}, "
-                   f"or files as KIND:PATH:... with KIND one of {', '.join(file_benchmarks.KINDS)} "
-                   f"(see `vlmjax eval --help`)")

@@ -7,14 +7,18 @@ where it stopped; results go to `{benchmark: {metric: value}}`. Retrieval benchm
 scored from the embeddings of `clip`, a `retrieval.DualTower`.
 """
 
+import collections
 import json
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
+import ml_collections
 import tqdm
 
+from vlmjax import api
+from vlmjax import workdir as workdir_lib
 from vlmjax.eval import benchmarks as benchmarks_lib
-from vlmjax.eval import retrieval
+from vlmjax.eval import registry, retrieval
 
 
 def _read_answers(path: str) -> dict[str, str]:
@@ -45,10 +49,10 @@ def evaluate(vlm, names: Sequence[str], out_dir: str, data_dir: str, batch_size:
              clip: retrieval.DualTower | None = None) -> dict[str, dict[str, float]]:
   """Metrics per benchmark; per-sample predictions in out_dir/predictions/*.jsonl.
 
-  names: built-in benchmark names or file specs (`benchmarks.get`). vlm: what answers the prompts (`chat_batch`);
+  names: built-in benchmark names or file specs (`registry.get`). vlm: what answers the prompts (`chat_batch`);
   clip: the dual tower the retrieval benchmarks need (either may be None when no benchmark needs it).
   """
-  chosen = [benchmarks_lib.get(name) for name in names]  # unknown names and missing files fail before any work
+  chosen = [registry.get(name) for name in names]  # unknown names and missing files fail before any work
   for benchmark in chosen:
     if isinstance(benchmark, retrieval.RetrievalBenchmark) and clip is None:
       raise ValueError(f"{benchmark.name} needs a CLIP dual tower (clip=...), and none was given")
@@ -84,3 +88,30 @@ def evaluate(vlm, names: Sequence[str], out_dir: str, data_dir: str, batch_size:
         progress.update(len(batch))
     results[benchmark.name] = benchmark.score(samples, [answers[sample.id] for sample in samples])
   return results
+
+
+def training_validation(config: ml_collections.ConfigDict, workdir: str) -> Callable[[dict], dict[str, float]] | None:
+  """What `vlmjax train` validates with (None when `train.validation_questions` is 0): VLM parameters -> exact-match
+  accuracy, overall and per question type, on the first validation questions of shapes_vqa, answered by the
+  inference code (batched greedy generation) with the tokenizer and image processor saved in the workdir."""
+  count = config.train.validation_questions
+  if not count:
+    return None
+  benchmark = benchmarks_lib.BENCHMARKS["shapes_vqa"]
+  data_dir = workdir_lib.data_dir(workdir, config)
+
+  def validate(params) -> dict[str, float]:
+    vlm = api.from_trained(config, params, workdir)
+    samples = benchmark.samples(data_dir)[:count]
+    answers = []
+    for start in range(0, len(samples), 64):
+      batch = samples[start:start + 64]
+      answers += vlm.generate([s.images[0] for s in batch], [s.prompt for s in batch],
+                              max_new_tokens=benchmark.max_new_tokens)
+    exact = collections.defaultdict(list)
+    for sample, answer in zip(samples, answers):
+      correct = float(answer.strip() == sample.target[0])
+      exact["validation/accuracy"].append(correct)
+      exact[f"validation/accuracy/{sample.group}"].append(correct)
+    return {key: sum(values) / len(values) for key, values in exact.items()}
+  return validate

@@ -22,28 +22,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vlmjax.train.metrics_writer import METRICS_FILE, read_metrics  # noqa: E402
+from vlmjax import workdir as workdir_lib  # noqa: E402
+from vlmjax.eval import benchmarks, registry  # noqa: E402
 
 HEADLINE = ("f1", "accuracy", "cider", "r@1")  # the first a benchmark has is its summary metric
 RESULTS_FILE = "results.json"
-
-
-def plot_learning_curves(runs: dict[str, str], out_png: str) -> None:
-  """Training loss (and learning rate) against step for each run {label: workdir}."""
-  figure, (loss_axes, rate_axes) = plt.subplots(1, 2, figsize=(11, 4))
-  for label, workdir in runs.items():
-    rows = [row for row in read_metrics(workdir) if "loss" in row]
-    steps = [row["step"] for row in rows]
-    loss_axes.plot(steps, [row["loss"] for row in rows], label=label)
-    rate_axes.plot(steps, [row.get("learning_rate", float("nan")) for row in rows], label=label)
-  loss_axes.set(xlabel="step", ylabel="training loss", yscale="log", title="learning curve")
-  rate_axes.set(xlabel="step", ylabel="learning rate", title="schedule")
-  for axes in (loss_axes, rate_axes):
-    axes.grid(alpha=0.3)
-    axes.legend()
-  figure.tight_layout()
-  figure.savefig(out_png, dpi=100)
-  plt.close(figure)
 
 
 def read_results(run_dir: str) -> dict[str, dict[str, float]]:
@@ -151,8 +134,6 @@ def _read_predictions(path: str) -> dict[str, str]:
 
 def _grid_benchmark(run_dirs: Sequence[str]) -> str | None:
   """The first built-in (shapes) benchmark the first run has predictions for."""
-  from vlmjax.eval import benchmarks
-
   return next((name for name in benchmarks.BENCHMARKS
                if os.path.isfile(os.path.join(run_dirs[0], "predictions", f"{name}.jsonl"))), None)
 
@@ -161,12 +142,10 @@ def plot_samples(benchmark_name: str, data_dir: str, runs: dict[str, str], out_p
                  columns: int = 4) -> None:
   """A grid of `count` samples that the first run answered, spread evenly over the benchmark: the image, the
   question, the reference and each run's prediction (runs {label: folder with predictions/<benchmark>.jsonl})."""
-  from vlmjax.eval import benchmarks
-
   answers = {label: _read_predictions(os.path.join(path, "predictions", f"{benchmark_name}.jsonl"))
              for label, path in runs.items()}
   first = answers[next(iter(runs))]
-  samples = [s for s in benchmarks.get(benchmark_name).samples(data_dir) if s.id in first]
+  samples = [s for s in registry.get(benchmark_name).samples(data_dir) if s.id in first]
   samples = samples[::max(1, len(samples) // count)][:count]
   if not samples:
     raise ValueError(f"none of the {benchmark_name} predictions of {next(iter(runs))} matches a sample in "
@@ -191,8 +170,6 @@ def plot_samples(benchmark_name: str, data_dir: str, runs: dict[str, str], out_p
 
 def _data_dir(run_dir: str) -> str | None:
   """Where a training workdir's shapes data set is (its config's data.dir, else <workdir>/data)."""
-  from vlmjax.train import workdir as workdir_lib
-
   if not os.path.isfile(os.path.join(run_dir, workdir_lib.CONFIG_FILE)):
     return None
   return workdir_lib.data_dir(run_dir)
@@ -233,9 +210,9 @@ def write_report(run_dirs: Sequence[str], out_md: str, data_dir: str | None = No
     if panels:
       _plot_panels(panels, os.path.join(files_dir, name))
       page += [f"![{title}]({link(name)})", ""]
-  trained = {label: path for label, path in zip(labels, run_dirs) if os.path.isfile(os.path.join(path, METRICS_FILE))}
+  trained = {label: path for label, path in zip(labels, run_dirs) if os.path.isfile(os.path.join(path, workdir_lib.METRICS_FILE))}
   if trained:
-    plot_learning_curves(trained, os.path.join(files_dir, "learning_curves.png"))
+    workdir_lib.plot_learning_curves(trained, os.path.join(files_dir, "learning_curves.png"))
     page += [f"![Learning curves]({link('learning_curves.png')})", ""]
 
   grid_benchmark, data_dir = _grid_benchmark(run_dirs), data_dir or _data_dir(run_dirs[0])

@@ -17,8 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlmjax import workdir as workdir_lib
 from vlmjax.data import shapes
+from vlmjax.data.images import ImageProcessor
+from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.eval import metrics
+from vlmjax.models.clip import CLIP, clip_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,13 +115,10 @@ BENCHMARKS: dict[str, RetrievalBenchmark] = {
 
 def contrastive_checkpoint(workdir: str) -> tuple[int | None, str]:
   """(the step that ends the run's last contrastive stage if its checkpoint is on disk, else None; why not)."""
-  from vlmjax.train import stages as stages_lib
-  from vlmjax.train import workdir as workdir_lib
-
   if not workdir_lib.is_workdir(workdir):
     return None, f"{workdir} is not a vlmjax training workdir"
   config = workdir_lib.read_config(workdir)
-  contrastive = [s for s in stages_lib.parse_stages(config.train.stages, config.train.steps) if s.is_contrastive]
+  contrastive = [s for s in workdir_lib.parse_stages(config.train.stages, config.train.steps) if s.is_contrastive]
   if not contrastive:
     return None, f"{workdir} has no contrastive stage (train.stages={config.train.stages!r})"
   step = contrastive[-1].end
@@ -129,17 +130,10 @@ def contrastive_checkpoint(workdir: str) -> tuple[int | None, str]:
 
 def load_clip(workdir: str) -> DualTower:
   """The CLIP dual tower a workdir's contrastive stage trained, with the workdir's tokenizer and image processor."""
-  from vlmjax.data.images import ImageProcessor
-  from vlmjax.data.tokenizer import Tokenizer
-  from vlmjax.models.clip import CLIP
-  from vlmjax.train import stages as stages_lib
-  from vlmjax.train import workdir as workdir_lib
-  from vlmjax.train.checkpoint import Checkpointer
-
   step, why_not = contrastive_checkpoint(workdir)
   if step is None:
     raise FileNotFoundError(f"no CLIP dual tower to evaluate retrieval with: {why_not}")
-  config = stages_lib.clip_config(workdir_lib.read_config(workdir))
+  config = clip_config(workdir_lib.read_config(workdir))
   size, length = config.vision.image_size, config.text.context_length
   model = CLIP(config)
   abstract = nn.meta.unbox(jax.eval_shape(lambda: model.init(
@@ -147,7 +141,7 @@ def load_clip(workdir: str) -> DualTower:
       jnp.ones((1, length), bool)))["params"])
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-  checkpointer = Checkpointer(workdir, asynchronous=False)
+  checkpointer = workdir_lib.Checkpointer(workdir, asynchronous=False)
   params = checkpointer.restore_params(step, abstract)
   checkpointer.close()
   return DualTower(model.apply, {"params": params}, Tokenizer.from_directory(workdir),

@@ -20,7 +20,7 @@ what each iteration prefills, is `scheduler.Scheduler`'s host-side bookkeeping; 
 calls. A second thread detokenizes, checks stop strings and hands each request's new text to its listener while
 the next step runs.
 
-Pages (`paged.PagedKVCache`): a request is admitted when a slot is free and the pool has the pages of its prompt
+Pages (`paged_cache.PagedKVCache`): a request is admitted when a slot is free and the pool has the pages of its prompt
 (and of its first generated token, when the prompt ends on a page boundary); requests the pool cannot hold yet
 wait in the queue, first come first served. Before each step, a decoding sequence whose next token falls past
 its pages takes one more from the pool (a small update of its page-table row on device). When the pool has none,
@@ -58,6 +58,7 @@ from vlmjax.infer.sampling import SamplingParams
 from vlmjax.infer.scheduler import Scheduler
 from vlmjax.infer.slots import (Prefix, add_pages, generate, init_state, insert, prefill, prefill_chunk,
                                 release)
+from vlmjax.models import paged_cache
 
 _log = logging.getLogger(__name__)
 DEFAULT_MAX_LEN = 2048  # a slot's context when neither the caller nor the checkpoint states one
@@ -87,7 +88,7 @@ class Engine:
   `prefix_caching` (causal models), requests that start with the same images and tokens share the full pages of
   that prefix (`prefix_cache.PrefixCache`). With `static_batching` the slots are filled only when all of them
   are free (the baseline continuous batching is measured against, in tools/bench_serve.py). Decode steps attend
-  through `attention_kernel` (one of `paged.KERNELS`, None: the gather; "auto": the Pallas kernel of this
+  through `attention_kernel` (one of `paged_cache.KERNELS`, None: the gather; "auto": the Pallas kernel of this
   platform, where JAX ships one), in Pallas' interpreter with `interpret_kernel` (tests on the CPU).
 
   `on_finish(request)` is called (from the detokenizer thread) once per request as it ends, for metrics.
@@ -96,7 +97,7 @@ class Engine:
 
   def __init__(self, vlm, num_slots: int = 8, max_len: int | None = None,
                on_finish: Callable[[Request], None] | None = None, *, num_pages: int | None = None,
-               page_size: int = paged.DEFAULT_PAGE_SIZE, prefix_caching: bool = False, static_batching: bool = False,
+               page_size: int = paged_cache.DEFAULT_PAGE_SIZE, prefix_caching: bool = False, static_batching: bool = False,
                prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, prefill_budget: int | None = DEFAULT_PREFILL_BUDGET,
                attention_kernel: str | None = "auto", interpret_kernel: bool = False):
     if num_slots < 1:
@@ -111,9 +112,9 @@ class Engine:
     self.max_len = max_len or vlm.max_len or DEFAULT_MAX_LEN
     self.buckets = tuple(b for b in generation.BUCKETS if b < self.max_len) + (self.max_len,)
     self.error: BaseException | None = None
-    self.pages = paged.PageAllocator(num_pages or num_slots * paged.pages_for(self.max_len, page_size))
+    self.pages = paged.PageAllocator(num_pages or num_slots * paged_cache.pages_for(self.max_len, page_size))
     if attention_kernel == "auto":
-      attention_kernel = paged.kernel_for(jax.default_backend())
+      attention_kernel = paged_cache.kernel_for(jax.default_backend())
     self._state = init_state(self.config, num_slots, self.max_len, self.pages.num_pages, page_size,
                              attention_kernel, interpret_kernel)
     table_width = self._state.cache.page_table.shape[1]
@@ -204,7 +205,7 @@ class Engine:
                        f"{num_images * self.config.tokens_per_image}")
     if any(not text for text in stop):
       raise ValueError("stop strings must not be empty")
-    needed = paged.pages_for(len(prompt_ids) + max_tokens, self.page_size)  # at most, near its end
+    needed = paged_cache.pages_for(len(prompt_ids) + max_tokens, self.page_size)  # at most, near its end
     if needed > self.pages.num_pages:
       raise PromptTooLong(f"a prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} needs "
                           f"{needed} pages of {self.page_size} tokens; "

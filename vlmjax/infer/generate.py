@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmjax.infer.kv_cache import KVCache
 from vlmjax.infer.sampling import SamplingParams, sample
+from vlmjax.models.kv_cache import KVCache
 from vlmjax.models.vlm import VLM, VLMConfig
 
 # Prompt-length buckets: one prefill compilation each. Steps of 1.5x-2x keep the padding (which prefill computes

@@ -19,6 +19,7 @@ import dataclasses
 from vlmjax.infer import paged
 from vlmjax.infer.prefix_cache import PrefixCache, page_keys
 from vlmjax.infer.requests import Request
+from vlmjax.models import paged_cache
 
 
 @dataclasses.dataclass
@@ -74,7 +75,7 @@ class Scheduler:
       entry = self.slots[slot]
       # The next step writes the keys of the request's latest token: its pages must hold num_tokens tokens.
       if (entry is None or not entry.decoding
-          or len(entry.pages) >= paged.pages_for(entry.request.num_tokens, self.page_size)):
+          or len(entry.pages) >= paged_cache.pages_for(entry.request.num_tokens, self.page_size)):
         continue
       page = self._take_page(slot, preempted)
       if page is not None:
@@ -116,7 +117,7 @@ class Scheduler:
     taken) when the pool lacks them, even after evicting prefix-cache entries."""
     context = request.prompt_ids + request.decoded_ids
     shared = self._cached_prefix(request, context)
-    needed = paged.pages_for(len(context) + 1, self.page_size) - len(shared)
+    needed = paged_cache.pages_for(len(context) + 1, self.page_size) - len(shared)
     if self.prefix_cache is not None and self.pages.num_free < needed:
       self.prefix_cache.evict(needed)
     try:

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax.infer import generate as generation
-from vlmjax.infer import paged
-from vlmjax.infer.kv_cache import KVCache
 from vlmjax.infer.sampling import SamplingParams, sample
+from vlmjax.models import paged_cache
 from vlmjax.models.config import dtype
+from vlmjax.models.kv_cache import KVCache
 from vlmjax.models.vlm import VLM as VLMModel
 from vlmjax.models.vlm import VLMConfig
 
@@ -40,7 +40,7 @@ class SlotState:
     prefix_lengths: int32[N], each slot's prompt length (the bidirectional prefix of a prefix-LM model).
   """
 
-  cache: paged.PagedKVCache
+  cache: paged_cache.PagedKVCache
   tokens: jax.Array
   active: jax.Array
   sampling: SamplingParams
@@ -60,9 +60,9 @@ class Prefix:
 def init_state(config: VLMConfig, num_slots: int, max_len: int, num_pages: int, page_size: int,
                kernel: str | None = None, interpret: bool = False) -> SlotState:
   """Every slot free, with a page table for `max_len` tokens each, over a pool of `num_pages` pages (in the
-  layout of the paged-attention `kernel` that decode steps call, `paged.KERNELS`; None: gather)."""
+  layout of the paged-attention `kernel` that decode steps call, `paged_cache.KERNELS`; None: gather)."""
   decoder = config.decoder
-  cache = paged.PagedKVCache.zeros(num_layers=decoder.depth, num_pages=num_pages, page_size=page_size,
+  cache = paged_cache.PagedKVCache.zeros(num_layers=decoder.depth, num_pages=num_pages, page_size=page_size,
                                    batch_size=num_slots, max_len=max_len, num_kv_heads=decoder.num_kv_heads,
                                    head_dim=decoder.attention_head_dim, dtype=dtype(decoder.dtype), kernel=kernel,
                                    interpret=interpret)

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax.models import activation as activation_lib, layers
-from vlmjax.models.config import (ModelConfig, build_towers, check_choice, check_divides, check_positive,
-                                  dtype)
+from vlmjax.models.config import (ModelConfig, build_towers, check_choice, check_divides, check_positive, dtype,
+                                  pretraining_section)
 from vlmjax.models.vit import Encoder, ViT, ViTConfig
 
 
@@ -127,3 +127,9 @@ class CLIP(nn.Module):
 def _unit(x: jax.Array) -> jax.Array:
   x = x.astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+def clip_config(config: Mapping[str, Any]) -> CLIPConfig:
+  """The dual tower of a run config's contrastive stage: the run's `model.vision` with the `contrastive` section's
+  text tower, embedding size, pooling, loss and temperature (every key but the stage's training settings)."""
+  return CLIPConfig.from_dict(pretraining_section(config, "contrastive"), "contrastive")

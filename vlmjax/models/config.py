@@ -36,6 +36,23 @@ class ModelConfig:
 SHARED_KEYS = ("dtype", "param_dtype", "scan_layers", "remat_policy")
 
 
+# Keys of a pretraining stage's config section (`contrastive`, `classify`) that set how the stage trains, not its
+# model: the `optim` keys it may set for itself (unset or None: optim's), its batch and its labels.
+PRETRAINING_OPTIM_KEYS = ("optimizer", "learning_rate", "muon_learning_rate")
+PRETRAINING_TRAIN_KEYS = ("batch_size", "position_bins") + PRETRAINING_OPTIM_KEYS
+
+
+def pretraining_section(config: Mapping[str, Any], stage: str) -> dict:
+  """The model section of the vision-pretraining stage `stage` of a run config: the run's `model.vision` and the
+  SHARED_KEYS of `model`, with the stage's own section (`config[stage]`) less its PRETRAINING_TRAIN_KEYS."""
+  if stage not in config:
+    raise ValueError(f"train.stages has a {stage!r} stage but the config has no `{stage}` section: see "
+                     f"configs/shapes_tiny.py")
+  shared = {key: config["model"][key] for key in SHARED_KEYS if key in config["model"]}
+  model_keys = {key: value for key, value in config[stage].items() if key not in PRETRAINING_TRAIN_KEYS}
+  return {**shared, "vision": config["model"]["vision"], **model_keys}
+
+
 def build_towers(values: Mapping[str, Any], towers: Mapping[str, type[ModelConfig]], where: str) -> dict:
   """A copy of a model section with each tower section (e.g. `vision`) built as its config class and the
   SHARED_KEYS moved into every tower that does not set them itself."""

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlmjax.infer.kv_cache import KVCache
+from vlmjax.models.kv_cache import KVCache
 from vlmjax.models import activation as activation_lib, layers, matmul
 from vlmjax.models.config import ModelConfig, check_choice, check_divides, check_positive, dtype
 
@@ -70,7 +70,7 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, layer_cache, positions, mask, write_index):
-    """x: float[B, T, D]; layer_cache: this layer's (k, v), each float[B, K, H, S], a paged.PagedLayer, or None
+    """x: float[B, T, D]; layer_cache: this layer's (k, v), each float[B, K, H, S], a paged_cache.PagedLayer, or None
     -> (float[B, T, D], the updated layer cache or None). Under `nn.scan`, x is the carry and the layers' caches are scanned over."""
     cfg = self.config
     compute_dtype, param_dtype = dtype(cfg.dtype), dtype(cfg.param_dtype)
@@ -138,7 +138,7 @@ class Decoder(nn.Module):
     Args:
       tokens: int[B, T], or None when `embeddings` is given.
       positions: int[B, T] (or [1, T]) RoPE positions, a jax or numpy array (`layers.apply_rope`).
-      cache: a KVCache or a paged.PagedKVCache; the T new tokens of row b go to slots cache.lengths[b] onwards, and attention covers
+      cache: a KVCache or a paged_cache.PagedKVCache; the T new tokens of row b go to slots cache.lengths[b] onwards, and attention covers
         the cache. None for a plain forward pass.
       embeddings: float[B, T, D], used instead of embedding `tokens` (a VLM splices image embeddings in).
       input_mask: bool[B, T], False for padding after each row's tokens (right padding).

@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmjax.infer import paged
-from vlmjax.models import activation as activation_lib, dot_attention, matmul, trig
+from vlmjax.models import activation as activation_lib, dot_attention, matmul, paged_cache, trig
 
 # Logical axis names. Weights use bare names; activations `activation_*`; the KV cache `cache_*`.
 EMBED = "embed"
@@ -263,9 +262,9 @@ class Attention(nn.Module):
       x: jax.Array,
       mask: jax.Array | None,
       positions: jax.Array | None = None,
-      kv_cache: tuple[jax.Array, jax.Array] | paged.PagedLayer | None = None,
+      kv_cache: tuple[jax.Array, jax.Array] | paged_cache.PagedLayer | None = None,
       write_index: jax.Array | None = None,
-  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | paged.PagedLayer | None]:
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | paged_cache.PagedLayer | None]:
     """Args:
       x: float[B, T, D].
       mask: bool[B, 1, T, S] from `make_attention_mask` (S = T without a cache, the cache length with one),
@@ -276,7 +275,7 @@ class Attention(nn.Module):
         (a scatter the decode loop does in place), and attention reads the buffer as it is, so a decode step
         costs the new tokens and one read of the cache, not a copy of it. Slots last is the layout the two
         attention matmuls read directly on the CPU (XLA copies a [B, S, K, H] cache into it every step).
-        Or a paged.PagedLayer: the new keys and values go into the rows' pages, and attention reads the pages
+        Or a paged_cache.PagedLayer: the new keys and values go into the rows' pages, and attention reads the pages
         gathered through the page table, or, for one new token per row (a decode step) on a layer with a
         kernel, the Pallas paged-attention kernel reads them in place.
       write_index: int[B], the cache slot where row b's first new token goes.
@@ -294,13 +293,13 @@ class Attention(nn.Module):
     value = nn.with_logical_constraint(value, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, None))
 
     scale = self.query_scale if self.query_scale is not None else self.head_dim**-0.5
-    if isinstance(kv_cache, paged.PagedLayer) and kv_cache.kernel and x.shape[1] == 1:
+    if isinstance(kv_cache, paged_cache.PagedLayer) and kv_cache.kernel and x.shape[1] == 1:
       # A decode step through the platform's paged-attention kernel: one new token per row, attending to every key
       # its row holds (the causal and prefix-LM masks allow all of them).
       kv_cache = kv_cache.write(key, value, write_index)
       out = kv_cache.decode_attention(query * scale, write_index + 1)
       return self._output(out, x.shape[-1]), kv_cache
-    if isinstance(kv_cache, paged.PagedLayer):
+    if isinstance(kv_cache, paged_cache.PagedLayer):
       kv_cache, (key, value) = kv_cache.write_and_read(key, value, write_index)  # [B, S, K, H]
     elif kv_cache is not None:
       k_cache, v_cache = kv_cache

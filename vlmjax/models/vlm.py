@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmjax.infer.kv_cache import KVCache
+from vlmjax.models.kv_cache import KVCache
 from vlmjax.models import layers
 from vlmjax.models.config import ModelConfig, build_towers, check_choice, dtype
 from vlmjax.models.decoder import Decoder, DecoderConfig

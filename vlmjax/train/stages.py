@@ -22,71 +22,11 @@ from vlmjax.data import pipeline, shapes_tasks
 from vlmjax.data.images import ImageProcessor
 from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.models.classifier import ClassifierConfig, ViTClassifier
-from vlmjax.models.clip import CLIP, CLIPConfig
-from vlmjax.models.config import SHARED_KEYS
+from vlmjax.models.clip import CLIP, CLIPConfig, clip_config
+from vlmjax.models.config import PRETRAINING_OPTIM_KEYS, pretraining_section
 from vlmjax.models.vlm import VLMConfig
 from vlmjax.train import optim
-
-CONTRASTIVE = "contrastive"
-CLASSIFY = "classify"
-VISION_PRETRAINING = (CONTRASTIVE, CLASSIFY)  # stages whose config section is named after them
-# Keys of the `optim` section that a pretraining stage's section may set for that stage (unset or None: optim's).
-STAGE_OPTIM_KEYS = ("optimizer", "learning_rate", "muon_learning_rate")
-# Keys of a pretraining stage's section that set how the stage trains, not its model.
-STAGE_ONLY_KEYS = ("batch_size", "position_bins") + STAGE_OPTIM_KEYS
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  name: str
-  start: int  # global step at which the stage begins
-  end: int  # global step after its last update
-
-  @property
-  def steps(self) -> int:
-    return self.end - self.start
-
-  @property
-  def is_contrastive(self) -> bool:
-    return self.name == CONTRASTIVE
-
-  @property
-  def pretrains_vision(self) -> bool:
-    """A stage that trains the vision tower inside another model (the VLM stages after it take the tower)."""
-    return self.name in VISION_PRETRAINING
-
-
-def parse_stages(spec: str, total_steps: int) -> list[Stage]:
-  """'align:0.2,finetune:0.8' (fractions of total_steps; a lone name takes all) -> Stages, checked."""
-  stages, start = [], 0
-  items = [item.strip() for item in spec.split(",") if item.strip()]
-  if not items:
-    raise ValueError("train.stages is empty: name at least one stage, e.g. 'full'")
-  for i, item in enumerate(items):
-    name, _, fraction = item.partition(":")
-    optim.check_stage(name)
-    end = total_steps if i == len(items) - 1 else start + round(float(fraction or 1.0) * total_steps)
-    if end <= start:
-      raise ValueError(f"train.stages: stage {name!r} gets no steps ({item!r} of train.steps={total_steps})")
-    stages.append(Stage(name, start, end))
-    start = end
-  return stages
-
-
-def _section(config: ml_collections.ConfigDict, stage: str) -> dict:
-  if stage not in config:
-    raise ValueError(f"train.stages has a {stage!r} stage but the config has no `{stage}` section: see "
-                     f"configs/shapes_tiny.py")
-  shared = {key: config.model[key] for key in SHARED_KEYS if key in config.model}
-  model_keys = {key: value for key, value in config[stage].items() if key not in STAGE_ONLY_KEYS}
-  return {**shared, "vision": config.model.vision, **model_keys}
-
-
-def clip_config(config: ml_collections.ConfigDict) -> CLIPConfig:
-  """The contrastive stage's dual tower: the run's `model.vision` with the `contrastive` section's text tower,
-  embedding size, pooling, loss and temperature (every key but the stage's own training settings)."""
-  return CLIPConfig.from_dict(_section(config, CONTRASTIVE), CONTRASTIVE)
-
+from vlmjax.workdir import CLASSIFY, CONTRASTIVE, Stage
 
 def position_bins(config: ml_collections.ConfigDict) -> int:
   """The classify stage's position label groups (`shapes_tasks.patch_labels`): 0, none, where unset."""
@@ -95,7 +35,7 @@ def position_bins(config: ml_collections.ConfigDict) -> int:
 
 def classifier_config(config: ml_collections.ConfigDict) -> ClassifierConfig:
   """The classify stage's model: the run's `model.vision` with a per-patch head over the shapes attributes."""
-  section = _section(config, CLASSIFY)  # names a missing section
+  section = pretraining_section(config, CLASSIFY)  # names a missing section
   label_classes = shapes_tasks.patch_classes(position_bins(config))
   return ClassifierConfig.from_dict({**section, "label_classes": label_classes}, CLASSIFY)
 
@@ -134,10 +74,10 @@ def pretraining_model(config: ml_collections.ConfigDict, stage: str, model_dir: 
 
 
 def optim_config(config: ml_collections.ConfigDict, stage: Stage) -> ml_collections.ConfigDict:
-  """The `optim` section a stage trains with: a pretraining stage takes its section's `STAGE_OPTIM_KEYS` where
+  """The `optim` section a stage trains with: a pretraining stage takes its section's `PRETRAINING_OPTIM_KEYS` where
   the config sets them (a vision tower learning from scratch stands a larger rate than the language model)."""
   section = config.get(stage.name) if stage.pretrains_vision else None
-  overrides = {key: section[key] for key in STAGE_OPTIM_KEYS
+  overrides = {key: section[key] for key in PRETRAINING_OPTIM_KEYS
                if section is not None and section.get(key) is not None}
   if not overrides:
     return config.optim

@@ -10,6 +10,7 @@ command on a workdir resumes from its last checkpoint (train state and data-iter
 import logging
 import os
 import time
+from typing import Callable
 
 import jax
 import ml_collections
@@ -17,15 +18,14 @@ import tensorflow_datasets as tfds
 import tqdm
 from jax.experimental import multihost_utils
 
+from vlmjax import workdir as workdir_lib
 from vlmjax.data import pipeline, shapes
 from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.parallel import distributed, mesh as mesh_lib
-from vlmjax.train import checkpoint as checkpoint_lib
-from vlmjax.train import metrics_writer, optim
+from vlmjax.train import optim
 from vlmjax.train import stages as stages_lib
 from vlmjax.train import state as state_lib
-from vlmjax.train import workdir as workdir_lib
 
 
 def _global_batch(local: dict, mesh) -> dict:
@@ -34,10 +34,16 @@ def _global_batch(local: dict, mesh) -> dict:
           for key, value in local.items()}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> None:
+def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False,
+          validate: Callable[[dict], dict[str, float]] | None = None) -> None:
+  """Trains `config` in `workdir`, resuming the run it holds.
+
+  validate: called with the VLM's parameters every `train.validate_every` steps and at the end of a
+  single-process run's last VLM stage; the metrics it returns join that step's row of metrics.jsonl.
+  """
   # Everything that can be wrong with the config fails here, before any compile.
   distributed.initialize_from_environment()
-  stages = stages_lib.parse_stages(config.train.stages, config.train.steps)
+  stages = workdir_lib.parse_stages(config.train.stages, config.train.steps)
   if config.train.init_from and not os.path.isdir(config.train.init_from):
     raise FileNotFoundError(f"train.init_from={config.train.init_from!r} does not exist")
   model_config = VLMConfig.from_dict(config.model)
@@ -81,11 +87,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     """The parameters of stage `name`'s model around the vision tower `vision`."""
     model = pretraining[name]
     return {**init_params(model.module, model.config, model.init_inputs), "vision": vision}
-  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  checkpointer = workdir_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   if config.train.init_from:
     params = _params_from(config.train.init_from, params)
   latest = checkpointer.latest_step()
-  writer = metrics_writer.MetricsWriter(workdir, enabled=is_main)
+  writer = workdir_lib.MetricsWriter(workdir, enabled=is_main)
 
   for index, stage in enumerate(stages):
     if latest is not None and latest >= stage.end:
@@ -93,10 +99,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     if latest is not None and latest == stage.start:  # the previous stage's end: its parameters
       previous = stages[index - 1]
       if previous.pretrains_vision:
-        like = checkpoint_lib.abstract_like(init_pretraining(previous.name, params["vision"]))
+        like = workdir_lib.abstract_like(init_pretraining(previous.name, params["vision"]))
         params = {**params, "vision": checkpointer.restore_params(latest, like)["vision"]}
       else:
-        params = checkpointer.restore_params(latest, checkpoint_lib.abstract_like(params))
+        params = checkpointer.restore_params(latest, workdir_lib.abstract_like(params))
     if stage.pretrains_vision:
       model = pretraining[stage.name]
       stage_config, stage_params = model.config, init_pretraining(stage.name, params["vision"])
@@ -117,14 +123,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
         source_name=f"{data_dir} (train)", bad_records=bad_records)
     iterator = iter(dataset)
     if latest is not None and stage.start < latest < stage.end:
-      state, data_state = checkpointer.restore(latest, checkpoint_lib.abstract_like(state))
+      state, data_state = checkpointer.restore(latest, workdir_lib.abstract_like(state))
       iterator.set_state(data_state)
       logging.info("resumed %s at step %d", workdir, latest)
     schedule = optim.learning_rate_schedule(optim_config, stage.steps)
     # Validation generates with the inference code on this process's devices: single-process runs only
     # (a multi-host run's parameters span other hosts; evaluate its workdir with `vlmjax eval`).
-    validates = (jax.process_count() == 1 and not stage.pretrains_vision
-                 and config.train.validation_questions > 0)
+    validates = validate is not None and jax.process_count() == 1 and not stage.pretrains_vision
 
     with mesh_lib.activate(mesh, rules):
       progress = tqdm.tqdm(range(int(state.step), stage.end), initial=int(state.step), total=stage.end,
@@ -138,12 +143,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
         state, metrics = train_step(state, _global_batch(local, mesh))
         pending.append((step + 1, metrics))
         done = step + 1
-        validate = validates and (done == stages[-1].end or (
+        validating = validates and (done == stages[-1].end or (
             config.train.validate_every and done % config.train.validate_every == 0))
-        if done % config.train.log_every == 0 or done == stage.end or validate:
+        if done % config.train.log_every == 0 or done == stage.end or validating:
           fetched = jax.device_get([m for _, m in pending])  # the one host sync per log interval
           elapsed = time.perf_counter() - since
-          extra = _validate(config, state.params, model_dir=workdir, data_dir=data_dir) if validate else {}
+          extra = validate(state.params) if validating else {}
           for i, ((logged_step, _), values) in enumerate(zip(pending, fetched)):
             writer.write(logged_step, stage=stage.name, loss=float(values["loss"]),
                          learning_rate=float(schedule(logged_step - stage.start - 1)),
@@ -165,33 +170,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
   writer.close()
 
 
-def _validate(config: ml_collections.ConfigDict, params, model_dir: str, data_dir: str) -> dict[str, float]:
-  """Exact-match VQA accuracy (overall and per question type) on the first validation questions, answered by
-  the inference code (batched greedy generation) with the current parameters."""
-  from vlmjax.eval import benchmarks
-
-  vlm = workdir_lib.facade(config, params, model_dir)
-  benchmark = benchmarks.get("shapes_vqa")
-  samples = benchmark.samples(data_dir)[:config.train.validation_questions]
-  answers = []
-  for start in range(0, len(samples), 64):
-    batch = samples[start:start + 64]
-    answers += vlm.generate([s.images[0] for s in batch], [s.prompt for s in batch],
-                            max_new_tokens=benchmark.max_new_tokens)
-  exact = {}
-  for sample, answer in zip(samples, answers):
-    correct = float(answer.strip() == sample.target[0])
-    exact.setdefault("validation/accuracy", []).append(correct)
-    exact.setdefault(f"validation/accuracy/{sample.group}", []).append(correct)
-  return {key: sum(values) / len(values) for key, values in exact.items()}
-
-
 def _params_from(workdir: str, like):
   """The latest parameters of another run's workdir, in the shardings of `like`."""
-  checkpointer = checkpoint_lib.Checkpointer(workdir, asynchronous=False)
+  checkpointer = workdir_lib.Checkpointer(workdir, asynchronous=False)
   step = checkpointer.latest_step()
   if step is None:
     raise FileNotFoundError(f"train.init_from={workdir!r} holds no finished checkpoint")
-  params = checkpointer.restore_params(step, checkpoint_lib.abstract_like(like))
+  params = checkpointer.restore_params(step, workdir_lib.abstract_like(like))
   checkpointer.close()
   return params
