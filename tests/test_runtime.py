@@ -25,11 +25,22 @@ print(os.environ.get("GLIBC_TUNABLES"), resource.getrusage(resource.RUSAGE_SELF)
 """
 
 
-def _run(tunables: str | None) -> list[str]:
+# Only the restart: its PID before and after, and the tunables it ends with.
+RESTART_ONLY = """
+import os
+print(os.getpid(), flush=True)
+from vlmjax import runtime
+runtime.exec_with_huge_pages()
+print(os.environ.get("GLIBC_TUNABLES"))
+"""
+
+
+def _run(tunables: str | None, script: str = SCRIPT, **settings: str) -> list[str]:
   env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+  env.update(settings)
   if tunables is not None:
     env["GLIBC_TUNABLES"] = tunables
-  result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   return result.stdout.split()
 
@@ -51,3 +62,14 @@ def test_other_tunables_are_kept():
     assert len(pids) == 2 and tunables == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
   else:
     assert len(pids) == 1 and tunables == "glibc.malloc.arena_max=2"
+
+
+@pytest.mark.skipif(not runtime.huge_pages_on_request(),
+                    reason="needs Linux, glibc 2.35+ and huge pages in madvise mode")
+@pytest.mark.parametrize("settings", [{runtime.SWITCH: "0"}, {"JAX_PLATFORMS": "cuda,cpu"}],
+                         ids=["switched-off", "gpu-backend"])
+def test_no_restart_where_the_switch_is_off_or_the_backend_is_not_the_cpu(settings):
+  """The re-exec is host-specific tuning: only for XLA's CPU backend (here named by JAX_PLATFORMS, which JAX
+  reads first), and off with the switch."""
+  assert _run(None, RESTART_ONLY, **settings)[1:] == ["None"]  # one PID: no restart
+  assert _run(None, RESTART_ONLY, JAX_PLATFORMS="cpu")[2:] == [f"{runtime.HUGE_PAGES}=1"]  # two PIDs

@@ -1,5 +1,11 @@
-"""Process settings that must be in place before the interpreter starts: the `vlmjax` command and the benchmarks in
-tools/ re-execute themselves with them.
+"""Host-specific tuning and its one switch, and the process settings that must be in place before the interpreter
+starts (the `vlmjax` command and the benchmarks in tools/ re-execute themselves with them).
+
+The switch: `VLMJAX_CPU_TUNING`. Unset or 1, what was written for XLA's CPU backend applies where JAX's backend is
+the CPU, and only there: the numerics chosen by `cpu_tuned()` (the matmul and attention backward passes, the
+float32 activation loop, the blocked causal attention, the polynomial sine and cosine) and the huge-page re-exec
+below. 0: the standard JAX path everywhere (`jax.nn.dot_product_attention`, `jnp.sin`, JAX's own gradients) and
+no re-exec. On a GPU or TPU the standard path is the only one. docs/host_specific.md lists each piece and why.
 
 Huge pages for XLA's CPU buffers. Each execution of a compiled program allocates its temporaries in one block
 (130 MB per device for the shapes_tiny training step); glibc's malloc maps a block that large afresh and unmaps it
@@ -10,12 +16,71 @@ a step faults in 2 MiB at a time: 1,000 page faults, and the step took 0.122 s i
 (tools/bench_train.py at the bench shape). glibc reads its tunables only when a process starts, hence the re-exec.
 """
 
+import contextlib
+import importlib.util
 import os
+import pkgutil
 import platform
 import sys
+from typing import Iterator
 
+SWITCH = "VLMJAX_CPU_TUNING"
 HUGE_PAGES = "glibc.malloc.hugetlb"
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+# The packages through which JAX finds a GPU or TPU; with none installed its backend is the CPU.
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
+_forced: bool | None = None  # set by `cpu_tuning`
+
+
+def _switch_on() -> bool:
+  return os.environ.get(SWITCH, "1").strip() != "0"
+
+
+def cpu_tuned() -> bool:
+  """Whether the numerics written for XLA's CPU backend apply: JAX's default backend is the CPU and the switch is
+  not 0 (or `cpu_tuning` says otherwise). Read when a model is traced: a compiled program keeps its path."""
+  if _forced is not None:
+    return _forced
+  import jax
+
+  return _switch_on() and jax.default_backend() == "cpu"
+
+
+@contextlib.contextmanager
+def cpu_tuning(enabled: bool) -> Iterator[None]:
+  """Within the block, the models trace the CPU-tuned path (True) or the standard JAX path (False) whatever the
+  backend: for the tests that hold the two against each other, and for A/B benchmarks."""
+  global _forced
+  previous, _forced = _forced, enabled
+  try:
+    yield
+  finally:
+    _forced = previous
+
+
+def _backend_is_cpu() -> bool:
+  """Whether JAX's backend will be the CPU, asked of JAX (which starts its backends) only where a GPU or TPU
+  plugin is installed."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  if not _accelerator_plugin_installed():
+    return True
+  import jax
+
+  return jax.default_backend() == "cpu"
+
+
+def _accelerator_plugin_installed() -> bool:
+  """A package through which JAX finds a GPU or TPU: one of _ACCELERATOR_PLUGINS, or a module in the
+  `jax_plugins` namespace (where newer plugins register)."""
+  if any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS):
+    return True
+  if importlib.util.find_spec("jax_plugins") is None:
+    return False
+  import jax_plugins
+
+  return any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
 
 
 def huge_pages_on_request() -> bool:
@@ -35,12 +100,13 @@ def huge_pages_on_request() -> bool:
 def exec_with_huge_pages() -> None:
   """Re-executes this process (same PID, same command line) with `GLIBC_TUNABLES` asking malloc for huge pages.
 
-  Returns without re-executing where that would change nothing (`huge_pages_on_request` is False) or where
-  GLIBC_TUNABLES already sets the tunable, e.g. `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` to keep 4 KiB pages.
-  Call it first thing in a program's entry point: what the process did before is lost.
+  Returns without re-executing where that would change nothing (`huge_pages_on_request` is False), where JAX's
+  backend is not the CPU (XLA's GPU and TPU buffers live on the device), where the switch (`VLMJAX_CPU_TUNING=0`)
+  is off, or where GLIBC_TUNABLES already sets the tunable, e.g. `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` to keep
+  4 KiB pages. Call it first thing in a program's entry point: what the process did before is lost.
   """
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if HUGE_PAGES in tunables or not huge_pages_on_request():
+  if HUGE_PAGES in tunables or not _switch_on() or not huge_pages_on_request() or not _backend_is_cpu():
     return
   os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, f"{HUGE_PAGES}=1"]))
   sys.stdout.flush()

@@ -5,7 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vlmjax import runtime
 from vlmjax.models import activation
+
+
+@pytest.fixture(autouse=True)
+def _cpu_path():
+  """These tests hold the numerics written for XLA's CPU backend, whatever the backend (the standard path is
+  JAX's own; tests/models/test_cpu_tuning.py holds the two against each other)."""
+  with runtime.cpu_tuning(True):
+    yield
+
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 CASES = [(name, gated) for name in sorted(activation.ACTIVATIONS) for gated in (False, True)]

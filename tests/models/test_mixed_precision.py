@@ -9,7 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vlmjax import runtime
 from vlmjax.models import dot_attention, matmul
+
+
+@pytest.fixture(autouse=True)
+def _cpu_path():
+  """These tests hold the numerics written for XLA's CPU backend, whatever the backend (the standard path is
+  JAX's own; tests/models/test_cpu_tuning.py holds the two against each other)."""
+  with runtime.cpu_tuning(True):
+    yield
+
 
 BF16 = jnp.bfloat16
 

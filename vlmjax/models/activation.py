@@ -5,7 +5,9 @@ elementwise op in float32 between converts, and the chain (sigmoid, its derivati
 loops over the [B, T, F] hidden activations, each rounding to bfloat16. `activate` computes the activation and the
 gating product in float32 and rounds once; its backward pass recomputes them from the saved inputs and returns
 both inputs' gradients from one fusion. On the shapes_tiny bench shape ([1792, 384] per device) the SwiGLU's
-forward + backward take 0.42 ms against 1.2 ms, and land closer to float32.
+forward + backward take 0.42 ms against 1.2 ms, and land closer to float32. That is for XLA's CPU backend
+(`runtime.cpu_tuned`); elsewhere, and with `VLMJAX_CPU_TUNING=0`, `activate` is the plain expression in the compute
+dtype, which JAX differentiates itself.
 """
 
 import functools
@@ -13,6 +15,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from vlmjax import runtime
 
 _F32 = jnp.float32
 
@@ -36,9 +40,8 @@ def _in_float32(name: str, x: jax.Array, up: jax.Array | None) -> jax.Array:
   return hidden if up is None else hidden * up.astype(_F32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def activate(name: str, x: jax.Array, up: jax.Array | None = None) -> jax.Array:
-  """act(x), or act(x) * up for a gated MLP (SwiGLU, GeGLU), computed in float32.
+  """act(x), or act(x) * up for a gated MLP (SwiGLU, GeGLU); on the CPU computed in float32 and rounded once.
 
   Args:
     name: a key of `ACTIVATIONS`.
@@ -47,11 +50,19 @@ def activate(name: str, x: jax.Array, up: jax.Array | None = None) -> jax.Array:
   Returns:
     float[..., F] in x's dtype.
   """
+  if runtime.cpu_tuned():
+    return _activate_cpu(name, x, up)
+  hidden = ACTIVATIONS[name](x)
+  return hidden if up is None else hidden * up
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _activate_cpu(name: str, x: jax.Array, up: jax.Array | None) -> jax.Array:
   return _in_float32(name, x, up).astype(x.dtype)
 
 
 def _activate_fwd(name, x, up):
-  return activate(name, x, up), (x, up)
+  return _activate_cpu(name, x, up), (x, up)
 
 
 def _activate_bwd(name, residuals, grad):
@@ -62,4 +73,4 @@ def _activate_bwd(name, residuals, grad):
   return grad_x.astype(x.dtype), None if up is None else grad_up.astype(up.dtype)
 
 
-activate.defvjp(_activate_fwd, _activate_bwd)
+_activate_cpu.defvjp(_activate_fwd, _activate_bwd)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlmjax import runtime
 from vlmjax.models import activation as activation_lib, dot_attention, matmul, paged_cache, trig
 
 # Logical axis names. Weights use bare names; activations `activation_*`; the KV cache `cache_*`.
@@ -98,12 +99,12 @@ def apply_rope(x: jax.Array, positions: jax.Array | np.ndarray, theta: float) ->
   Args:
     x: float[B, T, N, H], H even.
     positions: int[B, T] (or [1, T], the same for every row), the position of each token (passed in, so padded
-      and packed rows work). A jax array: the sines and cosines are computed in the program (`trig.sincos`,
-      float32 accuracy up to position 2**17). A numpy array, known when tracing (`VLM`'s default 0..T-1): they
-      are computed here and enter the program as constants. XLA fuses a computed sine and cosine into every
-      rotation that reads them, so that they are evaluated per element of the queries and keys, forward and
-      backward; as constants the shapes_tiny bench step (tools/bench_train.py) took 95.2 ms against 99.0 ms
-      (in-process A/B, both orders; session 19).
+      and packed rows work). A jax array: the sines and cosines are computed in the program (`jnp.sin` and
+      `jnp.cos`; on the CPU `trig.sincos`, float32 accuracy up to position 2**17, which XLA's CPU backend
+      vectorizes). A numpy array, known when tracing (`VLM`'s default 0..T-1): they are computed here and enter
+      the program as constants. XLA fuses a computed sine and cosine into every rotation that reads them, so that
+      they are evaluated per element of the queries and keys, forward and backward; as constants the shapes_tiny
+      bench step (tools/bench_train.py) took 95.2 ms against 99.0 ms (in-process A/B, both orders).
     theta: the RoPE base frequency.
   Returns:
     float[B, T, N, H] in x's dtype.
@@ -116,7 +117,7 @@ def apply_rope(x: jax.Array, positions: jax.Array | np.ndarray, theta: float) ->
     sin, cos = (np.asarray(part(angles.astype(np.float64)), np.float32) for part in (np.sin, np.cos))
   else:
     angles = positions[..., None].astype(jnp.float32) * inv_freq
-    sin, cos = trig.sincos(angles)
+    sin, cos = trig.sincos(angles) if runtime.cpu_tuned() else (jnp.sin(angles), jnp.cos(angles))
   sin, cos = sin[:, :, None, :], cos[:, :, None, :]  # [B, T, 1, H/2]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -170,7 +171,8 @@ def make_attention_mask(
 # (60% of the work at 5 blocks) and never holds the whole [T, T] score matrix. 128 rather than 256: a training
 # step of 224 tokens then computes 76% of the scores in two blocks, and the bench step (tools/bench_train.py) took
 # 94.5-100.1 ms against 100.0-104.2 ms (in-process A/Bs, 22 alternating steps each, twice in each order), its
-# attention 23.5 against 25.3 ms per device (per-op minima over 10 profiled steps; session 19).
+# attention 23.5 against 25.3 ms per device (per-op minima over 10 profiled steps). On the CPU only
+# (`runtime.cpu_tuned`): a GPU or TPU gets the whole mask in one `jax.nn.dot_product_attention`.
 CAUSAL_BLOCK = 128
 
 
@@ -236,8 +238,9 @@ class Projection(nn.Module):
 class Attention(nn.Module):
   """Multi-head attention with MHA, GQA (num_kv_heads < num_heads) and MQA (num_kv_heads = 1).
 
-  The softmax goes through `dot_attention.dot_product_attention` (grouped heads natively; every matmul in the
-  compute dtype with float32 accumulation, forward and backward), or with a cache `jax.nn.dot_product_attention`.
+  The softmax goes through `jax.nn.dot_product_attention`, or on the CPU without a cache (`runtime.cpu_tuned`)
+  through `dot_attention.dot_product_attention` (grouped heads natively; every matmul in the compute dtype with
+  float32 accumulation, forward and backward), causal masks in blocks of CAUSAL_BLOCK queries.
   With a layer of KV cache (`kv_cache`: keys and values float[B, K, H, S]) the new keys and values are written at
   `write_index` of each row and attention runs over the whole cache.
   """
@@ -312,12 +315,17 @@ class Attention(nn.Module):
       kv_cache = tuple(nn.with_logical_constraint(c, cache_axes) for c in (k_cache, v_cache))
       key, value = (jnp.transpose(c, (0, 3, 1, 2)) for c in kv_cache)  # [B, S, K, H], folded into the matmuls
 
-    # Without a cache (training, a forward over whole sequences): `dot_attention`, every matmul in the compute
-    # dtype. A cache's [B, K, H, S] slots, transposed into those matmuls, leave XLA's CPU backend bfloat16 matmuls
-    # with float32 results in forms only YNNPACK would run and it does not take ("Unsupported element type for
-    # DotThunk::Execute: BF16 x BF16 = F32", jax 0.10.2); with a cache, `jax.nn.dot_product_attention`.
-    attention = dot_attention.dot_product_attention if kv_cache is None else _jax_attention
-    out = _attend(query, key.astype(self.dtype), value.astype(self.dtype), mask, scale, attention)  # [B, T, N, H]
+    # On the CPU without a cache (training, a forward over whole sequences): `dot_attention`, every matmul in the
+    # compute dtype, causal masks in blocks. A cache's [B, K, H, S] slots, transposed into those matmuls, leave
+    # XLA's CPU backend bfloat16 matmuls with float32 results in forms only YNNPACK would run and it does not take
+    # ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32", jax 0.10.2); with a cache, and on
+    # other backends, `jax.nn.dot_product_attention` over the whole mask.
+    key, value = key.astype(self.dtype), value.astype(self.dtype)
+    if runtime.cpu_tuned():
+      attention = dot_attention.dot_product_attention if kv_cache is None else _jax_attention
+      out = _attend(query, key, value, mask, scale, attention)  # [B, T, N, H]
+    else:
+      out = _jax_attention(query, key, value, mask.mask if isinstance(mask, CausalMask) else mask, scale)
     return self._output(out, x.shape[-1]), kv_cache
 
   def _output(self, out: jax.Array, width: int) -> jax.Array:

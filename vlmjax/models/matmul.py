@@ -9,8 +9,10 @@ result back to the compute dtype and writes its own backward pass, which multipl
 (in the compute dtype): all three matmuls of a layer run in bfloat16 (on the shapes_tiny training step: 0.257 s
 against 0.275 s; tools/bench_train.py).
 
-In float32 this is the plain matmul. On accelerators it is what mixed-precision training does anyway: bfloat16
-operands, float32 accumulation, bfloat16 activation gradients.
+In float32 this is the plain matmul. The custom backward passes are written for XLA's CPU backend and apply only
+there (`runtime.cpu_tuned`); elsewhere, and with `VLMJAX_CPU_TUNING=0`, `contract` and `add_bias` are the plain
+`dot_general` and sum that JAX differentiates itself, which on a GPU or TPU already run bfloat16 operands with
+float32 accumulation.
 """
 
 import functools
@@ -19,13 +21,14 @@ import math
 import jax
 import jax.numpy as jnp
 
+from vlmjax import runtime
+
 
 def _dot_f32(a: jax.Array, b: jax.Array, a_axes, b_axes) -> jax.Array:
   """`a` and `b` contracted over the given axes, accumulated and returned in float32."""
   return jax.lax.dot_general(a, b, ((tuple(a_axes), tuple(b_axes)), ((), ())), preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def contract(x: jax.Array, kernel: jax.Array, axes: int = 1) -> jax.Array:
   """x's last `axes` axes contracted with the kernel's first `axes`, in x's dtype (the compute dtype).
 
@@ -37,11 +40,20 @@ def contract(x: jax.Array, kernel: jax.Array, axes: int = 1) -> jax.Array:
   Returns:
     float[..., O...] in x's dtype, accumulated in float32.
   """
+  if runtime.cpu_tuned():
+    return _contract_cpu(x, kernel, axes)
+  dimensions = ((tuple(range(x.ndim - axes, x.ndim)), tuple(range(axes))), ((), ()))
+  return jax.lax.dot_general(x, kernel.astype(x.dtype), dimensions)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _contract_cpu(x: jax.Array, kernel: jax.Array, axes: int) -> jax.Array:
+  """`contract` with a float32 result cast back, and the backward pass below."""
   return _dot_f32(x, kernel.astype(x.dtype), range(x.ndim - axes, x.ndim), range(axes)).astype(x.dtype)
 
 
 def _contract_fwd(x, kernel, axes):
-  return contract(x, kernel, axes), (x, kernel)
+  return _contract_cpu(x, kernel, axes), (x, kernel)
 
 
 def _contract_bwd(axes, residuals, grad):
@@ -65,23 +77,27 @@ def _contract_bwd(axes, residuals, grad):
   return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
 
 
-contract.defvjp(_contract_fwd, _contract_bwd)
+_contract_cpu.defvjp(_contract_fwd, _contract_bwd)
+
+
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """y + bias over y's trailing axes, in y's dtype (the compute dtype).
+
+  On the CPU (`runtime.cpu_tuned`) the bias's gradient is summed by a float32 matmul with a vector of ones, which
+  XLA gives to YNNPACK: JAX's gradient of the plain sum reduces the compute-dtype cotangent over the batch and
+  length axes, which XLA's CPU backend in the training step rewrote into a windowed reduction of a float32 copy
+  (the bfloat16 vision tower's MLP bias: 0.82 ms per layer and device for a [512, 512] cotangent).
+  """
+  return _add_bias_cpu(y, bias) if runtime.cpu_tuned() else y + bias.astype(y.dtype)
 
 
 @jax.custom_vjp
-def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
-  """y + bias over y's trailing axes, in y's dtype (the compute dtype); the bias's gradient is summed in float32.
-
-  Why: JAX's gradient of the plain sum reduces the compute-dtype cotangent over the batch and length axes, which
-  XLA's CPU backend in the training step rewrote into a windowed reduction of a float32 copy (the bfloat16 vision
-  tower's MLP bias: 0.82 ms per layer and device for a [512, 512] cotangent). Here it is a matmul with a vector of
-  ones, float32 accumulation, which XLA gives to YNNPACK.
-  """
+def _add_bias_cpu(y: jax.Array, bias: jax.Array) -> jax.Array:
   return y + bias.astype(y.dtype)
 
 
 def _add_bias_fwd(y, bias):
-  return add_bias(y, bias), bias
+  return _add_bias_cpu(y, bias), bias
 
 
 def _add_bias_bwd(bias, grad):
@@ -91,4 +107,4 @@ def _add_bias_bwd(bias, grad):
   return grad, grad_bias.astype(bias.dtype)
 
 
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+_add_bias_cpu.defvjp(_add_bias_fwd, _add_bias_bwd)
