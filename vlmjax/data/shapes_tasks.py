@@ -20,7 +20,8 @@ CAPTION_PROMPT = "Describe the image."
 # object is one token to count, not 1-4 (the main job's count accuracy: 0.906, against 0.84-0.88 without it).
 # The position groups keep where each object is in the tokens the language model reads: without them the
 # projector's output lost it (a linear probe's R² of an object token's column 0.09, with 4 bins 0.87), which
-# relation questions need once trained long enough (experiments/shapes_tiny/README.md, session 8).
+# relation questions need once trained long enough (experiments/shapes_tiny/README.md,
+# 2026-12-02 relation-long).
 PATCH_ATTRIBUTES = {"shape": tuple(SHAPES), "colour": tuple(COLOURS), "size": tuple(SIZES)}
 OPTION_LETTERS = "ABCD"
 

@@ -35,7 +35,7 @@ class VLMConfig(ModelConfig):
   # (merged) grid, started at the 2-D sine-cosine table of the token's row and column. The shapes model trained
   # for 4000 finetune steps answered relation questions ("Is the X left or right of the Y?") 0.90 of the time
   # with it and classify.position_bins=4, 0.74 with the position groups alone (experiments/shapes_tiny/README.md,
-  # session 8).
+  # 2026-12-02 relation-long).
   image_position_embedding: str = "none"
   # The table's start (`Projector.position_scale`): 0 the sine-cosine table as it is, s > 0 centred and scaled
   # to a root mean square of s.

@@ -33,11 +33,11 @@ def split_cpu(count: int) -> None:
   divide well. One device per core, the batch split over them along the mesh's data axis, keeps each core on
   its own part: on the 2-core development machine the shapes_tiny finetune step took 0.226 s on 2 devices
   against 0.275 s on one (medians of 3 runs side by side; 0.240-0.256 s on 4 devices). Since its matmuls run in
-  bfloat16 (session 16) the gain is small: 0.190 s against 0.196 s, and the classify step, a float32 tower, is
+  bfloat16 the gain is small: 0.190 s against 0.196 s, and the classify step, a float32 tower, is
   faster on one device (0.270 s against 0.291 s; 260-step runs, each order once). Since the step's temporaries
-  fault in huge pages (`vlmjax.runtime`, session 17) one device wins the finetune step too (0.150 s against
+  fault in huge pages (`vlmjax.runtime`) one device wins the finetune step too (0.150 s against
   0.162 s) and shapes_tiny uses one; the bench shape's full step (tools/bench_train.py, vision tower trained too)
-  still takes 0.122 s on two against 0.136 s on one.
+  still takes 0.122 s on two against 0.136 s on one (experiments/shapes_tiny/README.md, 2026-12-05 huge-pages).
   """
   if count < 0:
     raise ValueError(f"cpu_devices must be 0 (JAX's default) or a device count, got {count}")

@@ -98,7 +98,7 @@ def muon_update(config: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
 
   In the shapes main job's finetune stage Muon at 0.005 is below AdamW's final training loss (0.235) by step 850
   of 1270, and raised shapes_vqa from 0.886 to 0.954; in the classify stage the tower learns shapes by step 100
-  instead of 300 (session 15, experiments/shapes_tiny/README.md).
+  instead of 300 (experiments/shapes_tiny/README.md, 2026-12-04 muon).
   """
   return optax.contrib.muon(
       learning_rate_schedule(config, total_steps, peak=config.muon_learning_rate), beta=config.b1, eps=config.eps,
