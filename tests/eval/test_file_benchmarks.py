@@ -186,7 +186,7 @@ def test_the_eval_help_gives_every_file_kind():
                           timeout=300)
   assert result.returncode == 0, result.stderr
   text = " ".join(result.stdout.split())  # absl wraps the help text
-  for kind, file_kind in file_benchmarks.KINDS.items():
+  for kind, file_kind in registry.KINDS.items():
     assert f"{kind}:{file_kind.usage}" in text
   for name in [*benchmarks.BENCHMARKS, *retrieval.BENCHMARKS]:
     assert name in text

@@ -44,6 +44,23 @@ class Benchmark:
   limit: int | None = None  # default number of samples (the first ones); None: all
 
 
+@dataclasses.dataclass(frozen=True)
+class FileKind:
+  """A kind of benchmark file, named in a spec `[NAME=]KIND:ARG:ARG...` (`registry.get`)."""
+
+  usage: str  # the arguments after 'KIND:'
+  build: Callable[[str, list[str]], Benchmark]  # (name, arguments) -> the benchmark
+  min_args: int
+  max_args: int | None  # None: any number; otherwise the last argument keeps any further ':'
+  path_args: int | None = None  # how many leading arguments are paths that must exist; None: all
+
+
+def _check_paths(spec: str, *paths: str) -> None:
+  for path in paths:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"benchmark {spec!r}: {path} does not exist")
+
+
 def _validation(data_dir: str):
   source = shapes.load(data_dir, "validation")
   return [source[i] for i in range(len(source))]

@@ -8,7 +8,7 @@
                                                adversarial, read from the file name): per-split POPE scores
     mmbench:TSV                                MMBench TSV: CircularEval accuracy, overall and per category
 
-    get("textvqa=vqav2:textvqa_questions.json:textvqa_annotations.json:train_images:{image_id}.jpg")
+    registry.get("textvqa=vqav2:textvqa_questions.json:textvqa_annotations.json:train_images:{image_id}.jpg")
 
 The name (default: the kind) keys results.json and the predictions file, so two files of one kind need two
 names. Paths may not contain ':' or ','; the file-name pattern, last, may contain ':'. Prompts follow LLaVA's
@@ -16,34 +16,19 @@ evaluation scripts. The paths are checked when the spec is parsed; the files are
 listed (a malformed file's error names the file and the entry or line), and images when the model is asked.
 """
 
-import dataclasses
 import functools
 import os
 from typing import Callable
 
 from vlmjax.data import formats
 from vlmjax.eval import metrics
-from vlmjax.eval.benchmarks import Benchmark, Sample, caption_score, multiple_choice_score, pope_score, vqa_score
+from vlmjax.eval.benchmarks import (Benchmark, FileKind, Sample, caption_score, multiple_choice_score, pope_score,
+                                     vqa_score)
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
 POPE_SPLITS = ("random", "popular", "adversarial")
-
-
-@dataclasses.dataclass(frozen=True)
-class FileKind:
-  usage: str  # the arguments after 'KIND:'
-  build: Callable[[str, list[str]], Benchmark]  # (name, arguments) -> the benchmark
-  min_args: int
-  max_args: int | None  # None: any number; otherwise the last argument keeps any further ':'
-  path_args: int | None = None  # how many leading arguments are paths that must exist; None: all
-
-
-def _check_paths(spec: str, *paths: str) -> None:
-  for path in paths:
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"benchmark {spec!r}: {path} does not exist")
 
 
 def _vqav2(name: str, args: list[str]) -> Benchmark:
@@ -141,18 +126,3 @@ KINDS: dict[str, FileKind] = {
     "pope": FileKind("JSONL[:JSONL...]:IMAGE_DIR", _pope, 2, None),
     "mmbench": FileKind("TSV", _mmbench, 1, 1),
 }
-
-
-def parse(spec: str) -> Benchmark:
-  """The benchmark a spec `[NAME=]KIND:ARG:ARG...` names; its paths must exist."""
-  head, _, rest = spec.partition(":")
-  name, _, kind_name = head.rpartition("=")
-  if kind_name not in KINDS:
-    raise ValueError(f"benchmark {spec!r}: unknown file kind {kind_name!r}; kinds: "
-                     + "; ".join(f"{kind}:{k.usage}" for kind, k in KINDS.items()))
-  kind = KINDS[kind_name]
-  args = rest.split(":", kind.max_args - 1) if kind.max_args else rest.split(":")
-  if not kind.min_args <= len(args) <= (kind.max_args or len(args)) or not all(args):
-    raise ValueError(f"benchmark {spec!r}: expected {kind_name}:{kind.usage}")
-  _check_paths(spec, *args[:kind.path_args])
-  return kind.build(name or kind_name, args)

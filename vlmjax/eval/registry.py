@@ -1,7 +1,12 @@
 """Every benchmark by name: the built-in shapes benchmarks (`benchmarks.py`), CLIP retrieval (`retrieval.py`) and
-file benchmarks named by a spec `[NAME=]KIND:PATH:...` (`file_benchmarks.py`)."""
+file benchmarks named by a spec `[NAME=]KIND:ARG:ARG...`, whose kinds the adapter modules define (`KINDS` of
+`file_benchmarks.py`, ...)."""
+
+import os
 
 from vlmjax.eval import benchmarks, file_benchmarks, retrieval
+
+KINDS: dict[str, benchmarks.FileKind] = {**file_benchmarks.KINDS}
 
 
 def get(name: str) -> benchmarks.Benchmark | retrieval.RetrievalBenchmark:
@@ -11,8 +16,25 @@ def get(name: str) -> benchmarks.Benchmark | retrieval.RetrievalBenchmark:
   if name in retrieval.BENCHMARKS:
     return retrieval.BENCHMARKS[name]
   if ":" in name:
-    return file_benchmarks.parse(name)
+    return parse(name)
   available = ", ".join([*benchmarks.BENCHMARKS, *retrieval.BENCHMARKS])
   raise ValueError(f"unknown benchmark {name!r}; available: {available}, "
-                   f"or files as KIND:PATH:... with KIND one of {', '.join(file_benchmarks.KINDS)} "
+                   f"or files as KIND:PATH:... with KIND one of {', '.join(KINDS)} "
                    f"(see `vlmjax eval --help`)")
+
+
+def parse(spec: str) -> benchmarks.Benchmark:
+  """The benchmark a spec `[NAME=]KIND:ARG:ARG...` names; its paths must exist."""
+  head, _, rest = spec.partition(":")
+  name, _, kind_name = head.rpartition("=")
+  if kind_name not in KINDS:
+    raise ValueError(f"benchmark {spec!r}: unknown file kind {kind_name!r}; kinds: "
+                     + "; ".join(f"{kind}:{k.usage}" for kind, k in KINDS.items()))
+  kind = KINDS[kind_name]
+  args = rest.split(":", kind.max_args - 1) if kind.max_args else rest.split(":")
+  if not kind.min_args <= len(args) <= (kind.max_args or len(args)) or not all(args):
+    raise ValueError(f"benchmark {spec!r}: expected {kind_name}:{kind.usage}")
+  for path in args[:kind.path_args]:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"benchmark {spec!r}: {path} does not exist")
+  return kind.build(name or kind_name, args)
