@@ -11,6 +11,8 @@ or a Hugging Face LLaVA-1.5 / PaliGemma directory, told apart by config.json.
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 from typing import Any, Iterator, Sequence
 
@@ -43,6 +45,8 @@ class VLM:
   eos_token_ids: tuple[int, ...]
   pad_token_id: int
   max_len: int | None = None  # the model's context length, when the checkpoint states one
+  source: str | None = None  # where it was loaded from (a workdir and its step, a Hugging Face directory)
+  _fingerprint: str | None = dataclasses.field(default=None, init=False, repr=False)
 
   def __post_init__(self):
     # Decoding wants each layer's weights and KV cache as buffers of their own (read in place every step), so a
@@ -57,6 +61,20 @@ class VLM:
   @property
   def model_config(self) -> VLMConfig:
     return VLMConfig.from_dict(self.config.model)
+
+  def fingerprint(self) -> dict[str, str | None]:
+    """What identifies this model's answers, for caches of them (`eval/harness.py`): where it came from, and a
+    digest of everything that decides its text: every parameter, the model config, the tokenizer with its chat
+    template, the image processor and the end tokens. Two models with a different weight anywhere differ."""
+    if self._fingerprint is None:
+      digest = hashlib.sha256(_weights_digest(self.params))
+      for part in (self.config.model.to_json(sort_keys=True), self.tokenizer.backend.to_str(),
+                   self.tokenizer.chat_template or "", json.dumps(self.tokenizer.config, sort_keys=True, default=str),
+                   json.dumps(self.image_processor.to_dict(), sort_keys=True, default=str),
+                   repr((self.eos_token_ids, self.pad_token_id, self.max_len))):
+        digest.update(part.encode())
+      self._fingerprint = digest.hexdigest()[:32]
+    return {"source": self.source, "digest": self._fingerprint}
 
   def logits(self, input_ids, pixel_values) -> jax.Array:
     """float32[B, T, V] for int[B, T] ids (placeholders expanded) and float32[B, H, W, 3] normalized pixels.
@@ -155,6 +173,28 @@ def _parts(content) -> list[dict]:
   return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
 
+@jax.jit
+def _leaf_statistics(params) -> list[jax.Array]:
+  """Per parameter: its sum, its sum of squares and its first and last elements (float32), computed where the
+  parameter lives."""
+  def statistics(x):
+    x = x.astype(jnp.float32).ravel()
+    return jnp.stack([jnp.sum(x), jnp.sum(x * x), x[0], x[-1]])
+  return [statistics(leaf) for leaf in jax.tree.leaves(params)]
+
+
+def _weights_digest(params) -> bytes:
+  """A digest of a parameter tree: its paths, shapes and dtypes, and per leaf four statistics of its values. Any
+  training step or different initialization changes them, and only four numbers per leaf leave the device (a
+  7B model's 14 GB are summed in place, not copied to the host and hashed)."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    digest.update(f"{jax.tree_util.keystr(path)}:{leaf.shape}:{leaf.dtype};".encode())
+  for statistics in jax.device_get(_leaf_statistics(params)):
+    digest.update(np.asarray(statistics, np.float32).tobytes())
+  return digest.digest()
+
+
 def _pixels(pixel_values):
   return None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
 
@@ -164,12 +204,12 @@ def _forward(params, config: VLMConfig, input_ids, pixel_values, prefix_lengths)
   return VLMModel(config).apply({"params": params}, input_ids, pixel_values, prefix_lengths=prefix_lengths)
 
 
-def from_trained(config: ml_collections.ConfigDict, params, model_dir: str) -> VLM:
+def from_trained(config: ml_collections.ConfigDict, params, model_dir: str, source: str | None = None) -> VLM:
   """A VLM of a training config's `params`, with the tokenizer and image processor saved in model_dir (a workdir,
   or the data set's tokenizer folder during training); the tokenizer's end token stops generation."""
   tokenizer = Tokenizer.from_directory(model_dir)
   return VLM(config=config, params=params, tokenizer=tokenizer, image_processor=ImageProcessor.from_directory(
-      model_dir), eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+      model_dir), eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id, source=source)
 
 
 def load_workdir(workdir: str) -> VLM:
@@ -184,7 +224,7 @@ def load_workdir(workdir: str) -> VLM:
                           nn.meta.unbox(abstract_params(VLMConfig.from_dict(config.model))))
   params = checkpointer.restore_params(step, abstract)
   checkpointer.close()
-  return from_trained(config, params, workdir)
+  return from_trained(config, params, workdir, source=f"{os.path.abspath(workdir)} step {step}")
 
 
 def load(path: str) -> VLM:
@@ -198,4 +238,4 @@ def load(path: str) -> VLM:
   pretrained = hf.load_pretrained(path)
   return VLM(config=pretrained.config, params=pretrained.params, tokenizer=pretrained.tokenizer,
              image_processor=pretrained.image_processor, eos_token_ids=tuple(pretrained.eos_token_ids),
-             pad_token_id=pretrained.pad_token_id, max_len=pretrained.max_len)
+             pad_token_id=pretrained.pad_token_id, max_len=pretrained.max_len, source=os.path.abspath(path))

@@ -19,7 +19,12 @@ _OUT = flags.DEFINE_string("out", None, "data build: the output directory; data 
                            "results.json (predictions go beside it); report: the Markdown file.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "data show, eval, report: where the shapes data set was built "
                                 "(default for eval and report: the workdir's).")
-_SPLIT = flags.DEFINE_string("split", "validation", "data show: which split to picture.")
+_SPLIT = flags.DEFINE_string("split", None, "data show: which split to picture (default validation); eval: the "
+                             "shapes split the built-in benchmarks read, test (the default: the held-out split) or "
+                             "validation.")
+_BASELINE = flags.DEFINE_string("baseline", None, "eval: an earlier results.json; exit 1 if a metric fell by more "
+                                "than --max_drop. report: show each metric's change against it.")
+_MAX_DROP = flags.DEFINE_float("max_drop", 0.01, "eval --baseline: how far a metric may fall, in its own units.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "train, eval: the run's directory (checkpoints, metrics, config).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "train: resume a workdir even though its "
                                          "saved config differs from --config.")
@@ -98,7 +103,7 @@ def data(args: list[str]) -> None:
   else:
     if _DATA_DIR.value is None:
       raise SystemExit("vlmjax data show shapes: --data_dir (where the data set was built) is required")
-    source = shapes.load(_DATA_DIR.value, _SPLIT.value)
+    source = shapes.load(_DATA_DIR.value, _SPLIT.value or "validation")
     shapes.render_grid([source[i] for i in range(min(16, len(source)))], _OUT.value)
     print(f"wrote {_OUT.value}")
 
@@ -125,19 +130,24 @@ def evaluate(args: list[str]) -> None:
 
   import vlmjax
   from vlmjax import workdir as workdir_lib
-  from vlmjax.eval import benchmarks, harness, registry, retrieval
+  from vlmjax.eval import benchmarks, compare, harness, registry, report as report_lib, retrieval
 
   path = _WORKDIR.value or _CHECKPOINT.value
   if path is None or _OUT.value is None:
     raise SystemExit("vlmjax eval: --workdir DIR (or --checkpoint PATH) and --out results.json are required")
+  split = _SPLIT.value or benchmarks.SPLITS[0]
+  try:
+    baseline = report_lib.read_results_file(_BASELINE.value) if _BASELINE.value else None
+  except (FileNotFoundError, ValueError) as error:
+    raise SystemExit(f"vlmjax eval: --baseline: {error}") from error
   if _BENCHMARKS.value:
     names = _BENCHMARKS.value.split(",")
   else:
     step, why_not = retrieval.contrastive_checkpoint(path)
-    names = list(benchmarks.BENCHMARKS) + (list(retrieval.BENCHMARKS) if step is not None else [])
+    names = list(benchmarks.NAMES) + (list(retrieval.BENCHMARKS) if step is not None else [])
     if step is None:
       print(f"vlmjax eval: shapes_retrieval skipped: {why_not}", file=sys.stderr)
-  built_in = [name for name in names if name in benchmarks.BENCHMARKS or name in retrieval.BENCHMARKS]
+  built_in = [name for name in names if name in benchmarks.NAMES or name in retrieval.BENCHMARKS]
   data_dir = _DATA_DIR.value
   if data_dir is None and os.path.exists(os.path.join(path, workdir_lib.CONFIG_FILE)):
     data_dir = workdir_lib.data_dir(path)
@@ -147,27 +157,34 @@ def evaluate(args: list[str]) -> None:
   out_dir = os.path.dirname(os.path.abspath(_OUT.value))
   try:
     for name in names:
-      registry.get(name)  # unknown names and missing benchmark files fail before the model loads
+      registry.get(name, split)  # unknown names and missing benchmark files fail before the model loads
     retrieval_names = [name for name in names if name in retrieval.BENCHMARKS]
     vlm = vlmjax.load(path) if len(retrieval_names) < len(names) else None
     clip = retrieval.load_clip(path) if retrieval_names else None
-    results = harness.evaluate(vlm, names, out_dir, data_dir, batch_size=_BATCH_SIZE.value, clip=clip)
+    results = harness.evaluate(vlm, names, out_dir, data_dir, batch_size=_BATCH_SIZE.value, clip=clip,
+                               split=split)
   except FileNotFoundError as error:
     raise SystemExit(f"vlmjax eval: {error}") from error
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=1)
   print(json.dumps(results, indent=1))
+  if baseline is not None:
+    fallen = compare.regressions(results, baseline, _MAX_DROP.value)
+    if fallen:
+      raise SystemExit(f"vlmjax eval: {len(fallen)} metrics fell by more than {_MAX_DROP.value} against "
+                       f"{_BASELINE.value}:\n  " + "\n  ".join(fallen))
+    print(f"vlmjax eval: no metric fell by more than {_MAX_DROP.value} against {_BASELINE.value}", file=sys.stderr)
 
 
 def report(args: list[str]) -> None:
   """`vlmjax report RUN_DIR [RUN_DIR ...] --out report.md`: a Markdown page comparing evaluation runs."""
   if not args or _OUT.value is None:
-    raise SystemExit("usage: vlmjax report RUN_DIR [RUN_DIR ...] --out report.md [--data_dir DIR]  (a run folder "
-                     "holds the results.json of `vlmjax eval`)")
+    raise SystemExit("usage: vlmjax report RUN_DIR [RUN_DIR ...] --out report.md [--data_dir DIR] "
+                     "[--baseline OLD/results.json]  (a run folder holds the results.json of `vlmjax eval`)")
   from vlmjax.eval.report import write_report
 
   try:
-    write_report(args, _OUT.value, data_dir=_DATA_DIR.value)
+    write_report(args, _OUT.value, data_dir=_DATA_DIR.value, baseline=_BASELINE.value)
   except FileNotFoundError as error:
     raise SystemExit(f"vlmjax report: {error}") from error
   print(f"wrote {_OUT.value}")

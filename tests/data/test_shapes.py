@@ -6,7 +6,6 @@ with the generator.
 """
 
 import collections
-import hashlib
 import json
 import os
 import re
@@ -273,16 +272,16 @@ def test_conversations_alternate_and_are_true(examples):
         assert assistant["content"] == true_answer(question, objects)
 
 
-def test_splits_share_no_image(built):
-  hashes = {}
+def test_splits_share_no_scene(built):
+  scenes = {}
   for split in ("train", "validation", "test"):
     source = shapes.load(built, split)
-    hashes[split] = [hashlib.sha256(source[i]["image"].tobytes()).hexdigest() for i in range(len(source))]
-    assert len(set(hashes[split])) == len(hashes[split]) == tiny_config().splits[split]
+    scenes[split] = [json.dumps(source[i]["scene"], sort_keys=True) for i in range(len(source))]
+    assert len(set(scenes[split])) == len(scenes[split]) == tiny_config().splits[split]
     assert [source[i]["image_id"] for i in range(len(source))] == list(range(len(source)))
-  assert not set(hashes["train"]) & set(hashes["validation"])
-  assert not set(hashes["train"]) & set(hashes["test"])
-  assert not set(hashes["validation"]) & set(hashes["test"])
+  assert not set(scenes["train"]) & set(scenes["validation"])
+  assert not set(scenes["train"]) & set(scenes["test"])
+  assert not set(scenes["validation"]) & set(scenes["test"])
 
 
 def test_two_builds_are_byte_identical(built, tmp_path):
@@ -313,17 +312,22 @@ def test_tokenizer_keeps_punctuation_and_line_breaks_out_of_words(built):
   assert tokenizer.encode(" ASSISTANT:", add_special_tokens=False).tokens == ["▁ASSISTANT:"]
 
 
-def test_splits_skip_images_already_used(monkeypatch):
+def test_splits_skip_scenes_already_used_whatever_their_noise(monkeypatch):
+  """One of 50 scenes each time, on a background of fresh noise: every image is new, most scenes are not."""
   draw = shapes_scene.sample_scene
 
-  def one_of_50_scenes(rng, *args):
-    return draw(np.random.default_rng(int(rng.integers(50))), *args)
+  def one_of_50_scenes(rng, image_size, max_objects, noise):
+    objects, image = draw(np.random.default_rng(int(rng.integers(50))), image_size, max_objects, False)
+    background = (image == 0).all(-1)
+    image[background] = rng.integers(0, shapes_scene.NOISE_MAX + 1, (int(background.sum()), 3), dtype=np.uint8)
+    return objects, image
 
   monkeypatch.setattr(shapes_scene, "sample_scene", one_of_50_scenes)
   config = tiny_config()
   config.splits.train, config.splits.validation, config.splits.test = 20, 10, 10
-  images = [e["image"].tobytes() for split in shapes.SPLITS for e in shapes.generate_split(config, split)]
-  assert len(images) == len(set(images)) == 40
+  examples = [e for split in shapes.SPLITS for e in shapes.generate_split(config, split)]
+  scenes = [e["scene"] for e in examples]
+  assert len(scenes) == len(set(scenes)) == 40
 
 
 def test_build_skips_same_config_and_refuses_another(built):

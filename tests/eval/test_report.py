@@ -70,13 +70,20 @@ def test_a_run_without_results_is_named(runs, tmp_path):
     report.write_report(runs, str(tmp_path / "report.md"))
 
 
-def test_the_report_command(runs, tmp_path):
+def test_the_report_command_with_a_baseline(runs, tmp_path):
   out = tmp_path / "cli.md"
-  result = subprocess.run([sys.executable, "-m", "vlmjax.cli", "report", *runs, "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+  baseline = tmp_path / "old.json"
+  baseline.write_text(json.dumps({"shapes_vqa": {"accuracy": 0.75}, "gone": {"f1": 0.5}}))
+  result = subprocess.run([sys.executable, "-m", "vlmjax.cli", "report", *runs, "--out", str(out), "--baseline",
+                           str(baseline)], capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   page = out.read_text()
   assert "| shapes_vqa | accuracy | 0.9120 | 0.5000 |" in page
+  # Each run's value and its change against the baseline; a dash where a side lacks the metric.
+  assert "| benchmark | metric | baseline | run_a | run_b |" in page
+  assert "| shapes_vqa | accuracy | 0.7500 | 0.9120 (+0.1620) | 0.5000 (-0.2500) |" in page
+  assert "| gone | f1 | 0.5000 | – | – |" in page
+  assert "| shapes_caption | cider | – | 1.2340 | – |" in page
   assert "No picture grid" in page  # no --data_dir, and the runs are not training workdirs
   result = subprocess.run([sys.executable, "-m", "vlmjax.cli", "report", "--out", str(out)], capture_output=True,
                           text=True, timeout=300)

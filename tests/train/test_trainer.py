@@ -89,6 +89,21 @@ def test_the_trained_workdir_serves_generate_and_eval(reference_run, tiny_shapes
   results = json.loads(out.read_text())
   assert 0.0 <= results["shapes_vqa"]["accuracy"] <= 1.0 and "random/f1" in results["shapes_pope"]
   assert (tmp_path / "predictions" / "shapes_vqa.jsonl").exists()
+  # The regression gate: against its own results nothing fell; against a better baseline it exits 1 and names
+  # what fell (the answers come from the predictions just written: nothing is generated again).
+  command = [sys.executable, "-m", "vlmjax.cli", "eval", "--workdir", str(workdir), "--out", str(out),
+             "--benchmarks", "shapes_vqa,shapes_pope", "--max_drop", "0.01"]
+  baseline = tmp_path / "baseline.json"
+  baseline.write_text(json.dumps(results))
+  result = subprocess.run(command + ["--baseline", str(baseline)], env=runs.env(), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0 and "no metric fell" in result.stderr, result.stderr[-2000:]
+  better = {**results, "shapes_vqa": {**results["shapes_vqa"], "accuracy": results["shapes_vqa"]["accuracy"] + 0.05}}
+  baseline.write_text(json.dumps(better))
+  result = subprocess.run(command + ["--baseline", str(baseline)], env=runs.env(), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert "1 metrics fell by more than 0.01" in result.stderr and "shapes_vqa accuracy:" in result.stderr
   last = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))][-1]
   assert last["step"] == 10 and "validation/accuracy" in last and os.path.exists(workdir / "learning_curve.png")
 

@@ -3,16 +3,19 @@
 A benchmark turns its data into `Sample`s (an id, the images, one user prompt, what the metric needs), asks the
 model each prompt, reads the answer out of the model's text, and scores the whole list:
 
-    samples = BENCHMARKS["shapes_vqa"].samples(data_dir)
-    results = BENCHMARKS["shapes_vqa"].score(samples, answers)    # {"accuracy": ..., "accuracy/colour": ...}
+    benchmark = shapes_benchmarks("test")["shapes_vqa"]
+    samples = benchmark.samples(data_dir)
+    results = benchmark.score(samples, answers)    # {"accuracy": ..., "accuracy/colour": ...}
 
-The built-in ones read the shapes data set's validation split; `file_benchmarks.py` reads the files people have
+The built-in ones read a split of the shapes data set: `test` (the default of `vlmjax eval`, never used to tune
+the recipe) or `validation` (what training validates on); `file_benchmarks.py` reads the files people have
 on disk (VQAv2-style JSON, COCO captions, POPE, MMBench), named `KIND:PATH:...`; `shapes_retrieval` is scored
 from a CLIP dual tower's embeddings instead of generated text (`retrieval.py`).
 """
 
 import collections
 import dataclasses
+import functools
 import re
 from typing import Any, Callable
 
@@ -55,21 +58,18 @@ class FileKind:
   path_args: int | None = None  # how many leading arguments are paths that must exist; None: all
 
 
-def _check_paths(spec: str, *paths: str) -> None:
-  for path in paths:
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"benchmark {spec!r}: {path} does not exist")
+SPLITS = ("test", "validation")  # the shapes splits a built-in benchmark may read; the first is the default
 
 
-def _validation(data_dir: str):
-  source = shapes.load(data_dir, "validation")
+def _records(data_dir: str, split: str):
+  source = shapes.load(data_dir, split)
   return [source[i] for i in range(len(source))]
 
 
-def _shapes_vqa_samples(data_dir: str) -> list[Sample]:
+def _shapes_vqa_samples(data_dir: str, split: str) -> list[Sample]:
   return [Sample(f"{record['image_id']}/{i}", (record["image"],), question["question"], question["answers"],
                  question["type"])
-          for record in _validation(data_dir) for i, question in enumerate(record["vqa"])]
+          for record in _records(data_dir, split) for i, question in enumerate(record["vqa"])]
 
 
 def vqa_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
@@ -88,9 +88,9 @@ def vqa_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
   return {key: float(np.mean(values)) for key, values in scores.items()}
 
 
-def _shapes_caption_samples(data_dir: str) -> list[Sample]:
+def _shapes_caption_samples(data_dir: str, split: str) -> list[Sample]:
   return [Sample(str(record["image_id"]), (record["image"],), shapes_tasks.CAPTION_PROMPT, record["captions"])
-          for record in _validation(data_dir)]
+          for record in _records(data_dir, split)]
 
 
 def caption_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
@@ -100,20 +100,20 @@ def caption_score(samples: list[Sample], answers: list[str]) -> dict[str, float]
   return {**scores, "cider": metrics.cider(refs, preds)}
 
 
-def _shapes_pope_samples(data_dir: str) -> list[Sample]:
+def _shapes_pope_samples(data_dir: str, split: str) -> list[Sample]:
   return [Sample(f"{record['image_id']}/{i}", (record["image"],), probe["question"], probe["answer"],
                  probe["setting"])
-          for record in _validation(data_dir) for i, probe in enumerate(record["pope"])]
+          for record in _records(data_dir, split) for i, probe in enumerate(record["pope"])]
 
 
 def pope_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
   return metrics.pope_by_split(answers, [s.target for s in samples], [s.group for s in samples])
 
 
-def _shapes_mc_samples(data_dir: str) -> list[Sample]:
+def _shapes_mc_samples(data_dir: str, split: str) -> list[Sample]:
   """Every question once per rotation of its options (CircularEval); the group is the question's id."""
   samples = []
-  for record in _validation(data_dir):
+  for record in _records(data_dir, split):
     for i, question in enumerate(record["multiple_choice"]):
       for rotation, (options, answer) in enumerate(metrics.circular_rotations(question["options"],
                                                                               question["answer"])):
@@ -129,10 +129,10 @@ def multiple_choice_score(samples: list[Sample], answers: list[str]) -> dict[str
                                                 [s.target[0] for s in samples])}
 
 
-def _shapes_grounding_samples(data_dir: str) -> list[Sample]:
+def _shapes_grounding_samples(data_dir: str, split: str) -> list[Sample]:
   return [Sample(f"{record['image_id']}/{i}", (record["image"],), shapes_tasks.grounding_prompt(ref["expression"]),
                  tuple(ref["box"]))
-          for record in _validation(data_dir) for i, ref in enumerate(record["grounding"])]
+          for record in _records(data_dir, split) for i, ref in enumerate(record["grounding"])]
 
 
 _BOX = re.compile(r"\[?\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)")
@@ -149,12 +149,21 @@ def grounding_score(samples: list[Sample], answers: list[str]) -> dict[str, floa
   return {"accuracy": metrics.grounding_accuracy(np.asarray(boxes), np.asarray([s.target for s in samples]))}
 
 
-BENCHMARKS: dict[str, Benchmark] = {
-    "shapes_vqa": Benchmark("shapes_vqa", _shapes_vqa_samples, vqa_score, max_new_tokens=6),
-    "shapes_caption": Benchmark("shapes_caption", _shapes_caption_samples, caption_score, max_new_tokens=40,
-                                limit=200),
-    "shapes_pope": Benchmark("shapes_pope", _shapes_pope_samples, pope_score, max_new_tokens=4, limit=1500),
-    "shapes_mc": Benchmark("shapes_mc", _shapes_mc_samples, multiple_choice_score, max_new_tokens=4, limit=1200),
-    "shapes_grounding": Benchmark("shapes_grounding", _shapes_grounding_samples, grounding_score,
-                                  max_new_tokens=20, limit=300),
-}
+def shapes_benchmarks(split: str) -> dict[str, Benchmark]:
+  """The built-in benchmarks, by name, over the shapes data set's `split` (one of SPLITS)."""
+  if split not in SPLITS:
+    raise ValueError(f"the shapes benchmarks read split {' or '.join(SPLITS)}, not {split!r}")
+  of = lambda samples: functools.partial(samples, split=split)
+  return {
+      "shapes_vqa": Benchmark("shapes_vqa", of(_shapes_vqa_samples), vqa_score, max_new_tokens=6),
+      "shapes_caption": Benchmark("shapes_caption", of(_shapes_caption_samples), caption_score, max_new_tokens=40,
+                                  limit=200),
+      "shapes_pope": Benchmark("shapes_pope", of(_shapes_pope_samples), pope_score, max_new_tokens=4, limit=1500),
+      "shapes_mc": Benchmark("shapes_mc", of(_shapes_mc_samples), multiple_choice_score, max_new_tokens=4,
+                             limit=1200),
+      "shapes_grounding": Benchmark("shapes_grounding", of(_shapes_grounding_samples), grounding_score,
+                                    max_new_tokens=20, limit=300),
+  }
+
+
+NAMES = tuple(shapes_benchmarks(SPLITS[0]))  # the built-in benchmarks' names

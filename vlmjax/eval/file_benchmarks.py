@@ -6,7 +6,6 @@
     coco_captions:CAPTIONS_JSON:IMAGE_DIR      COCO captions JSON: BLEU-1..4 and CIDEr-D
     pope:JSONL[:JSONL...]:IMAGE_DIR            POPE question files, one split each (random / popular /
                                                adversarial, read from the file name): per-split POPE scores
-    mmbench:TSV                                MMBench TSV: CircularEval accuracy, overall and per category
 
     registry.get("textvqa=vqav2:textvqa_questions.json:textvqa_annotations.json:train_images:{image_id}.jpg")
 
@@ -14,6 +13,7 @@ The name (default: the kind) keys results.json and the predictions file, so two 
 names. Paths may not contain ':' or ','; the file-name pattern, last, may contain ':'. Prompts follow LLaVA's
 evaluation scripts. The paths are checked when the spec is parsed; the files are read when the samples are
 listed (a malformed file's error names the file and the entry or line), and images when the model is asked.
+MMBench files (`mmbench:TSV`) have their own module, `mmbench.py`.
 """
 
 import functools
@@ -21,13 +21,10 @@ import os
 from typing import Callable
 
 from vlmjax.data import formats
-from vlmjax.eval import metrics
-from vlmjax.eval.benchmarks import (Benchmark, FileKind, Sample, caption_score, multiple_choice_score, pope_score,
-                                     vqa_score)
+from vlmjax.eval.benchmarks import Benchmark, FileKind, Sample, caption_score, pope_score, vqa_score
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
-LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
 POPE_SPLITS = ("random", "popular", "adversarial")
 
 
@@ -84,45 +81,8 @@ def _pope(name: str, args: list[str]) -> Benchmark:
   return Benchmark(name, samples, pope_score, max_new_tokens=8)
 
 
-def mmbench_prompt(question: str, hint: str, options: list[str]) -> str:
-  """LLaVA's MMBench prompt: the hint, the question, 'A. option' lines, then the instruction."""
-  lines = ([hint] if hint else []) + [question]
-  lines += [f"{letter}. {option}" for letter, option in zip("ABCDEFGHIJ", options)]
-  return "\n".join(lines + [LETTER_ANSWER])
-
-
-def _mmbench_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
-  """CircularEval accuracy overall and per category (`accuracy/<category>`)."""
-  results = multiple_choice_score(samples, answers)
-  categories = [sample.target[2] for sample in samples]
-  for category in sorted(set(categories) - {""}):
-    rows = [i for i, name in enumerate(categories) if name == category]
-    scores = multiple_choice_score([samples[i] for i in rows], [answers[i] for i in rows])
-    results[f"accuracy/{category}"] = scores["accuracy"]
-  return results
-
-
-def _mmbench(name: str, args: list[str]) -> Benchmark:
-  (tsv,) = args
-
-  def samples(data_dir: str) -> list[Sample]:
-    """Every question once per rotation of its options; the group is the question's index."""
-    del data_dir
-    source = formats.MmbenchQuestions(tsv)
-    out = []
-    for i in range(len(source)):
-      row = source.annotation(i)
-      for rotation, (options, answer) in enumerate(metrics.circular_rotations(row["options"], row["answer"])):
-        out.append(Sample(f"{row['index']}/{rotation}", (functools.partial(source.image, i),),
-                          mmbench_prompt(row["question"], row["hint"], options),
-                          (answer, tuple(options), row["category"]), str(row["index"])))
-    return out
-  return Benchmark(name, samples, _mmbench_score, max_new_tokens=8)
-
-
 KINDS: dict[str, FileKind] = {
     "vqav2": FileKind("QUESTIONS_JSON:ANNOTATIONS_JSON:IMAGE_DIR[:FILE_NAME_PATTERN]", _vqav2, 3, 4, 3),
     "coco_captions": FileKind("CAPTIONS_JSON:IMAGE_DIR", _coco_captions, 2, 2),
     "pope": FileKind("JSONL[:JSONL...]:IMAGE_DIR", _pope, 2, None),
-    "mmbench": FileKind("TSV", _mmbench, 1, 1),
 }

@@ -5,10 +5,18 @@
 Answers are appended to `out_dir/predictions/<benchmark>.jsonl` as they come, so a killed evaluation continues
 where it stopped; results go to `{benchmark: {metric: value}}`. Retrieval benchmarks generate nothing: they are
 scored from the embeddings of `clip`, a `retrieval.DualTower`.
+
+Answers are tied to what made them: `predictions/<benchmark>.fingerprint.json` holds the model's fingerprint
+(`VLM.fingerprint`: its source and a digest of its weights, config, tokenizer and image processor), the generation
+settings and a digest of the benchmark's samples (ids, prompts, references). The same model resumes its answers;
+any other model, setting or benchmark file starts the benchmark's answers afresh (the log names both models), so
+an answers file never mixes two models.
 """
 
 import collections
+import hashlib
 import json
+import logging
 import os
 from typing import Callable, Sequence
 
@@ -44,15 +52,49 @@ def _conversation(sample: benchmarks_lib.Sample) -> list[dict]:
   return [{"role": "user", "content": parts}]
 
 
+def fingerprint(vlm, benchmark: benchmarks_lib.Benchmark, samples: list[benchmarks_lib.Sample],
+                split: str | None) -> dict:
+  """What the answers of `vlm` to `samples` (all of the benchmark's, before any limit) depend on."""
+  digest = hashlib.sha256()
+  for sample in samples:
+    digest.update(json.dumps([sample.id, sample.prompt, sample.target], default=str).encode())
+  return {"model": vlm.fingerprint(), "benchmark": benchmark.name, "split": split,
+          "generation": {"max_new_tokens": benchmark.max_new_tokens, "temperature": 0.0},
+          "samples": digest.hexdigest()[:32]}
+
+
+def _answers_of(path: str, expected: dict) -> dict[str, str]:
+  """The answers in `path` if the fingerprint beside it is `expected`; otherwise none (the file is started anew
+  and the fingerprint written first, so a kill at any point leaves answers that match the fingerprint)."""
+  fingerprint_path = path.removesuffix(".jsonl") + ".fingerprint.json"
+  found = None
+  if os.path.exists(fingerprint_path):
+    with open(fingerprint_path) as f:
+      found = json.load(f)
+  if found == expected:
+    return _read_answers(path)
+  if os.path.exists(path):
+    logging.warning("%s: answers of another model or setting (%s), not of this one (%s): answering anew", path,
+                    (found or {}).get("model", "no fingerprint"), expected["model"])
+    os.remove(path)
+  temporary = fingerprint_path + ".tmp"
+  with open(temporary, "w") as f:
+    json.dump(expected, f, indent=1)
+  os.replace(temporary, fingerprint_path)
+  return {}
+
+
 def evaluate(vlm, names: Sequence[str], out_dir: str, data_dir: str, batch_size: int = 64,
-             limits: dict[str, int | None] | None = None,
-             clip: retrieval.DualTower | None = None) -> dict[str, dict[str, float]]:
+             limits: dict[str, int | None] | None = None, clip: retrieval.DualTower | None = None,
+             split: str = benchmarks_lib.SPLITS[0]) -> dict[str, dict[str, float]]:
   """Metrics per benchmark; per-sample predictions in out_dir/predictions/*.jsonl.
 
-  names: built-in benchmark names or file specs (`registry.get`). vlm: what answers the prompts (`chat_batch`);
-  clip: the dual tower the retrieval benchmarks need (either may be None when no benchmark needs it).
+  names: built-in benchmark names or file specs (`registry.get`). vlm: what answers the prompts (`chat_batch`)
+  and identifies itself (`fingerprint()`); clip: the dual tower the retrieval benchmarks need (either may be None
+  when no benchmark needs it). split: the shapes data set's split the built-in benchmarks read (`test` or
+  `validation`).
   """
-  chosen = [registry.get(name) for name in names]  # unknown names and missing files fail before any work
+  chosen = [registry.get(name, split) for name in names]  # unknown names and missing files fail before any work
   for benchmark in chosen:
     if isinstance(benchmark, retrieval.RetrievalBenchmark) and clip is None:
       raise ValueError(f"{benchmark.name} needs a CLIP dual tower (clip=...), and none was given")
@@ -61,16 +103,18 @@ def evaluate(vlm, names: Sequence[str], out_dir: str, data_dir: str, batch_size:
   for benchmark in chosen:
     limit = (limits or {}).get(benchmark.name, benchmark.limit)
     if isinstance(benchmark, retrieval.RetrievalBenchmark):
-      results[benchmark.name] = benchmark.run(clip, data_dir, limit)
+      results[benchmark.name] = benchmark.run(clip, data_dir, limit, split)
       continue
-    samples = benchmark.samples(data_dir)[:limit]
+    every_sample = benchmark.samples(data_dir)
     seen = set()
-    for sample in samples:
+    for sample in every_sample:
       if sample.id in seen:
         raise ValueError(f"{benchmark.name}: two samples have the id {sample.id!r}; ids key the saved answers")
       seen.add(sample.id)
+    samples = every_sample[:limit]
     path = os.path.join(out_dir, "predictions", f"{benchmark.name}.jsonl")
-    answers = _read_answers(path)
+    built_in = benchmark.name in benchmarks_lib.NAMES
+    answers = _answers_of(path, fingerprint(vlm, benchmark, every_sample, split if built_in else None))
     todo = [sample for sample in samples if sample.id not in answers]
     with open(path, "a") as out, tqdm.tqdm(total=len(samples), initial=len(samples) - len(todo),
                                            desc=benchmark.name, dynamic_ncols=True) as progress:
@@ -97,7 +141,7 @@ def training_validation(config: ml_collections.ConfigDict, workdir: str) -> Call
   count = config.train.validation_questions
   if not count:
     return None
-  benchmark = benchmarks_lib.BENCHMARKS["shapes_vqa"]
+  benchmark = benchmarks_lib.shapes_benchmarks("validation")["shapes_vqa"]
   data_dir = workdir_lib.data_dir(workdir, config)
 
   def validate(params) -> dict[str, float]:

@@ -4,20 +4,21 @@ file benchmarks named by a spec `[NAME=]KIND:ARG:ARG...`, whose kinds the adapte
 
 import os
 
-from vlmjax.eval import benchmarks, file_benchmarks, retrieval
+from vlmjax.eval import benchmarks, file_benchmarks, mmbench, retrieval
 
-KINDS: dict[str, benchmarks.FileKind] = {**file_benchmarks.KINDS}
+KINDS: dict[str, benchmarks.FileKind] = {**file_benchmarks.KINDS, **mmbench.KINDS}
 
 
-def get(name: str) -> benchmarks.Benchmark | retrieval.RetrievalBenchmark:
-  """A built-in benchmark by name, or a file benchmark from its spec `[NAME=]KIND:PATH:...` (file_benchmarks.py)."""
-  if name in benchmarks.BENCHMARKS:
-    return benchmarks.BENCHMARKS[name]
+def get(name: str, split: str = benchmarks.SPLITS[0]) -> benchmarks.Benchmark | retrieval.RetrievalBenchmark:
+  """A built-in benchmark by name over the shapes data set's `split`, or a file benchmark from its spec
+  `[NAME=]KIND:PATH:...` (file_benchmarks.py)."""
+  if name in benchmarks.NAMES:
+    return benchmarks.shapes_benchmarks(split)[name]
   if name in retrieval.BENCHMARKS:
     return retrieval.BENCHMARKS[name]
   if ":" in name:
     return parse(name)
-  available = ", ".join([*benchmarks.BENCHMARKS, *retrieval.BENCHMARKS])
+  available = ", ".join([*benchmarks.NAMES, *retrieval.BENCHMARKS])
   raise ValueError(f"unknown benchmark {name!r}; available: {available}, "
                    f"or files as KIND:PATH:... with KIND one of {', '.join(KINDS)} "
                    f"(see `vlmjax eval --help`)")

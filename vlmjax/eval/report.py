@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vlmjax import workdir as workdir_lib  # noqa: E402
-from vlmjax.eval import benchmarks, registry  # noqa: E402
+from vlmjax.eval import benchmarks, compare, registry  # noqa: E402
 
 HEADLINE = ("f1", "accuracy", "cider", "r@1")  # the first a benchmark has is its summary metric
 RESULTS_FILE = "results.json"
@@ -34,13 +34,21 @@ def read_results(run_dir: str) -> dict[str, dict[str, float]]:
   path = os.path.join(run_dir, RESULTS_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} does not exist: a run folder holds the {RESULTS_FILE} of `vlmjax eval --out`")
+  return read_results_file(path)
+
+
+def read_results_file(path: str) -> dict[str, dict[str, float]]:
+  """{benchmark: {metric: value}} of a results.json file, checked."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist")
   with open(path) as f:
     try:
       results = json.load(f)
     except json.JSONDecodeError as error:
       raise ValueError(f"{path}: not valid JSON ({error})") from error
-  if not isinstance(results, dict) or not all(isinstance(m, dict) for m in results.values()):
-    raise ValueError(f"{path}: expected {{benchmark: {{metric: value}}}}")
+  if not isinstance(results, dict) or not all(
+      isinstance(m, dict) and all(isinstance(v, (int, float)) for v in m.values()) for m in results.values()):
+    raise ValueError(f"{path}: expected {{benchmark: {{metric: number}}}}")
   return results
 
 
@@ -134,8 +142,17 @@ def _read_predictions(path: str) -> dict[str, str]:
 
 def _grid_benchmark(run_dirs: Sequence[str]) -> str | None:
   """The first built-in (shapes) benchmark the first run has predictions for."""
-  return next((name for name in benchmarks.BENCHMARKS
+  return next((name for name in benchmarks.NAMES
                if os.path.isfile(os.path.join(run_dirs[0], "predictions", f"{name}.jsonl"))), None)
+
+
+def _predictions_split(run_dir: str, benchmark_name: str) -> str:
+  """The shapes split a run's answers to a built-in benchmark came from (its predictions' fingerprint)."""
+  path = os.path.join(run_dir, "predictions", f"{benchmark_name}.fingerprint.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f).get("split") or benchmarks.SPLITS[0]
+  return benchmarks.SPLITS[0]
 
 
 def plot_samples(benchmark_name: str, data_dir: str, runs: dict[str, str], out_png: str, count: int = 8,
@@ -145,7 +162,8 @@ def plot_samples(benchmark_name: str, data_dir: str, runs: dict[str, str], out_p
   answers = {label: _read_predictions(os.path.join(path, "predictions", f"{benchmark_name}.jsonl"))
              for label, path in runs.items()}
   first = answers[next(iter(runs))]
-  samples = [s for s in registry.get(benchmark_name).samples(data_dir) if s.id in first]
+  split = _predictions_split(next(iter(runs.values())), benchmark_name)
+  samples = [s for s in registry.get(benchmark_name, split).samples(data_dir) if s.id in first]
   samples = samples[::max(1, len(samples) // count)][:count]
   if not samples:
     raise ValueError(f"none of the {benchmark_name} predictions of {next(iter(runs))} matches a sample in "
@@ -175,10 +193,28 @@ def _data_dir(run_dir: str) -> str | None:
   return workdir_lib.data_dir(run_dir)
 
 
-def write_report(run_dirs: Sequence[str], out_md: str, data_dir: str | None = None, grid_samples: int = 8) -> None:
+def _against_baseline(results: dict[str, dict], baseline: dict) -> list[list[str]]:
+  """Rows [benchmark, metric, baseline value, each run's value and change] for every metric of the baseline and
+  the runs."""
+  keys = dict.fromkeys((benchmark, metric) for run in results.values()
+                       for benchmark, metric, _, _ in compare.deltas(run, baseline))
+  rows = []
+  for benchmark, metric in keys:
+    old = baseline.get(benchmark, {}).get(metric)
+    cells = []
+    for run in results.values():
+      new = run.get(benchmark, {}).get(metric)
+      cells.append("–" if new is None else f"{new:.4f}" if old is None else f"{new:.4f} ({new - old:+.4f})")
+    rows.append([benchmark, metric, _value(baseline, benchmark, metric), *cells])
+  return rows
+
+
+def write_report(run_dirs: Sequence[str], out_md: str, data_dir: str | None = None, grid_samples: int = 8,
+                 baseline: str | None = None) -> None:
   """The Markdown report comparing `run_dirs` at out_md, its images in `<out_md without .md>_files/`.
 
   data_dir: the shapes data set for the picture grid (default: the first run's, if it is a training workdir).
+  baseline: a results.json; the page then shows every metric's change against it.
   """
   if not run_dirs:
     raise ValueError("a report needs at least one run folder")
@@ -197,6 +233,10 @@ def write_report(run_dirs: Sequence[str], out_md: str, data_dir: str | None = No
     metric = next((m for m in HEADLINE if m in metrics), None) or min(metrics, default="–")
     summary.append([benchmark, metric] + [_value(run, benchmark, metric) for run in results.values()])
   page += [_table(["benchmark", "metric", *labels], summary), ""]
+  if baseline is not None:
+    rows = _against_baseline(results, read_results_file(baseline))
+    page += [f"## Against the baseline ({baseline})", "", _table(["benchmark", "metric", "baseline", *labels], rows),
+             ""]
   for benchmark in benchmarks:
     metrics = sorted({key for run in results.values() for key in run.get(benchmark, {})},
                      key=lambda key: ("/" in key, key))  # overall metrics first, then per type / split

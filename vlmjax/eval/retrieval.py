@@ -4,7 +4,7 @@
     retrieval_scores(tower, images, captions)   # captions: per image, the texts that describe it
     # -> {"r@1", "r@5", "r@10", "image_to_text/r@1", ..., "text_to_image/r@10"}; r@k is the mean of the two ways
 
-`shapes_retrieval` ranks the shapes validation images against all their captions; `load_clip(workdir)` reads the
+`shapes_retrieval` ranks a shapes split's images against all their captions; `load_clip(workdir)` reads the
 dual tower that a run's contrastive stage trained.
 """
 
@@ -94,9 +94,10 @@ def retrieval_scores(tower: DualTower, images: list, captions: list[list[str]], 
   return metrics.retrieval_recall(image_embeddings @ text_embeddings.T, text_to_image)
 
 
-def shapes_retrieval(tower: DualTower, data_dir: str, limit: int | None = None) -> dict[str, float]:
-  """Retrieval among the first `limit` shapes validation images (all if None) and every caption of theirs."""
-  source = shapes.load(data_dir, "validation")
+def shapes_retrieval(tower: DualTower, data_dir: str, limit: int | None = None,
+                     split: str = "test") -> dict[str, float]:
+  """Retrieval among the first `limit` images of a shapes split (all if None) and every caption of theirs."""
+  source = shapes.load(data_dir, split)
   records = [source[i] for i in range(len(source) if limit is None else min(limit, len(source)))]
   return retrieval_scores(tower, [record["image"] for record in records], [record["captions"] for record in records])
 
@@ -104,7 +105,7 @@ def shapes_retrieval(tower: DualTower, data_dir: str, limit: int | None = None) 
 @dataclasses.dataclass(frozen=True)
 class RetrievalBenchmark:
   name: str
-  run: Callable[[DualTower, str, int | None], dict[str, float]]  # (tower, data_dir, limit) -> metrics
+  run: Callable[[DualTower, str, int | None, str], dict[str, float]]  # (tower, data_dir, limit, split) -> metrics
   limit: int | None = None  # default number of images (the first ones); None: all
 
 
