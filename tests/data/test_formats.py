@@ -147,9 +147,10 @@ def _base64_png(colour):
   return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _write_tsv(path, rows, header=("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image")):
+def _write_tsv(path, rows, header=("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image",
+                                   "l2-category")):
   with open(path, "w", newline="") as f:
-    writer = csv.writer(f, delimiter="\t")
+    writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_ALL)  # as VLMEvalKit's dump writes a TSV
     writer.writerow(header)
     writer.writerows(rows)
 
@@ -157,37 +158,66 @@ def _write_tsv(path, rows, header=("index", "question", "hint", "A", "B", "C", "
 def test_mmbench_questions(tmp_path):
   path = tmp_path / "mmbench.tsv"
   _write_tsv(path, [
-      (0, "Which shape?\nLook closely.", "A hint", "circle", "square", "star", "heart", "B", "shapes", _base64_png(30)),
-      (1, "Is it red?", "nan", "yes", "no", "", "", "A", "colour", _base64_png(200)),
+      (0, "Which shape?\nLook closely.", "A hint", "circle", "square", "star", "heart", "B", "shapes", _base64_png(30),
+       "coarse_perception"),
+      (1, "Is it red?", "nan", "yes", "no", "", "", "A", "colour", _base64_png(200), ""),
   ])
   source = formats.MmbenchQuestions(str(path))
-  assert len(source) == 2
-  assert source.annotation(0) == {"index": "0", "question": "Which shape?\nLook closely.", "hint": "A hint",
-                                  "options": ["circle", "square", "star", "heart"], "answer": "B",
-                                  "category": "shapes"}
+  assert len(source) == 2 and not source.circular
+  assert source.annotation(0) == {"index": 0, "g_index": 0, "question": "Which shape?\nLook closely.",
+                                  "hint": "A hint", "options": {"A": "circle", "B": "square", "C": "star",
+                                                                "D": "heart"},
+                                  "answer": "B", "category": "shapes", "l2_category": "coarse_perception", "line": 2}
   second = source[1]
-  assert second["hint"] == "" and second["options"] == ["yes", "no"] and second["answer"] == "A"
+  assert second["hint"] == "" and second["options"] == {"A": "yes", "B": "no"} and second["answer"] == "A"
+  assert second["line"] == 4 and second["l2_category"] == ""  # the first question's quoted newline: lines 2-3
   assert second["image"].shape == (4, 5, 3) and second["image"][0, 0, 0] == 200
 
 
-def test_mmbench_errors_name_the_file_and_line(tmp_path):
+def test_mmbench_cells_as_pandas_reads_them(tmp_path):
+  # VLMEvalKit reads TSVs with pandas: "None", "NA", "nan"... are empty cells, so option C "None" is no option.
+  path = tmp_path / "mmbench.tsv"
+  _write_tsv(path, [(3, "Q?", "NA", "a", "b", "None", "", "A", "", _base64_png(0), "null")])
+  record = formats.MmbenchQuestions(str(path)).annotation(0)
+  assert record["options"] == {"A": "a", "B": "b"} and record["hint"] == "" and record["l2_category"] == ""
+
+
+def test_mmbench_circular_copies_and_image_references(tmp_path):
+  # A copy's image cell holds its question's index (VLMEvalKit's image_base.py); its question is index % 1e6, or
+  # the g_index column where there is one.
+  path = tmp_path / "mmbench.tsv"
+  rows = [(7, "Q?", "", "x", "y", "", "", "A", "c", _base64_png(90), "l2"),
+          (1000007, "Q?", "", "y", "x", "", "", "B", "c", "7", "l2"),
+          (8, "R?", "", "x", "y", "", "", "B", "c", "7", "l2")]  # another question on the same image
+  _write_tsv(path, rows)
+  source = formats.MmbenchQuestions(str(path))
+  assert source.circular and [source.annotation(i)["g_index"] for i in range(3)] == [7, 7, 8]
+  assert source.image(1)[0, 0, 0] == 90 and source.image(2)[0, 0, 0] == 90
+  header = ("index", "question", "A", "B", "answer", "image", "g_index")
+  _write_tsv(path, [(5, "Q?", "x", "y", "A", _base64_png(1), 5), (20, "Q?", "y", "x", "B", "5", 5)], header)
+  source = formats.MmbenchQuestions(str(path))
+  assert source.circular and source.annotation(1)["g_index"] == 5 and source.annotation(1)["category"] == ""
+
+
+def test_mmbench_errors_name_the_file_line_and_field(tmp_path):
   path = tmp_path / "mmbench.tsv"
   image = _base64_png(0)
   # The first question spans lines 2-3 (a quoted newline), so the second question starts on line 4.
-  _write_tsv(path, [(0, "Two\nlines", "", "a", "b", "", "", "A", "x", image),
-                    (1, "Q?", "", "a", "b", "", "", "C", "x", image)])
-  with pytest.raises(ValueError, match=r"mmbench.tsv, line 4: answer 'C' is not one of the option letters A, B"):
+  _write_tsv(path, [(0, "Two\nlines", "", "a", "b", "", "", "A", "x", image, ""),
+                    (1, "Q?", "", "a", "b", "", "", "C", "x", image, "")])
+  with pytest.raises(ValueError, match=r"mmbench.tsv, line 4, 'answer': 'C' is not one of the option letters A, B"):
     formats.MmbenchQuestions(str(path))
-  _write_tsv(path, [(0, "Q?", "", "a", "b", "", "", "A", "x", image), (1, "Q?", "", "a", "b")])
-  with pytest.raises(ValueError, match=r"mmbench.tsv, line 3: 5 fields where the header has 10"):
+  _write_tsv(path, [(0, "Q?", "", "a", "b", "", "", "A", "x", image, ""), (1, "Q?", "", "a", "b")])
+  with pytest.raises(ValueError, match=r"mmbench.tsv, line 3: 5 fields where the header has 11 \(the row ends "
+                                       r"before 'C'\)"):
     formats.MmbenchQuestions(str(path))
   _write_tsv(path, [(0, "Q?", "a", "b", "A", image)], header=("index", "question", "A", "B", "answer", "picture"))
   with pytest.raises(ValueError, match=r"mmbench.tsv, line 1: no 'image' column"):
     formats.MmbenchQuestions(str(path))
-  _write_tsv(path, [(0, "Q?", "", "a", "b", "", "", "A", "x", image), (1, "Q?", "", "a", "b", "", "", "A", "x",
-                                                                      "not base64!")])
+  _write_tsv(path, [(0, "Q?", "", "a", "b", "", "", "A", "x", image, ""), (1, "Q?", "", "a", "b", "", "", "A", "x",
+                                                                          "not base64 of an image" * 4, "")])
   source = formats.MmbenchQuestions(str(path))
-  with pytest.raises(ValueError, match=r"mmbench.tsv, line 3: the image is not base64 of a PNG/JPEG"):
+  with pytest.raises(ValueError, match=r"mmbench.tsv, line 3, 'image': not base64 of a PNG/JPEG"):
     source.image(1)
   with pytest.raises(FileNotFoundError, match=r"the MMBench TSV .*absent.tsv does not exist"):
     formats.MmbenchQuestions(str(tmp_path / "absent.tsv"))

@@ -1,11 +1,7 @@
 """Benchmarks from files on disk, written here in exactly their formats and answered by a scripted model whose
 answers make every metric value known by hand."""
 
-import base64
-import csv
-import io
 import json
-import re
 import subprocess
 import sys
 
@@ -136,40 +132,6 @@ def test_a_malformed_pope_line_names_the_file_and_line(tmp_path, image_dir):
   path.write_text(path.read_text() + '{"question_id": 9, "image": "COCO_val2014_000000000001.jpg", "text": "Q?"\n')
   with pytest.raises(ValueError, match=r"coco_pope_popular.json, line 3: not valid JSON"):
     harness.evaluate(ScriptedModel(lambda p, i: "no"), [f"pope:{path}:{image_dir}"], str(tmp_path), "")
-
-
-def _base64_png(value):
-  buffer = io.BytesIO()
-  Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(buffer, format="PNG")
-  return base64.b64encode(buffer.getvalue()).decode()
-
-
-def test_mmbench_circular_eval(tmp_path):
-  path = tmp_path / "mmbench.tsv"
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f, delimiter="\t")
-    writer.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])
-    writer.writerow([7, "Which shape?", "Look at the middle.", "circle", "square", "star", "heart", "C", "shape",
-                     _base64_png(100)])
-    writer.writerow([8, "Is it red?", "nan", "yes", "no", "", "", "B", "colour", _base64_png(200)])
-    writer.writerow([9, "Is it blue?", "", "yes", "no", "", "", "A", "colour", _base64_png(200)])
-  correct = {"Which shape?": "star", "Is it red?": "no", "Is it blue?": "yes"}
-
-  def rule(prompt, image):
-    lines = prompt.split("\n")
-    assert lines[-1] == file_benchmarks.LETTER_ANSWER
-    question = lines[1] if lines[0] == "Look at the middle." else lines[0]
-    if question == "Is it blue?":
-      return "A"  # right only in the rotation that puts "yes" first
-    letter = next(line[0] for line in lines if re.fullmatch(rf"[A-D]\. {correct[question]}", line))
-    return f"The answer is {letter}."
-
-  model = ScriptedModel(rule)
-  results = harness.evaluate(model, [f"mmbench:{path}"], str(tmp_path), "", batch_size=8)["mmbench"]
-  assert len(model.seen) == 4 + 2 + 2  # one prompt per rotation of the options
-  assert results == {"accuracy": pytest.approx(2 / 3), "accuracy/colour": 0.5, "accuracy/shape": 1.0}
-  assert model.seen[0][0] == ("Look at the middle.\nWhich shape?\nA. circle\nB. square\nC. star\nD. heart\n"
-                              + file_benchmarks.LETTER_ANSWER)
 
 
 def test_spec_errors_say_what_to_write(tmp_path, image_dir):

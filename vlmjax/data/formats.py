@@ -4,7 +4,7 @@
     CocoCaptions("captions_val2017.json", "val2017/")            # COCO captions
     VqaV2("questions.json", "annotations.json", "val2014/")      # VQAv2 questions + annotations
     PopeQuestions("coco_pope_random.json", "val2014/")          # POPE yes/no probes, one JSON object a line
-    MmbenchQuestions("mmbench_dev_en.tsv")                       # MMBench TSV, images inline as base64
+    MmbenchQuestions("MMBench_DEV_EN.tsv")                       # MMBench TSV as VLMEvalKit ships it
 
 Each source checks at construction that its files and every image it names exist (one error naming the first
 missing one) and that its entries have the fields it reads (an error naming the file and the entry or line),
@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import os
+import string
 from typing import Any
 
 import numpy as np
@@ -218,25 +219,38 @@ class PopeQuestions:
     return {**self.annotation(index), "image": self.image(index)}
 
 
-MMBENCH_COLUMNS = ("index", "question", "A", "B", "answer", "image")  # required; hint, category, C, D... optional
-
-
-def _missing(value: str | None) -> bool:
-  """An empty MMBench cell: pandas writes NaN as '' (or 'nan')."""
-  return value is None or value.strip() == "" or value.strip().lower() == "nan"
+MMBENCH_COLUMNS = ("index", "question", "A", "B", "answer", "image")  # required; hint, category, l2-category,
+                                                                     # g_index, C, D... optional
+MMBENCH_OFFSET = 1_000_000  # VLMEvalKit's circular copies: index + k * 1e6, their question's index % 1e6
+# A cell holding exactly one of these is empty to VLMEvalKit, which reads TSVs with pandas.read_csv(sep="\t"):
+# pandas' default NA strings (pandas 2). So an option "None" is no option, as VLMEvalKit shows and scores it.
+PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                       "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+_IMAGE_REFERENCE = 64  # an image cell this long or shorter names the row holding the image (VLMEvalKit)
 
 
 class MmbenchQuestions:
-  """MMBench as OpenCompass ships it: a TSV with a header row and columns index, question, hint, A, B, C, D
-  (options left empty when a question has fewer), answer (a letter), category and image (base64 PNG/JPEG).
-  Records: {"index", "question", "hint" ("" if none), "options" [str], "answer", "category", "image"}."""
+  """MMBench as VLMEvalKit ships and writes it: a TSV with a header row and columns index, question, hint, A, B,
+  C, D... (an option's cell empty when a question has fewer), answer (a letter), category, l2-category and image
+  (base64 PNG/JPEG), as pandas reads it (`PANDAS_NA`); other columns (source, split, comment...) are ignored.
+
+  Circular copies are rows of their own (vlmeval/tools.py CIRCULAR writes them): the copy k of question i has
+  index i + k * 1e6 and its options rotated, and its question is the `g_index` column where the file has one,
+  else index % 1e6 (vlmeval/dataset/utils/multiple_choice.py mcq_circular_eval). An image cell of at most 64
+  characters holds the index of the row whose image it shares (vlmeval/dataset/image_base.py ImageBaseDataset).
+  `circular` says whether the file holds copies (a g_index column, or an index >= 1e6).
+
+  Records: {"index": int, "g_index": int, "question", "hint" ("" if none), "options" {letter: text} (the
+  non-empty ones, in letter order), "answer", "category" and "l2_category" ("" if none), "line" (where the row
+  starts in the file), "image"}. A malformed row is a ValueError naming the file, the line and the field.
+  """
 
   def __init__(self, tsv_path: str):
     if not os.path.isfile(tsv_path):
       raise FileNotFoundError(f"the MMBench TSV {tsv_path} does not exist")
     csv.field_size_limit(2**31 - 1)  # an image's base64 is far over csv's default cell limit of 128 KiB
     self._path = tsv_path
-    self._rows = []  # (line number, record without the image, the image's base64)
+    self._rows = []  # (record without the image, the image cell)
     with open(tsv_path, newline="") as f:
       reader = csv.reader(f, delimiter="\t")
       header, start = next(reader, None), reader.line_num + 1
@@ -244,43 +258,94 @@ class MmbenchQuestions:
       if missing:
         raise ValueError(f"{tsv_path}, line 1: no {missing[0]!r} column (MMBench needs "
                          f"{', '.join(MMBENCH_COLUMNS)})")
-      letters = [letter for letter in "ABCDEFGHIJ" if letter in header]
+      self._letters = [letter for letter in string.ascii_uppercase if letter in header]
+      self._g_index_column = "g_index" in header
       try:
         for cells in reader:
           if len(cells) != len(header):
-            raise ValueError(f"{tsv_path}, line {start}: {len(cells)} fields where the header has {len(header)}")
-          self._rows.append(self._record(dict(zip(header, cells)), letters, start))
+            where = (f"the row ends before {header[len(cells)]!r}" if len(cells) < len(header)
+                     else f"more than the header's last, {header[-1]!r}")
+            raise ValueError(f"{tsv_path}, line {start}: {len(cells)} fields where the header has "
+                             f"{len(header)} ({where})")
+          self._rows.append(self._record(dict(zip(header, cells)), start))
           start = reader.line_num + 1
       except csv.Error as error:
         raise ValueError(f"{tsv_path}, line {start}: {error}") from error
     if not self._rows:
       raise ValueError(f"{tsv_path}: no questions")
+    self.circular = self._g_index_column or any(record["index"] >= MMBENCH_OFFSET for record, _ in self._rows)
+    self._check_indices()
 
-  def _record(self, row: dict[str, str], letters: list[str], line: int) -> tuple[int, dict, str]:
-    options = [row[letter] for letter in letters if not _missing(row[letter])]
-    answer, allowed = row["answer"].strip(), "ABCDEFGHIJ"[:len(options)]
-    if len(answer) != 1 or answer not in allowed:
-      raise ValueError(f"{self._path}, line {line}: answer {row['answer']!r} is not one of the option letters "
-                       f"{', '.join(allowed)}")
-    record = {"index": row["index"], "question": row["question"],
-              "hint": "" if _missing(row.get("hint")) else row["hint"], "options": options, "answer": answer,
-              "category": "" if _missing(row.get("category")) else row["category"]}
-    return line, record, row["image"]
+  def _error(self, line: int, field: str, message: str) -> ValueError:
+    return ValueError(f"{self._path}, line {line}, {field!r}: {message}")
+
+  def _integer(self, row: dict[str, str], field: str, line: int) -> int:
+    try:
+      return int(row[field])
+    except ValueError:
+      raise self._error(line, field, f"{row[field]!r} is not an integer") from None
+
+  def _record(self, row: dict[str, str], line: int) -> tuple[dict, str]:
+    def cell(field: str) -> str:
+      return "" if row.get(field, "") in PANDAS_NA else row[field]
+
+    for field in ("question", "answer", "image"):
+      if not cell(field):
+        raise self._error(line, field, "empty")
+    index = self._integer(row, "index", line)
+    g_index = self._integer(row, "g_index", line) if "g_index" in row else index % MMBENCH_OFFSET
+    options = {letter: row[letter] for letter in self._letters if cell(letter)}
+    if len(options) < 2:
+      empty = next(letter for letter in string.ascii_uppercase if letter not in options)
+      raise self._error(line, empty, "empty; a question needs at least two options")
+    if row["answer"] not in options:
+      raise self._error(line, "answer", f"{row['answer']!r} is not one of the option letters "
+                                        f"{', '.join(options)}")
+    record = {"index": index, "g_index": g_index, "question": row["question"], "hint": cell("hint"),
+              "options": options, "answer": row["answer"], "category": cell("category"),
+              "l2_category": cell("l2-category"), "line": line}
+    return record, row["image"]
+
+  def _check_indices(self) -> None:
+    """Indices unique; image references name a row holding an image; every copy's question is in the file."""
+    self._by_index = {}
+    for record, _ in self._rows:
+      if record["index"] in self._by_index:
+        first = self._rows[self._by_index[record["index"]]][0]["line"]
+        raise self._error(record["line"], "index", f"{record['index']} is also the index of line {first}")
+      self._by_index[record["index"]] = len(self._by_index)
+    self._image_rows = []  # the row whose cell holds each row's image
+    for record, encoded in self._rows:
+      position = self._by_index[record["index"]]
+      if len(encoded) <= _IMAGE_REFERENCE:  # vlmeval/dataset/image_base.py ImageBaseDataset.__init__
+        position = self._by_index.get(int(encoded)) if encoded.strip().isdigit() else None
+        if position is None or len(self._rows[position][1]) <= _IMAGE_REFERENCE:
+          raise self._error(record["line"], "image", f"{encoded!r} is neither an image (base64, over "
+                                                     f"{_IMAGE_REFERENCE} characters) nor the index of a row "
+                                                     f"holding one")
+      self._image_rows.append(position)
+    for record, _ in self._rows:
+      main = self._by_index.get(record["g_index"])
+      if main is None or self._rows[main][0]["g_index"] != record["g_index"]:
+        field, how = ("g_index", "its g_index") if self._g_index_column else ("index", "its index % 1e6")
+        raise self._error(record["line"], field, f"a copy of question {record['g_index']} ({how}), which "
+                                                 f"the file does not have as a row of its own")
 
   def __len__(self) -> int:
     return len(self._rows)
 
   def annotation(self, index: int) -> dict[str, Any]:
-    return dict(self._rows[index][1])
+    record = self._rows[index][0]
+    return {**record, "options": dict(record["options"])}
 
   def image(self, index: int) -> np.ndarray:
     """uint8[H, W, 3]; a cell that is not base64 of a PNG/JPEG raises ValueError naming the file and line."""
-    line, _, encoded = self._rows[index]
+    record, encoded = self._rows[self._image_rows[index]]
     try:
-      with Image.open(io.BytesIO(base64.b64decode(encoded, validate=True))) as image:
+      with Image.open(io.BytesIO(base64.b64decode(encoded))) as image:
         return np.asarray(image.convert("RGB"))
     except (OSError, ValueError) as error:
-      raise ValueError(f"{self._path}, line {line}: the image is not base64 of a PNG/JPEG ({error})") from error
+      raise self._error(record["line"], "image", f"not base64 of a PNG/JPEG ({error})") from error
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     return {**self.annotation(index), "image": self.image(index)}
