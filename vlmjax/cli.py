@@ -25,6 +25,10 @@ _SPLIT = flags.DEFINE_string("split", None, "data show: which split to picture (
 _BASELINE = flags.DEFINE_string("baseline", None, "eval: an earlier results.json; exit 1 if a metric fell by more "
                                 "than --max_drop. report: show each metric's change against it.")
 _MAX_DROP = flags.DEFINE_float("max_drop", 0.01, "eval --baseline: how far a metric may fall, in its own units.")
+_JUDGE = flags.DEFINE_string("judge", None, "eval: an OpenAI-compatible endpoint, URL[:MODEL] (e.g. "
+                             "http://127.0.0.1:8000/v1:judge; `vlmjax serve` is one), that places the multiple-choice "
+                             "answers the rules cannot and matches open answers by meaning; its key from "
+                             "$VLMJAX_JUDGE_API_KEY.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "train, eval: the run's directory (checkpoints, metrics, config).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "train: resume a workdir even though its "
                                          "saved config differs from --config.")
@@ -130,7 +134,7 @@ def evaluate(args: list[str]) -> None:
 
   import vlmjax
   from vlmjax import workdir as workdir_lib
-  from vlmjax.eval import benchmarks, compare, harness, registry, report as report_lib, retrieval
+  from vlmjax.eval import benchmarks, compare, harness, judge as judge_lib, registry, report as report_lib, retrieval
 
   path = _WORKDIR.value or _CHECKPOINT.value
   if path is None or _OUT.value is None:
@@ -140,6 +144,12 @@ def evaluate(args: list[str]) -> None:
     baseline = report_lib.read_results_file(_BASELINE.value) if _BASELINE.value else None
   except (FileNotFoundError, ValueError) as error:
     raise SystemExit(f"vlmjax eval: --baseline: {error}") from error
+  judge = judge_lib.Judge(_JUDGE.value) if _JUDGE.value else None
+  try:
+    if judge is not None:
+      judge.check()  # an unreachable judge fails here, before the model loads
+  except judge_lib.JudgeUnreachable as error:
+    raise SystemExit(f"vlmjax eval: --judge: {error}") from error
   if _BENCHMARKS.value:
     names = _BENCHMARKS.value.split(",")
   else:
@@ -162,7 +172,7 @@ def evaluate(args: list[str]) -> None:
     vlm = vlmjax.load(path) if len(retrieval_names) < len(names) else None
     clip = retrieval.load_clip(path) if retrieval_names else None
     results = harness.evaluate(vlm, names, out_dir, data_dir, batch_size=_BATCH_SIZE.value, clip=clip,
-                               split=split)
+                               split=split, judge=judge)
   except FileNotFoundError as error:
     raise SystemExit(f"vlmjax eval: {error}") from error
   with open(_OUT.value, "w") as f:

@@ -45,6 +45,11 @@ class Benchmark:
   score: Callable[[list[Sample], list[str]], dict[str, float]]  # (samples, raw answers) -> metrics
   max_new_tokens: int = 8
   limit: int | None = None  # default number of samples (the first ones); None: all
+  # For a judge (`judge.py`): a multiple-choice sample's options in order, and the rules that place an answer
+  # among them (letter or None); or an open question's reference answers.
+  choices: Callable[[Sample], list[str]] | None = None
+  extract: Callable[[str, list[str]], str | None] = metrics.extract_choice
+  references: Callable[[Sample], list[str]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +129,22 @@ def _shapes_mc_samples(data_dir: str, split: str) -> list[Sample]:
 
 
 def multiple_choice_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
+  """CircularEval `accuracy`, and `unplaced`: the answers no rule (`metrics.extract_choice`) places among the
+  options, which count as wrong."""
   choices = [metrics.extract_choice(answer, list(sample.target[1])) for sample, answer in zip(samples, answers)]
   return {"accuracy": metrics.circular_accuracy([s.group for s in samples], choices,
-                                                [s.target[0] for s in samples])}
+                                                [s.target[0] for s in samples]),
+          "unplaced": float(sum(choice is None for choice in choices))}
+
+
+def option_texts(sample: Sample) -> list[str]:
+  """A multiple-choice sample's options (its target: (answer letter, options, ...))."""
+  return list(sample.target[1])
+
+
+def reference_answers(sample: Sample) -> list[str]:
+  """An open question's reference answers (its target)."""
+  return list(sample.target)
 
 
 def _shapes_grounding_samples(data_dir: str, split: str) -> list[Sample]:
@@ -155,12 +173,13 @@ def shapes_benchmarks(split: str) -> dict[str, Benchmark]:
     raise ValueError(f"the shapes benchmarks read split {' or '.join(SPLITS)}, not {split!r}")
   of = lambda samples: functools.partial(samples, split=split)
   return {
-      "shapes_vqa": Benchmark("shapes_vqa", of(_shapes_vqa_samples), vqa_score, max_new_tokens=6),
+      "shapes_vqa": Benchmark("shapes_vqa", of(_shapes_vqa_samples), vqa_score, max_new_tokens=6,
+                              references=reference_answers),
       "shapes_caption": Benchmark("shapes_caption", of(_shapes_caption_samples), caption_score, max_new_tokens=40,
                                   limit=200),
       "shapes_pope": Benchmark("shapes_pope", of(_shapes_pope_samples), pope_score, max_new_tokens=4, limit=1500),
       "shapes_mc": Benchmark("shapes_mc", of(_shapes_mc_samples), multiple_choice_score, max_new_tokens=4,
-                             limit=1200),
+                             limit=1200, choices=option_texts),
       "shapes_grounding": Benchmark("shapes_grounding", of(_shapes_grounding_samples), grounding_score,
                                     max_new_tokens=20, limit=300),
   }

@@ -21,7 +21,8 @@ import os
 from typing import Callable
 
 from vlmjax.data import formats
-from vlmjax.eval.benchmarks import Benchmark, FileKind, Sample, caption_score, pope_score, vqa_score
+from vlmjax.eval.benchmarks import (Benchmark, FileKind, Sample, caption_score, pope_score, reference_answers,
+                                     vqa_score)
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
@@ -38,7 +39,7 @@ def _vqav2(name: str, args: list[str]) -> Benchmark:
     return [Sample(str(row["question_id"]), (functools.partial(source.image, i),),
                    f"{row['question']}\n{SHORT_ANSWER}", row["answers"], row["answer_type"])
             for i, row in enumerate(rows)]
-  return Benchmark(name, samples, vqa_score, max_new_tokens=16)
+  return Benchmark(name, samples, vqa_score, max_new_tokens=16, references=reference_answers)
 
 
 def _coco_captions(name: str, args: list[str]) -> Benchmark:

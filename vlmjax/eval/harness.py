@@ -16,7 +16,6 @@ an answers file never mixes two models.
 import collections
 import hashlib
 import json
-import logging
 import os
 from typing import Callable, Sequence
 
@@ -26,25 +25,7 @@ import tqdm
 from vlmjax import api
 from vlmjax import workdir as workdir_lib
 from vlmjax.eval import benchmarks as benchmarks_lib
-from vlmjax.eval import registry, retrieval
-
-
-def _read_answers(path: str) -> dict[str, str]:
-  """{sample id: answer} of an earlier, maybe killed, evaluation. A last line cut off mid-write is dropped
-  (its sample is asked again); a bad line anywhere else is an error naming the file and the line."""
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    lines = f.read().splitlines()
-  answers = {}
-  for number, line in enumerate(lines, 1):
-    try:
-      row = json.loads(line)
-      answers[row["id"]] = row["answer"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-      if number < len(lines):
-        raise ValueError(f"{path}, line {number}: not a prediction row ({error})") from error
-  return answers
+from vlmjax.eval import answer_cache, judge as judge_lib, registry, retrieval
 
 
 def _conversation(sample: benchmarks_lib.Sample) -> list[dict]:
@@ -63,36 +44,17 @@ def fingerprint(vlm, benchmark: benchmarks_lib.Benchmark, samples: list[benchmar
           "samples": digest.hexdigest()[:32]}
 
 
-def _answers_of(path: str, expected: dict) -> dict[str, str]:
-  """The answers in `path` if the fingerprint beside it is `expected`; otherwise none (the file is started anew
-  and the fingerprint written first, so a kill at any point leaves answers that match the fingerprint)."""
-  fingerprint_path = path.removesuffix(".jsonl") + ".fingerprint.json"
-  found = None
-  if os.path.exists(fingerprint_path):
-    with open(fingerprint_path) as f:
-      found = json.load(f)
-  if found == expected:
-    return _read_answers(path)
-  if os.path.exists(path):
-    logging.warning("%s: answers of another model or setting (%s), not of this one (%s): answering anew", path,
-                    (found or {}).get("model", "no fingerprint"), expected["model"])
-    os.remove(path)
-  temporary = fingerprint_path + ".tmp"
-  with open(temporary, "w") as f:
-    json.dump(expected, f, indent=1)
-  os.replace(temporary, fingerprint_path)
-  return {}
-
-
 def evaluate(vlm, names: Sequence[str], out_dir: str, data_dir: str, batch_size: int = 64,
              limits: dict[str, int | None] | None = None, clip: retrieval.DualTower | None = None,
-             split: str = benchmarks_lib.SPLITS[0]) -> dict[str, dict[str, float]]:
+             split: str = benchmarks_lib.SPLITS[0],
+             judge: judge_lib.Judge | None = None) -> dict[str, dict[str, float]]:
   """Metrics per benchmark; per-sample predictions in out_dir/predictions/*.jsonl.
 
   names: built-in benchmark names or file specs (`registry.get`). vlm: what answers the prompts (`chat_batch`)
   and identifies itself (`fingerprint()`); clip: the dual tower the retrieval benchmarks need (either may be None
   when no benchmark needs it). split: the shapes data set's split the built-in benchmarks read (`test` or
-  `validation`).
+  `validation`). judge: places the multiple-choice answers the rules cannot and matches open answers by meaning
+  (`judge.judge_answers`), its verdicts kept beside the answers.
   """
   chosen = [registry.get(name, split) for name in names]  # unknown names and missing files fail before any work
   for benchmark in chosen:
@@ -114,7 +76,8 @@ def evaluate(vlm, names: Sequence[str], out_dir: str, data_dir: str, batch_size:
     samples = every_sample[:limit]
     path = os.path.join(out_dir, "predictions", f"{benchmark.name}.jsonl")
     built_in = benchmark.name in benchmarks_lib.NAMES
-    answers = _answers_of(path, fingerprint(vlm, benchmark, every_sample, split if built_in else None))
+    made_by = fingerprint(vlm, benchmark, every_sample, split if built_in else None)
+    answers = answer_cache.rows_made_by(path, made_by)
     todo = [sample for sample in samples if sample.id not in answers]
     with open(path, "a") as out, tqdm.tqdm(total=len(samples), initial=len(samples) - len(todo),
                                            desc=benchmark.name, dynamic_ncols=True) as progress:
@@ -130,7 +93,11 @@ def evaluate(vlm, names: Sequence[str], out_dir: str, data_dir: str, batch_size:
                                 "target": sample.target, "group": sample.group}, default=str) + "\n")
         out.flush()
         progress.update(len(batch))
-    results[benchmark.name] = benchmark.score(samples, [answers[sample.id] for sample in samples])
+    scored, judged = [answers[sample.id] for sample in samples], {}
+    if judge is not None:
+      scored, judged = judge_lib.judge_answers(judge, benchmark, samples, scored,
+                                               path.removesuffix(".jsonl") + ".judge.jsonl", made_by)
+    results[benchmark.name] = {**benchmark.score(samples, scored), **judged}
   return results
 
 

@@ -185,7 +185,9 @@ def samples(path: str) -> list[Sample]:
 
 def _mmbench(name: str, args: list[str]) -> Benchmark:
   (tsv,) = args
-  return Benchmark(name, lambda data_dir: samples(tsv), score, max_new_tokens=8)
+  # A judge (`vlmjax eval --judge`) places the answers `extract` leaves unplaced; its letter is then read as any.
+  return Benchmark(name, lambda data_dir: samples(tsv), score, max_new_tokens=8,
+                   choices=lambda sample: list(sample.target[1].values()), extract=extract)
 
 
 KINDS: dict[str, FileKind] = {"mmbench": FileKind("TSV", _mmbench, 1, 1)}

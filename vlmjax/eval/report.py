@@ -250,7 +250,8 @@ def write_report(run_dirs: Sequence[str], out_md: str, data_dir: str | None = No
     if panels:
       _plot_panels(panels, os.path.join(files_dir, name))
       page += [f"![{title}]({link(name)})", ""]
-  trained = {label: path for label, path in zip(labels, run_dirs) if os.path.isfile(os.path.join(path, workdir_lib.METRICS_FILE))}
+  trained = {label: path for label, path in zip(labels, run_dirs)
+             if os.path.isfile(os.path.join(path, workdir_lib.METRICS_FILE))}
   if trained:
     workdir_lib.plot_learning_curves(trained, os.path.join(files_dir, "learning_curves.png"))
     page += [f"![Learning curves]({link('learning_curves.png')})", ""]
