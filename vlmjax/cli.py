@@ -37,11 +37,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "eval, generate, serve: a 
 _BENCHMARKS = flags.DEFINE_string(
     "benchmarks", None, "eval: comma-separated benchmarks (default: every built-in one; shapes_retrieval only when "
     "the workdir still holds its contrastive stage's checkpoint). Built in: shapes_vqa, shapes_caption, "
-    "shapes_pope, shapes_mc, shapes_grounding, shapes_retrieval. Files on disk: [NAME=]KIND:ARG:ARG... with "
-    "vqav2:QUESTIONS_JSON:ANNOTATIONS_JSON:IMAGE_DIR[:FILE_NAME_PATTERN] (VQAv2-style JSON; TextVQA or GQA in that "
-    "form; the pattern names images from image_id, default COCO_val2014_{image_id:012d}.jpg), "
-    "coco_captions:CAPTIONS_JSON:IMAGE_DIR, pope:JSONL[:JSONL...]:IMAGE_DIR (a split per file: random, popular, "
-    "adversarial), mmbench:TSV. NAME (default: KIND) keys results.json and the cached predictions, e.g. "
+    "shapes_pope, shapes_mc, shapes_grounding, shapes_retrieval. Files on disk: [NAME=]KIND:ARG:ARG..., the kinds "
+    "listed below the flags. NAME (default: KIND) keys results.json and the cached predictions, e.g. "
     "textvqa=vqav2:q.json:a.json:images:{image_id}.jpg. Paths may not contain ',' or ':'.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "eval: prompts generated together.")
 _DEVICES = flags.DEFINE_integer("devices", None, "summarize: plan the mesh for this many devices "
@@ -253,6 +250,11 @@ def main(argv: list[str] | None = None) -> None:
   command = argv.pop(1)
   if "--help" in argv[1:] or "-h" in argv[1:]:
     print(f"vlmjax {command}: {COMMANDS[command].__doc__}\n\n{FLAGS.module_help(sys.modules[__name__])}")
+    if command == "eval":
+      from vlmjax.eval import registry
+
+      print("\nBenchmark files (--benchmarks [NAME=]KIND:ARG:ARG...):")
+      print("\n".join(f"  {kind}:{file_kind.usage}" for kind, file_kind in registry.KINDS.items()))
     return
   # config_flags registers the `--config.a.b` override flags from sys.argv, so it must hold what we parse.
   sys.argv = argv

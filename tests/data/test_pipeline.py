@@ -105,6 +105,27 @@ def test_the_other_turn_draws_each_task_equally_often(data_dir):
     assert abs(counts[task] / 400 - 1 / len(present)) < 4 * (1 / len(present) / 400) ** 0.5
 
 
+def test_more_other_turns_and_multiple_choice_answered_with_text_then_letter(data_dir):
+  from vlmjax.eval import metrics
+  record = shapes.load(data_dir, "train")[0]
+  question = record["multiple_choice"][0]
+  answer = shapes_tasks.choice_answer(question, "text_letter")
+  text = question["options"][shapes_tasks.OPTION_LETTERS.index(question["answer"])]
+  assert answer == f"{text}, {question['answer']}"
+  assert metrics.extract_choice(answer, question["options"]) == question["answer"]  # the eval reads the letter
+  assert shapes_tasks.choice_answer(question) == question["answer"]
+  with pytest.raises(ValueError, match="data.choice_answer='word'"):
+    shapes_tasks.choice_answer(question, "word")
+  groups = shapes_tasks.other_task_groups(record, "text_letter")
+  others = {pair for pairs in groups.values() for pair in pairs}
+  for other_turns in (1, 3):
+    messages = shapes_tasks.training_messages(record, np.random.default_rng(5), 0, 0, False, other_turns, "text_letter")
+    turns = [(q["content"].removeprefix("<image>\n"), a["content"]) for q, a in zip(messages[::2], messages[1::2])]
+    assert sum(turn in others for turn in turns) == other_turns  # the record's VQA turns and the others drawn
+    assert all(a == shapes_tasks.choice_answer(q, "text_letter") for q in record["multiple_choice"]
+               for turn_q, a in turns if turn_q == shapes_tasks.multiple_choice_prompt(q["question"], q["options"]))
+
+
 def test_expanded_placeholders_equal_the_image_token_count(data_dir, tokenizer):
   record = shapes.load(data_dir, "train")[1]
   ids, _ = _encoder(tokenizer)(shapes_tasks.training_messages(record, np.random.default_rng(1)))

@@ -73,12 +73,29 @@ def box_text(box) -> str:
   return "[" + ", ".join(str(int(c)) for c in box) + "]"
 
 
-def other_task_groups(record: dict) -> dict[str, list[tuple[str, str]]]:
-  """(question, answer) pairs of the record's non-VQA tasks, by task: caption, pope, multiple_choice, grounding."""
+# How a training conversation answers a multiple-choice question: "letter" ("A"), as the prompt asks, or
+# "text_letter" ("red, A"): the option's text, then its letter. With the text written first, the letter is the
+# one before that same text among the options, a lookup of one token the model has just written, instead of the
+# answer the model would give, looked up among the options before it is written. Either is read by
+# `metrics.extract_choice` (the lone letter at the end).
+CHOICE_ANSWERS = ("letter", "text_letter")
+
+
+def choice_answer(question: dict, form: str = "letter") -> str:
+  """The answer to a multiple-choice question ({question, options, answer: a letter}) in `form`."""
+  if form not in CHOICE_ANSWERS:
+    raise ValueError(f"data.choice_answer={form!r}: choose one of {CHOICE_ANSWERS}")
+  letter = question["answer"]
+  return letter if form == "letter" else f"{question['options'][OPTION_LETTERS.index(letter)]}, {letter}"
+
+
+def other_task_groups(record: dict, choice_form: str = "letter") -> dict[str, list[tuple[str, str]]]:
+  """(question, answer) pairs of the record's non-VQA tasks, by task: caption, pope, multiple_choice, grounding;
+  multiple-choice answers in `choice_form` (`choice_answer`)."""
   return {
     "caption": [(CAPTION_PROMPT, record["captions"][0])],
     "pope": [(probe["question"], probe["answer"]) for probe in record["pope"]],
-    "multiple_choice": [(multiple_choice_prompt(q["question"], q["options"]), q["answer"])
+    "multiple_choice": [(multiple_choice_prompt(q["question"], q["options"]), choice_answer(q, choice_form))
                         for q in record["multiple_choice"]],
     "grounding": [(grounding_prompt(g["expression"]), box_text(g["box"])) for g in record["grounding"]],
   }
@@ -95,12 +112,14 @@ def scene_objects(record: dict) -> tuple[shapes_scene.SceneObject, ...]:
 
 
 def training_messages(record: dict, rng: np.random.Generator, questions_per_type: int = 0,
-                      position_questions: int = 0, centre_first: bool = False) -> list[dict]:
+                      position_questions: int = 0, centre_first: bool = False, other_turns: int = 1,
+                      choice_form: str = "letter") -> list[dict]:
   """VQA turns, up to `position_questions` questions of where an object lies against the image's centre
-  (`shapes_scene.position_questions`, a training-only task), and one turn of another task (each task equally
-  likely), shuffled; the image placeholder leads the first user turn. The VQA turns are the record's when
-  questions_per_type is 0, else up to that many questions of each type drawn from its scene. `centre_first`:
-  the position questions name the centre first and the object last (`shapes_scene.position_questions`)."""
+  (`shapes_scene.position_questions`, a training-only task), and `other_turns` turns of other tasks (each task
+  equally likely, each turn drawn afresh), shuffled; the image placeholder leads the first user turn. The VQA
+  turns are the record's when questions_per_type is 0, else up to that many questions of each type drawn from
+  its scene. `centre_first`: the position questions name the centre first and the object last
+  (`shapes_scene.position_questions`). `choice_form`: how multiple-choice turns are answered (`choice_answer`)."""
   objects = scene_objects(record)
   vqa = shapes_scene.vqa_questions(objects, rng, questions_per_type) if questions_per_type else record["vqa"]
   if position_questions:
@@ -111,9 +130,10 @@ def training_messages(record: dict, rng: np.random.Generator, questions_per_type
   # took 62% of these turns and the one caption 6%. Equal odds per task gave the main job (seeds 0 and 1)
   # shapes_vqa 0.797 and 0.773 against 0.775 and 0.753, CIDEr-D 3.74 and 3.56 against 2.95 and 2.45, and POPE F1
   # 0.851 and 0.831 against 0.833 and 0.805.
-  tasks = [pairs for pairs in other_task_groups(record).values() if pairs]
-  pairs = tasks[rng.integers(len(tasks))]
-  turns.append(pairs[rng.integers(len(pairs))])
+  tasks = [pairs for pairs in other_task_groups(record, choice_form).values() if pairs]
+  for _ in range(other_turns):
+    pairs = tasks[rng.integers(len(tasks))]
+    turns.append(pairs[rng.integers(len(pairs))])
   return shuffled_conversation(turns, rng)
 
 

@@ -92,11 +92,14 @@ def shapes_example_fn(config: ml_collections.ConfigDict, model_config: VLMConfig
                                          tokens_per_image=model_config.tokens_per_image,
                                          max_length=config.data.length)
   image_processor = ImageProcessor.from_directory(model_dir)
+  if config.data.choice_answer not in shapes_tasks.CHOICE_ANSWERS:
+    raise ValueError(f"data.choice_answer={config.data.choice_answer!r}: choose one of {shapes_tasks.CHOICE_ANSWERS}")
 
   def to_example(record, rng):
     messages = shapes_tasks.training_messages(record, rng, config.data.questions_per_type,
                                               config.data.position_questions,
-                                              config.data.position_centre_first)
+                                              config.data.position_centre_first,
+                                              config.data.other_turns, config.data.choice_answer)
     ids, assistant = encoder(messages)
     # Answers weigh 1 in the loss, the prompt's text prompt_loss_weight, the image placeholders nothing.
     weights = np.where(assistant, 1.0, np.where(ids == model_config.image_token_id, 0.0,
