@@ -19,7 +19,7 @@ import collections
 import os
 
 from vlmjax.eval import field_metrics
-from vlmjax.eval.benchmarks import Benchmark, FileKind, Sample
+from vlmjax.eval.benchmarks import Benchmark, FileKind, Sample, reference_answers
 from vlmjax.eval.field_benchmarks import averages, field, image_file, json_entries, short_answer_samples, texts
 from vlmjax.eval.file_benchmarks import SHORT_ANSWER
 
@@ -34,7 +34,7 @@ def _docvqa(name: str, args: list[str]) -> Benchmark:
   def score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
     return {"anls": sum(field_metrics.anls(answer.strip(), list(s.target)) for s, answer in zip(samples, answers))
                     / len(samples)}
-  return Benchmark(name, samples, score, max_new_tokens=32)
+  return Benchmark(name, samples, score, max_new_tokens=32, references=reference_answers)
 
 
 CHARTQA_SPLITS = ("human", "augmented")

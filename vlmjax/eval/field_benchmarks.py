@@ -42,7 +42,7 @@ from PIL import Image
 
 from vlmjax.data import formats
 from vlmjax.eval import field_metrics, metrics
-from vlmjax.eval.benchmarks import Benchmark, FileKind, Sample, parse_box
+from vlmjax.eval.benchmarks import Benchmark, FileKind, Sample, parse_box, reference_answers
 from vlmjax.eval.file_benchmarks import SHORT_ANSWER
 from vlmjax.eval.mmbench import LETTER_ANSWER, mmbench_prompt
 
@@ -334,7 +334,7 @@ def _textvqa(name: str, args: list[str]) -> Benchmark:
   def samples(data_dir: str) -> list[Sample]:
     return short_answer_samples(path, "the TextVQA file", image_dir, "question_id",
                                 lambda entry, source: f"{field(entry, 'image_id', source, str, 'an image id')}.jpg")
-  return Benchmark(name, samples, _textvqa_score, max_new_tokens=16)
+  return Benchmark(name, samples, _textvqa_score, max_new_tokens=16, references=reference_answers)
 
 
 def _textvqa_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
@@ -364,7 +364,7 @@ def _gqa(name: str, args: list[str]) -> Benchmark:
       out.append(Sample(str(question_id), (image_file(image_dir, f"{image_id}.jpg", source),),
                         f"{question}\n{SHORT_ANSWER}", (answer, groups)))
     return out
-  return Benchmark(name, samples, _gqa_score, max_new_tokens=16)
+  return Benchmark(name, samples, _gqa_score, max_new_tokens=16, references=lambda sample: [sample.target[0]])
 
 
 def _gqa_score(samples: list[Sample], answers: list[str]) -> dict[str, float]:
