@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 import openai
@@ -178,28 +179,63 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client, mon
   body = {**GOOD, "max_tokens": MAX_LEN - 24, "temperature": 0, "stream": True}
   whole = client.chat.completions.create(**{**body, "stream": False})
   assert whole.choices[0].finish_reason == "length"  # undisturbed, it would run all max_tokens
-  # The tiny model decodes max_tokens faster than a loaded machine may notice the hang-up: the engine's decode
-  # steps wait (10 s at most) until the server has cancelled the request, so that it cannot end by its length first.
-  cancelled = threading.Event()
+  cancelled_before = _cancelled_count(server)
+  # Each wait is on an event, not on time, so a loaded machine changes only how long this takes. The engine's
+  # decode steps wait until the server has cancelled the request, so that the tiny model cannot decode all
+  # max_tokens (ending by its length) before the hang-up is noticed; the test hangs up once the request is decoding,
+  # and reads /metrics once the engine has reported the request's end to them. 60 s bounds an event that never comes.
+  decoding, cancelled = threading.Event(), threading.Event()
   cancel, step = engine.cancel, engine._step
   with monkeypatch.context() as patch:
     patch.setattr(engine, "cancel", lambda request: (cancel(request), cancelled.set()))
-    patch.setattr(engine, "_step", lambda: (cancelled.wait(10), step()))
+    patch.setattr(engine, "_step", lambda: (decoding.set(), cancelled.wait(60), step()))
+    ended = _watch_ends(engine, patch)
     connection = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
     connection.request("POST", "/v1/chat/completions", json.dumps(body),
                        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
     response = connection.getresponse()
     assert response.status == 200 and response.readline().startswith(b"data: ")
-    deadline = time.monotonic() + 10
-    while not engine.num_running and time.monotonic() < deadline:
-      time.sleep(0.001)
+    assert decoding.wait(60), "the engine never stepped the streamed request"
+    assert engine.num_running == 1
     connection.close()  # hang up mid-stream
-    while engine.num_running and time.monotonic() < deadline:
-      time.sleep(0.01)
-  assert cancelled.is_set() and engine.num_running == 0
-  assert 'vlmjax_requests_finished_total{finish_reason="cancelled"} 1.0' in _metrics(server)
+    assert cancelled.wait(60), "the server did not cancel the request of the client that hung up"
+    assert [request.finish_reason for request in ended(1)] == ["cancelled"]
+  assert engine.num_running == 0  # its slot is free
+  assert _cancelled_count(server) == cancelled_before + 1
   assert client.chat.completions.create(**{**body, "stream": False}).choices[0].message.content == \
       whole.choices[0].message.content
+
+
+def _watch_ends(engine, monkeypatch) -> Callable[[int], list]:
+  """`ended(count)`: the first `count` requests submitted from now on whose end the engine has reported to the
+  server's metrics, waiting (60 s at most) until there are that many.
+
+  Why: the engine reports an end (`on_finish`, the metrics' observer) on its detokenizer thread after it has handed
+  the last output to the server, so a client can hold its reply, and see the slot free, before /metrics counts
+  the request; a test waits on this before it reads /metrics."""
+  condition, reported, since, on_finish = threading.Condition(), [], time.monotonic(), engine.on_finish
+
+  def observe(request):
+    on_finish(request)
+    if request.submitted_at >= since:
+      with condition:
+        reported.append(request)
+        condition.notify_all()
+
+  def ended(count: int) -> list:
+    with condition:
+      assert condition.wait_for(lambda: len(reported) >= count, timeout=60), (
+          f"the engine reported {len(reported)} of {count} requests ended within 60 s")
+      return reported[:count]
+
+  monkeypatch.setattr(engine, "on_finish", observe)
+  return ended
+
+
+def _cancelled_count(server) -> float:
+  """vlmjax_requests_finished_total{finish_reason="cancelled"}, 0 before the first cancelled request."""
+  name = 'vlmjax_requests_finished_total{finish_reason="cancelled"}'
+  return next((float(line.split()[1]) for line in _metrics(server).splitlines() if line.startswith(name + " ")), 0.0)
 
 
 def _metrics(server) -> str:
@@ -212,15 +248,17 @@ def _metric(text: str, name: str) -> float:
   return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[1])
 
 
-def test_metrics_count_requests_tokens_latencies_pages_and_prefix_hits(server, client):
+def test_metrics_count_requests_tokens_latencies_pages_and_prefix_hits(server, client, monkeypatch):
+  engine = server["app"].state.engine
+  ended = _watch_ends(engine, monkeypatch)  # /metrics is read once the requests' ends are counted
   client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
+  ended(1)
   text = _metrics(server)
   for name in ("vlmjax_requests_running 0.0", "vlmjax_requests_waiting 0.0", "vlmjax_time_to_first_token_seconds_count",
                "vlmjax_time_per_output_token_seconds_bucket", "vlmjax_generation_tokens_total",
                "vlmjax_prompt_tokens_total"):
     assert name in text
   assert _metric(text, "vlmjax_generation_tokens_total") >= 3
-  engine = server["app"].state.engine
   assert _metric(text, "vlmjax_kv_pages_total") == engine.pages.num_pages
   assert _metric(text, "vlmjax_kv_pages_used") == engine.pages.num_pages - engine.pages.num_free  # the cache's
   assert _metric(text, "vlmjax_preemptions_total") == engine.num_preemptions == 0  # a pool for every slot full
@@ -229,6 +267,7 @@ def test_metrics_count_requests_tokens_latencies_pages_and_prefix_hits(server, c
   first, second = (client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0)
                    for _ in range(2))
   assert first.choices[0].message.content == second.choices[0].message.content
+  ended(3)
   text = _metrics(server)
   assert _metric(text, "vlmjax_prefix_cache_hits_total") == hits + 1  # the second read the image's pages
   assert _metric(text, "vlmjax_prefix_cache_hit_tokens_total") > 0
