@@ -5,10 +5,14 @@
 Builds a LLaVA-1.5 of about 25 M parameters with transformers (random weights, saved to a temporary
 directory), loads it into vlmjax through the Hugging Face importer, and times greedy generation of exactly
 --new_tokens tokens (no end token) for each batch size and prompt length, medians over --repeats rounds that
-time vlmjax and transformers in turn: time to first token (TTFT: image encoding + prefill + first sample), time per output token (TPOT) and output
-tokens/s. The roofline columns divide the decode step's lower bound (bytes it must read — weights plus the
-KV cache — over the measured memory bandwidth, or its FLOPs over the measured matmul rate, whichever is larger)
-by the measured TPOT. Writes a table to stdout and a plot to --plot.
+time vlmjax and transformers in turn: time to first token (TTFT: image encoding + prefill + first sample), time per
+output token (TPOT) and output tokens/s. Both sides run in float32 (vlmjax's importer keeps the checkpoint's
+float32 weights and computes and caches keys and values in that dtype; transformers loads it with
+dtype=torch.float32), so the speed-up column is like for like; the table's header names each side's dtype as the
+model was loaded. The roofline column divides the decode step's lower bound (bytes it must read — weights plus the
+KV cache — over the measured memory bandwidth, or its FLOPs over the measured matmul rate of its compute dtype,
+whichever is larger) by the measured TPOT. Prints the host first (CPU model, cores, JAX devices; PyTorch's
+threads): the figures, the speed-ups included, are this host's. Writes a table to stdout and a plot to --plot.
 """
 
 import argparse
@@ -110,7 +114,11 @@ def main():
   import torch
   import transformers
 
-  ceilings = roofline.measure(repeats=5)
+  host = roofline.host_description()
+  print(host)
+  if not args.no_torch:
+    print(f"transformers: PyTorch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
   directory = tempfile.mkdtemp(prefix="bench_decode_")
   build_checkpoint(directory)
   vlm = vlmjax.load(directory)
@@ -119,11 +127,22 @@ def main():
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vlm.params))
   decoder = vlm.model_config.decoder
   decoder_params = sum(x.size for x in jax.tree.leaves(vlm.params["decoder"]))
+  mine = roofline.compute_dtype(vlm.model_config)
+  theirs = "-" if model is None else str(model.dtype).removeprefix("torch.")
+  weights = sorted({str(x.dtype) for x in jax.tree.leaves(vlm.params)})
+  ceilings = roofline.measure(repeats=5, dtype=decoder.dtype)
 
-  print(f"machine: {ceilings['bandwidth_gb_s']:.1f} GB/s, {ceilings['matmul_gflop_s']:.1f} GFLOP/s float32; "
-        f"model {param_bytes / 4e6:.1f} M parameters; {args.new_tokens} new tokens, greedy")
-  header = (f"{'batch':>6}{'prompt':>8}{'TTFT s':>9}{'TPOT ms':>9}{'tok/s':>9}{'HF TTFT':>9}{'HF TPOT':>9}"
-            f"{'HF tok/s':>10}{'speedup':>9}{'roofline':>10}")
+  print(f"machine: {ceilings['bandwidth_gb_s']:.1f} GB/s, {ceilings['matmul_gflop_s']:.1f} GFLOP/s {decoder.dtype}; "
+        f"model {sum(x.size for x in jax.tree.leaves(vlm.params)) / 1e6:.1f} M parameters; {args.new_tokens} new "
+        f"tokens, greedy")
+  print(f"vlmjax: compute {mine}, weights {'/'.join(weights)}, KV cache {decoder.dtype}; transformers: {theirs} "
+        f"(eager); speed-up = vlmjax tok/s / transformers tok/s, " +
+        ("not measured" if model is None else "like for like" if mine == theirs else
+         "NOT like for like (different dtypes)"))
+  group = lambda name: f"{name:-^27}"
+  print(f"{'':>14}{group(f' vlmjax {mine} ')}{group(f' transformers {theirs} ')}")
+  header = (f"{'batch':>6}{'prompt':>8}{'TTFT s':>9}{'TPOT ms':>9}{'tok/s':>9}{'TTFT s':>9}{'TPOT ms':>9}"
+            f"{'tok/s':>9}{'speed-up':>10}{'roofline':>10}")
   print(header)
   rows = []
   for batch in map(int, args.batches.split(",")):
@@ -136,7 +155,7 @@ def main():
       tpot = (total - ttft) / (args.new_tokens - 1)
       tokens_per_s = batch * args.new_tokens / total
       cache_bytes = 2 * decoder.depth * batch * (ids.shape[1] + args.new_tokens) * decoder.num_kv_heads * \
-          decoder.attention_head_dim * 4
+          decoder.attention_head_dim * jax.numpy.dtype(decoder.dtype).itemsize
       bound = max((param_bytes + cache_bytes) / (ceilings["bandwidth_gb_s"] * 1e9),
                   2 * decoder_params * batch / (ceilings["matmul_gflop_s"] * 1e9))
       hf = (float("nan"),) * 3
@@ -145,11 +164,10 @@ def main():
         hf = (hf_ttft, (hf_total - hf_ttft) / (args.new_tokens - 1), batch * args.new_tokens / hf_total)
       rows.append((batch, prompt, ttft, tpot, tokens_per_s, *hf, tokens_per_s / hf[2], bound / tpot))
       print(f"{batch:>6}{prompt:>8}{ttft:>9.3f}{tpot * 1e3:>9.2f}{tokens_per_s:>9.0f}{hf[0]:>9.3f}"
-            f"{hf[1] * 1e3:>9.2f}{hf[2]:>10.0f}{rows[-1][8]:>8.2f}x{rows[-1][9]:>9.0%}")
-  _plot(rows, args.plot)
+            f"{hf[1] * 1e3:>9.2f}{hf[2]:>9.0f}{rows[-1][8]:>9.2f}x{rows[-1][9]:>10.0%}")
+  _plot(rows, args.plot, f"vlmjax {mine} against transformers {theirs}", host)
 
-
-def _plot(rows, path: str) -> None:
+def _plot(rows, path: str, dtypes: str, host: str) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -161,10 +179,11 @@ def _plot(rows, path: str) -> None:
     axes.plot([r[1] for r in mine], [r[4] for r in mine], "o-", label=f"vlmjax, batch {batch}")
     axes.plot([r[1] for r in mine], [r[7] for r in mine], "x--", label=f"transformers, batch {batch}")
   axes.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="output tokens/s",
-           title="greedy decoding on this CPU")
+           title=f"greedy decoding, {dtypes}")
+  figure.text(0.01, 0.01, host.removeprefix("host: "), fontsize=6)
   axes.grid(alpha=0.3)
   axes.legend(fontsize=7)
-  figure.tight_layout()
+  figure.tight_layout(rect=(0, 0.03, 1, 1))
   figure.savefig(path, dpi=100)
   print(f"wrote {path}")
 

@@ -7,7 +7,8 @@ For each batch size: one first pass (it compiles the prefill and decode programs
 timed passes, each into an empty output folder so that no answer is read back from an earlier one. Prints one
 table: the first pass's seconds, the median and min of the timed passes, questions/s at the median, and the
 accuracy (the same in every pass of a batch size, decoding being greedy; the batch a prompt is padded into can
-change an answer by rounding). The goal (evaluation issue): 1000 questions in under 60 s on the 2-core CPU.
+change an answer by rounding). The goal (evaluation issue): 1000 questions in under 60 s on the 2-core CPU. Prints
+the host first (CPU model, cores, JAX devices) and the dtype the model computes in with the table.
 """
 
 import statistics
@@ -16,10 +17,11 @@ import time
 
 from absl import app, flags
 
+import roofline  # tools/roofline.py: this script's own folder is on sys.path
 import vlmjax
 from vlmjax import runtime
+from vlmjax import workdir as workdir_lib
 from vlmjax.eval import harness
-from vlmjax.train import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (the main job's workdir).", required=True)
 _QUESTIONS = flags.DEFINE_integer("questions", 1000, "shapes_vqa questions per pass (the first N).")
@@ -38,6 +40,7 @@ def _timed_pass(vlm, data_dir: str, batch_size: int) -> tuple[float, float]:
 
 def main(argv):
   del argv
+  print(roofline.host_description())
   workdir = _WORKDIR.value
   data_dir = workdir_lib.data_dir(workdir)
   vlm = vlmjax.load(workdir)
@@ -46,7 +49,8 @@ def main(argv):
     first, accuracy = _timed_pass(vlm, data_dir, batch_size)
     seconds = [_timed_pass(vlm, data_dir, batch_size)[0] for _ in range(_REPEATS.value)]
     rows.append((batch_size, first, statistics.median(seconds), min(seconds), accuracy))
-  print(f"\n{_QUESTIONS.value} shapes_vqa questions, {workdir}")
+  print(f"\n{_QUESTIONS.value} shapes_vqa questions, {workdir}, vlmjax computing in "
+        f"{roofline.compute_dtype(vlm.model_config)}")
   print(f"{'batch':>6}{'first pass s':>14}{'median s':>10}{'min s':>8}{'questions/s':>13}{'accuracy':>10}")
   for batch_size, first, median, fastest, accuracy in rows:
     print(f"{batch_size:>6}{first:>14.1f}{median:>10.1f}{fastest:>8.1f}{_QUESTIONS.value / median:>13.0f}"

@@ -12,7 +12,8 @@ thread and workers share this machine's cores with XLA's threads): examples/s of
 per step it waits for its next batch. Packing is measured at the config's length and at --packed_length with the
 rows scaled to the same tokens per batch, with as many image slots per row as the shortest example seen fits
 (the vision tower encodes every slot); 'padding saved' is the padding per example that packing removes against
-the unpacked batch. Builds the data set into --data_dir if it is missing.
+the unpacked batch. Builds the data set into --data_dir if it is missing. Prints the host (CPU model, cores, JAX
+devices) first and the train step's compute dtype above the table.
 """
 
 import statistics
@@ -23,6 +24,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+import roofline  # tools/roofline.py: this script's own folder is on sys.path
 from vlmjax import runtime
 from vlmjax.data import pipeline, shapes
 from vlmjax.models.vlm import VLM, VLMConfig
@@ -69,6 +71,7 @@ def _train_loop(step, state, iterator, count: int):
 
 def main(argv):
   del argv
+  print(roofline.host_description())
   config = _CONFIG.value
   shapes.build(_DATA_DIR.value, config.data.shapes)
   model_config = VLMConfig.from_dict(config.model)
@@ -91,6 +94,8 @@ def main(argv):
                                           stage="full")
     return state, jax.block_until_ready(metrics)
 
+  print(f"train step: vlmjax computing in {roofline.compute_dtype(model_config)}, "
+        f"{jax.device_count()} device(s)")
   print(f"{'packing':>8}{'rows x tokens':>15}{'images/row':>12}{'workers':>9}{'ex/batch':>10}{'padding':>9}"
         f"{'pipeline ex/s':>15}{'train step ex/s':>17}{'pipeline / step':>17}{'together ex/s':>15}"
         f"{'wait ms/step':>14}")

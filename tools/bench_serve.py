@@ -12,7 +12,8 @@ process at --request_rate per second (gamma intervals with --burstiness != 1; `i
 request throughput, output tokens/s, and goodput (requests/s meeting both --ttft_slo and --tpot_slo). The
 default model is tools/bench_decode.py's LLaVA of 23.8 M parameters with random weights. Two last figures: the
 TTFT of a second question about an image already asked about, with and without prefix caching; and how many
-short requests run at once in a pool with the memory of --capacity_slots full slots.
+short requests run at once in a pool with the memory of --capacity_slots full slots. Prints the host (CPU model,
+cores, JAX devices) first and the dtype the servers compute in above the first table.
 """
 
 import argparse
@@ -20,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import multiprocessing
 import os
 import socket
@@ -35,8 +37,12 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 import bench_decode  # tools/bench_decode.py: this script's own folder is on sys.path
+import roofline
 import vlmjax
 from vlmjax import runtime
+from vlmjax import workdir as workdir_lib
+from vlmjax.interop import hf_config
+from vlmjax.models.vlm import VLMConfig
 from vlmjax.serve.server import create_app
 
 MODES = {"continuous": dict(), "static": dict(static_batching=True), "single": dict(num_slots=1)}
@@ -79,6 +85,17 @@ def make_requests(args) -> list[tuple[str, str]]:
   return [(_png_url(rng.integers(0, 256, (112, 112, 3), np.uint8)),
            " ".join(f"w{word}" for word in rng.integers(3, 3999, args.prompt_words)))
           for _ in range(args.num_prompts)]
+
+
+def checkpoint_dtype(checkpoint: str) -> str:
+  """The dtype `vlmjax.load(checkpoint)` computes in, read from its config as `load` reads it (a workdir's
+  `model.dtype`; a Hugging Face directory's config.json), without loading the weights."""
+  if workdir_lib.is_workdir(checkpoint):
+    config = workdir_lib.read_config(checkpoint)
+  else:
+    with open(os.path.join(checkpoint, "config.json")) as f:
+      config = hf_config.from_hf(json.load(f)).config
+  return roofline.compute_dtype(VLMConfig.from_dict(config.model))
 
 
 def _serve(checkpoint: str, settings: dict, port: int) -> None:
@@ -254,6 +271,7 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--plot", default=None, help="PNG: output tokens/s against p90 TTFT per mode")
   args = parser.parse_args()
+  print(roofline.host_description())
   with tempfile.TemporaryDirectory() as scratch:  # the servers load the default checkpoint from here
     if args.checkpoint is None:
       args.checkpoint = os.path.join(scratch, "llava")
@@ -265,7 +283,8 @@ def benchmark(args) -> None:
   """Every mode under the load, then the prefix-reuse and capacity figures; prints them (and writes the plot)."""
   requests = make_requests(args)
   print(f"{len(requests)} requests, max_tokens {args.max_tokens}, rate {args.request_rate}/s, burstiness "
-        f"{args.burstiness}, max concurrency {args.max_concurrency}, {args.slots} slots")
+        f"{args.burstiness}, max concurrency {args.max_concurrency}, {args.slots} slots; the servers compute in "
+        f"{checkpoint_dtype(args.checkpoint)}")
   modes = args.modes.split(",")
   rounds = {mode: [] for mode in modes}
   with contextlib.ExitStack() as stack:

@@ -2,8 +2,9 @@
 
     python tools/bench_step.py --config configs/shapes_tiny.py [--batch_size 32 --text_length 24 --repeats 10]
 
-Prints one table: compile seconds (lowering + XLA compile, measured once, without the persistent cache), and the
-median, min and max step seconds over `--repeats` timed steps after a warm-up step.
+Prints the host (CPU model, cores, JAX devices), then one table: the model's compute dtype, compile seconds
+(lowering + XLA compile, measured once, without the persistent cache), and the median, min and max step seconds
+over `--repeats` timed steps after a warm-up step.
 """
 
 import statistics
@@ -13,6 +14,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+import roofline  # tools/roofline.py: this script's own folder is on sys.path
 from vlmjax import runtime
 from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.parallel import mesh as mesh_lib
@@ -27,6 +29,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps.")
 def main(argv):
   del argv
   jax.config.update("jax_enable_compilation_cache", False)
+  print(roofline.host_description())
   config = _CONFIG.value
   model_config = VLMConfig.from_dict(config.model)
   batch_size = _BATCH.value or config.train.batch_size
@@ -55,11 +58,11 @@ def main(argv):
       times.append(time.perf_counter() - start)
 
   tokens = batch_size * inputs["input_ids"].shape[1]
-  print(f"{'config':<28}{'devices':>8}{'batch':>7}{'tokens':>8}{'compile s':>11}{'step s (median)':>17}"
-        f"{'min':>8}{'max':>8}{'tokens/s':>10}")
+  print(f"{'config':<28}{'dtype':>10}{'devices':>8}{'batch':>7}{'tokens':>8}{'compile s':>11}"
+        f"{'step s (median)':>17}{'min':>8}{'max':>8}{'tokens/s':>10}")
   name = config_flags.get_config_filename(flags.FLAGS["config"]).rsplit("/", 1)[-1].removesuffix(".py")
-  print(f"{name:<28}{jax.device_count():>8}{batch_size:>7}{tokens:>8}{compile_seconds:>11.2f}"
-        f"{statistics.median(times):>17.4f}{min(times):>8.4f}{max(times):>8.4f}"
+  print(f"{name:<28}{roofline.compute_dtype(model_config):>10}{jax.device_count():>8}{batch_size:>7}{tokens:>8}"
+        f"{compile_seconds:>11.2f}{statistics.median(times):>17.4f}{min(times):>8.4f}{max(times):>8.4f}"
         f"{tokens / statistics.median(times):>10.0f}")
 
 

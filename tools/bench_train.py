@@ -1,7 +1,8 @@
-"""Training throughput: the vlmjax train step against the same step in PyTorch/transformers, and the model FLOPs
-utilization (MFU) of each against this machine's measured matmul peak in its compute dtype.
+"""Training throughput: the vlmjax train step against the same step in PyTorch/transformers, each in float32 and
+in bfloat16, and the model FLOPs utilization (MFU) of each against this machine's measured matmul peak in its
+compute dtype.
 
-    python tools/bench_train.py [--config configs/shapes_tiny.py --batch_size 32 --rounds 20]
+    python tools/bench_train.py [--config configs/shapes_tiny.py --batch_size 32 --rounds 20 --sides ...]
     # shapes_tiny merges image tokens and has a conv stem, which transformers' LLaVA cannot express; this shape's
     # full step (the vision tower trained too) runs faster on the CPU split in two (0.086-0.089 s against 0.098 s):
     python tools/bench_train.py --config.model.image_token_merge=1 --config.model.vision.stem=patch \
@@ -12,13 +13,22 @@ transformers' side steps; clipping, the jitted step with donated state, the CPU 
 `cpu_devices` with the batch over them) on a batch of the config's `data.length` tokens per row, one image each.
 transformers: a `LlavaForConditionalGeneration` of the same shape (CLIP vision tower with the config's width,
 depth, heads and patches; Llama decoder with its width, depth, heads, KV heads, MLP and vocabulary), forward +
-backward + clipping + `torch.optim.AdamW` on the same token and image counts. Model FLOPs per step (`model_flops`:
-6 x matmul parameters x tokens plus the attention scores, forward + backward) are the same number for both; MFU =
-model FLOPs / step time / the measured matmul peak of the compute dtype (on a split CPU, of all its devices at
-once: `roofline.peak_matmul`). The steps and the peak matmuls are timed in turn over --rounds rounds, 3 calls
-each per round after one untimed call, after three warm-up calls each (`roofline.interleaved_median_seconds`:
-this machine's speed drifts within minutes, so every ratio is of figures from the same minutes). Prints one
-table of medians.
+backward + clipping + `torch.optim.AdamW` on the same token and image counts, eager.
+
+Each side (--sides, `framework:dtype`) keeps its weights and optimizer state in float32 (vlmjax: the config's
+`model.param_dtype`); its dtype is the compute dtype of its matmuls. vlmjax in bfloat16: the config's `model.dtype` (and each tower's) set to bfloat16, matmuls of
+bfloat16 operands accumulated in float32, as shapes_tiny trains. transformers in bfloat16: the forward under
+`torch.autocast("cpu", dtype=torch.bfloat16)` (PyTorch's mixed precision: matmuls in bfloat16, norms, softmax and
+loss in float32), the backward following it. float32 is float32 throughout on both sides. The ratios printed last
+say which are like for like (the same compute dtype on both sides) and which are not.
+
+Model FLOPs per step (`model_flops`: 6 x matmul parameters x tokens plus the attention scores, forward + backward)
+are the same number for every side; MFU = model FLOPs / step time / the measured matmul peak of the side's compute
+dtype (on a split CPU, of all its devices at once: `roofline.peak_matmul`). The steps and the peak matmuls are
+timed in turn over --rounds rounds, 3 calls each per round after one untimed call, after three warm-up calls each
+(`roofline.interleaved_median_seconds`: this machine's speed drifts within minutes, so every ratio is of figures
+from the same minutes). Prints the host (CPU model, cores, JAX devices; PyTorch's threads) and one table of
+medians.
 """
 
 from typing import Callable
@@ -39,9 +49,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes_tiny.py", "E
 _BATCH = flags.DEFINE_integer("batch_size", None, "Rows per step (default: the config's train.batch_size).")
 _ROUNDS = flags.DEFINE_integer("rounds", 20, "Rounds of calls; in each, every step and peak matmul in turn, "
                                 "1 untimed call and 3 timed calls each.")
+_SIDES = flags.DEFINE_list("sides", ["vlmjax:bfloat16", "transformers:bfloat16", "vlmjax:float32",
+                                     "transformers:float32"],
+                            "framework:dtype pairs to time (framework vlmjax or transformers, dtype float32 or "
+                            "bfloat16), in this order in the table.")
 _CALLS_PER_ROUND = 3
-# The train step's first few calls after the compile run slow (the second: 2.5x the median, session 18).
+# The train step's first few calls after the compile run slow (the second took 2.5x the median).
 _WARMUP_STEPS = 3
+_DTYPES = ("float32", "bfloat16")
 
 
 def _batch(model_config: VLMConfig, batch_size: int, length: int) -> dict[str, np.ndarray]:
@@ -71,6 +86,17 @@ def model_flops(model_config: VLMConfig, batch_size: int, length: int) -> float:
   return 3 * forward
 
 
+def with_dtype(config, dtype: str):
+  """A copy of `config` whose model (every tower) computes in `dtype`; its weights stay in `model.param_dtype`."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.dtype = dtype
+    for tower in config.model.values():
+      if isinstance(tower, ml_collections.ConfigDict) and "dtype" in tower:
+        tower.dtype = dtype
+  return config
+
+
 def vlmjax_step(config, batch: dict) -> Callable[[], jax.Array]:
   """A call that runs one vlmjax train step (and returns its loss)."""
   model_config = VLMConfig.from_dict(config.model)
@@ -91,8 +117,9 @@ def vlmjax_step(config, batch: dict) -> Callable[[], jax.Array]:
   return step
 
 
-def transformers_step(model_config: VLMConfig, config, batch: dict) -> Callable[[], None]:
-  """A call that runs one train step of the same-shaped LLaVA in transformers (float32, eager, CPU)."""
+def transformers_step(model_config: VLMConfig, config, batch: dict, dtype: str) -> Callable[[], None]:
+  """A call that runs one train step of the same-shaped LLaVA in transformers (eager, CPU; float32 weights), its
+  forward under bfloat16 autocast if `dtype` is bfloat16."""
   import torch
   import transformers
 
@@ -115,13 +142,14 @@ def transformers_step(model_config: VLMConfig, config, batch: dict) -> Callable[
   model = transformers.LlavaForConditionalGeneration(hf_config).train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.learning_rate,
                                 betas=(config.optim.b1, config.optim.b2), weight_decay=config.optim.weight_decay)
-  input_ids = torch.from_numpy(batch["input_ids"]).long()
-  pixel_values = torch.from_numpy(batch["pixel_values"]).permute(0, 3, 1, 2).contiguous()
-  labels = torch.where(torch.from_numpy(batch["loss_mask"]) > 0, torch.from_numpy(batch["targets"]).long(), -100)
+  input_ids = torch.tensor(batch["input_ids"]).long()
+  pixel_values = torch.tensor(batch["pixel_values"]).permute(0, 3, 1, 2).contiguous()
+  labels = torch.where(torch.tensor(batch["loss_mask"]) > 0, torch.tensor(batch["targets"]).long(), -100)
   labels = torch.roll(labels, 1, dims=1)  # transformers shifts labels itself: label t is predicted at t - 1
 
   def step():
-    loss = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+      loss = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
     optimizer.step()
@@ -133,26 +161,53 @@ def main(argv):
   del argv
   config = _CONFIG.value
   distributed.split_cpu(config.cpu_devices)  # as `vlmjax train` runs the config
+  print(roofline.host_description())
+  sides = [tuple(side.split(":")) for side in _SIDES.value]
+  for side in sides:
+    assert len(side) == 2 and side[0] in ("vlmjax", "transformers") and side[1] in _DTYPES, (
+        f"--sides takes framework:dtype pairs, framework vlmjax or transformers, dtype one of {_DTYPES}; got {side}")
   model_config = VLMConfig.from_dict(config.model)
   batch_size = _BATCH.value or config.train.batch_size
   length = config.data.length
   batch = _batch(model_config, batch_size, length)
-  compute_dtype = model_config.decoder.dtype
   flops = model_flops(model_config, batch_size, length)
-  peak_matmuls = {dtype: roofline.peak_matmul(dtype) for dtype in ("float32", compute_dtype)}
-  calls = {"vlmjax": vlmjax_step(config, batch), "transformers": transformers_step(model_config, config, batch),
-           **{dtype: matmul for dtype, (matmul, _) in peak_matmuls.items()}}
-  seconds = roofline.interleaved_median_seconds(calls, rounds=_ROUNDS.value, calls=_CALLS_PER_ROUND,
-                                                warmup=_WARMUP_STEPS)
+  calls, labels = {}, {}
+  for framework, dtype in sides:
+    if framework == "vlmjax":
+      side_config = with_dtype(config, dtype)
+      calls[framework, dtype] = vlmjax_step(side_config, batch)
+      labels[framework, dtype] = roofline.compute_dtype(VLMConfig.from_dict(side_config.model))
+    else:
+      calls[framework, dtype] = transformers_step(model_config, config, batch, dtype)
+      labels[framework, dtype] = {"float32": "float32", "bfloat16": "bfloat16 autocast"}[dtype]
+  if any(framework == "transformers" for framework, _ in sides):
+    import torch
+    print(f"transformers: PyTorch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+  peak_matmuls = {dtype: roofline.peak_matmul(dtype) for dtype in _DTYPES if any(d == dtype for _, d in sides)}
+  seconds = roofline.interleaved_median_seconds({**calls, **{dtype: matmul for dtype, (matmul, _) in
+                                                            peak_matmuls.items()}},
+                                                rounds=_ROUNDS.value, calls=_CALLS_PER_ROUND, warmup=_WARMUP_STEPS)
   peaks = {dtype: matmul_flops / seconds[dtype] for dtype, (_, matmul_flops) in peak_matmuls.items()}
   tokens = batch_size * length
   print(f"batch {batch_size} x {length} tokens, {flops / 1e9:.1f} model GFLOP per step; matmul peaks: " +
-        ", ".join(f"{dtype} {peak / 1e9:.0f} GFLOP/s" for dtype, peak in peaks.items()))
-  print(f"{'framework':<16}{'compute':>10}{'step s (median)':>17}{'tokens/s':>11}{'MFU':>8}{'speed-up':>10}")
-  for name, dtype in (("vlmjax", compute_dtype), ("transformers", "float32")):
-    step = seconds[name]
-    print(f"{name:<16}{dtype:>10}{step:>17.3f}{tokens / step:>11.0f}{flops / step / peaks[dtype]:>8.1%}"
-          f"{seconds['transformers'] / step:>9.2f}x")
+        ", ".join(f"{dtype} {peak / 1e9:.0f} GFLOP/s" for dtype, peak in peaks.items()) +
+        f"; medians of {_ROUNDS.value} rounds x {_CALLS_PER_ROUND} steps; weights and optimizer state in "
+        f"{model_config.decoder.param_dtype} (vlmjax), float32 (transformers)")
+  print(f"{'framework':<14}{'compute dtype':>19}{'step s (median)':>17}{'tokens/s':>11}{'MFU':>8}"
+        f"{'MFU against':>21}")
+  for framework, dtype in sides:
+    step = seconds[framework, dtype]
+    print(f"{framework:<14}{labels[framework, dtype]:>19}{step:>17.3f}{tokens / step:>11.0f}"
+          f"{flops / step / peaks[dtype]:>8.1%}{f'{dtype} peak':>21}")
+  comparisons = [(("vlmjax", mine), ("transformers", theirs)) for mine, theirs in (
+      ("bfloat16", "bfloat16"), ("float32", "float32"), ("bfloat16", "float32"), ("float32", "bfloat16"))]
+  print(f"{'vlmjax speed-up over transformers':<48}{'step time ratio':>16}")
+  for mine, theirs in comparisons:
+    if mine in seconds and theirs in seconds:
+      kind = "like for like" if mine[1] == theirs[1] else "NOT like for like"
+      name = f"vlmjax {labels[mine]} / transformers {labels[theirs]}"
+      print(f"{name:<48}{seconds[theirs] / seconds[mine]:>15.2f}x  {kind}")
 
 
 if __name__ == "__main__":
