@@ -31,7 +31,9 @@ _CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 def host_description() -> str:
   """One line naming the machine a figure is measured on: the CPU model and its matmul-relevant vector extensions,
-  the cores this process may run on (of the machine's), and JAX's backend and devices.
+  the cores this process may run on (of the machine's), the load average as the benchmark starts (other processes
+  on those cores slow PyTorch's spinning threads far more than XLA's: a ratio measured under load is not the
+  quiet machine's), and JAX's backend and devices.
 
   Why: a speed figure or a ratio against a peer holds on the host it was measured on, not on another (DESIGN.md,
   "portable claims"), so every benchmark prints this first. Call it after `distributed.split_cpu`: it starts JAX's
@@ -48,7 +50,8 @@ def host_description() -> str:
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   devices = jax.devices()
   return (f"host: {model}" + (f" ({' '.join(features)})" if features else "") +
-          f", {cores} cores available to this process (of {os.cpu_count()}); JAX {jax.__version__} "
+          f", {cores} cores available to this process (of {os.cpu_count()}), load average {os.getloadavg()[0]:.1f}; "
+          f"JAX {jax.__version__} "
           f"{jax.default_backend()} backend, {len(devices)} x {devices[0].device_kind}")
 
 
