@@ -96,3 +96,42 @@ def tiny_vlm(tmp_path_factory):
   return VLM(config=ml_collections.ConfigDict({"model": model}), params=params, tokenizer=tokenizer,
              image_processor=ImageProcessor.from_directory(directory), eos_token_ids=(tokenizer.eos_token_id,),
              pad_token_id=tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="session")
+def serve_process():
+  """`start(checkpoint, log_path, *flags)`: a context manager that runs `vlmjax serve --checkpoint CHECKPOINT` on a
+  free loopback port in a process of its own, waits until /health answers, yields (process, port) and kills the
+  process after; a server that dies or does not answer within 180 s fails with its log."""
+  import contextlib
+  import http.client
+  import socket
+  import subprocess
+  import sys
+  import time
+
+  @contextlib.contextmanager
+  def start(checkpoint: str, log_path, *flags: str):
+    with socket.socket() as probe:
+      probe.bind(("127.0.0.1", 0))
+      port = probe.getsockname()[1]
+    with open(log_path, "w") as log:
+      process = subprocess.Popen([sys.executable, "-m", "vlmjax.cli", "serve", "--checkpoint", checkpoint, "--port",
+                                  str(port), *flags], stdout=log, stderr=subprocess.STDOUT)
+    try:
+      deadline = time.monotonic() + 180
+      while True:
+        try:
+          connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+          connection.request("GET", "/health")
+          if connection.getresponse().status == 200:
+            break
+        except OSError:  # not listening yet
+          pass
+        assert process.poll() is None and time.monotonic() < deadline, open(log_path).read()
+        time.sleep(0.2)
+      yield process, port
+    finally:
+      process.kill()
+      process.wait(30)
+  return start

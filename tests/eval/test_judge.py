@@ -1,16 +1,15 @@
 """The LLM judge: its replies parsed, its verdicts placing answers and cached, a real `vlmjax serve` as the judge
 through the `openai` client, and an unreachable judge stopping `vlmjax eval` before the model loads."""
 
-import http.client
 import json
+import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from vlmjax.eval import benchmarks, harness, judge as judge_lib, registry
+from vlmjax.eval import harness, judge as judge_lib, registry
 
 
 def test_the_spec_names_a_model_after_the_url():
@@ -104,34 +103,15 @@ def _free_port():
 
 
 @pytest.fixture(scope="module")
-def served_judge(tiny_vlm, tmp_path_factory):
+def served_judge(tiny_vlm, tmp_path_factory, serve_process):
   """`vlmjax serve` on the tiny model, in its own process: the judge's URL."""
   from vlmjax.interop import hf
   directory = tmp_path_factory.mktemp("judge")
   checkpoint = str(directory / "tiny")
   hf.save_pretrained(checkpoint, tiny_vlm.config, tiny_vlm.params, tiny_vlm.tokenizer, tiny_vlm.image_processor,
                      tiny_vlm.eos_token_ids, tiny_vlm.pad_token_id, max_len=1024)
-  port = _free_port()
-  with open(directory / "serve.log", "w") as log:
-    process = subprocess.Popen([sys.executable, "-m", "vlmjax.cli", "serve", "--checkpoint", checkpoint, "--port",
-                                str(port), "--slots", "4", "--model_name", "judge"], stdout=log,
-                               stderr=subprocess.STDOUT)
-  try:
-    deadline = time.monotonic() + 180
-    while True:
-      try:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        connection.request("GET", "/health")
-        if connection.getresponse().status == 200:
-          break
-      except OSError:  # not listening yet
-        pass
-      assert process.poll() is None and time.monotonic() < deadline, (directory / "serve.log").read_text()
-      time.sleep(0.2)
+  with serve_process(checkpoint, directory / "serve.log", "--slots", "4", "--model_name", "judge") as (_, port):
     yield f"http://127.0.0.1:{port}/v1"
-  finally:
-    process.kill()
-    process.wait(30)
 
 
 def test_vlmjax_serve_judges_through_the_openai_client(served_judge, tiny_shapes_dir, tmp_path):
@@ -160,7 +140,7 @@ def test_an_unreachable_judge_stops_eval_before_the_model_loads(tmp_path):
   result = subprocess.run([sys.executable, "-m", "vlmjax.cli", "eval", "--checkpoint", str(tmp_path / "no_model"),
                            "--out", str(tmp_path / "results.json"), "--judge", url],
                           capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, judge_lib.API_KEY: "none"})
+                          env={**os.environ, judge_lib.API_KEY: "none"})
   assert result.returncode != 0
   assert f"vlmjax eval: --judge: the judge at {url} does not answer" in result.stderr  # not the missing model
 

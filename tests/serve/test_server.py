@@ -280,29 +280,12 @@ def test_the_serve_command_checks_its_flags(tmp_path):
   assert run("--checkpoint", f"{tmp_path}/none").stderr.startswith(f"vlmjax serve: {tmp_path}/none is not a directory")
 
 
-def test_sigterm_stops_accepting_and_finishes_the_stream_in_flight(tiny_vlm, tmp_path):
+def test_sigterm_stops_accepting_and_finishes_the_stream_in_flight(tiny_vlm, tmp_path, serve_process):
   from vlmjax.interop import hf
   checkpoint = str(tmp_path / "tiny")
   hf.save_pretrained(checkpoint, tiny_vlm.config, tiny_vlm.params, tiny_vlm.tokenizer, tiny_vlm.image_processor,
                      tiny_vlm.eos_token_ids, tiny_vlm.pad_token_id, max_len=MAX_LEN)
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-  with open(tmp_path / "serve.log", "w") as log:
-    process = subprocess.Popen([sys.executable, "-m", "vlmjax.cli", "serve", "--checkpoint", checkpoint, "--port",
-                                str(port), "--slots", "2"], stdout=log, stderr=subprocess.STDOUT)
-  try:
-    deadline = time.monotonic() + 120
-    while True:
-      try:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        connection.request("GET", "/health")
-        if connection.getresponse().status == 200:
-          break
-      except OSError:  # not listening yet
-        pass
-      assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-      time.sleep(0.2)
+  with serve_process(checkpoint, tmp_path / "serve.log", "--slots", "2") as (process, port):
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
     stream = client.completions.create(model="tiny", prompt="Hi", max_tokens=40, temperature=0, stream=True,
                                        stream_options={"include_usage": True})
@@ -316,5 +299,3 @@ def test_sigterm_stops_accepting_and_finishes_the_stream_in_flight(tiny_vlm, tmp
     assert "Application shutdown complete" in (tmp_path / "serve.log").read_text()
     with pytest.raises(openai.APIConnectionError):
       client.completions.create(model="tiny", prompt="Hi", max_tokens=2)
-  finally:
-    process.kill()

@@ -18,7 +18,6 @@ MMBench files (`mmbench:TSV`) have their own module, `mmbench.py`.
 
 import functools
 import os
-from typing import Callable
 
 from vlmjax.data import formats
 from vlmjax.eval.benchmarks import (Benchmark, FileKind, Sample, caption_score, pope_score, reference_answers,

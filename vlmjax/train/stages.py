@@ -25,7 +25,6 @@ from vlmjax.models.classifier import ClassifierConfig, ViTClassifier
 from vlmjax.models.clip import CLIP, CLIPConfig, clip_config
 from vlmjax.models.config import PRETRAINING_OPTIM_KEYS, pretraining_section
 from vlmjax.models.vlm import VLMConfig
-from vlmjax.train import optim
 from vlmjax.workdir import CLASSIFY, CONTRASTIVE, Stage
 
 def position_bins(config: ml_collections.ConfigDict) -> int:
