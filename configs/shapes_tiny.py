@@ -65,7 +65,8 @@ def get_config(arg: str | None = None):
       # within the seed-to-seed spread, at 0.3 it lost 0.06-0.08 (2026-12-04 zen5-host).
       prompt_loss_weight=0.0,
       other_turns=1,  # turns of another task (caption, POPE, multiple choice, grounding) per view
-      choice_answer="letter",  # multiple-choice answers: "letter" or "text_letter" ("red, A"; shapes_tasks)
+      other_turns_first=False,  # those turns open the conversation (a cut conversation keeps them)
+      choice_answer="letter",  # multiple-choice answers: "letter", "text_letter" ("red, A") or "text" (shapes_tasks)
       shapes=shapes.get_config().to_dict(),
   ))
   # The contrastive stage's dual tower (used when train.stages names it): this vision tower, a small text tower.

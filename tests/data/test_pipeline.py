@@ -114,6 +114,8 @@ def test_more_other_turns_and_multiple_choice_answered_with_text_then_letter(dat
   assert answer == f"{text}, {question['answer']}"
   assert metrics.extract_choice(answer, question["options"]) == question["answer"]  # the eval reads the letter
   assert shapes_tasks.choice_answer(question) == question["answer"]
+  assert shapes_tasks.choice_answer(question, "text") == text
+  assert metrics.extract_choice(text, question["options"]) == question["answer"]  # placed by the option it names
   with pytest.raises(ValueError, match="data.choice_answer='word'"):
     shapes_tasks.choice_answer(question, "word")
   groups = shapes_tasks.other_task_groups(record, "text_letter")

@@ -86,7 +86,7 @@ def tiny_clip(tiny_shapes_dir):
 
 
 def test_shapes_retrieval_with_a_random_clip_matches_a_direct_computation(tiny_clip, tiny_shapes_dir, tmp_path):
-  source = shapes.load(tiny_shapes_dir, "validation")
+  source = shapes.load(tiny_shapes_dir, "test")  # the held-out split, the default
   records = [source[i] for i in range(len(source))]
   texts = [(i, caption) for i, record in enumerate(records) for caption in record["captions"]]
   assert len(texts) > len(records)  # several captions per image

@@ -348,15 +348,18 @@ def conversation(caption: str, vqa: list[dict], refs: list[dict], rng) -> list[d
   return shuffled_conversation(turns, rng)
 
 
-def shuffled_conversation(turns: list[tuple[str, str]], rng: np.random.Generator) -> list[dict]:
-  """(question, answer) turns in random order as user/assistant messages; the image token opens the first
-  user turn."""
+def conversation(turns: list[tuple[str, str]]) -> list[dict]:
+  """(question, answer) turns in order as user/assistant messages; the image token opens the first user turn."""
   messages = []
-  for i, index in enumerate(rng.permutation(len(turns))):
-    question, answer = turns[index]
+  for i, (question, answer) in enumerate(turns):
     messages.append({"role": "user", "content": f"{IMAGE_TOKEN}\n{question}" if i == 0 else question})
     messages.append({"role": "assistant", "content": answer})
   return messages
+
+
+def shuffled_conversation(turns: list[tuple[str, str]], rng: np.random.Generator) -> list[dict]:
+  """(question, answer) turns in random order as user/assistant messages (`conversation`)."""
+  return conversation([turns[index] for index in rng.permutation(len(turns))])
 
 
 def annotate(objects: tuple[SceneObject, ...], rng: np.random.Generator, questions_per_type: int) -> dict:

@@ -73,12 +73,12 @@ def box_text(box) -> str:
   return "[" + ", ".join(str(int(c)) for c in box) + "]"
 
 
-# How a training conversation answers a multiple-choice question: "letter" ("A"), as the prompt asks, or
-# "text_letter" ("red, A"): the option's text, then its letter. With the text written first, the letter is the
-# one before that same text among the options, a lookup of one token the model has just written, instead of the
-# answer the model would give, looked up among the options before it is written. Either is read by
-# `metrics.extract_choice` (the lone letter at the end).
-CHOICE_ANSWERS = ("letter", "text_letter")
+# How a training conversation answers a multiple-choice question: "letter" ("A"), as the prompt asks;
+# "text_letter" ("red, A"): the option's text, then its letter, so that the letter is the one before that same
+# text among the options, a lookup of a token the model has just written; or "text" ("red"): the option's text
+# alone, which the matching rules place by the option it names (`metrics.extract_choice`, as VLMEvalKit's
+# `can_infer_text`), without the model naming a letter.
+CHOICE_ANSWERS = ("letter", "text_letter", "text")
 
 
 def choice_answer(question: dict, form: str = "letter") -> str:
@@ -86,7 +86,8 @@ def choice_answer(question: dict, form: str = "letter") -> str:
   if form not in CHOICE_ANSWERS:
     raise ValueError(f"data.choice_answer={form!r}: choose one of {CHOICE_ANSWERS}")
   letter = question["answer"]
-  return letter if form == "letter" else f"{question['options'][OPTION_LETTERS.index(letter)]}, {letter}"
+  text = question["options"][OPTION_LETTERS.index(letter)]
+  return {"letter": letter, "text_letter": f"{text}, {letter}", "text": text}[form]
 
 
 def other_task_groups(record: dict, choice_form: str = "letter") -> dict[str, list[tuple[str, str]]]:
@@ -113,13 +114,15 @@ def scene_objects(record: dict) -> tuple[shapes_scene.SceneObject, ...]:
 
 def training_messages(record: dict, rng: np.random.Generator, questions_per_type: int = 0,
                       position_questions: int = 0, centre_first: bool = False, other_turns: int = 1,
-                      choice_form: str = "letter") -> list[dict]:
+                      choice_form: str = "letter", others_first: bool = False) -> list[dict]:
   """VQA turns, up to `position_questions` questions of where an object lies against the image's centre
   (`shapes_scene.position_questions`, a training-only task), and `other_turns` turns of other tasks (each task
   equally likely, each turn drawn afresh), shuffled; the image placeholder leads the first user turn. The VQA
   turns are the record's when questions_per_type is 0, else up to that many questions of each type drawn from
   its scene. `centre_first`: the position questions name the centre first and the object last
-  (`shapes_scene.position_questions`). `choice_form`: how multiple-choice turns are answered (`choice_answer`)."""
+  (`shapes_scene.position_questions`). `choice_form`: how multiple-choice turns are answered (`choice_answer`).
+  `others_first`: the other tasks' turns open the conversation and only the VQA turns are shuffled, so that a
+  conversation cut at the training length loses VQA turns, of which there are many, and never the others."""
   objects = scene_objects(record)
   vqa = shapes_scene.vqa_questions(objects, rng, questions_per_type) if questions_per_type else record["vqa"]
   if position_questions:
@@ -131,10 +134,13 @@ def training_messages(record: dict, rng: np.random.Generator, questions_per_type
   # shapes_vqa 0.797 and 0.773 against 0.775 and 0.753, CIDEr-D 3.74 and 3.56 against 2.95 and 2.45, and POPE F1
   # 0.851 and 0.831 against 0.833 and 0.805.
   tasks = [pairs for pairs in other_task_groups(record, choice_form).values() if pairs]
+  others = []
   for _ in range(other_turns):
     pairs = tasks[rng.integers(len(tasks))]
-    turns.append(pairs[rng.integers(len(pairs))])
-  return shuffled_conversation(turns, rng)
+    others.append(pairs[rng.integers(len(pairs))])
+  if others_first:
+    return shapes_scene.conversation(others + [turns[index] for index in rng.permutation(len(turns))])
+  return shuffled_conversation(turns + others, rng)
 
 
 def question_messages(question: str) -> list[dict]:
