@@ -124,6 +124,11 @@ def test_more_other_turns_and_multiple_choice_answered_with_text_then_letter(dat
     messages = shapes_tasks.training_messages(record, np.random.default_rng(5), 0, 0, False, other_turns, "text_letter")
     turns = [(q["content"].removeprefix("<image>\n"), a["content"]) for q, a in zip(messages[::2], messages[1::2])]
     assert sum(turn in others for turn in turns) == other_turns  # the record's VQA turns and the others drawn
+    first = shapes_tasks.training_messages(record, np.random.default_rng(5), 0, 0, False, other_turns, "text_letter",
+                                           others_first=True)
+    opening = [(q["content"].removeprefix("<image>\n"), a["content"]) for q, a in zip(first[::2], first[1::2])]
+    assert all(turn in others for turn in opening[:other_turns])  # the others open the conversation
+    assert sorted(opening[other_turns:]) == sorted(turn for turn in turns if turn not in others)
     assert all(a == shapes_tasks.choice_answer(q, "text_letter") for q in record["multiple_choice"]
                for turn_q, a in turns if turn_q == shapes_tasks.multiple_choice_prompt(q["question"], q["options"]))
 

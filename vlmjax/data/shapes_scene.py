@@ -348,7 +348,7 @@ def conversation(caption: str, vqa: list[dict], refs: list[dict], rng) -> list[d
   return shuffled_conversation(turns, rng)
 
 
-def conversation(turns: list[tuple[str, str]]) -> list[dict]:
+def ordered_conversation(turns: list[tuple[str, str]]) -> list[dict]:
   """(question, answer) turns in order as user/assistant messages; the image token opens the first user turn."""
   messages = []
   for i, (question, answer) in enumerate(turns):
@@ -358,8 +358,8 @@ def conversation(turns: list[tuple[str, str]]) -> list[dict]:
 
 
 def shuffled_conversation(turns: list[tuple[str, str]], rng: np.random.Generator) -> list[dict]:
-  """(question, answer) turns in random order as user/assistant messages (`conversation`)."""
-  return conversation([turns[index] for index in rng.permutation(len(turns))])
+  """(question, answer) turns in random order as user/assistant messages (`ordered_conversation`)."""
+  return ordered_conversation([turns[index] for index in rng.permutation(len(turns))])
 
 
 def annotate(objects: tuple[SceneObject, ...], rng: np.random.Generator, questions_per_type: int) -> dict:

@@ -139,7 +139,7 @@ def training_messages(record: dict, rng: np.random.Generator, questions_per_type
     pairs = tasks[rng.integers(len(tasks))]
     others.append(pairs[rng.integers(len(pairs))])
   if others_first:
-    return shapes_scene.conversation(others + [turns[index] for index in rng.permutation(len(turns))])
+    return shapes_scene.ordered_conversation(others + [turns[index] for index in rng.permutation(len(turns))])
   return shuffled_conversation(turns + others, rng)
 
 
