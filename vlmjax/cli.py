@@ -137,6 +137,8 @@ def evaluate(args: list[str]) -> None:
   if path is None or _OUT.value is None:
     raise SystemExit("vlmjax eval: --workdir DIR (or --checkpoint PATH) and --out results.json are required")
   split = _SPLIT.value or benchmarks.SPLITS[0]
+  if not _MAX_DROP.value >= 0:
+    raise SystemExit(f"vlmjax eval: --max_drop must be 0 or more, got {_MAX_DROP.value}")
   try:
     baseline = report_lib.read_results_file(_BASELINE.value) if _BASELINE.value else None
   except (FileNotFoundError, ValueError) as error:
