@@ -1,6 +1,6 @@
-"""The field's benchmarks (field_benchmarks.py, document_benchmarks.py): each read from a small file written here in
-exactly its official release's format, and each official scorer (field_metrics.py) held to worked cases computed by
-hand from the official code, the reasoning beside each number."""
+"""The field's benchmarks (field_benchmarks.py, exam_benchmarks.py, document_benchmarks.py): each read from a small
+file written here in exactly its official release's format, and each official scorer (field_metrics.py) held to
+worked cases computed by hand from the official code, the reasoning beside each number."""
 
 import io
 import json
@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vlmjax.eval import field_benchmarks, field_metrics, harness, registry
+from vlmjax.eval import exam_benchmarks, field_metrics, harness, registry
 from vlmjax.eval.file_benchmarks import SHORT_ANSWER
 from vlmjax.eval.mmbench import LETTER_ANSWER
 
@@ -561,4 +561,4 @@ def test_a_missing_image_names_the_row(tmp_path):
 def test_every_field_kind_is_registered():
   assert {"mme", "mmmu", "scienceqa", "textvqa", "gqa", "refcoco", "docvqa", "chartqa", "ocrbench"} <= set(
       registry.KINDS)
-  assert field_benchmarks.KINDS["scienceqa"].usage == "PROBLEMS_JSON:PID_SPLITS_JSON:IMAGE_DIR[:SPLIT]"
+  assert exam_benchmarks.KINDS["scienceqa"].usage == "PROBLEMS_JSON:PID_SPLITS_JSON:IMAGE_DIR[:SPLIT]"

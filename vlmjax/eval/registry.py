@@ -4,10 +4,11 @@ file benchmarks named by a spec `[NAME=]KIND:ARG:ARG...`, whose kinds the adapte
 
 import os
 
-from vlmjax.eval import benchmarks, document_benchmarks, field_benchmarks, file_benchmarks, mmbench, retrieval
+from vlmjax.eval import (benchmarks, document_benchmarks, exam_benchmarks, field_benchmarks, file_benchmarks, mmbench,
+                         retrieval)
 
 KINDS: dict[str, benchmarks.FileKind] = {**file_benchmarks.KINDS, **mmbench.KINDS, **field_benchmarks.KINDS,
-                                          **document_benchmarks.KINDS}
+                                          **exam_benchmarks.KINDS, **document_benchmarks.KINDS}
 
 
 def get(name: str, split: str = benchmarks.SPLITS[0]) -> benchmarks.Benchmark | retrieval.RetrievalBenchmark:
