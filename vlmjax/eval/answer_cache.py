@@ -33,20 +33,26 @@ def read(path: str) -> dict[str, Any]:
   return answers
 
 
+def fingerprint_of(path: str) -> dict | None:
+  """The fingerprint kept beside an answers file (`<name>.jsonl` -> `<name>.fingerprint.json`), or None."""
+  fingerprint_path = path.removesuffix(".jsonl") + ".fingerprint.json"
+  if not os.path.exists(fingerprint_path):
+    return None
+  with open(fingerprint_path) as f:
+    return json.load(f)
+
+
 def rows_made_by(path: str, expected: dict) -> dict[str, Any]:
   """The answers in `path` (`read`) if the fingerprint beside it is `expected`; otherwise none (the file is started
   anew and the fingerprint written first, so a kill at any point leaves answers that match the fingerprint)."""
-  fingerprint_path = path.removesuffix(".jsonl") + ".fingerprint.json"
-  found = None
-  if os.path.exists(fingerprint_path):
-    with open(fingerprint_path) as f:
-      found = json.load(f)
+  found = fingerprint_of(path)
   if found == expected:
     return read(path)
   if os.path.exists(path):
     logging.warning("%s: answers of another model or setting (%s), not of this one (%s): answering anew", path,
                     (found or {}).get("model", "no fingerprint"), expected.get("model"))
     os.remove(path)
+  fingerprint_path = path.removesuffix(".jsonl") + ".fingerprint.json"
   temporary = fingerprint_path + ".tmp"
   with open(temporary, "w") as f:
     json.dump(expected, f, indent=1)

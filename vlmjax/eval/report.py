@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vlmjax import workdir as workdir_lib  # noqa: E402
-from vlmjax.eval import benchmarks, compare, registry  # noqa: E402
+from vlmjax.eval import answer_cache, benchmarks, compare, registry  # noqa: E402
 
 HEADLINE = ("f1", "accuracy", "cider", "r@1")  # the first a benchmark has is its summary metric
 RESULTS_FILE = "results.json"
@@ -148,11 +148,8 @@ def _grid_benchmark(run_dirs: Sequence[str]) -> str | None:
 
 def _predictions_split(run_dir: str, benchmark_name: str) -> str:
   """The shapes split a run's answers to a built-in benchmark came from (its predictions' fingerprint)."""
-  path = os.path.join(run_dir, "predictions", f"{benchmark_name}.fingerprint.json")
-  if os.path.isfile(path):
-    with open(path) as f:
-      return json.load(f).get("split") or benchmarks.SPLITS[0]
-  return benchmarks.SPLITS[0]
+  found = answer_cache.fingerprint_of(os.path.join(run_dir, "predictions", f"{benchmark_name}.jsonl"))
+  return (found or {}).get("split") or benchmarks.SPLITS[0]
 
 
 def plot_samples(benchmark_name: str, data_dir: str, runs: dict[str, str], out_png: str, count: int = 8,
