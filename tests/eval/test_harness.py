@@ -5,20 +5,13 @@ Most models here are scripted answerers (they answer from the sample's target, o
 expected metric values are known exactly; two tiny random-weight VLMs show that real models' answers are told
 apart; a trained model is exercised by the main job and tests/train."""
 
+import dataclasses
 import json
 
-import flax.linen as nn
 import jax
-import ml_collections
 import pytest
 
-from configs import sizes
-from vlmjax import api
-from vlmjax.data import shapes
-from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.eval import benchmarks, harness, registry
-from vlmjax.models.vlm import VLM as VLMModel
-from vlmjax.models.vlm import VLMConfig
 
 
 @pytest.fixture(scope="module")
@@ -131,22 +124,12 @@ def test_boxes_are_read_from_free_text():
   assert benchmarks.parse_box("no box here") is None
 
 
-def _tiny_vlm(data_dir, seed):
-  """A random-weight VLM with the shapes data set's tokenizer and image processor (64 px images)."""
-  vocab = Tokenizer.from_directory(shapes.tokenizer_dir(data_dir)).vocab_size
-  model = {"vision": sizes.vit("Ti/16", "clip", image_size=64, patch_size=16, width=32, depth=1, num_heads=2,
-                               mlp_dim=64),
-           "decoder": sizes.lm("tiny", vocab_size=vocab, width=32, depth=1, num_heads=2, num_kv_heads=2, mlp_dim=64),
-           "image_token_id": 3}
-  config = VLMConfig.from_dict(model)
-  params = nn.meta.unbox(VLMModel(config).init(jax.random.key(seed), **config.example_inputs(1)))["params"]
-  params = jax.tree.map(lambda p: p * 3.0 if p.ndim >= 2 else p, params)  # less flat greedy choices
-  return api.from_trained(ml_collections.ConfigDict({"model": model}), params, shapes.tokenizer_dir(data_dir))
-
-
-def test_two_real_models_scored_into_one_folder_each_get_their_own_answers(data_dir, tmp_path):
-  first, second = _tiny_vlm(data_dir, 0), _tiny_vlm(data_dir, 1)
-  assert first.fingerprint() != second.fingerprint() and first.fingerprint() == _tiny_vlm(data_dir, 0).fingerprint()
+def test_two_real_models_scored_into_one_folder_each_get_their_own_answers(tiny_vlm, data_dir, tmp_path):
+  """The shared tiny VLM, and the same with its weights reversed in sign: two models that answer differently."""
+  first = dataclasses.replace(tiny_vlm)
+  second = dataclasses.replace(tiny_vlm, params=jax.tree.map(lambda p: -p, tiny_vlm.params))
+  assert first.fingerprint() != second.fingerprint()
+  assert first.fingerprint() == dataclasses.replace(tiny_vlm).fingerprint()  # a copy is the same model
 
   def answers(vlm, out_dir):
     results = harness.evaluate(vlm, ["shapes_vqa"], str(out_dir), data_dir, batch_size=8, limits={"shapes_vqa": 8})
