@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 
 from vlmjax.infer.engine import Engine, PromptTooLong
 from vlmjax.infer.requests import Output, Request
+from vlmjax.serve import chat_page
 from vlmjax.serve import protocol
 
 _log = logging.getLogger(__name__)
@@ -375,6 +376,7 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
     return fastapi.Response(prometheus_client.generate_latest(metrics.registry),
                             media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
+  app.include_router(chat_page.router)  # the chat page at /
   return app
 
 
