@@ -72,6 +72,18 @@ _PREFILL_BUDGET = flags.DEFINE_integer("prefill_budget", 1024, "serve: prompt to
                                        "prefill (0: no limit).")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "serve: the model name clients send (default: the "
                                   "checkpoint directory's name).")
+_MAX_BODY_BYTES = flags.DEFINE_integer("max_body_bytes", 64 * 2**20, "serve: a larger request body gets 413, from "
+                                       "its Content-Length before it is read.")
+_MAX_IMAGES = flags.DEFINE_integer("max_images", 8, "serve: images per request at most.")
+_MAX_IMAGE_PIXELS = flags.DEFINE_integer("max_image_pixels", 4096 * 4096, "serve: pixels per image at most.")
+_MAX_REQUEST_PIXELS = flags.DEFINE_integer("max_request_pixels", 4 * 2048 * 2048, "serve: pixels of a request's "
+                                           "images in all at most.")
+_MAX_WAITING = flags.DEFINE_integer("max_waiting", 256, "serve: requests queued for a slot at most; more get 503 "
+                                    "with Retry-After.")
+_METRICS_NEED_KEY = flags.DEFINE_bool("metrics_need_key", False, "serve: /metrics needs the API key too.")
+_DOCS = flags.DEFINE_bool("docs", False, "serve: FastAPI's /docs, /redoc and /openapi.json (off by default).")
+_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, "serve: a directory for JAX's persistent "
+                                         "compilation cache: a restarted server reads its start-up programs from it.")
 
 
 def summarize(args: list[str]) -> None:
@@ -226,16 +238,26 @@ def serve(args: list[str]) -> None:
   import os
 
   from vlmjax.serve import server
+  from vlmjax.serve.images import ImageLimits
 
   if _CHECKPOINT.value is None:
     raise SystemExit("vlmjax serve: --checkpoint PATH is required")
+  limits = server.Limits(max_body_bytes=_MAX_BODY_BYTES.value, max_images=_MAX_IMAGES.value,
+                         max_waiting=_MAX_WAITING.value,
+                         images=ImageLimits(max_pixels=_MAX_IMAGE_PIXELS.value,
+                                            max_request_pixels=_MAX_REQUEST_PIXELS.value))
+  if _COMPILATION_CACHE.value:
+    runtime.use_compilation_cache(_COMPILATION_CACHE.value)
   try:
     server.serve(_CHECKPOINT.value, host=_HOST.value, port=_PORT.value, num_slots=_SLOTS.value,
                  max_len=_MAX_LEN.value, api_key=_API_KEY.value or os.environ.get("VLMJAX_API_KEY"),
-                 image_dir=_IMAGE_DIR.value, model_name=_MODEL_NAME.value, num_pages=_PAGES.value,
+                 image_dir=_IMAGE_DIR.value, model_name=_MODEL_NAME.value, limits=limits,
+                 metrics_need_key=_METRICS_NEED_KEY.value, docs=_DOCS.value, num_pages=_PAGES.value,
                  page_size=_PAGE_SIZE.value, prefix_caching=_PREFIX_CACHING.value,
                  prefill_chunk=_PREFILL_CHUNK.value or None, prefill_budget=_PREFILL_BUDGET.value or None)
   except FileNotFoundError as error:  # no such checkpoint, or one missing a file
+    raise SystemExit(f"vlmjax serve: {error}") from error
+  except server.EngineFailed as error:  # logged as it happened; a supervisor starts the server again
     raise SystemExit(f"vlmjax serve: {error}") from error
 
 

@@ -112,3 +112,14 @@ def exec_with_huge_pages() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def use_compilation_cache(directory: str) -> None:
+  """JAX's persistent compilation cache in `directory`: every program this process compiles is written there, and
+  a later process with the same program, JAX and device reads it instead of compiling (a restarted server's
+  start-up). Programs of every size and compile time are kept: a server's are small."""
+  import jax
+
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

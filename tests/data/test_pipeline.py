@@ -154,7 +154,7 @@ def test_a_template_without_the_expected_roles_fails_with_its_name(data_dir, tok
                      name="broken-template")
   with pytest.raises(ValueError, match=r"does not contain the user turn .* expected roles"):
     _encoder(broken)([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}])
-  with pytest.raises(ValueError, match=r"the chat template of .*tokenizer failed: shapes chat template: roles"):
+  with pytest.raises(ValueError, match=r"the chat template failed: shapes chat template: roles"):
     tokenizer.apply_chat_template([{"role": "system", "content": "x"}])
 
 

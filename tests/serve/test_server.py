@@ -5,7 +5,6 @@ import http.client
 import io
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,10 +14,10 @@ from typing import Callable
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 
-from vlmjax.serve.server import create_app
+from vlmjax.serve.images import ImageLimits
+from vlmjax.serve.server import Limits, create_app
 
 KEY = "test-key"
 MODEL = "tiny"
@@ -26,23 +25,13 @@ MAX_LEN = 64
 
 
 @pytest.fixture(scope="module")
-def server(tiny_vlm, tmp_path_factory):
+def server(tiny_vlm, tmp_path_factory, serve_app):
   image_dir = tmp_path_factory.mktemp("images")
   # Prefix caching on, in pages of 4 tokens: repeated images in these tests read their prompt's start from it.
   app = create_app(tiny_vlm, MODEL, num_slots=3, max_len=MAX_LEN, api_key=KEY, image_dir=str(image_dir),
-                   max_image_bytes=32 * 1024, page_size=4, prefix_caching=True)
-  sock = socket.socket()
-  sock.bind(("127.0.0.1", 0))
-  runner = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-  thread = threading.Thread(target=runner.run, kwargs={"sockets": [sock]}, daemon=True)
-  thread.start()
-  deadline = time.monotonic() + 30
-  while not runner.started:
-    assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-    time.sleep(0.05)
-  yield {"port": sock.getsockname()[1], "app": app, "image_dir": image_dir}
-  runner.should_exit = True
-  thread.join(30)
+                   limits=Limits(images=ImageLimits(max_bytes=32 * 1024)), page_size=4, prefix_caching=True)
+  with serve_app(app) as port:
+    yield {"port": port, "app": app, "image_dir": image_dir}
   assert not app.state.engine.healthy
 
 

@@ -195,7 +195,7 @@ class Tokenizer:
       return self._template.render(messages=messages, tools=None, documents=None,
                                    add_generation_prompt=add_generation_prompt, **self.special_tokens)
     except jinja2.exceptions.TemplateError as error:
-      raise ValueError(f"the chat template of {self.name} failed: {error}") from error
+      raise ValueError(f"the chat template failed: {error}") from error
 
   def encode_prompt(self, text: str, image_token_id: int, tokens_per_image: int, prefix_lm: bool,
                     num_images: int = 1) -> list[int]:

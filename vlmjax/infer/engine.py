@@ -79,6 +79,10 @@ class PromptTooLong(ValueError):
   """The prompt plus the tokens asked for do not fit a slot's context."""
 
 
+class QueueFull(RuntimeError):
+  """The waiting queue holds `max_waiting` requests already: the client should come back later."""
+
+
 class Engine:
   """Continuous batching over `num_slots` slots of `max_len` tokens (prompt + generated) each, whose keys and
   values share a pool of `num_pages` pages of `page_size` tokens (default: enough for every slot to be full,
@@ -89,7 +93,8 @@ class Engine:
   that prefix (`prefix_cache.PrefixCache`). With `static_batching` the slots are filled only when all of them
   are free (the baseline continuous batching is measured against, in tools/bench_serve.py). Decode steps attend
   through `attention_kernel` (one of `paged_cache.KERNELS`, None: the gather; "auto": the Pallas kernel of this
-  platform, where JAX ships one), in Pallas' interpreter with `interpret_kernel` (tests on the CPU).
+  platform, where JAX ships one), in Pallas' interpreter with `interpret_kernel` (tests on the CPU). At most
+  `max_waiting` requests wait for a slot (None: no limit); `submit` raises QueueFull past that.
 
   `on_finish(request)` is called (from the detokenizer thread) once per request as it ends, for metrics.
   `num_preemptions` counts the requests preempted for want of pages.
@@ -99,7 +104,7 @@ class Engine:
                on_finish: Callable[[Request], None] | None = None, *, num_pages: int | None = None,
                page_size: int = paged_cache.DEFAULT_PAGE_SIZE, prefix_caching: bool = False, static_batching: bool = False,
                prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, prefill_budget: int | None = DEFAULT_PREFILL_BUDGET,
-               attention_kernel: str | None = "auto", interpret_kernel: bool = False):
+               attention_kernel: str | None = "auto", interpret_kernel: bool = False, max_waiting: int | None = None):
     if num_slots < 1:
       raise ValueError(f"num_slots must be at least 1, got {num_slots}")
     if prefill_chunk is not None and prefill_chunk < 1:
@@ -107,11 +112,12 @@ class Engine:
     if prefill_budget is not None and prefill_budget < 1:
       raise ValueError(f"prefill_budget must be at least 1 token (or None: no limit), got {prefill_budget}")
     self.vlm, self.num_slots, self.on_finish, self.page_size = vlm, num_slots, on_finish, page_size
-    self.static_batching, self.prefill_chunk = static_batching, prefill_chunk
+    self.static_batching, self.prefill_chunk, self.max_waiting = static_batching, prefill_chunk, max_waiting
     self.config = vlm.model_config
     self.max_len = max_len or vlm.max_len or DEFAULT_MAX_LEN
     self.buckets = tuple(b for b in generation.BUCKETS if b < self.max_len) + (self.max_len,)
     self.error: BaseException | None = None
+    self.failed = threading.Event()  # set when the engine thread stops on an error
     self.pages = paged.PageAllocator(num_pages or num_slots * paged_cache.pages_for(self.max_len, page_size))
     if attention_kernel == "auto":
       attention_kernel = paged_cache.kernel_for(jax.default_backend())
@@ -183,18 +189,10 @@ class Engine:
       listener: called from the detokenizer thread with each Output (new text as it becomes final).
     """
     prompt_ids = [int(token) for token in prompt_ids]
-    if not prompt_ids:
-      raise ValueError("the prompt is empty")
-    room = self.max_len - len(prompt_ids)
-    if room < 1:
-      raise PromptTooLong(f"a prompt of {len(prompt_ids)} tokens leaves no room to generate in the context "
-                          f"of {self.max_len} tokens")
-    max_tokens = room if max_tokens is None else max_tokens
-    if max_tokens < 1:
-      raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    if max_tokens > room:
-      raise PromptTooLong(f"a prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} does not fit "
-                          f"the context of {self.max_len} tokens")
+    max_tokens = self.check_fits(len(prompt_ids), max_tokens)
+    vocab = self.config.decoder.vocab_size
+    if top_k > vocab:
+      raise ValueError(f"top_k={top_k} is larger than the vocabulary of {vocab} tokens (0 keeps every token)")
     num_images = 0 if pixel_values is None else len(pixel_values)
     size = self.config.vision.image_size
     if num_images and pixel_values.shape[1:] != (size, size, 3):
@@ -205,22 +203,40 @@ class Engine:
                        f"{num_images * self.config.tokens_per_image}")
     if any(not text for text in stop):
       raise ValueError("stop strings must not be empty")
-    needed = paged_cache.pages_for(len(prompt_ids) + max_tokens, self.page_size)  # at most, near its end
-    if needed > self.pages.num_pages:
-      raise PromptTooLong(f"a prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} needs "
-                          f"{needed} pages of {self.page_size} tokens; "
-                          f"the pool has {self.pages.num_pages}: ask for fewer tokens or give the engine more pages")
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     images_end = 1 + max((i for i, token in enumerate(prompt_ids) if token == self.config.image_token_id), default=-1)
     request = Request(prompt_ids, pixel_values, images_end, max_tokens,
                       SamplingParams.fill(1, temperature, top_k, top_p), jax.random.key(seed), tuple(stop), listener)
     with self._condition:
       if not self._accepting:
-        raise RuntimeError("the engine is not accepting requests: it is stopping or has failed"
-                           + (f" ({self.error})" if self.error else ""))
+        raise RuntimeError("the engine is not accepting requests: it is stopping or has failed")
+      if self.max_waiting is not None and len(self._scheduler.waiting) >= self.max_waiting:
+        raise QueueFull(f"{len(self._scheduler.waiting)} requests are waiting for a slot already; try again later")
       self._scheduler.waiting.append(request)
       self._condition.notify_all()
     return request
+
+  def check_fits(self, prompt_length: int, max_tokens: int | None) -> int:
+    """The tokens a prompt of `prompt_length` tokens may generate: `max_tokens`, or the rest of the context when
+    None. PromptTooLong when they do not fit a slot's context or the pool; ValueError for no prompt or tokens."""
+    if prompt_length < 1:
+      raise ValueError("the prompt is empty")
+    room = self.max_len - prompt_length
+    if room < 1:
+      raise PromptTooLong(f"a prompt of {prompt_length} tokens leaves no room to generate in the context "
+                          f"of {self.max_len} tokens")
+    max_tokens = room if max_tokens is None else max_tokens
+    if max_tokens < 1:
+      raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    if max_tokens > room:
+      raise PromptTooLong(f"a prompt of {prompt_length} tokens plus max_tokens={max_tokens} does not fit "
+                          f"the context of {self.max_len} tokens")
+    needed = paged_cache.pages_for(prompt_length + max_tokens, self.page_size)  # at most, near its end
+    if needed > self.pages.num_pages:
+      raise PromptTooLong(f"a prompt of {prompt_length} tokens plus max_tokens={max_tokens} needs "
+                          f"{needed} pages of {self.page_size} tokens; "
+                          f"the pool has {self.pages.num_pages}: ask for fewer tokens or give the engine more pages")
+    return max_tokens
 
   def cancel(self, request: Request) -> None:
     """Ends a waiting or running request (finish_reason 'cancelled'); its slot is freed before the next step."""
@@ -250,6 +266,7 @@ class Engine:
           self._scheduler.free(slot)
       for request in ended:
         self._to_detokenizer.put((request, None, "error"))
+      self.failed.set()
     finally:
       self._to_detokenizer.put(None)
 

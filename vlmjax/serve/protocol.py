@@ -12,6 +12,10 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 
+# Each generated token is checked against every stop string, on the thread that serves all streams.
+MAX_STOPS, MAX_STOP_CHARS = 4, 64
+
+
 class _Request(BaseModel):
   model_config = ConfigDict(extra="forbid")
 
@@ -50,7 +54,7 @@ class GenerationRequest(_Request):
   max_tokens: int | None = Field(None, ge=1)
   temperature: float = Field(1.0, ge=0.0, le=2.0)
   top_p: float = Field(1.0, gt=0.0, le=1.0)
-  top_k: int = Field(0, ge=0)
+  top_k: int = Field(0, ge=0, le=2**31 - 1)  # the engine refuses more than the vocabulary
   n: Literal[1] = 1
   stop: str | list[str] | None = None
   seed: int | None = Field(None, ge=0, le=2**32 - 1)  # a PRNG key holds 32 bits of seed
@@ -62,8 +66,8 @@ class GenerationRequest(_Request):
   @classmethod
   def _stop_strings(cls, stop):
     stops = [stop] if isinstance(stop, str) else stop or []
-    if len(stops) > 4 or not all(stops):
-      raise ValueError("stop takes up to 4 non-empty strings")
+    if len(stops) > MAX_STOPS or not all(0 < len(text) <= MAX_STOP_CHARS for text in stops):
+      raise ValueError(f"stop takes up to {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} characters")
     return stops
 
 

@@ -16,122 +16,41 @@ directory the operator allows; the server never fetches from the network. Errors
 """
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import io
+import dataclasses
 import logging
 import os
-import secrets
+import threading
+import time
 
 import fastapi
 import prometheus_client
 import uvicorn
 from fastapi.exceptions import RequestValidationError
-from PIL import Image, UnidentifiedImageError
-from prometheus_client.core import CounterMetricFamily
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from vlmjax.infer.engine import Engine, PromptTooLong
+from vlmjax.infer.engine import Engine, PromptTooLong, QueueFull
 from vlmjax.infer.requests import Output, Request
-from vlmjax.serve import chat_page
-from vlmjax.serve import protocol
+from vlmjax.serve import chat_page, protocol
+from vlmjax.serve.errors import APIError, internal
+from vlmjax.serve.images import ImageLimits, open_images
+from vlmjax.serve.metrics import Metrics
+from vlmjax.serve.middleware import LimitBody, RequireAPIKey
 
 _log = logging.getLogger(__name__)
-MAX_IMAGE_BYTES = 20 * 2**20  # encoded size of one image
-MAX_IMAGE_PIXELS = 4096 * 4096
-IMAGE_FORMATS = ("PNG", "JPEG")
+RETRY_AFTER_SECONDS = 1  # what a 503 from a full queue tells the client to wait
 
 
-class APIError(Exception):
-  """An error the client caused (or must hear about), answered with OpenAI's error body."""
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """What one request may ask of the server: its body's bytes, its images (count, bytes and pixels, in
+  `images`), requests waiting for a slot (more get 503 with Retry-After)."""
 
-  def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-               kind: str = "invalid_request_error"):
-    super().__init__(message)
-    self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-  def response(self) -> fastapi.responses.JSONResponse:
-    error = protocol.ErrorInfo(message=self.message, type=self.kind, param=self.param, code=self.code)
-    return fastapi.responses.JSONResponse(protocol.ErrorResponse(error=error).model_dump(), status_code=self.status)
-
-
-class Metrics:
-  """The server's Prometheus metrics, in a registry of its own."""
-
-  def __init__(self):
-    self.registry = prometheus_client.CollectorRegistry()
-    options = {"registry": self.registry}
-    self.running = prometheus_client.Gauge("vlmjax_requests_running", "Requests holding a decode slot.", **options)
-    self.waiting = prometheus_client.Gauge("vlmjax_requests_waiting", "Requests queued for a slot.", **options)
-    self.ttft = prometheus_client.Histogram(
-        "vlmjax_time_to_first_token_seconds", "From arrival to the first generated token.",
-        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), **options)
-    self.tpot = prometheus_client.Histogram(
-        "vlmjax_time_per_output_token_seconds", "Mean time between a request's generated tokens after the first.",
-        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), **options)
-    self.prompt_tokens = prometheus_client.Counter("vlmjax_prompt_tokens", "Prompt tokens prefilled.", **options)
-    self.generated = prometheus_client.Counter("vlmjax_generation_tokens", "Tokens generated.", **options)
-    self.finished = prometheus_client.Counter("vlmjax_requests_finished", "Requests ended, by finish reason.",
-                                              ["finish_reason"], **options)
-    self.pages_used = prometheus_client.Gauge("vlmjax_kv_pages_used", "KV-cache pages held (requests and the "
-                                              "prefix cache).", **options)
-    self.pages_total = prometheus_client.Gauge("vlmjax_kv_pages_total", "KV-cache pages in the pool.", **options)
-    self.prefix_hits = prometheus_client.Counter("vlmjax_prefix_cache_hits", "Requests that read part of their "
-                                                 "prompt from the prefix cache.", **options)
-    self.prefix_hit_tokens = prometheus_client.Counter("vlmjax_prefix_cache_hit_tokens", "Prompt tokens read from "
-                                                       "the prefix cache instead of prefilled.", **options)
-
-  def watch(self, engine: Engine) -> None:
-    self.running.set_function(lambda: engine.num_running)
-    self.waiting.set_function(lambda: engine.num_waiting)
-    self.pages_used.set_function(lambda: engine.pages.num_pages - engine.pages.num_free)
-    self.pages_total.set(engine.pages.num_pages)
-    self.registry.register(_Preemptions(engine))
-
-  def observe(self, request: Request) -> None:
-    """Called by the engine as each request ends."""
-    self.finished.labels(request.finish_reason).inc()
-    self.generated.inc(len(request.token_ids))
-    if request.cached_tokens:
-      self.prefix_hits.inc()
-      self.prefix_hit_tokens.inc(request.cached_tokens)
-    if request.first_token_at is None:
-      return
-    self.prompt_tokens.inc(len(request.prompt_ids))
-    self.ttft.observe(request.first_token_at - request.submitted_at)
-    if len(request.token_ids) > 1:
-      self.tpot.observe((request.finished_at - request.first_token_at) / (len(request.token_ids) - 1))
-
-
-class _Preemptions:
-  """vlmjax_preemptions_total: the engine's count, read as /metrics is scraped."""
-
-  def __init__(self, engine: Engine):
-    self.engine = engine
-
-  def collect(self):
-    yield CounterMetricFamily(
-        "vlmjax_preemptions", "Requests preempted for want of KV-cache pages (prefilled again later).",
-        value=self.engine.num_preemptions)
-
-
-class _RequireAPIKey:
-  """ASGI middleware: /v1/ routes need `Authorization: Bearer <key>` (checked before the body is read)."""
-
-  def __init__(self, app, api_key: str):
-    self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-  async def __call__(self, scope, receive, send):
-    if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-      given = dict(scope["headers"]).get(b"authorization", b"")
-      if not secrets.compare_digest(given, self.expected):
-        message = "missing API key" if not given else "incorrect API key"
-        response = APIError(401, f"{message}: send the header 'Authorization: Bearer <key>'",
-                            code="invalid_api_key").response()
-        return await response(scope, receive, send)
-    await self.app(scope, receive, send)
+  max_body_bytes: int = 64 * 2**20
+  max_images: int = 8
+  max_waiting: int = 256
+  images: ImageLimits = ImageLimits()
 
 
 class _Outputs:
@@ -147,65 +66,17 @@ class _Outputs:
     return await asyncio.wait_for(self._queue.get(), timeout)
 
 
-def load_image(url: str, where: str, image_dir: str | None, max_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:
-  """The image of an `image_url` part: a base64 `data:` URL, or a local file under `image_dir`.
-  APIError 400 for anything else, and for what is not a PNG/JPEG of acceptable size."""
-  if url.startswith("data:"):
-    header, _, payload = url.partition(",")
-    if not header.endswith(";base64"):
-      raise APIError(400, f"{where}: a data: URL must be base64 (data:image/png;base64,...)", param=where)
-    if len(payload) * 3 // 4 > max_bytes:
-      raise APIError(400, f"{where}: the image is larger than {max_bytes} bytes", param=where, code="image_too_large")
-    try:
-      data = base64.b64decode(payload, validate=True)
-    except binascii.Error as error:
-      raise APIError(400, f"{where}: the data: URL is not valid base64 ({error})", param=where,
-                     code="invalid_image") from error
-  elif url.split(":", 1)[0].lower() in ("http", "https"):
-    raise APIError(400, f"{where}: remote image URLs are not fetched (the server does not reach the network); send "
-                   f"the image inline as a base64 data: URL", param=where, code="remote_image_refused")
-  elif url.startswith("file://") or os.path.isabs(url):
-    data = _read_allowed_file(url.removeprefix("file://"), where, image_dir, max_bytes)
-  else:
-    raise APIError(400, f"{where}: an image URL is a base64 data: URL or an absolute local path, got {url[:40]!r}",
-                   param=where)
-  try:
-    image = Image.open(io.BytesIO(data))
-    if image.format not in IMAGE_FORMATS or image.width * image.height > MAX_IMAGE_PIXELS:
-      raise APIError(400, f"{where}: a {image.format} image of {image.width}x{image.height} pixels; send a PNG or "
-                     f"JPEG of at most {MAX_IMAGE_PIXELS} pixels", param=where, code="invalid_image")
-    image.load()
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-    detail = "" if isinstance(error, UnidentifiedImageError) else f" ({error})"
-    raise APIError(400, f"{where}: not a decodable PNG or JPEG image{detail}", param=where,
-                   code="invalid_image") from error
-  return image
-
-
-def _read_allowed_file(path: str, where: str, image_dir: str | None, max_bytes: int) -> bytes:
-  if image_dir is None:
-    raise APIError(400, f"{where}: local image files are not allowed on this server (the operator allows a directory "
-                   f"with --image_dir); send the image as a base64 data: URL", param=where)
-  allowed, real = os.path.realpath(image_dir), os.path.realpath(path)
-  if os.path.commonpath([allowed, real]) != allowed:
-    raise APIError(400, f"{where}: {path} is outside the directory this server allows images from", param=where)
-  if not os.path.isfile(real):
-    raise APIError(400, f"{where}: no image file {path}", param=where)
-  if os.path.getsize(real) > max_bytes:
-    raise APIError(400, f"{where}: the image is larger than {max_bytes} bytes", param=where, code="image_too_large")
-  with open(real, "rb") as f:
-    return f.read()
-
-
 def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None = None, api_key: str | None = None,
-               image_dir: str | None = None, max_image_bytes: int = MAX_IMAGE_BYTES,
-               **paging) -> fastapi.FastAPI:
-  """The app and its engine (`app.state.engine`), started and drained with the app's lifespan. `paging`:
-  the engine's num_pages, page_size, prefix_caching, prefill_chunk and prefill_budget."""
+               image_dir: str | None = None, limits: Limits = Limits(), metrics_need_key: bool = False,
+               docs: bool = False, **paging) -> fastapi.FastAPI:
+  """The app and its engine (`app.state.engine`), started and drained with the app's lifespan. With `api_key`,
+  /v1/ routes (and /metrics with `metrics_need_key`) need it; `docs`: FastAPI's /docs, /redoc and
+  /openapi.json. `paging`: the engine's num_pages, page_size, prefix_caching, prefill_chunk and prefill_budget."""
   if image_dir is not None and not os.path.isdir(image_dir):
     raise ValueError(f"--image_dir {image_dir} is not a directory")
   metrics = Metrics()
-  engine = Engine(vlm, num_slots=num_slots, max_len=max_len, on_finish=metrics.observe, **paging)
+  engine = Engine(vlm, num_slots=num_slots, max_len=max_len, on_finish=metrics.observe,
+                  max_waiting=limits.max_waiting, **paging)
   metrics.watch(engine)
   started = protocol.now()
 
@@ -215,10 +86,12 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
     yield
     await asyncio.to_thread(engine.stop)  # uvicorn has let in-flight requests finish; drain what is left
 
-  app = fastapi.FastAPI(title="vlmjax", lifespan=lifespan)
+  documented = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+  app = fastapi.FastAPI(title="vlmjax", lifespan=lifespan, **documented)
   app.state.engine = engine
-  if api_key:
-    app.add_middleware(_RequireAPIKey, api_key=api_key)
+  app.add_middleware(LimitBody, max_bytes=limits.max_body_bytes)
+  if api_key:  # added last: it runs first, before the body is read
+    app.add_middleware(RequireAPIKey, api_key=api_key, prefixes=("/v1/", "/metrics") if metrics_need_key else ("/v1/",))
 
   @app.exception_handler(APIError)
   async def api_error(request, error: APIError):
@@ -241,13 +114,23 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
     return APIError(error.status_code, message).response()
 
   @app.exception_handler(Exception)
-  async def server_error(request, error: Exception):  # uvicorn logs the traceback
-    return APIError(500, f"internal error: {type(error).__name__}: {error}", kind="server_error").response()
+  async def server_error(request, error: Exception):
+    request_id = protocol.new_id("req")
+    _log.error("request %s (%s %s) failed", request_id, request.method, request.url.path, exc_info=error)
+    return internal(request_id).response()
 
   def check_model(name: str) -> None:
     if name != model_name:
       raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'", param="model",
                      code="model_not_found")
+
+  def check_fits(prompt_ids: list[int], body: protocol.GenerationRequest, param: str) -> None:
+    try:
+      engine.check_fits(len(prompt_ids), body.token_limit)
+    except PromptTooLong as error:
+      raise APIError(400, str(error), param=param, code="context_length_exceeded") from error
+    except ValueError as error:
+      raise APIError(400, str(error), param=param) from error
 
   def submit(prompt_ids, pixel_values, body: protocol.GenerationRequest, outputs: _Outputs, param: str) -> Request:
     try:
@@ -258,26 +141,34 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
       raise APIError(400, str(error), param=param, code="context_length_exceeded") from error
     except ValueError as error:
       raise APIError(400, str(error), param=param) from error
+    except QueueFull as error:
+      raise APIError(503, str(error), kind="server_error", code="overloaded",
+                     headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from error
     except RuntimeError as error:
       raise APIError(503, str(error), kind="server_error", code="unavailable") from error
 
   def submit_chat(body: protocol.ChatCompletionRequest, outputs: _Outputs) -> Request:
-    messages, images = [], []
+    """The conversation's prompt, checked against the context before its images are read and decoded."""
+    messages, image_urls = [], []
     for i, message in enumerate(body.messages):
       content = message.content
       if not isinstance(content, str):
         content = [{"type": "text", "text": part.text} if part.type == "text" else {"type": "image"}
                    for part in content]
-        images += [load_image(part.image_url.url, f"messages.{i}.content.{j}", image_dir, max_image_bytes)
-                   for j, part in enumerate(message.content) if part.type == "image_url"]
+        image_urls += [(part.image_url.url, f"messages.{i}.content.{j}")
+                       for j, part in enumerate(message.content) if part.type == "image_url"]
       messages.append({"role": message.role, "content": content})
+    if len(image_urls) > limits.max_images:
+      raise APIError(400, f"messages: {len(image_urls)} images; this server takes at most {limits.max_images} per "
+                     f"request", param="messages", code="too_many_images")
     try:
-      prompt_ids = vlm.prompt_ids(messages, len(images))
-      pixel_values = vlm.image_processor(images) if images else None
+      prompt_ids = vlm.prompt_ids(messages, len(image_urls))
     except ValueError as error:
       raise APIError(400, str(error), param="messages") from error
+    check_fits(prompt_ids, body, "messages")
+    images = open_images(image_urls, image_dir, limits.images)
+    pixel_values = vlm.image_processor(images) if images else None
     return submit(prompt_ids, pixel_values, body, outputs, "messages")
-
   async def final_output(request: Request, outputs: _Outputs, http_request: fastapi.Request) -> Output:
     """Waits for the request's end; a client that hangs up cancels it."""
     while True:
@@ -292,7 +183,9 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
 
   def failure(output: Output) -> APIError:
     if output.error:
-      return APIError(500, output.error, kind="server_error")
+      request_id = protocol.new_id("req")
+      _log.error("request %s: %s", request_id, output.error)
+      return internal(request_id)
     return APIError(503, "the request was cancelled: the server is shutting down", kind="server_error")
 
   async def sse(request: Request, outputs: _Outputs, chunk, include_usage: bool, first=None):
@@ -371,7 +264,7 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
                      kind="server_error", code="unavailable")
     return {"status": "ok"}
 
-  @app.get("/metrics")
+  @app.get("/metrics", include_in_schema=False)
   async def metrics_text():
     return fastapi.Response(prometheus_client.generate_latest(metrics.registry),
                             media_type=prometheus_client.CONTENT_TYPE_LATEST)
@@ -380,16 +273,33 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
   return app
 
 
+class EngineFailed(RuntimeError):
+  """The engine stopped on an error while serving: the process should end with a non-zero status, for a
+  supervisor to start it again."""
+
+
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, num_slots: int = 8,
           max_len: int | None = None, api_key: str | None = None, image_dir: str | None = None,
-          model_name: str | None = None, **paging) -> None:
+          model_name: str | None = None, **options) -> None:
   """Loads the checkpoint and serves it until SIGINT/SIGTERM (uvicorn stops accepting, lets in-flight requests
-  finish, then the engine drains)."""
+  finish, then the engine drains). Raises EngineFailed, after uvicorn has shut down, when the engine failed.
+  `options`: create_app's."""
   import vlmjax
 
   model_name = model_name or os.path.basename(os.path.normpath(checkpoint))
   if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
     _log.warning("serving on %s without --api_key: anyone who reaches this address can use the model", host)
   app = create_app(vlmjax.load(checkpoint), model_name, num_slots=num_slots, max_len=max_len, api_key=api_key,
-                   image_dir=image_dir, **paging)
-  uvicorn.run(app, host=host, port=port, log_level="info")
+                   image_dir=image_dir, **options)
+  server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+  engine = app.state.engine
+
+  def stop_when_the_engine_fails():
+    engine.failed.wait()
+    _log.critical("the engine failed (%s): shutting down", engine.error)
+    server.should_exit = True
+
+  threading.Thread(target=stop_when_the_engine_fails, name="engine-watch", daemon=True).start()
+  server.run()
+  if engine.error is not None:
+    raise EngineFailed(f"the engine failed: {engine.error!r}")
