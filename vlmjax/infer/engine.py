@@ -209,7 +209,8 @@ class Engine:
                       SamplingParams.fill(1, temperature, top_k, top_p), jax.random.key(seed), tuple(stop), listener)
     with self._condition:
       if not self._accepting:
-        raise RuntimeError("the engine is not accepting requests: it is stopping or has failed")
+        raise RuntimeError("the engine is not accepting requests: it is stopping or has failed"
+                           + (f" ({self.error})" if self.error else ""))
       if self.max_waiting is not None and len(self._scheduler.waiting) >= self.max_waiting:
         raise QueueFull(f"{len(self._scheduler.waiting)} requests are waiting for a slot already; try again later")
       self._scheduler.waiting.append(request)

@@ -144,8 +144,9 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
     except QueueFull as error:
       raise APIError(503, str(error), kind="server_error", code="overloaded",
                      headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from error
-    except RuntimeError as error:
-      raise APIError(503, str(error), kind="server_error", code="unavailable") from error
+    except RuntimeError as error:  # its text may name the engine's failure: for the log, not the client
+      raise APIError(503, "the server is not accepting requests: it is stopping or has failed", kind="server_error",
+                     code="unavailable") from error
 
   def submit_chat(body: protocol.ChatCompletionRequest, outputs: _Outputs) -> Request:
     """The conversation's prompt, checked against the context before its images are read and decoded."""
