@@ -102,7 +102,8 @@ def tiny_vlm(tmp_path_factory):
 def serve_process():
   """`start(checkpoint, log_path, *flags)`: a context manager that runs `vlmjax serve --checkpoint CHECKPOINT` on a
   free loopback port in a process of its own, waits until /health answers, yields (process, port) and kills the
-  process after; a server that dies or does not answer within 180 s fails with its log."""
+  process after; a server that dies or does not answer within 180 s fails with its log. It starts without
+  --warm_up unless the flags say otherwise."""
   import contextlib
   import http.client
   import socket
@@ -116,8 +117,10 @@ def serve_process():
       probe.bind(("127.0.0.1", 0))
       port = probe.getsockname()[1]
     with open(log_path, "w") as log:
+      # Without --warm_up the server starts at once, compiling as requests come (tests/serve/test_warm_up.py has it).
+      warm_up = () if any(flag.startswith(("--warm_up", "--nowarm_up")) for flag in flags) else ("--nowarm_up",)
       process = subprocess.Popen([sys.executable, "-m", "vlmjax.cli", "serve", "--checkpoint", checkpoint, "--port",
-                                  str(port), *flags], stdout=log, stderr=subprocess.STDOUT)
+                                  str(port), *warm_up, *flags], stdout=log, stderr=subprocess.STDOUT)
     try:
       deadline = time.monotonic() + 180
       while True:

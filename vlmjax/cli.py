@@ -81,6 +81,8 @@ _MAX_REQUEST_PIXELS = flags.DEFINE_integer("max_request_pixels", 4 * 2048 * 2048
 _MAX_WAITING = flags.DEFINE_integer("max_waiting", 256, "serve: requests queued for a slot at most; more get 503 "
                                     "with Retry-After.")
 _METRICS_NEED_KEY = flags.DEFINE_bool("metrics_need_key", False, "serve: /metrics needs the API key too.")
+_WARM_UP = flags.DEFINE_bool("warm_up", True, "serve: compile every program the engine can need (up to "
+                             "--max_images images a request) before taking requests, so none compiles while serving.")
 _DOCS = flags.DEFINE_bool("docs", False, "serve: FastAPI's /docs, /redoc and /openapi.json (off by default).")
 _COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, "serve: a directory for JAX's persistent "
                                          "compilation cache: a restarted server reads its start-up programs from it.")
@@ -252,7 +254,8 @@ def serve(args: list[str]) -> None:
     server.serve(_CHECKPOINT.value, host=_HOST.value, port=_PORT.value, num_slots=_SLOTS.value,
                  max_len=_MAX_LEN.value, api_key=_API_KEY.value or os.environ.get("VLMJAX_API_KEY"),
                  image_dir=_IMAGE_DIR.value, model_name=_MODEL_NAME.value, limits=limits,
-                 metrics_need_key=_METRICS_NEED_KEY.value, docs=_DOCS.value, num_pages=_PAGES.value,
+                 metrics_need_key=_METRICS_NEED_KEY.value, docs=_DOCS.value, warm_up=_WARM_UP.value,
+                 num_pages=_PAGES.value,
                  page_size=_PAGE_SIZE.value, prefix_caching=_PREFIX_CACHING.value,
                  prefill_chunk=_PREFILL_CHUNK.value or None, prefill_budget=_PREFILL_BUDGET.value or None)
   except FileNotFoundError as error:  # no such checkpoint, or one missing a file

@@ -23,7 +23,7 @@ def _running(app):
   runner = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
   thread = threading.Thread(target=runner.run, kwargs={"sockets": [sock]}, daemon=True)
   thread.start()
-  deadline = time.monotonic() + 30
+  deadline = time.monotonic() + 300  # a warm-up compiles first
   while not runner.started:
     assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
     time.sleep(0.05)

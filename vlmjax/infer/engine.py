@@ -56,8 +56,9 @@ from vlmjax.infer.prefix_cache import PrefixCache, page_keys
 from vlmjax.infer.requests import Output, Request
 from vlmjax.infer.sampling import SamplingParams
 from vlmjax.infer.scheduler import Scheduler
-from vlmjax.infer.slots import (Prefix, add_pages, generate, init_state, insert, prefill, prefill_chunk,
-                                release)
+from vlmjax.infer import warm_up as warm_up_lib
+from vlmjax.infer.slots import (Prefix, add_pages, generate, image_bucket, init_state, insert, prefill,
+                                prefill_chunk, prefill_rows, release)
 from vlmjax.models import paged_cache
 
 _log = logging.getLogger(__name__)
@@ -66,9 +67,6 @@ DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per prefill call; a longer prompt i
 # Prompt tokens prefilled per loop iteration at most (one call always goes): the most a burst of new prompts delays
 # the running streams' next token by.
 DEFAULT_PREFILL_BUDGET = 1024
-# Prompt tokens (bucket x prompts) of one batched prefill call: 8 prompts of 128 tokens. Several prompts in one
-# call share the reads of the weights (a 16-slot server admits 16 at once after a lull).
-PREFILL_BATCH_TOKENS = 1024
 # A decode step reads the page table's first columns only, as many as the longest sequence needs rounded up to
 # the next of READ_WIDTHS equal steps of a slot's table (one compilation each): its gather and attention follow
 # the tokens held, not the slots' context.
@@ -239,6 +237,11 @@ class Engine:
                           f"the pool has {self.pages.num_pages}: ask for fewer tokens or give the engine more pages")
     return max_tokens
 
+  def warm_up(self, max_images: int = 0) -> float:
+    """Compiles every program serving prompts of up to `max_images` images can call, before `start`; returns the
+    seconds it took (`warm_up.py`)."""
+    return warm_up_lib.warm_up(self, max_images)
+
   def cancel(self, request: Request) -> None:
     """Ends a waiting or running request (finish_reason 'cancelled'); its slot is freed before the next step."""
     with self._condition:
@@ -303,7 +306,7 @@ class Engine:
     grown, preempted = self._scheduler.grow()
     for slot, entry in preempted:
       if entry.decoding:
-        entry.request.key = self._state.keys[slot]
+        entry.request.key = jax.lax.dynamic_index_in_dim(self._state.keys, jnp.int32(slot), keepdims=False)
       self._state = release(self._state, jnp.int32(slot))
     if grown:
       updates = np.full((3, self.num_slots), self.num_slots, np.int32)  # padded with slot N: changes nothing
@@ -312,26 +315,27 @@ class Engine:
 
   def _prefill(self, calls: list[tuple[int, int]]) -> None:
     """This iteration's prefill calls, (slot, where the piece of its context ends) each. The contexts that none
-    of is cached and one call holds whole go through `prefill` together, those of a bucket and image count in
-    batches of up to PREFILL_BATCH_TOKENS tokens (a power of two of prompts, so few batch sizes compile); the
-    others in pieces through `prefill_chunk`. A slot whose context is all in is inserted."""
-    whole: dict[tuple[int, int], list[int]] = {}  # (bucket, images) -> slots
+    of is cached and one call holds whole go through `prefill` together, those of a bucket and image bucket in
+    batches of `_prefill_rows`; the others in pieces through `prefill_chunk`. A slot whose context is all in is
+    inserted."""
+    whole: dict[tuple[int, int], list[int]] = {}  # (bucket, image bucket) -> slots
     for slot, end in calls:
       entry = self._scheduler.slots[slot]
       if not entry.prefilled and end == len(entry.context_ids):
         pixel_values = entry.request.pixel_values
-        group = (generation.bucket_length(end, self.buckets), 0 if pixel_values is None else len(pixel_values))
+        group = (generation.bucket_length(end, self.buckets),
+                 image_bucket(0 if pixel_values is None else len(pixel_values)))
         whole.setdefault(group, []).append(slot)
       else:
         self._prefill_piece(slot, end)
     for (bucket, _), slots in whole.items():
-      limit = max(1, PREFILL_BATCH_TOKENS // bucket)
+      limit = prefill_rows(bucket, len(slots))
       for first in range(0, len(slots), limit):
         batch = slots[first:first + limit]
         prompts = [(entry.context_ids, entry.request.pixel_values, len(entry.request.prompt_ids))
                    for entry in (self._scheduler.slots[slot] for slot in batch)]
-        rows = min(1 << (len(batch) - 1).bit_length(), limit)
-        prefix = prefill(self.vlm.params, self.config, prompts, bucket, self.vlm.pad_token_id, rows)
+        prefix = prefill(self.vlm.params, self.config, prompts, bucket, self.vlm.pad_token_id,
+                         prefill_rows(bucket, len(batch)))
         for row, slot in enumerate(batch):
           self._insert(slot, prefix, row)
 
@@ -377,9 +381,7 @@ class Engine:
       return
     # Every decoding sequence's pages, the one this step writes into included, lie within the width read.
     held = max(len(entry.pages) for entry in decoding)
-    width = next(width for width in self._read_widths if width >= held)
-    self._state, tokens = generate(self.vlm.params, self.config, self._state,
-                                   None if width == self._read_widths[-1] else width)
+    tokens = self._generate(next(width for width in self._read_widths if width >= held))
     # The inserted requests' first tokens are ready before the step is: they go out while it runs.
     for (slot, _), first in zip(self._inserted, jax.device_get([first for _, first in self._inserted])):
       self._deliver(slot, int(first))
@@ -387,6 +389,12 @@ class Engine:
     for slot, entry in enumerate(slots):
       if entry is not None and entry.decoding:  # still running, a request inserted this round included
         self._deliver(slot, int(tokens[slot]))
+
+  def _generate(self, width: int) -> jax.Array:
+    """One decode step reading the page table's first `width` columns; the step's tokens int32[N] (on device)."""
+    self._state, tokens = generate(self.vlm.params, self.config, self._state,
+                                   None if width == self._read_widths[-1] else width)
+    return tokens
 
   def _deliver(self, slot: int, token: int) -> None:
     """Hands a slot's new token to the detokenizer; frees the slot when the token ends the request."""

@@ -25,6 +25,16 @@ from vlmjax.models.kv_cache import KVCache
 from vlmjax.models.vlm import VLM as VLMModel
 from vlmjax.models.vlm import VLMConfig
 
+# Prompt tokens (bucket x prompts) of one batched prefill call: 8 prompts of 128 tokens. Several prompts in one
+# call share the reads of the weights (a 16-slot server admits 16 at once after a lull).
+PREFILL_BATCH_TOKENS = 1024
+
+
+def prefill_rows(bucket: int, prompts: int) -> int:
+  """The batch of one `prefill` call of `prompts` prompts of a bucket: a power of two (so few batch sizes compile),
+  at most PREFILL_BATCH_TOKENS tokens (the most prompts of the bucket one call takes)."""
+  return min(1 << (prompts - 1).bit_length(), max(1, PREFILL_BATCH_TOKENS // bucket))
+
 
 @flax.struct.dataclass
 class SlotState:
@@ -72,6 +82,18 @@ def init_state(config: VLMConfig, num_slots: int, max_len: int, num_pages: int, 
                    prefix_lengths=jnp.zeros((num_slots,), jnp.int32))
 
 
+def image_bucket(num_images: int) -> int:
+  """The image count a prefill is compiled for: the next power of two. The padding images are encoded and not
+  used (a prompt's placeholders take its first images' embeddings), so the programs follow a few image counts."""
+  return 0 if num_images == 0 else 1 << (num_images - 1).bit_length()
+
+
+def _pad_images(pixel_values: np.ndarray) -> np.ndarray:
+  """float32[I, H, W, 3] -> float32[image_bucket(I), H, W, 3], zero images after the request's."""
+  padding = image_bucket(len(pixel_values)) - len(pixel_values)
+  return np.concatenate([pixel_values, np.zeros((padding, *pixel_values.shape[1:]), pixel_values.dtype)])
+
+
 def _padded(token_ids: Sequence[int], bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """(input_ids int32[1, bucket], input_mask bool[1, bucket]): the tokens right-padded with pad_id."""
   input_ids = np.full((1, bucket), pad_id, np.int32)
@@ -82,8 +104,8 @@ def _padded(token_ids: Sequence[int], bucket: int, pad_id: int) -> tuple[np.ndar
 def prefill(params, config: VLMConfig, prompts: Sequence[tuple[Sequence[int], np.ndarray | None, int]], bucket: int,
             pad_id: int, rows: int | None = None) -> Prefix:
   """Prompts through the model in one call, each right-padded to `bucket` tokens: `generate.prefill`, compiled
-  once per bucket, image count and batch. One prompt is (token ids int[T] with image placeholders,
-  pixel_values float32[I, H, W, 3] or None, prefix length); all have the same number of images. The batch is
+  once per bucket, image bucket and batch. One prompt is (token ids int[T] with image placeholders,
+  pixel_values float32[I, H, W, 3] or None, prefix length); all have images of the same `image_bucket`. The batch is
   `rows` (default: len(prompts)), filled up with copies of the first prompt. A prefix-LM model attends
   bidirectionally over each prompt's first `prefix length` tokens (the request's own prompt: tokens it decoded
   before a preemption come after it, causal as when they were decoded). Returns a Prefix of `rows` rows, the
@@ -95,7 +117,7 @@ def prefill(params, config: VLMConfig, prompts: Sequence[tuple[Sequence[int], np
   input_mask = np.concatenate([mask for _, mask in padded])
   prefix_lengths = jnp.array([length for _, _, length in prompts], jnp.int32) if config.prefix_lm else None
   pixels = (None if prompts[0][1] is None else
-            jnp.asarray(np.stack([pixel_values for _, pixel_values, _ in prompts]), jnp.float32))
+            jnp.asarray(np.stack([_pad_images(pixel_values) for _, pixel_values, _ in prompts]), jnp.float32))
   logits, cache = generation.prefill(params, config, input_ids, input_mask, pixels, prefix_lengths,
                                      config.decoder.init_cache(batch_size=rows, max_len=bucket))
   return Prefix(cache=cache, logits=logits)
@@ -109,9 +131,9 @@ def prefill_chunk(params, config: VLMConfig, state: SlotState, token_ids: Sequen
   into `pages` (int32[max_pages], the request's page-table row; the state's page table is left as it is).
   pixel_values: float32[I, H, W, 3], the images whose placeholders are all among these tokens, or None.
   Causal models only. Returns (the state with the new keys and values in its pool, logits float32[1, V] of
-  the last token); compiled once per bucket and image count."""
+  the last token); compiled once per bucket and image bucket."""
   input_ids, input_mask = _padded(token_ids, bucket, pad_id)
-  pixels = None if pixel_values is None else jnp.asarray(pixel_values[None], jnp.float32)
+  pixels = None if pixel_values is None else jnp.asarray(_pad_images(pixel_values)[None], jnp.float32)
   return _prefill_chunk(params, config, state, input_ids, input_mask, pixels, jnp.asarray(pages), jnp.int32(start))
 
 

@@ -15,6 +15,8 @@ class Metrics:
     options = {"registry": self.registry}
     self.running = prometheus_client.Gauge("vlmjax_requests_running", "Requests holding a decode slot.", **options)
     self.waiting = prometheus_client.Gauge("vlmjax_requests_waiting", "Requests queued for a slot.", **options)
+    self.warm_up = prometheus_client.Gauge("vlmjax_warm_up_seconds", "Start-up time compiling (or reading from the "
+                                           "compilation cache) the engine's programs.", **options)
     self.ttft = prometheus_client.Histogram(
         "vlmjax_time_to_first_token_seconds", "From arrival to the first generated token.",
         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), **options)

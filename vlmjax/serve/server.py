@@ -68,8 +68,10 @@ class _Outputs:
 
 def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None = None, api_key: str | None = None,
                image_dir: str | None = None, limits: Limits = Limits(), metrics_need_key: bool = False,
-               docs: bool = False, **paging) -> fastapi.FastAPI:
-  """The app and its engine (`app.state.engine`), started and drained with the app's lifespan. With `api_key`,
+               docs: bool = False, warm_up: bool = False, **paging) -> fastapi.FastAPI:
+  """The app and its engine (`app.state.engine`), started and drained with the app's lifespan; with `warm_up`,
+  every program the engine can need for requests of up to `limits.max_images` images is compiled before the app
+  takes requests (`Engine.warm_up`: no request then compiles, nor stalls the others). With `api_key`,
   /v1/ routes (and /metrics with `metrics_need_key`) need it; `docs`: FastAPI's /docs, /redoc and
   /openapi.json. `paging`: the engine's num_pages, page_size, prefix_caching, prefill_chunk and prefill_budget."""
   if image_dir is not None and not os.path.isdir(image_dir):
@@ -82,6 +84,10 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
+    if warm_up:
+      seconds = await asyncio.to_thread(engine.warm_up, limits.max_images)
+      metrics.warm_up.set(seconds)
+      _log.info("compiled the engine's programs in %.1f s", seconds)
     engine.start()
     yield
     await asyncio.to_thread(engine.stop)  # uvicorn has let in-flight requests finish; drain what is left

@@ -1,0 +1,135 @@
+"""Compiling, before a server starts, every program its engine can call (`Engine.warm_up`): no request waits behind a
+compilation, and no stream stalls while one runs inside the engine loop.
+
+What the engine compiles, and for what:
+  prefill        (bucket, image bucket, rows): prompts prefilled whole, up to `prefill_chunk` tokens (every
+                 bucket for a prefix-LM model), several of a bucket in one call;
+  insert         (bucket, rows) of those calls, and one more for the last piece of a prompt prefilled in pieces;
+  prefill_chunk  (bucket, image bucket): the pieces of prompts longer than `prefill_chunk`, the first reaching past
+                 its images, and the rest of a prompt whose start is in the prefix cache;
+  generate       each read width; add_pages and release; and the few eager calls of `submit` and of a preemption.
+Synthetic prompts go through the engine's own methods, so each call has the argument types of a real one, into
+slots whose page rows are all the null page (their keys and values are written nowhere); the slots are freed
+after. A prompt of a bucket is as short as the bucket allows, so that as many as a real burst would be are
+prefilled together. With JAX's persistent compilation cache (`runtime.use_compilation_cache`), a restarted server
+reads the programs from disk instead of compiling them.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlmjax.infer.requests import Request
+from vlmjax.infer.sampling import SamplingParams
+from vlmjax.infer.scheduler import Slot
+from vlmjax.infer.slots import add_pages, image_bucket, prefill_rows
+
+
+def warm_up(engine, max_images: int) -> float:
+  """Compiles the engine's programs for prompts of up to `max_images` images; the seconds it took. Before
+  `engine.start()` only: the engine thread must not run meanwhile."""
+  if any(thread.is_alive() for thread in engine._threads):
+    raise RuntimeError("warm_up runs before the engine starts")
+  began = time.perf_counter()
+  prefix_cache, engine.prefix_cache = engine.prefix_cache, None  # nothing synthetic is listed in it
+  try:
+    for images, length, prompts in _whole_prefills(engine, max_images):
+      for slot in range(prompts):
+        _place(engine, slot, length, images)
+      engine._prefill([(slot, length) for slot in range(prompts)])
+      _clear(engine)
+    for images, length in _pieces(engine, max_images):
+      _place(engine, 0, length, images)
+      engine._prefill_piece(0, length)
+      _clear(engine)
+    for width in engine._read_widths:
+      engine._generate(width)
+    padding = np.full((3, engine.num_slots), engine.num_slots, np.int32)  # changes nothing
+    engine._state = add_pages(engine._state, *padding)
+    jax.lax.dynamic_index_in_dim(engine._state.keys, jnp.int32(0), keepdims=False)  # a preempted slot's key
+    SamplingParams.fill(1, 0.5, 1, 0.5)  # submit's
+    jax.random.key(0), jax.random.key(2**32 - 1)
+    jax.block_until_ready(engine._state)
+  finally:
+    engine.prefix_cache = prefix_cache
+  return time.perf_counter() - began
+
+
+def _image_counts(max_images: int) -> list[int]:
+  """0, and the fewest images of each image bucket up to max_images' (1, 2, 3, 5, 9, ...)."""
+  counts, bucket = [0], 1
+  while bucket // 2 + 1 <= max_images:
+    counts.append(bucket // 2 + 1)
+    bucket *= 2
+  return counts
+
+
+def _shortest(engine, bucket: int) -> int:
+  """The shortest prompt of a bucket."""
+  smaller = [b for b in engine.buckets if b < bucket]
+  return (smaller[-1] if smaller else 0) + 1
+
+
+def _whole_prefills(engine, max_images: int):
+  """(images, prompt length, prompts) of each `prefill` and `insert` program: per image bucket and length bucket,
+  the number of prompts that gives each batch size."""
+  tokens_per_image = engine.config.tokens_per_image
+  chunk, budget = engine._scheduler.prefill_chunk, engine._scheduler.prefill_budget
+  longest = engine.max_len - 1 if chunk is None else min(chunk, engine.max_len - 1)
+  for images in _image_counts(max_images):
+    for bucket in engine.buckets:
+      length = max(_shortest(engine, bucket), images * tokens_per_image, 1)
+      if length > longest or length > bucket:
+        continue
+      together = engine.num_slots if budget is None else min(engine.num_slots, max(1, budget // length))
+      seen = set()
+      for prompts in range(1, together + 1):
+        if prefill_rows(bucket, prompts) not in seen:
+          seen.add(prefill_rows(bucket, prompts))
+          yield images, length, prompts
+
+
+def _pieces(engine, max_images: int):
+  """(images, piece length) of each `prefill_chunk` program: pieces without images of every bucket up to the
+  chunk's (a long prompt's pieces; the rest of a prompt after its cached start), and first pieces with images,
+  from the chunk's bucket up to the context's (they reach past the prompt's last image)."""
+  chunk = engine._scheduler.prefill_chunk
+  if chunk is None and engine.prefix_cache is None:  # prefix-LM, or neither chunks nor a prefix cache
+    return
+  longest = engine.max_len - 1
+  chunked = chunk is not None and longest > chunk
+  tokens_per_image = engine.config.tokens_per_image
+  for bucket in engine.buckets:
+    length = _shortest(engine, bucket)
+    if length <= min(chunk or longest, longest):
+      yield 0, length
+  if not chunked:
+    return
+  for images in _image_counts(max_images)[1:]:
+    for bucket in engine.buckets:
+      length = max(_shortest(engine, bucket), chunk, images * tokens_per_image)
+      if length <= min(bucket, longest):
+        yield images, length
+
+
+def _place(engine, slot: int, length: int, images: int) -> None:
+  """A synthetic request of `length` tokens, its `images` placeholders first, in `slot` with no pages."""
+  config = engine.config
+  placeholders = images * config.tokens_per_image
+  filler = 0 if config.image_token_id != 0 else 1
+  prompt = [config.image_token_id] * placeholders + [filler] * (length - placeholders)
+  size = config.vision.image_size
+  pixel_values = np.zeros((images, size, size, 3), np.float32) if images else None
+  request = Request(prompt, pixel_values, placeholders, 1, SamplingParams.fill(1), jax.random.key(0), (), None)
+  engine._scheduler.slots[slot] = Slot(request, pages=[], context_ids=prompt, prefilled=0, chunked=False,
+                                       admission=0)
+
+
+def _clear(engine) -> None:
+  """Frees the synthetic slots; drops their first tokens."""
+  for slot, entry in enumerate(engine._scheduler.slots):
+    if entry is not None:
+      engine._free(slot, None)
+  engine._inserted = []
