@@ -14,6 +14,18 @@ default model is tools/bench_decode.py's LLaVA of 23.8 M parameters with random 
 TTFT of a second question about an image already asked about, with and without prefix caching; and how many
 short requests run at once in a pool with the memory of --capacity_slots full slots. Prints the host (CPU model,
 cores, JAX devices) first and the dtype the servers compute in above the first table.
+
+    python tools/bench_serve.py --rates 0.5,1,2,4,8 --num_conversations 16 --plot /tmp/knee.png
+    python tools/bench_serve.py --soak 60
+
+--rates, instead of the modes' comparison: multi-turn chats about images of mixed sizes (64 to 1024 px a side),
+arriving as a Poisson process at each rate in turn, against continuous batching with prefix caching; a table of
+throughput, goodput and TTFT/TPOT percentiles per rate and the knee, the rate past which goodput stops rising
+(tools/serve_load.py). --soak [SECONDS], instead of the modes' comparison: --soak_clients streaming clients that
+hang up mid-stream at random, then the checks: no 5xx or other failure, no KV page held and no request running once
+they stop, the server's resident memory (VmRSS) at the end within 10% of its value after a warm-up of
+--soak_warmup seconds of the same clients before the soak's SECONDS (the warm-up compiles the shapes the load
+meets) (tools/serve_soak.py); exits 1 when a check fails.
 """
 
 import argparse
@@ -27,17 +39,18 @@ import os
 import socket
 import statistics
 import tempfile
+import threading
 import time
 import urllib.request
 
 import numpy as np
-import openai
 import uvicorn
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 import bench_decode  # tools/bench_decode.py: this script's own folder is on sys.path
 import roofline
+import serve_load
+import serve_soak
 import vlmjax
 from vlmjax import runtime
 from vlmjax import workdir as workdir_lib
@@ -134,28 +147,6 @@ class Server:
     self.process.join()
 
 
-async def _one(client: openai.AsyncOpenAI, image: str, question: str, max_tokens: int) -> dict:
-  """One streamed chat request through the OpenAI client -> {ttft, latency, output_tokens, itl: [s]}."""
-  messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                           {"type": "text", "text": question}]}]
-  start, chunk_times, output_tokens = time.perf_counter(), [], 0
-  stream = await client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens,
-                                                temperature=0, stream=True, stream_options={"include_usage": True})
-  async for chunk in stream:
-    if chunk.usage:
-      output_tokens = chunk.usage.completion_tokens
-    if chunk.choices and chunk.choices[0].delta.content:
-      chunk_times.append(time.perf_counter())
-  latency = time.perf_counter() - start
-  ttft = (chunk_times[0] - start) if chunk_times else latency
-  return {"ttft": ttft, "latency": latency, "output_tokens": output_tokens,
-          "itl": list(np.diff(chunk_times)) if len(chunk_times) > 1 else []}
-
-
-def _client(url: str) -> openai.AsyncOpenAI:
-  return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600.0)
-
-
 async def run_load(url: str, requests: list[tuple[str, str]], args) -> tuple[list[dict], float]:
   """Every request, arriving as the load says; -> (per-request results, wall-clock seconds)."""
   rng = np.random.default_rng(args.seed)
@@ -163,9 +154,9 @@ async def run_load(url: str, requests: list[tuple[str, str]], args) -> tuple[lis
 
   async def limited(client, image, question):
     async with limit:
-      return await _one(client, image, question, args.max_tokens)
+      return await serve_load.stream_chat(client, [serve_load.user_turn(question, image)], args.max_tokens)
 
-  async with _client(url) as client:
+  async with serve_load.client(url) as client:
     start, tasks = time.perf_counter(), []
     for image, question in requests:
       tasks.append(asyncio.create_task(limited(client, image, question)))
@@ -173,18 +164,6 @@ async def run_load(url: str, requests: list[tuple[str, str]], args) -> tuple[lis
         await asyncio.sleep(rng.gamma(args.burstiness, 1.0 / (args.request_rate * args.burstiness)))
     results = await asyncio.gather(*tasks)
   return results, time.perf_counter() - start
-
-
-def summarize(results: list[dict], duration: float, args) -> dict:
-  tpot = [(r["latency"] - r["ttft"]) / (r["output_tokens"] - 1) for r in results if r["output_tokens"] > 1]
-  itl = [gap for r in results for gap in r["itl"]]
-  good = sum(r["ttft"] <= args.ttft_slo and (r["output_tokens"] <= 1 or (r["latency"] - r["ttft"]) / (
-      r["output_tokens"] - 1) <= args.tpot_slo) for r in results)
-  stats = lambda values: {"mean": statistics.fmean(values), **{f"p{q}": float(np.percentile(values, q))
-                                                             for q in (50, 90, 99)}} if values else {}
-  return {"requests/s": len(results) / duration, "output tok/s": sum(r["output_tokens"] for r in results) / duration,
-          "goodput req/s": good / duration, "duration s": duration, "ttft": stats([r["ttft"] for r in results]),
-          "tpot": stats(tpot), "itl": stats(itl), "e2e": stats([r["latency"] for r in results])}
 
 
 def prefix_reuse(args, requests) -> dict[str, float]:
@@ -195,12 +174,14 @@ def prefix_reuse(args, requests) -> dict[str, float]:
     with Server(args.checkpoint, num_slots=args.slots, max_len=args.max_len, page_size=args.prefix_page_size,
                 prefix_caching=caching) as server:
       async def ask():
-        async with _client(server.url) as client:
-          await _one(client, images[0], "warm up w5", args.max_tokens)  # compiles
+        async with serve_load.client(server.url) as client:
+          ask_about = lambda image, question, tokens: serve_load.stream_chat(
+              client, [serve_load.user_turn(question, image)], tokens)
+          await ask_about(images[0], "warm up w5", args.max_tokens)  # compiles
           repeated = []
           for image in images:
-            await _one(client, image, "first question w7 w8", 2)
-            repeated.append((await _one(client, image, "second question w9", 2))["ttft"])
+            await ask_about(image, "first question w7 w8", 2)
+            repeated.append((await ask_about(image, "second question w9", 2))["ttft"])
           return statistics.median(repeated)
       medians["prefix caching" if caching else "no prefix caching"] = asyncio.run(ask())
   return medians
@@ -217,21 +198,15 @@ def capacity(args) -> dict[str, float]:
     async def burst():
       peak, preempted, done = 0, 0.0, False
 
-      def metrics() -> dict[str, float]:
-        with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as response:
-          text = response.read().decode()
-        return {sample.name: sample.value for family in text_string_to_metric_families(text)
-                for sample in family.samples}
-
       async def poll():
         nonlocal peak, preempted
         while not done:
-          now = await asyncio.to_thread(metrics)  # off the event loop that sends the requests
+          now = await asyncio.to_thread(serve_load.read_metrics, server.url)  # off the loop sending the requests
           peak = max(peak, int(now["vlmjax_requests_running"]))
           preempted = now["vlmjax_preemptions_total"]
           await asyncio.sleep(0.01)
 
-      async with _client(server.url) as client:
+      async with serve_load.client(server.url) as client:
         await client.completions.create(model="bench", prompt="w5 w6", max_tokens=2)  # compiles
         poller = asyncio.create_task(poll())
         await asyncio.gather(*(client.completions.create(model="bench", prompt=f"w{7 + i} w8 w9", max_tokens=8)
@@ -269,14 +244,99 @@ def main():
                       "this many full slots (0: skip)")
   parser.add_argument("--repeats", type=int, default=3, help="measured rounds per mode (medians are reported)")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--plot", default=None, help="PNG: output tokens/s against p90 TTFT per mode")
+  parser.add_argument("--plot", default=None, help="PNG: output tokens/s against p90 TTFT per mode (with --rates: "
+                      "throughput, goodput and p99 TTFT against the rate)")
+  realistic = parser.add_argument_group("the realistic load (tools/serve_load.py), instead of the modes' comparison")
+  realistic.add_argument("--rates", default=None, help="conversations/s to sweep, e.g. 0.5,1,2,4,8")
+  realistic.add_argument("--num_conversations", type=int, default=16, help="conversations per rate")
+  realistic.add_argument("--turns", type=int, default=3, help="turns per conversation")
+  realistic.add_argument("--turn_words", type=int, default=8, help="words per question (multi-turn and soak)")
+  soaking = parser.add_argument_group("the soak (tools/serve_soak.py), instead of the modes' comparison")
+  soaking.add_argument("--soak", type=float, nargs="?", const=60.0, default=None, metavar="SECONDS",
+                       help="streaming clients hanging up at random for SECONDS (60 if none given)")
+  soaking.add_argument("--soak_clients", type=int, default=64)
+  soaking.add_argument("--hangup", type=float, default=0.3, help="probability that a client hangs up mid-stream")
+  soaking.add_argument("--soak_warmup", type=float, default=30.0, help="seconds of the same clients before the soak: "
+                       "the RSS baseline is read at its end (it compiles the shapes the load meets)")
   args = parser.parse_args()
   print(roofline.host_description())
   with tempfile.TemporaryDirectory() as scratch:  # the servers load the default checkpoint from here
     if args.checkpoint is None:
       args.checkpoint = os.path.join(scratch, "llava")
       build_chat_checkpoint(args.checkpoint)
-    benchmark(args)
+    if args.rates is None and args.soak is None:
+      benchmark(args)
+    if args.rates is not None:
+      sweep(args)
+    if args.soak is not None and not soak(args):
+      raise SystemExit("the soak failed a check (above)")
+
+
+def sweep(args) -> None:
+  """The realistic load at each rate against continuous batching with prefix caching; prints the table."""
+  print(f"the server computes in {checkpoint_dtype(args.checkpoint)}; {args.slots} slots of {args.max_len} tokens, "
+        f"pages of {args.page_size}, prefix caching")
+  with Server(args.checkpoint, num_slots=args.slots, max_len=args.max_len, page_size=args.page_size,
+              prefill_budget=args.prefill_budget or None, prefix_caching=True) as server:
+    rows = serve_load.sweep(server.url, args)
+  serve_load.print_sweep(rows, args)
+  if args.plot:
+    serve_load.plot_sweep(rows, args.plot)
+
+
+def soak(args) -> bool:
+  """--soak_clients streaming clients hanging up at random for --soak_warmup + --soak seconds against continuous
+  batching (no prefix caching: its pages stay held by design), then the checks: no failed request, no page held
+  and no request running once they stop, the server's resident memory at the end within 10% of its value at the
+  end of the warm-up, a normal request answered. Prints them; -> whether all passed."""
+  rng = np.random.default_rng(args.seed)
+  images = [serve_load.mixed_image(rng) for _ in range(8)]
+  with Server(args.checkpoint, num_slots=args.slots, max_len=args.max_len, page_size=args.page_size,
+              prefill_budget=args.prefill_budget or None) as server:
+    pid, rss, stop, start = server.process.pid, [], threading.Event(), time.monotonic()  # rss: (seconds, bytes)
+
+    def sample_rss():
+      while not stop.wait(1.0):
+        rss.append((time.monotonic() - start, serve_soak.rss_bytes(pid)))
+
+    sampler = threading.Thread(target=sample_rss)
+    sampler.start()
+    counts = serve_soak.soak(server.url, "bench", images, args.soak_warmup + args.soak, clients=args.soak_clients,
+                             hangup=args.hangup, max_tokens=args.max_tokens, question_words=args.turn_words,
+                             seed=args.seed)
+    stopped = time.monotonic() - start
+    metrics, waited = serve_soak.wait_drained(server.url)
+    stop.set()
+    sampler.join()
+    end_rss = serve_soak.rss_bytes(pid)
+    answer = asyncio.run(_ask(server.url, images[0]))
+  requests, fails, errors = sum(counts.values()), serve_soak.failures(counts), serve_soak.server_errors(counts)
+  print(f"\nsoak: {args.soak_clients} streaming clients, {args.soak_warmup:.0f} s of warm-up + {args.soak:.0f} s "
+        f"(hang-up probability {args.hangup}, max_tokens 1-{args.max_tokens}, 8 images 64-1024 px), {args.slots} "
+        f"slots; the clients stopped after {stopped:.1f} s\n{requests} requests ({requests / stopped:.1f}/s): "
+        f"{counts['completed']} read to the end, {counts['hung up']} hung up mid-stream" +
+        (f"; failures: {fails}" if fails else ""))
+  gib, warm_rss = 2.0 ** 30, next(value for seconds, value in rss if seconds >= args.soak_warmup)
+  checks = {
+      f"5xx: {errors}, other failures: {sum(fails.values()) - errors}": not fails,
+      f"{waited:.1f} s after the clients stopped: {metrics['vlmjax_kv_pages_used']:.0f} KV pages in use (of "
+      f"{metrics['vlmjax_kv_pages_total']:.0f}), {metrics['vlmjax_requests_running']:.0f} requests running, "
+      f"{metrics['vlmjax_requests_waiting']:.0f} waiting":
+          all(metrics[f"vlmjax_{name}"] == 0 for name in ("kv_pages_used", "requests_running", "requests_waiting")),
+      f"RSS {warm_rss / gib:.3f} GiB after the warm-up, peak {max(value for _, value in rss) / gib:.3f} GiB, "
+      f"{end_rss / gib:.3f} GiB at the end ({100 * (end_rss / warm_rss - 1):+.1f}%, within 10%)":
+          abs(end_rss / warm_rss - 1) <= 0.1,
+      f"then a normal request: {answer['output_tokens']} tokens": answer["output_tokens"] > 0}
+  for check, passed in checks.items():
+    print(f"  {'ok    ' if passed else 'FAILED'} {check}")
+  every = max(1, round(len(rss) / 12))
+  print("  RSS GiB by second: " + ", ".join(f"{seconds:.0f}: {value / gib:.3f}" for seconds, value in rss[::every]))
+  return all(checks.values())
+
+
+async def _ask(url: str, image: str) -> dict:
+  async with serve_load.client(url) as client:
+    return await serve_load.stream_chat(client, [serve_load.user_turn("w5 w6 w7", image)], 4)
 
 
 def benchmark(args) -> None:
@@ -298,7 +358,7 @@ def benchmark(args) -> None:
         asyncio.run(run_load(server.url, requests, args))
     for _ in range(args.repeats):  # the modes in turn, so that a change in the machine's speed falls on all
       for mode, server in servers.items():
-        rounds[mode].append(summarize(*asyncio.run(run_load(server.url, requests, args)), args))
+        rounds[mode].append(serve_load.summarize(*asyncio.run(run_load(server.url, requests, args)), args))
   rows = {mode: _medians(runs) for mode, runs in rounds.items()}
   print(f"\nmedians of {args.repeats} rounds\n{'mode':>10} {'req/s':>6} {'tok/s':>7} {'good/s':>6} | "
         f"{'TTFT mean':>9} {'p50':>6} {'p90':>6} {'p99':>6} | {'TPOT mean ms':>12} {'p90':>6} | "
