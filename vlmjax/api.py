@@ -213,17 +213,21 @@ def from_trained(config: ml_collections.ConfigDict, params, model_dir: str, sour
 
 
 def load_workdir(workdir: str) -> VLM:
-  """The trained model of a vlmjax training workdir (its latest checkpoint)."""
+  """The trained model of a vlmjax training workdir: its latest checkpoint, or, when that one is damaged, the newest
+  earlier one that restores (the step skipped and the step used are logged as warnings; `source` names the step).
+  Raises FileNotFoundError without any checkpoint and workdir.NoReadableCheckpoint when none restores."""
   config = workdir_lib.read_config(workdir)
-  checkpointer = workdir_lib.Checkpointer(workdir, asynchronous=False)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{workdir} holds no finished checkpoint yet")
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           nn.meta.unbox(abstract_params(VLMConfig.from_dict(config.model))))
-  params = checkpointer.restore_params(step, abstract)
-  checkpointer.close()
+  checkpointer = workdir_lib.Checkpointer(workdir, asynchronous=False)
+  try:
+    found = checkpointer.restore_latest_params(abstract)
+  finally:
+    checkpointer.close()
+  if found is None:
+    raise FileNotFoundError(f"{workdir} holds no finished checkpoint yet")
+  step, params = found
   return from_trained(config, params, workdir, source=f"{os.path.abspath(workdir)} step {step}")
 
 

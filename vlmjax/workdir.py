@@ -10,12 +10,16 @@ Everything here reads and writes files only (no model, no training), so every la
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
-from typing import Any
+import sys
+import traceback
+from typing import Any, Callable, TypeVar
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
@@ -26,6 +30,7 @@ STAGES = ("contrastive", "classify", "align", "finetune", "full")
 CONTRASTIVE, CLASSIFY = "contrastive", "classify"
 VISION_PRETRAINING = (CONTRASTIVE, CLASSIFY)  # stages whose config section is named after them
 MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+T = TypeVar("T")
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
@@ -139,20 +144,85 @@ def parse_stages(spec: str, total_steps: int) -> list[Stage]:
 
 # Checkpoints with orbax: the train state and the data iterator's state, saved together, asynchronously.
 # Orbax writes each step into a temporary directory and renames it when complete, so a run killed mid-save leaves
-# no half-written checkpoint that a restart could pick up; `latest_step` only sees finished ones.
+# no half-written checkpoint that a restart could pick up. A finished checkpoint can still be damaged afterwards (a
+# data file deleted or truncated, its metadata lost): `restore_newest` then reports it in one line and goes back to
+# the newest step before it that restores, so that a resumed run, the server and evaluation go on.
+
+
+class UnreadableCheckpoint(ValueError):
+  """Orbax could not restore checkpoint `step`; `reason` is the error in one line (type and message)."""
+
+  def __init__(self, step: int, reason: str):
+    super().__init__(f"checkpoint {step} does not restore: {reason}")
+    self.step, self.reason = step, reason
+
+
+class NoReadableCheckpoint(ValueError):
+  """A workdir holds checkpoints but none of them restores (each one's error is in the message)."""
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+  """'Type: message' of the error that started it all, on one line: orbax wraps TensorStore's error (which names
+  the file and what is wrong with it) in one that prints the whole array spec over fifty lines."""
+  while (error.__cause__ or error.__context__) is not None:
+    error = error.__cause__ or error.__context__
+  message = str(error).split(" [tensorstore_spec")[0].split("See full TensorStore details")[0]
+  text = " ".join(f"{type(error).__name__}: {message}".split())
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _quiet_the_aftermath_of_a_failed_restore() -> None:
+  """Keeps a reported failure to one line: when a restore fails, orbax closes its event loop with TensorStore reads
+  still in flight and drops their coroutines, and each of them later prints a traceback through
+  sys.unraisablehook (an "Event loop is closed" from call_soon_threadsafe, an orbax coroutine closed mid-read). The
+  hook set here drops those two kinds and passes anything else on to the hook before it."""
+  if getattr(sys.unraisablehook, "vlmjax_quiets_restores", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(unraisable.exc_traceback)]
+    closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "call_soon_threadsafe" in frames
+    code = getattr(unraisable.object, "cr_code", None)
+    dropped_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+    if not (closed_loop or dropped_read):
+      previous(unraisable)
+
+  hook.vlmjax_quiets_restores = True
+  sys.unraisablehook = hook
+
+
+def _on_every_process(ok: bool) -> bool:
+  """Whether `ok` holds on every process: the processes of a multi-host run each read their own shards, so one may
+  find a damaged file that the others never open, and they must all go back to the same step."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 class Checkpointer:
   """Periodic and final checkpoints of a run, keeping the newest `keep`."""
 
   def __init__(self, workdir: str, keep: int = 2, asynchronous: bool = True):
+    self._workdir = workdir
+    self._directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
                                            create=True)
-    self._manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                          item_names=("state", "data"), options=options)
+    self._manager = ocp.CheckpointManager(self._directory, item_names=("state", "data"), options=options)
+
+  def steps(self) -> list[int]:
+    """The steps of the checkpoints, newest first: those orbax lists, and any other step folder (one orbax no longer
+    recognizes as finished, e.g. on a file system where it looks for a commit marker that was lost), which then
+    fails to restore and is reported instead of being passed over in silence."""
+    on_disk = {int(name) for name in os.listdir(self._directory) if name.isdigit()} if os.path.isdir(
+        self._directory) else set()
+    return sorted(set(self._manager.all_steps()) | on_disk, reverse=True)
 
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    """The newest step, restorable or not (`restore_newest` and the methods on it skip a damaged one)."""
+    return next(iter(self.steps()), None)
 
   def save(self, step: int, state: Any, data_state: dict) -> None:
     """Starts saving (returns before the write ends when asynchronous); `wait` blocks until it is on disk."""
@@ -160,16 +230,74 @@ class Checkpointer:
                                                      data=ocp.args.JsonSave(data_state)), force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """(the train state with the shardings of `abstract_state`'s ShapeDtypeStructs, the data state)."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=_restore_args(abstract_state), data=ocp.args.JsonRestore()))
+    """(the train state with the shardings of `abstract_state`'s ShapeDtypeStructs, the data state); a checkpoint
+    that does not restore raises UnreadableCheckpoint."""
+    restored = self._restore(step, ocp.args.Composite(state=_restore_args(abstract_state),
+                                                      data=ocp.args.JsonRestore()))
     return restored.state, restored.data
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
-    """Only the model parameters of a checkpoint (no optimizer state is read)."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=_restore_args({"params": abstract_params}, partial=True)))
+    """Only the model parameters of a checkpoint (no optimizer state is read); UnreadableCheckpoint if it does
+    not restore."""
+    restored = self._restore(step, ocp.args.Composite(state=_restore_args({"params": abstract_params},
+                                                                          partial=True)))
     return restored.state["params"]
+
+  def _restore(self, step: int, args: ocp.args.Composite):
+    try:
+      return self._manager.restore(step, args=args)
+    except Exception as error:  # orbax and TensorStore raise plain Exceptions, ValueErrors, FileNotFoundErrors...
+      _quiet_the_aftermath_of_a_failed_restore()
+      raise UnreadableCheckpoint(step, _one_line(error)) from error
+
+  def restore_newest(self, restore: Callable[[int], T], set_aside: bool = False) -> tuple[int, T] | None:
+    """(step, restore(step)) for the newest step whose `restore` does not raise UnreadableCheckpoint (`restore`
+    calls `restore`/`restore_params` with what the caller needs from the step); None if there is no checkpoint.
+
+    Each step that does not restore is logged (a warning: the step and the error in one line), and so is the step
+    used instead. set_aside: also rename each such step's folder to checkpoints/<step>.corrupt (process 0), out
+    of orbax's sight, so that a resumed run can save that step again (orbax refuses to save a step whose folder
+    exists); what was in it is kept for a look, not deleted. Raises NoReadableCheckpoint, naming the workdir and
+    each step's error, when no step restores.
+    """
+    failures = []
+    for step in self.steps():
+      try:
+        result, ok = restore(step), True
+      except UnreadableCheckpoint as error:
+        result, ok, reason = None, False, error.reason
+      if not _on_every_process(ok):
+        failures.append((step, reason if not ok else "it does not restore on another process"))
+        logging.warning("%s: checkpoint %d does not restore, skipped: %s", self._workdir, step, failures[-1][1])
+        continue
+      if failures:
+        logging.warning("%s: using checkpoint %d, the newest one that restores", self._workdir, step)
+        if set_aside:
+          self._set_aside([bad for bad, _ in failures])
+      return step, result
+    if failures:
+      raise NoReadableCheckpoint(f"no checkpoint of {self._workdir} restores:\n  " + "\n  ".join(
+          f"step {step}: {reason}" for step, reason in failures))
+    return None
+
+  def restore_latest_params(self, abstract_params: Any) -> tuple[int, Any] | None:
+    """(step, parameters) of the newest checkpoint whose parameters restore (`restore_newest`); None if none."""
+    return self.restore_newest(lambda step: self.restore_params(step, abstract_params))
+
+  def _set_aside(self, steps: list[int]) -> None:
+    if jax.process_index() == 0:
+      for step in steps:
+        path = os.path.join(self._directory, str(step))
+        if os.path.exists(path):
+          aside = f"{path}.corrupt"
+          shutil.rmtree(aside, ignore_errors=True)  # an older copy of the same step, damaged before
+          os.rename(path, aside)
+          logging.warning("%s: damaged checkpoint %d set aside as %s", self._workdir, step, aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("vlmjax: damaged checkpoints set aside")
+    self._manager.reload()  # forget the steps set aside: saving them again is allowed
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -4,7 +4,8 @@
 
 Stages chain in one run (`train.stages = "contrastive:0.2,full:0.8"`: names and fractions of train.steps; see
 `stages.py`); each stage starts from the previous one's parameters with a fresh optimizer. Running the same
-command on a workdir resumes from its last checkpoint (train state and data-iterator state), step for step.
+command on a workdir resumes from its last checkpoint (train state and data-iterator state), step for step;
+a damaged one is reported and set aside, and the run goes on from the newest one that restores.
 """
 
 import logging
@@ -87,22 +88,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     """The parameters of stage `name`'s model around the vision tower `vision`."""
     model = pretraining[name]
     return {**init_params(model.module, model.config, model.init_inputs), "vision": vision}
-  checkpointer = workdir_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  if config.train.init_from:
-    params = _params_from(config.train.init_from, params)
-  latest = checkpointer.latest_step()
-  writer = workdir_lib.MetricsWriter(workdir, enabled=is_main)
 
-  for index, stage in enumerate(stages):
-    if latest is not None and latest >= stage.end:
-      continue  # finished in an earlier run
-    if latest is not None and latest == stage.start:  # the previous stage's end: its parameters
-      previous = stages[index - 1]
-      if previous.pretrains_vision:
-        like = workdir_lib.abstract_like(init_pretraining(previous.name, params["vision"]))
-        params = {**params, "vision": checkpointer.restore_params(latest, like)["vision"]}
-      else:
-        params = checkpointer.restore_params(latest, workdir_lib.abstract_like(params))
+  def set_up(index: int, stage: workdir_lib.Stage, params) -> tuple:
+    """A stage from its start around `params` (a vision pretraining stage takes their tower): (its train state at
+    stage.start, update step, data iterator, bad-record counter)."""
     if stage.pretrains_vision:
       model = pretraining[stage.name]
       stage_config, stage_params = model.config, init_pretraining(stage.name, params["vision"])
@@ -111,8 +100,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
       stage_config, stage_params = model_config, params
       to_example = stages_lib.shapes_example_fn(config, model_config, tokenizer_dir)
       batch_size, length = config.train.batch_size, config.data.length
-    optim_config = stages_lib.optim_config(config, stage)
-    optimizer = optim.make_optimizer(optim_config, stage_params, stage.name, stage.steps)
+    optimizer = optim.make_optimizer(stages_lib.optim_config(config, stage), stage_params, stage.name, stage.steps)
     state, state_shardings = state_lib.create_sharded(stage_params, optimizer, stage.start, mesh)
     train_step = state_lib.sharded_train_step(state_shardings, config=stage_config, optimizer=optimizer,
                                               stage=stage.name)
@@ -121,11 +109,44 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
         source, to_example, seed=config.seed + index, batch_size=batch_size // jax.process_count(),
         length=length, process_index=jax.process_index(), process_count=jax.process_count(),
         source_name=f"{data_dir} (train)", bad_records=bad_records)
-    iterator = iter(dataset)
-    if latest is not None and stage.start < latest < stage.end:
-      state, data_state = checkpointer.restore(latest, workdir_lib.abstract_like(state))
-      iterator.set_state(data_state)
-      logging.info("resumed %s at step %d", workdir, latest)
+    return state, train_step, iter(dataset), bad_records
+
+  def resume_from(step: int, params) -> tuple:
+    """What the run goes on with from checkpoint `step`: at a stage's end, (`params` with what that stage trained,
+    None), the stages after it starting from them; within a stage, (`params`, the stage's `set_up` with its train
+    state and data position read from the checkpoint). A checkpoint that does not restore raises
+    workdir.UnreadableCheckpoint."""
+    index = next((i for i, stage in enumerate(stages) if step <= stage.end), len(stages) - 1)
+    stage = stages[index]
+    if step >= stage.end:
+      if stage.pretrains_vision:
+        like = workdir_lib.abstract_like(init_pretraining(stage.name, params["vision"]))
+        return {**params, "vision": checkpointer.restore_params(step, like)["vision"]}, None
+      return checkpointer.restore_params(step, workdir_lib.abstract_like(params)), None
+    state, train_step, iterator, bad_records = set_up(index, stage, params)
+    state, data_state = checkpointer.restore(step, workdir_lib.abstract_like(state))
+    iterator.set_state(data_state)
+    return params, (state, train_step, iterator, bad_records)
+
+  checkpointer = workdir_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  if config.train.init_from:
+    params = _params_from(config.train.init_from, params)
+  # Resume from the newest checkpoint that restores, a finished run's last one included (read, not trained from,
+  # so that a damaged one is trained again). A damaged checkpoint is logged and set aside as <step>.corrupt: the
+  # run goes on from the one before and saves that step afresh when it gets there.
+  resumed = checkpointer.restore_newest(lambda step: resume_from(step, params), set_aside=True)
+  latest, (params, resumed_stage) = resumed if resumed is not None else (None, (params, None))
+  if latest is not None:
+    logging.info("resumed %s at step %d", workdir, latest)
+  writer = workdir_lib.MetricsWriter(workdir, enabled=is_main)
+
+  for index, stage in enumerate(stages):
+    if latest is not None and latest >= stage.end:
+      continue  # finished in an earlier run
+    # The first stage left goes on from the checkpoint when it stopped within it; any other starts afresh.
+    state, train_step, iterator, bad_records = resumed_stage or set_up(index, stage, params)
+    resumed_stage = None
+    optim_config = stages_lib.optim_config(config, stage)
     schedule = optim.learning_rate_schedule(optim_config, stage.steps)
     # Validation generates with the inference code on this process's devices: single-process runs only
     # (a multi-host run's parameters span other hosts; evaluate its workdir with `vlmjax eval`).
@@ -171,11 +192,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
 
 
 def _params_from(workdir: str, like):
-  """The latest parameters of another run's workdir, in the shardings of `like`."""
+  """The latest parameters of another run's workdir (that restore), in the shardings of `like`."""
   checkpointer = workdir_lib.Checkpointer(workdir, asynchronous=False)
-  step = checkpointer.latest_step()
-  if step is None:
+  try:
+    found = checkpointer.restore_latest_params(workdir_lib.abstract_like(like))  # a damaged newest one skipped
+  finally:
+    checkpointer.close()
+  if found is None:
     raise FileNotFoundError(f"train.init_from={workdir!r} holds no finished checkpoint")
-  params = checkpointer.restore_params(step, workdir_lib.abstract_like(like))
-  checkpointer.close()
-  return params
+  return found[1]
