@@ -4,6 +4,7 @@
 """
 
 import datetime
+import functools
 import json
 import os
 from typing import Any
@@ -45,6 +46,13 @@ class _GenerationTag(jinja2.ext.Extension):
 
   def _render(self, caller):
     return caller()
+
+
+def _byte_level_alphabet() -> list[str]:
+  """GPT-2's byte-level alphabet: the character that stands for each byte 0..255 in a byte-level BPE's tokens."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  others = iter(range(256, 512))
+  return [chr(byte) if byte in printable else chr(next(others)) for byte in range(256)]
 
 
 def read_chat_template(directory: str, tokenizer_config: dict) -> str | None:
@@ -182,6 +190,29 @@ class Tokenizer:
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  @functools.cached_property
+  def token_bytes(self) -> list[bytes]:
+    """The UTF-8 bytes each token id adds to a text, spaces included (what constrained decoding matches and
+    OpenAI's logprobs report): a byte-level BPE's characters mapped back to their bytes, a byte-fallback token
+    (<0x0A>) its byte, any other token what decoding it after another token adds. Special tokens: their text."""
+    decoder = (json.loads(self.backend.to_str()).get("decoder") or {}).get("type")
+    to_byte = {char: byte for byte, char in enumerate(_byte_level_alphabet())} if decoder == "ByteLevel" else None
+    anchor = self.encode("a", add_special_tokens=False)[:1]
+    offset = len(self.decode(anchor, skip_special_tokens=False))
+    special = {token.content for token in self.backend.get_added_tokens_decoder().values() if token.special}
+    tokens = []
+    for token_id in range(self.backend.get_vocab_size(with_added_tokens=True)):
+      token = self.backend.id_to_token(token_id) or ""
+      if token in special:
+        tokens.append(token.encode())
+      elif to_byte is not None and all(char in to_byte for char in token):
+        tokens.append(bytes(to_byte[char] for char in token))
+      elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        tokens.append(bytes([int(token[3:5], 16)]))
+      else:
+        tokens.append(self.decode(anchor + [token_id], skip_special_tokens=False)[offset:].encode())
+    return tokens
 
   def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """The conversation rendered by the chat template, as transformers renders it (keys whose value is None are

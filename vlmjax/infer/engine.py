@@ -53,12 +53,12 @@ import numpy as np
 from vlmjax.infer import generate as generation
 from vlmjax.infer import paged
 from vlmjax.infer.prefix_cache import PrefixCache, page_keys
-from vlmjax.infer.requests import Output, Request
-from vlmjax.infer.sampling import SamplingParams
+from vlmjax.infer.requests import Constraint, Output, Request, TokenLogprob
+from vlmjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenScores
 from vlmjax.infer.scheduler import Scheduler
 from vlmjax.infer import warm_up as warm_up_lib
-from vlmjax.infer.slots import (Prefix, add_pages, generate, image_bucket, init_state, insert, prefill,
-                                prefill_chunk, prefill_rows, release)
+from vlmjax.infer.slots import (Prefix, add_pages, allowed_words, generate, image_bucket, init_state, insert,
+                                prefill, prefill_chunk, prefill_rows, release, set_allowed)
 from vlmjax.models import paged_cache
 
 _log = logging.getLogger(__name__)
@@ -130,7 +130,9 @@ class Engine:
     # A prefix-LM prompt attends bidirectionally: its keys need all of it at once.
     self._scheduler = Scheduler(num_slots, self.pages, page_size, self.prefix_cache,
                                 None if self.config.prefix_lm else prefill_chunk, prefill_budget)
-    self._inserted: list[tuple[int, jax.Array]] = []  # (slot, first token) of the requests inserted this round
+    # (slot, first token, its TokenScores) of the requests inserted this round
+    self._inserted: list[tuple[int, jax.Array, TokenScores]] = []
+    self._unconstrained = np.full((allowed_words(self.config.decoder.vocab_size),), -1, np.int32)
     self._condition = threading.Condition()
     self._accepting = self._stopping = False
     self._to_detokenizer: queue.SimpleQueue = queue.SimpleQueue()
@@ -173,8 +175,8 @@ class Engine:
 
   def submit(self, prompt_ids: Sequence[int], pixel_values: np.ndarray | None = None, *,
              max_tokens: int | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int | None = None, stop: Sequence[str] = (),
-             listener: Callable[[Output], None] | None = None) -> Request:
+             seed: int | None = None, stop: Sequence[str] = (), logprobs: int | None = None,
+             constraint: Constraint | None = None, listener: Callable[[Output], None] | None = None) -> Request:
     """Queues one request; ValueError when it cannot run (too long, bad settings, images not matching).
 
     Args:
@@ -184,6 +186,10 @@ class Engine:
       seed: the request's PRNG seed (default: random); with the same seed a request samples what
         `VLM.generate_ids(..., seed=seed)` samples for it alone.
       stop: strings that end the generation; the text is cut before them.
+      logprobs: None, or report each generated token's log-probability with this many (0 to MAX_TOP_LOGPROBS)
+        of the most likely tokens (`Request.logprobs`, `Output.logprobs`).
+      constraint: what the request may generate (a JSON schema's grammar, `constrained.py`); it samples among the
+        tokens its `allowed()` gives at each step.
       listener: called from the detokenizer thread with each Output (new text as it becomes final).
     """
     prompt_ids = [int(token) for token in prompt_ids]
@@ -191,6 +197,8 @@ class Engine:
     vocab = self.config.decoder.vocab_size
     if top_k > vocab:
       raise ValueError(f"top_k={top_k} is larger than the vocabulary of {vocab} tokens (0 keeps every token)")
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+      raise ValueError(f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {logprobs}")
     num_images = 0 if pixel_values is None else len(pixel_values)
     size = self.config.vision.image_size
     if num_images and pixel_values.shape[1:] != (size, size, 3):
@@ -204,7 +212,8 @@ class Engine:
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     images_end = 1 + max((i for i, token in enumerate(prompt_ids) if token == self.config.image_token_id), default=-1)
     request = Request(prompt_ids, pixel_values, images_end, max_tokens,
-                      SamplingParams.fill(1, temperature, top_k, top_p), jax.random.key(seed), tuple(stop), listener)
+                      SamplingParams.fill(1, temperature, top_k, top_p), jax.random.key(seed), tuple(stop), listener,
+                      logprobs, constraint)
     with self._condition:
       if not self._accepting:
         raise RuntimeError("the engine is not accepting requests: it is stopping or has failed"
@@ -269,7 +278,7 @@ class Engine:
         for slot in self._scheduler.by_admission():
           self._scheduler.free(slot)
       for request in ended:
-        self._to_detokenizer.put((request, None, "error"))
+        self._to_detokenizer.put((request, None, "error", None))
       self.failed.set()
     finally:
       self._to_detokenizer.put(None)
@@ -295,7 +304,7 @@ class Engine:
     for request in [request for request in waiting if request.cancelled or request.done.is_set()]:
       waiting.remove(request)
       if request.cancelled:
-        self._to_detokenizer.put((request, None, "cancelled"))
+        self._to_detokenizer.put((request, None, "cancelled", None))
     for slot, entry in enumerate(self._scheduler.slots):
       if entry is not None and (entry.request.cancelled or entry.request.done.is_set()):
         self._free(slot, "cancelled" if entry.request.cancelled else None)
@@ -359,13 +368,14 @@ class Engine:
     delivered after the step) and lists its full pages in the prefix cache."""
     entry = self._scheduler.slots[slot]
     request = entry.request
-    self._state, first = insert(prefix, jnp.int32(row), self._state, jnp.int32(slot), self._page_row(slot),
-                                request.sampling, request.key, jnp.int32(len(request.prompt_ids)))
+    allowed = self._unconstrained if request.constraint is None else request.constraint.allowed()
+    self._state, first, scores = insert(prefix, jnp.int32(row), self._state, jnp.int32(slot), self._page_row(slot),
+                                        request.sampling, request.key, jnp.int32(len(request.prompt_ids)), allowed)
     entry.prefilled = len(entry.context_ids)
     if self.prefix_cache is not None:
       keys = page_keys(entry.context_ids, request.pixel_values, self.page_size)
       self.prefix_cache.add(keys, entry.pages[:len(keys)])
-    self._inserted.append((slot, first))
+    self._inserted.append((slot, first, scores))
 
   def _page_row(self, slot: int) -> np.ndarray:
     """int32[max_pages]: the slot's pages, then null pages."""
@@ -376,60 +386,88 @@ class Engine:
 
   def _step(self) -> None:
     slots = self._scheduler.slots
+    # A constrained request's next tokens depend on its first: that one is copied and delivered before the step.
+    self._deliver_inserted(lambda request: request.constraint is not None)
     decoding = [entry for entry in slots if entry is not None and entry.decoding]
     if not decoding:
       return
+    if any(entry.request.constraint is not None for entry in decoding):
+      allowed = np.tile(self._unconstrained, (self.num_slots, 1))
+      for slot, entry in enumerate(slots):
+        if entry is not None and entry.decoding and entry.request.constraint is not None:
+          allowed[slot] = entry.request.constraint.allowed()
+      self._state = set_allowed(self._state, allowed)
     # Every decoding sequence's pages, the one this step writes into included, lie within the width read.
     held = max(len(entry.pages) for entry in decoding)
-    tokens = self._generate(next(width for width in self._read_widths if width >= held))
-    # The inserted requests' first tokens are ready before the step is: they go out while it runs.
-    for (slot, _), first in zip(self._inserted, jax.device_get([first for _, first in self._inserted])):
-      self._deliver(slot, int(first))
-    tokens = jax.device_get(tokens)  # the step's one copy
+    tokens, scores = self._generate(next(width for width in self._read_widths if width >= held))
+    # The other inserted requests' first tokens are ready before the step is: they go out while it runs.
+    self._deliver_inserted(lambda request: True)
+    if any(entry.request.top_logprobs is not None for entry in decoding):
+      tokens, scores = jax.device_get((tokens, scores))  # the step's one copy
+    else:
+      tokens, scores = jax.device_get(tokens), None
     for slot, entry in enumerate(slots):
       if entry is not None and entry.decoding:  # still running, a request inserted this round included
-        self._deliver(slot, int(tokens[slot]))
+        self._deliver(slot, int(tokens[slot]), None if scores is None else _row(scores, slot))
 
-  def _generate(self, width: int) -> jax.Array:
-    """One decode step reading the page table's first `width` columns; the step's tokens int32[N] (on device)."""
-    self._state, tokens = generate(self.vlm.params, self.config, self._state,
-                                   None if width == self._read_widths[-1] else width)
-    return tokens
+  def _deliver_inserted(self, which: Callable[[Request], bool]) -> None:
+    """Copies and delivers the first tokens of this round's inserted requests that `which` picks."""
+    chosen = [which(self._scheduler.slots[slot].request) for slot, _, _ in self._inserted]
+    picked = [item for item, pick in zip(self._inserted, chosen) if pick]
+    self._inserted = [item for item, pick in zip(self._inserted, chosen) if not pick]
+    for (slot, _, _), (first, scores) in zip(picked, jax.device_get([item[1:] for item in picked])):
+      self._deliver(slot, int(first), _row(scores, 0))
 
-  def _deliver(self, slot: int, token: int) -> None:
-    """Hands a slot's new token to the detokenizer; frees the slot when the token ends the request."""
+  def _generate(self, width: int) -> tuple[jax.Array, TokenScores]:
+    """One decode step reading the page table's first `width` columns: the step's tokens int32[N] and their
+    TokenScores (on device)."""
+    self._state, tokens, scores = generate(self.vlm.params, self.config, self._state,
+                                           None if width == self._read_widths[-1] else width)
+    return tokens, scores
+
+  def _deliver(self, slot: int, token: int, scores: TokenLogprob | None) -> None:
+    """Hands a slot's new token (with its log-probabilities) to the detokenizer; frees the slot when the token
+    ends the request."""
     request = self._scheduler.slots[slot].request
     request.decoded_ids.append(token)
+    if request.constraint is not None:
+      request.constraint.advance(token)
     reason = ("stop" if token in self.vlm.eos_token_ids else
               "length" if len(request.decoded_ids) >= request.max_tokens else None)
     if reason:  # freed first, so that a finished request's slot and pages are back when it is seen to end
       self._free(slot, None)
-    self._to_detokenizer.put((request, token, reason))
+    self._to_detokenizer.put((request, token, reason, scores if request.top_logprobs is not None else None))
 
   def _free(self, slot: int, reason: str | None) -> None:
     request = self._scheduler.free(slot).request
     self._state = release(self._state, jnp.int32(slot))
     if reason:
-      self._to_detokenizer.put((request, None, reason))
+      self._to_detokenizer.put((request, None, reason, None))
 
   # The detokenizer thread.
 
   def _detokenize(self) -> None:
     while (item := self._to_detokenizer.get()) is not None:
-      request, token, reason = item
+      request, token, reason, scores = item
       if request.done.is_set():  # ended already (a stop string), later tokens are dropped
         continue
       try:
-        self._emit(request, token, reason)
+        self._emit(request, token, reason, scores)
       except Exception:  # a listener that fails (its client is gone) ends its own request only
         _log.exception("a request's listener or on_finish failed; cancelling the request")
         self.cancel(request)
 
-  def _emit(self, request: Request, token: int | None, reason: str | None) -> None:
-    output = request.receive(token, reason, self.vlm.tokenizer.decode, self.error)
+  def _emit(self, request: Request, token: int | None, reason: str | None, scores: TokenLogprob | None) -> None:
+    output = request.receive(token, reason, self.vlm.tokenizer.decode, self.error, scores)
     try:
       if request.listener is not None:
         request.listener(output)
     finally:
       if output.finish_reason and self.on_finish is not None:
         self.on_finish(request)
+
+
+def _row(scores: TokenScores, row: int) -> TokenLogprob:
+  """One row of host TokenScores."""
+  return TokenLogprob(logprob=float(scores.chosen[row]), top=tuple(
+      zip(scores.top_ids[row].tolist(), scores.top[row].tolist())))

@@ -9,6 +9,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import numpy as np
@@ -19,14 +20,34 @@ FINISH_REASONS = ("stop", "length", "cancelled", "error")  # stop: an end token 
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+  """A generated token's log-probability under the model (log-softmax of its logits, before temperature or any
+  constraint), and the most likely tokens' (token id, log-probability), the likeliest first."""
+
+  logprob: float
+  top: tuple[tuple[int, float], ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Output:
   """What a request produced since its previous output; `finish_reason` (one of FINISH_REASONS) is set on the
-  last one only, `error` when the engine failed."""
+  last one only, `error` when the engine failed. `logprobs`: of `token_ids`, when the request asked for them."""
 
   text: str
   token_ids: tuple[int, ...]
   finish_reason: str | None = None
   error: str | None = None
+  logprobs: tuple[TokenLogprob, ...] = ()
+
+
+class Constraint(Protocol):
+  """What a request may generate, followed token by token on the engine thread (`constrained.py`)."""
+
+  def allowed(self) -> np.ndarray:
+    """int32[ceil(V / 32)]: bit t % 32 of word t // 32 set when token t may come next."""
+
+  def advance(self, token: int) -> None:
+    """The request generated `token`."""
 
 
 class Request:
@@ -37,9 +58,12 @@ class Request:
 
   def __init__(self, prompt_ids: list[int], pixel_values: np.ndarray | None, images_end: int, max_tokens: int,
                sampling: SamplingParams, key: jax.Array, stop: tuple[str, ...],
-               listener: Callable[[Output], None] | None):
+               listener: Callable[[Output], None] | None, top_logprobs: int | None = None,
+               constraint: Constraint | None = None):
     self.prompt_ids, self.pixel_values, self.images_end = prompt_ids, pixel_values, images_end
     self.max_tokens, self.sampling, self.key, self.stop, self.listener = max_tokens, sampling, key, stop, listener
+    self.top_logprobs, self.constraint = top_logprobs, constraint
+    self.logprobs: list[TokenLogprob] | None = None if top_logprobs is None else []  # of token_ids
     self.token_ids: list[int] = []
     self.text = ""  # what has been handed out: the generated text, minus a stop string and what follows it
     self.finish_reason: str | None = None
@@ -63,13 +87,17 @@ class Request:
     return self
 
   def receive(self, token: int | None, reason: str | None, decode: Callable[[list[int]], str],
-              engine_error: BaseException | None) -> Output:
-    """The detokenizer thread's step: takes the request's next token (None: none, it only ends) and the reason it
-    ends (None: it goes on), and returns the Output for its listener; a stop string found ends it here."""
+              engine_error: BaseException | None, scores: TokenLogprob | None = None) -> Output:
+    """The detokenizer thread's step: takes the request's next token (None: none, it only ends) with its scores
+    (when it asked for logprobs) and the reason it ends (None: it goes on), and returns the Output for its
+    listener; a stop string found ends it here."""
     now = time.monotonic()
     if token is not None:
       self.token_ids.append(token)
       self.first_token_at = self.first_token_at or now
+      if self.logprobs is not None:
+        scores = TokenLogprob(scores.logprob, scores.top[:self.top_logprobs])
+        self.logprobs.append(scores)
     text = decode(self.token_ids)  # the whole text each time: merges may change the tail
     end = len(text)
     found = [index for index in (text.find(stop, max(0, len(self.text) - len(stop) + 1)) for stop in self.stop)
@@ -85,7 +113,8 @@ class Request:
     if reason:
       self.finish_reason, self.finished_at = reason, now
       self.done.set()
-    return Output(text=new_text, token_ids=() if token is None else (token,), finish_reason=reason, error=self.error)
+    return Output(text=new_text, token_ids=() if token is None else (token,), finish_reason=reason, error=self.error,
+                  logprobs=() if token is None or self.logprobs is None else (scores,))
 
 
 def _undecided_tail(text: str, stops: tuple[str, ...]) -> int:

@@ -8,6 +8,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+MAX_TOP_LOGPROBS = 20  # the most likely tokens reported with each scored one (OpenAI's bound for top_logprobs)
+
 
 @flax.struct.dataclass
 class SamplingParams:
@@ -62,3 +64,26 @@ def _sample_filtered(logits: jax.Array, params: SamplingParams, key: jax.Array) 
   keep = keep & (mass_before < params.top_p[:, None])  # the most likely token is always kept
   choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)  # [B]
   return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class TokenScores:
+  """The model's log-probabilities at sampled tokens: log-softmax of its logits, before temperature or any mask.
+
+  Attributes:
+    chosen: float32[N], of each row's sampled token.
+    top_ids: int32[N, K], the K most likely tokens (K = min(MAX_TOP_LOGPROBS, V)), the likeliest first.
+    top: float32[N, K], their log-probabilities.
+  """
+
+  chosen: jax.Array
+  top_ids: jax.Array
+  top: jax.Array
+
+
+def token_scores(logits: jax.Array, tokens: jax.Array) -> TokenScores:
+  """TokenScores of tokens int32[N] under logits float[N, V]."""
+  logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  top, top_ids = jax.lax.top_k(logprobs, min(MAX_TOP_LOGPROBS, logprobs.shape[-1]))
+  return TokenScores(chosen=jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0],
+                     top_ids=top_ids.astype(jnp.int32), top=top)

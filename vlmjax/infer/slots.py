@@ -5,8 +5,9 @@
                    prompt in chunks, or the rest of a prompt whose start is in the prefix cache's pages)
   `insert`         one of the prefilled prompts into a free slot's pages, with its first token and sampling
   `add_pages`      pages appended to slots' page-table rows, as their sequences grow
+  `set_allowed`    the tokens each slot may sample next (constrained decoding)
   `generate`       one token for every slot
-  `release`        a slot freed: inactive, greedy, its page table all null pages
+  `release`        a slot freed: inactive, greedy, unconstrained, its page table all null pages
 """
 
 import functools
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax.infer import generate as generation
-from vlmjax.infer.sampling import SamplingParams, sample
+from vlmjax.infer.sampling import SamplingParams, TokenScores, sample, token_scores
 from vlmjax.models import paged_cache
 from vlmjax.models.config import dtype
 from vlmjax.models.kv_cache import KVCache
@@ -48,6 +49,8 @@ class SlotState:
     sampling: per-slot SamplingParams (float32[N] / int32[N]); a free slot is greedy.
     keys: key[N], each slot's PRNG key, split once per sampled token.
     prefix_lengths: int32[N], each slot's prompt length (the bidirectional prefix of a prefix-LM model).
+    allowed: int32[N, ceil(V / 32)], a bit per token: the tokens each slot may sample next (bit t % 32 of word
+      t // 32; all ones for an unconstrained slot).
   """
 
   cache: paged_cache.PagedKVCache
@@ -56,6 +59,19 @@ class SlotState:
   sampling: SamplingParams
   keys: jax.Array
   prefix_lengths: jax.Array
+  allowed: jax.Array
+
+
+def allowed_words(vocab_size: int) -> int:
+  """int32 words of a token bitmask over the vocabulary."""
+  return -(-vocab_size // 32)
+
+
+def _only_allowed(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+  """logits float[N, V] with the tokens whose bit in allowed int32[N, W] is 0 at -inf."""
+  ids = jnp.arange(logits.shape[-1])
+  bits = (allowed[:, ids // 32] >> (ids % 32)) & 1  # [N, V]
+  return jnp.where(bits == 1, logits, -jnp.inf)
 
 
 @flax.struct.dataclass
@@ -79,7 +95,8 @@ def init_state(config: VLMConfig, num_slots: int, max_len: int, num_pages: int, 
   return SlotState(cache=cache, tokens=jnp.zeros((num_slots,), jnp.int32),
                    active=jnp.zeros((num_slots,), bool), sampling=SamplingParams.fill(num_slots),
                    keys=jax.random.split(jax.random.key(0), num_slots),
-                   prefix_lengths=jnp.zeros((num_slots,), jnp.int32))
+                   prefix_lengths=jnp.zeros((num_slots,), jnp.int32),
+                   allowed=jnp.full((num_slots, allowed_words(decoder.vocab_size)), -1, jnp.int32))
 
 
 def image_bucket(num_images: int) -> int:
@@ -150,14 +167,16 @@ def _prefill_chunk(params, config: VLMConfig, state: SlotState, input_ids, input
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def insert(prefix: Prefix, row: jax.Array, state: SlotState, slot: jax.Array, pages: jax.Array,
-           sampling: SamplingParams, key: jax.Array, prefix_length: jax.Array):
+           sampling: SamplingParams, key: jax.Array, prefix_length: jax.Array, allowed: jax.Array):
   """Puts row `row` (int32[]) of the prefilled prompts into `slot` (int32[]) whose pages are `pages`
-  (int32[max_pages], null-page padded) and samples its first token as `generate.generate` does with the same key.
-  sampling: SamplingParams of one row; prefix_length: int32[], the bidirectional prefix of a prefix-LM model (as
-  `prefill`'s). Returns (the new state, the first token int32[])."""
+  (int32[max_pages], null-page padded) and samples its first token as `generate.generate` does with the same key,
+  among the tokens `allowed` (int32[W] bitmask, as SlotState's). sampling: SamplingParams of one row;
+  prefix_length: int32[], the bidirectional prefix of a prefix-LM model (as `prefill`'s). Returns (the new
+  state, the first token int32[], its TokenScores of one row)."""
   prefix = jax.tree.map(lambda array: jax.lax.dynamic_slice_in_dim(array, row, 1, axis=0), prefix)  # [1, ...]
   key, sample_key = jax.random.split(key)
-  first = sample(prefix.logits, sampling, sample_key)[0]
+  tokens = sample(_only_allowed(prefix.logits, allowed[None]), sampling, sample_key)
+  first = tokens[0]
   put = lambda array, value: jax.lax.dynamic_update_index_in_dim(array, value, slot, axis=0)
   # The prompt's T_bucket slots go to the slot's first pages; what lies beyond its length is masked out.
   length = prefix.cache.lengths[0]
@@ -167,7 +186,8 @@ def insert(prefix: Prefix, row: jax.Array, state: SlotState, slot: jax.Array, pa
       tokens=put(state.tokens, first),
       active=put(state.active, True), sampling=jax.tree.map(lambda all_, one: put(all_, one[0]), state.sampling,
                                                              sampling),
-      keys=put(state.keys, key), prefix_lengths=put(state.prefix_lengths, prefix_length)), first
+      keys=put(state.keys, key), prefix_lengths=put(state.prefix_lengths, prefix_length),
+      allowed=put(state.allowed, allowed)), first, token_scores(prefix.logits, tokens)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -178,22 +198,30 @@ def add_pages(state: SlotState, slots: jax.Array, columns: jax.Array, pages: jax
   return state.replace(cache=cache.replace(page_table=cache.page_table.at[slots, columns].set(pages, mode="drop")))
 
 
+@functools.partial(jax.jit, donate_argnames=("state",))
+def set_allowed(state: SlotState, allowed: jax.Array) -> SlotState:
+  """The tokens each slot may sample next: allowed int32[N, W] (see SlotState)."""
+  return state.replace(allowed=allowed)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "read_pages"), donate_argnames=("state",))
 def generate(params, config: VLMConfig, state: SlotState, read_pages: int | None = None):
   """One decode step for every slot: forward each slot's latest token through its cache and sample the next.
   With `read_pages`, attention gathers only the first read_pages columns of the page table (every slot's
   sequence, this step's token included, must lie within them): the gather and the attention cost follow the
   longest sequence rather than the slots' context. Compiled once per read_pages.
-  Returns (the new state, tokens int32[N]); a free slot's token means nothing and its cache length stays 0."""
+  Each slot samples among its allowed tokens. Returns (the new state, tokens int32[N], their TokenScores); a free
+  slot's token means nothing and its cache length stays 0."""
   table = state.cache.page_table
   cache = state.cache.replace(page_table=table[:, :read_pages])
   prefix_lengths = state.prefix_lengths if config.prefix_lm else None
   logits, cache = VLMModel(config).apply({"params": params}, state.tokens[:, None], None, cache.lengths[:, None],
                                          cache, prefix_lengths=prefix_lengths)
   split = jax.vmap(jax.random.split)(state.keys)  # [N, 2]: per slot, (next key, this step's sample key)
-  tokens = _sample_slots(logits[:, 0], state.sampling, split[:, 1])
+  logits = logits[:, 0]
+  tokens = _sample_slots(_only_allowed(logits, state.allowed), state.sampling, split[:, 1])
   cache = cache.replace(page_table=table, lengths=jnp.where(state.active, cache.lengths, 0))
-  return state.replace(cache=cache, tokens=tokens, keys=split[:, 0]), tokens
+  return state.replace(cache=cache, tokens=tokens, keys=split[:, 0]), tokens, token_scores(logits, tokens)
 
 
 def _sample_slots(logits: jax.Array, sampling: SamplingParams, keys: jax.Array) -> jax.Array:
@@ -206,11 +234,12 @@ def _sample_slots(logits: jax.Array, sampling: SamplingParams, keys: jax.Array) 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def release(state: SlotState, slot: jax.Array) -> SlotState:
-  """Frees `slot` (int32[]): inactive, greedy (so an all-greedy batch keeps its fast path), length 0, its page
-  table all null pages (so the steps it still takes write nowhere)."""
+  """Frees `slot` (int32[]): inactive, greedy (so an all-greedy batch keeps its fast path), unconstrained, length 0,
+  its page table all null pages (so the steps it still takes write nowhere)."""
   put = lambda array, value: jax.lax.dynamic_update_index_in_dim(array, value, slot, axis=0)
   cache = state.cache
   null_row = jnp.full_like(cache.page_table[0], cache.num_pages)
   cache = cache.replace(lengths=put(cache.lengths, 0), page_table=put(cache.page_table, null_row))
   sampling = state.sampling.replace(temperature=put(state.sampling.temperature, 0.0))
-  return state.replace(active=put(state.active, False), cache=cache, sampling=sampling)
+  return state.replace(active=put(state.active, False), cache=cache, sampling=sampling,
+                       allowed=put(state.allowed, jnp.full_like(state.allowed[0], -1)))

@@ -7,7 +7,9 @@ What the engine compiles, and for what:
   insert         (bucket, rows) of those calls, and one more for the last piece of a prompt prefilled in pieces;
   prefill_chunk  (bucket, image bucket): the pieces of prompts longer than `prefill_chunk`, the first reaching past
                  its images, and the rest of a prompt whose start is in the prefix cache;
-  generate       each read width; add_pages and release; and the few eager calls of `submit` and of a preemption.
+  generate       each read width; add_pages, set_allowed and release; and the few eager calls of `submit` and of a
+                 preemption;
+  scoring        each bucket: the prompts whose own log-probabilities completions return (`echo`).
 Synthetic prompts go through the engine's own methods, so each call has the argument types of a real one, into
 slots whose page rows are all the null page (their keys and values are written nowhere); the slots are freed
 after. A prompt of a bucket is as short as the bucket allows, so that as many as a real burst would be are
@@ -21,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlmjax.infer import scoring
 from vlmjax.infer.requests import Request
 from vlmjax.infer.sampling import SamplingParams
 from vlmjax.infer.scheduler import Slot
-from vlmjax.infer.slots import add_pages, image_bucket, prefill_rows
+from vlmjax.infer.slots import add_pages, image_bucket, prefill_rows, set_allowed
 
 
 def warm_up(engine, max_images: int) -> float:
@@ -46,8 +49,13 @@ def warm_up(engine, max_images: int) -> float:
       _clear(engine)
     for width in engine._read_widths:
       engine._generate(width)
+    if not engine.config.prefix_lm:  # the prompts completions score with `echo`
+      for bucket in engine.buckets:
+        scoring.prompt_logprobs(engine.vlm.params, engine.config, [0] * _shortest(engine, bucket),
+                                engine.vlm.pad_token_id, engine.buckets)
     padding = np.full((3, engine.num_slots), engine.num_slots, np.int32)  # changes nothing
     engine._state = add_pages(engine._state, *padding)
+    engine._state = set_allowed(engine._state, np.tile(engine._unconstrained, (engine.num_slots, 1)))
     jax.lax.dynamic_index_in_dim(engine._state.keys, jnp.int32(0), keepdims=False)  # a preempted slot's key
     SamplingParams.fill(1, 0.5, 1, 0.5)  # submit's
     jax.random.key(0), jax.random.key(2**32 - 1)

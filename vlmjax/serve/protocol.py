@@ -1,7 +1,7 @@
 """Requests and responses of the OpenAI API subset the server speaks (pydantic models).
 
-Requests refuse fields they do not know (an ignored `logprobs` or `n=2` would silently give the client something
-else than it asked for); ranges are checked here, so a bad value is a 400 that names the field.
+Requests refuse fields they do not know (an ignored field would silently give the client something else than it
+asked for); ranges are checked here, so a bad value is a 400 that names the field.
 """
 
 import time
@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Each generated token is checked against every stop string, on the thread that serves all streams.
 MAX_STOPS, MAX_STOP_CHARS = 4, 64
+MAX_CHOICES = 16  # `n`: each choice is a request of its own
+MAX_TOP_LOGPROBS = 20
 
 
 class _Request(BaseModel):
@@ -47,15 +49,36 @@ class StreamOptions(_Request):
   include_usage: bool = False
 
 
+class JSONSchema(_Request):
+  name: str = Field(max_length=64)
+  schema_: dict | None = Field(None, alias="schema")  # None: any JSON object
+  description: str | None = None
+  strict: bool | None = None  # accepted; the schema is always followed exactly
+
+
+class ResponseFormat(_Request):
+  """`text` (no constraint), `json_object` (any JSON object) or `json_schema` (a value of that schema)."""
+
+  type: Literal["text", "json_object", "json_schema"]
+  json_schema: JSONSchema | None = None
+
+  @pydantic.model_validator(mode="after")
+  def _schema_given(self):
+    if (self.type == "json_schema") != (self.json_schema is not None):
+      raise ValueError("json_schema is given with type 'json_schema', and only then")
+    return self
+
+
 class GenerationRequest(_Request):
-  """Settings both endpoints share. `top_k` is an extension (as vLLM's); 0 keeps every token."""
+  """Settings both endpoints share. `top_k` is an extension (as vLLM's); 0 keeps every token. `n` choices are
+  sampled with seeds seed, seed + 1, ... when a seed is given."""
 
   model: str
   max_tokens: int | None = Field(None, ge=1)
   temperature: float = Field(1.0, ge=0.0, le=2.0)
   top_p: float = Field(1.0, gt=0.0, le=1.0)
   top_k: int = Field(0, ge=0, le=2**31 - 1)  # the engine refuses more than the vocabulary
-  n: Literal[1] = 1
+  n: int = Field(1, ge=1, le=MAX_CHOICES)
   stop: str | list[str] | None = None
   seed: int | None = Field(None, ge=0, le=2**32 - 1)  # a PRNG key holds 32 bits of seed
   stream: bool = False
@@ -74,6 +97,15 @@ class GenerationRequest(_Request):
 class ChatCompletionRequest(GenerationRequest):
   messages: list[ChatMessage] = Field(min_length=1)
   max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+  logprobs: bool = False
+  top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+  response_format: ResponseFormat | None = None
+
+  @pydantic.model_validator(mode="after")
+  def _top_logprobs_need_logprobs(self):
+    if self.top_logprobs is not None and not self.logprobs:
+      raise ValueError("top_logprobs needs logprobs: true")
+    return self
 
   @property
   def token_limit(self) -> int | None:
@@ -82,7 +114,15 @@ class ChatCompletionRequest(GenerationRequest):
 
 class CompletionRequest(GenerationRequest):
   prompt: str | list[str]
-  max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+  max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 only with echo
+  logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # the likeliest tokens reported with each
+  echo: bool = False  # the prompt comes back before the completion, with its logprobs when asked for
+
+  @pydantic.model_validator(mode="after")
+  def _nothing_to_generate_only_with_echo(self):
+    if self.max_tokens == 0 and not self.echo:
+      raise ValueError("max_tokens 0 (nothing generated) is for echo: true, which scores the prompt")
+    return self
 
   @pydantic.field_validator("prompt")
   @classmethod
@@ -111,15 +151,45 @@ def now() -> int:
   return int(time.time())
 
 
+class PromptTokensDetails(BaseModel):
+  cached_tokens: int  # read from the prefix cache instead of prefilled
+
+
 class Usage(BaseModel):
   prompt_tokens: int
   completion_tokens: int
   total_tokens: int
+  prompt_tokens_details: PromptTokensDetails
 
   @classmethod
-  def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+  def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> "Usage":
     return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-               total_tokens=prompt_tokens + completion_tokens)
+               total_tokens=prompt_tokens + completion_tokens,
+               prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+
+class TopLogprob(BaseModel):
+  token: str
+  logprob: float
+  bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+  top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+  content: list[ChatTokenLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+  """The legacy completions' shape: per token its text, log-probability (None for the prompt's first), the
+  likeliest tokens there ({text: log-probability}) and where its text starts."""
+
+  tokens: list[str]
+  token_logprobs: list[float | None]
+  top_logprobs: list[dict[str, float] | None]
+  text_offset: list[int]
 
 
 class AssistantMessage(BaseModel):
@@ -131,7 +201,7 @@ class ChatChoice(BaseModel):
   index: int = 0
   message: AssistantMessage
   finish_reason: Literal["stop", "length"]
-  logprobs: None = None
+  logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -152,7 +222,7 @@ class ChatChunkChoice(BaseModel):
   index: int = 0
   delta: Delta
   finish_reason: Literal["stop", "length"] | None = None
-  logprobs: None = None
+  logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -168,7 +238,7 @@ class CompletionChoice(BaseModel):
   index: int = 0
   text: str
   finish_reason: Literal["stop", "length"] | None = None
-  logprobs: None = None
+  logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

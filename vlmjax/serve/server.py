@@ -18,10 +18,11 @@ directory the operator allows; the server never fetches from the network. Errors
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import threading
-import time
+from collections.abc import Callable
 
 import fastapi
 import prometheus_client
@@ -30,9 +31,11 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from vlmjax.infer import scoring
+from vlmjax.infer.constrained import JSONGrammars
 from vlmjax.infer.engine import Engine, PromptTooLong, QueueFull
-from vlmjax.infer.requests import Output, Request
-from vlmjax.serve import chat_page, protocol
+from vlmjax.infer.requests import Output, Request, TokenLogprob
+from vlmjax.serve import chat_page, protocol, replies
 from vlmjax.serve.errors import APIError, internal
 from vlmjax.serve.images import ImageLimits, open_images
 from vlmjax.serve.metrics import Metrics
@@ -54,15 +57,16 @@ class Limits:
 
 
 class _Outputs:
-  """One request's outputs, handed from the engine's detokenizer thread to the event loop."""
+  """The outputs of a reply's requests (one per choice), (choice index, Output) each, handed from the engine's
+  detokenizer thread to the event loop."""
 
   def __init__(self):
     self._loop, self._queue = asyncio.get_running_loop(), asyncio.Queue()
 
-  def put(self, output: Output) -> None:
-    self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+  def listener(self, index: int) -> Callable[[Output], None]:
+    return lambda output: self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, output))
 
-  async def get(self, timeout: float | None = None) -> Output:
+  async def get(self, timeout: float | None = None) -> tuple[int, Output]:
     return await asyncio.wait_for(self._queue.get(), timeout)
 
 
@@ -130,31 +134,59 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
       raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'", param="model",
                      code="model_not_found")
 
-  def check_fits(prompt_ids: list[int], body: protocol.GenerationRequest, param: str) -> None:
+  def check_fits(prompt_ids: list[int], max_tokens: int | None, param: str) -> None:
     try:
-      engine.check_fits(len(prompt_ids), body.token_limit)
+      if max_tokens == 0:  # the prompt is only scored (completions' echo)
+        if len(prompt_ids) > engine.max_len:
+          raise PromptTooLong(f"a prompt of {len(prompt_ids)} tokens does not fit the context of {engine.max_len}")
+      else:
+        engine.check_fits(len(prompt_ids), max_tokens)
     except PromptTooLong as error:
       raise APIError(400, str(error), param=param, code="context_length_exceeded") from error
     except ValueError as error:
       raise APIError(400, str(error), param=param) from error
 
-  def submit(prompt_ids, pixel_values, body: protocol.GenerationRequest, outputs: _Outputs, param: str) -> Request:
-    try:
-      return engine.submit(prompt_ids, pixel_values, max_tokens=body.token_limit, temperature=body.temperature,
-                           top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=body.stop or (),
-                           listener=outputs.put)
-    except PromptTooLong as error:
-      raise APIError(400, str(error), param=param, code="context_length_exceeded") from error
-    except ValueError as error:
-      raise APIError(400, str(error), param=param) from error
-    except QueueFull as error:
-      raise APIError(503, str(error), kind="server_error", code="overloaded",
-                     headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from error
-    except RuntimeError as error:  # its text may name the engine's failure: for the log, not the client
-      raise APIError(503, "the server is not accepting requests: it is stopping or has failed", kind="server_error",
-                     code="unavailable") from error
+  @functools.cache
+  def json_grammars() -> JSONGrammars:
+    return JSONGrammars(vlm.tokenizer, vlm.model_config.decoder.vocab_size, vlm.eos_token_ids)
 
-  def submit_chat(body: protocol.ChatCompletionRequest, outputs: _Outputs) -> Request:
+  def constraint_of(response_format: protocol.ResponseFormat | None):
+    """A fresh constraint for one choice, or None."""
+    if response_format is None or response_format.type == "text":
+      return None
+    try:
+      return json_grammars().constraint(response_format.json_schema.schema_ if response_format.json_schema else None)
+    except ValueError as error:
+      raise APIError(400, f"response_format: {error}", param="response_format") from error
+
+  def submit(prompt_ids, pixel_values, body: protocol.GenerationRequest, outputs: _Outputs, param: str,
+             top_logprobs: int | None, response_format: protocol.ResponseFormat | None = None) -> list[Request]:
+    """The body's `n` requests (seeds seed, seed + 1, ... when it gives one); none stays queued if one is refused."""
+    seeds = [None] * body.n if body.seed is None else [(body.seed + i) % 2**32 for i in range(body.n)]
+    requests = []
+    try:
+      for index, seed in enumerate(seeds):
+        requests.append(engine.submit(
+            prompt_ids, pixel_values, max_tokens=body.token_limit, temperature=body.temperature, top_k=body.top_k,
+            top_p=body.top_p, seed=seed, stop=body.stop or (), logprobs=top_logprobs,
+            constraint=constraint_of(response_format), listener=outputs.listener(index)))
+    except BaseException as error:
+      for request in requests:
+        engine.cancel(request)
+      if isinstance(error, PromptTooLong):
+        raise APIError(400, str(error), param=param, code="context_length_exceeded") from error
+      if isinstance(error, ValueError):
+        raise APIError(400, str(error), param=param) from error
+      if isinstance(error, QueueFull):
+        raise APIError(503, str(error), kind="server_error", code="overloaded",
+                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from error
+      if isinstance(error, RuntimeError):  # its text may name the engine's failure: for the log, not the client
+        raise APIError(503, "the server is not accepting requests: it is stopping or has failed",
+                       kind="server_error", code="unavailable") from error
+      raise
+    return requests
+
+  def submit_chat(body: protocol.ChatCompletionRequest, outputs: _Outputs) -> list[Request]:
     """The conversation's prompt, checked against the context before its images are read and decoded."""
     messages, image_urls = [], []
     for i, message in enumerate(body.messages):
@@ -172,21 +204,11 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
       prompt_ids = vlm.prompt_ids(messages, len(image_urls))
     except ValueError as error:
       raise APIError(400, str(error), param="messages") from error
-    check_fits(prompt_ids, body, "messages")
+    check_fits(prompt_ids, body.token_limit, "messages")
     images = open_images(image_urls, image_dir, limits.images)
     pixel_values = vlm.image_processor(images) if images else None
-    return submit(prompt_ids, pixel_values, body, outputs, "messages")
-  async def final_output(request: Request, outputs: _Outputs, http_request: fastapi.Request) -> Output:
-    """Waits for the request's end; a client that hangs up cancels it."""
-    while True:
-      try:
-        output = await outputs.get(timeout=1.0)
-      except TimeoutError:
-        if await http_request.is_disconnected():
-          engine.cancel(request)
-        continue
-      if output.finish_reason:
-        return output
+    return submit(prompt_ids, pixel_values, body, outputs, "messages",
+                  (body.top_logprobs or 0) if body.logprobs else None, body.response_format)
 
   def failure(output: Output) -> APIError:
     if output.error:
@@ -195,70 +217,141 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
       return internal(request_id)
     return APIError(503, "the request was cancelled: the server is shutting down", kind="server_error")
 
-  async def sse(request: Request, outputs: _Outputs, chunk, include_usage: bool, first=None):
-    """Server-sent events: `first`, then chunk(text, finish_reason) for each output with news, chunk(usage=...)
-    when asked for, [DONE]. A client that hangs up cancels the stream's task here, and the request with it."""
-    try:
-      if first is not None:
-        yield f"data: {first.model_dump_json()}\n\n"
-      while (output := await outputs.get()).finish_reason not in ("cancelled", "error"):
-        if output.text or output.finish_reason:
-          yield f"data: {chunk(output.text, output.finish_reason).model_dump_json()}\n\n"
-        if output.finish_reason:
-          if include_usage:
-            yield f"data: {chunk(usage=usage(request)).model_dump_json()}\n\n"
-          yield "data: [DONE]\n\n"
-          return
-      yield f"data: {failure(output).response().body.decode()}\n\n"
-    finally:
-      engine.cancel(request)  # nothing left to do when it ended; frees the slot when the client left
+  async def finished(requests: list[Request], outputs: _Outputs, http_request: fastapi.Request) -> None:
+    """Waits until every request has ended; a client that hangs up cancels them. APIError when one failed."""
+    ended = 0
+    while ended < len(requests):
+      try:
+        _, output = await outputs.get(timeout=1.0)
+      except TimeoutError:
+        if await http_request.is_disconnected():
+          for request in requests:
+            engine.cancel(request)
+        continue
+      if output.finish_reason:
+        if output.finish_reason not in ("stop", "length"):
+          for request in requests:
+            engine.cancel(request)
+          raise failure(output)
+        ended += 1
 
-  def usage(request: Request) -> protocol.Usage:
-    return protocol.Usage.of(len(request.prompt_ids), len(request.token_ids))
+  async def sse(requests: list[Request], outputs: _Outputs, chunk, include_usage: bool, firsts=()):
+    """Server-sent events: `firsts`, then chunk(index, output) for each output with news, a last chunk with the
+    usage when asked for, [DONE]. A client that hangs up cancels the stream's task here, and the requests."""
+    try:
+      for first in firsts:
+        yield f"data: {first.model_dump_json()}\n\n"
+      ended = 0
+      while ended < len(requests):
+        index, output = await outputs.get()
+        if output.finish_reason in ("cancelled", "error"):
+          yield f"data: {failure(output).response().body.decode()}\n\n"
+          return
+        if output.text or output.finish_reason or output.logprobs:
+          yield f"data: {chunk(index, output).model_dump_json()}\n\n"
+        ended += bool(output.finish_reason)
+      if include_usage:
+        yield f"data: {chunk(usage=usage(requests)).model_dump_json()}\n\n"
+      yield "data: [DONE]\n\n"
+    finally:
+      for request in requests:
+        engine.cancel(request)  # nothing left to do when it ended; frees the slot when the client left
+
+  def usage(requests: list[Request], prompt_tokens: int | None = None) -> protocol.Usage:
+    """The prompt once, every choice's tokens; the prompt tokens the first choice read from the prefix cache."""
+    if not requests:
+      return protocol.Usage.of(prompt_tokens, 0)
+    return protocol.Usage.of(len(requests[0].prompt_ids), sum(len(request.token_ids) for request in requests),
+                             requests[0].cached_tokens)
 
   def include_usage(body: protocol.GenerationRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
+
+  token_bytes = vlm.tokenizer.token_bytes
 
   @app.post("/v1/chat/completions")
   async def chat_completions(body: protocol.ChatCompletionRequest, http_request: fastapi.Request):
     check_model(body.model)
     outputs = _Outputs()
-    request = await run_in_threadpool(submit_chat, body, outputs)
+    requests = await run_in_threadpool(submit_chat, body, outputs)
     reply_id, created = protocol.new_id("chatcmpl"), protocol.now()
+
+    def reply(choices=(), usage=None):
+      return protocol.ChatCompletionChunk(id=reply_id, created=created, model=model_name, choices=list(choices),
+                                          usage=usage)
+
+    def logprobs_of(token_ids, logprobs):
+      return replies.chat_logprobs(token_ids, logprobs, token_bytes) if body.logprobs else None
+
     if body.stream:
-      def chunk(text="", finish_reason=None, role=None, usage=None):
-        delta = protocol.Delta(role=role, content=text if text or role else None)
-        choices = [] if usage else [protocol.ChatChunkChoice(delta=delta, finish_reason=finish_reason)]
-        return protocol.ChatCompletionChunk(id=reply_id, created=created, model=model_name, choices=choices,
-                                            usage=usage)
-      return fastapi.responses.StreamingResponse(
-          sse(request, outputs, chunk, include_usage(body), first=chunk(role="assistant")),
-          media_type="text/event-stream")
-    output = await final_output(request, outputs, http_request)
-    if output.finish_reason not in ("stop", "length"):
-      raise failure(output)
-    message = protocol.AssistantMessage(content=request.text)
-    return protocol.ChatCompletion(id=reply_id, created=created, model=model_name, usage=usage(request),
-                                   choices=[protocol.ChatChoice(message=message, finish_reason=output.finish_reason)])
+      def chunk(index=0, output=None, usage=None):
+        if usage:
+          return reply(usage=usage)
+        delta = protocol.Delta(content=output.text if output.text or output.logprobs else None)
+        return reply([protocol.ChatChunkChoice(index=index, delta=delta, finish_reason=output.finish_reason,
+                                               logprobs=logprobs_of(output.token_ids, output.logprobs))])
+      firsts = [reply([protocol.ChatChunkChoice(index=index, delta=protocol.Delta(role="assistant", content=""))])
+                for index in range(body.n)]
+      return fastapi.responses.StreamingResponse(sse(requests, outputs, chunk, include_usage(body), firsts),
+                                                 media_type="text/event-stream")
+    await finished(requests, outputs, http_request)
+    return protocol.ChatCompletion(id=reply_id, created=created, model=model_name, usage=usage(requests), choices=[
+        protocol.ChatChoice(index=index, message=protocol.AssistantMessage(content=request.text),
+                            finish_reason=request.finish_reason,
+                            logprobs=logprobs_of(request.token_ids, request.logprobs))
+        for index, request in enumerate(requests)])
+
+  def submit_completion(body: protocol.CompletionRequest, outputs: _Outputs):
+    """(the prompt's ids, its own logprobs when echoed with logprobs, the requests: none for max_tokens 0)."""
+    prompt_ids = vlm.tokenizer.encode(body.prompt)
+    check_fits(prompt_ids, body.max_tokens, "prompt")
+    scored = None
+    if body.echo and body.logprobs is not None:
+      if vlm.model_config.prefix_lm:
+        raise APIError(400, "echo with logprobs needs a causal model: a prefix-LM's prompt attends both ways",
+                       param="echo")
+      scored = scoring.prompt_logprobs(vlm.params, vlm.model_config, prompt_ids, vlm.pad_token_id, engine.buckets)
+      scored = [None] + [TokenLogprob(scores.logprob, scores.top[:body.logprobs]) for scores in scored]
+    requests = submit(prompt_ids, None, body, outputs, "prompt", body.logprobs) if body.max_tokens != 0 else []
+    return prompt_ids, scored, requests
 
   @app.post("/v1/completions")
   async def completions(body: protocol.CompletionRequest, http_request: fastapi.Request):
     check_model(body.model)
     outputs = _Outputs()
-    request = await run_in_threadpool(lambda: submit(vlm.tokenizer.encode(body.prompt), None, body, outputs,
-                                                     "prompt"))
+    prompt_ids, scored, requests = await run_in_threadpool(submit_completion, body, outputs)
     reply_id, created = protocol.new_id("cmpl"), protocol.now()
+    echoed = body.prompt if body.echo else ""
+
+    def reply(choices=(), usage=None):
+      return protocol.Completion(id=reply_id, created=created, model=model_name, choices=list(choices), usage=usage)
+
+    def logprobs_of(token_ids, logprobs, text_start=0):
+      if body.logprobs is None:
+        return None
+      if scored is not None and text_start == 0:  # the prompt's, then the completion's
+        token_ids, logprobs = [*prompt_ids, *token_ids], [*scored, *logprobs]
+      return replies.completion_logprobs(token_ids, logprobs, token_bytes, text_start)
+
+    echo_choices = [protocol.CompletionChoice(index=index, text=echoed, logprobs=logprobs_of([], []),
+                                              finish_reason=None if requests else "length")
+                    for index in range(body.n)] if body.echo else []
     if body.stream:
-      def chunk(text="", finish_reason=None, usage=None):
-        choices = [] if usage else [protocol.CompletionChoice(text=text, finish_reason=finish_reason)]
-        return protocol.Completion(id=reply_id, created=created, model=model_name, choices=choices, usage=usage)
-      return fastapi.responses.StreamingResponse(sse(request, outputs, chunk, include_usage(body)),
+      def chunk(index=0, output=None, usage=None):
+        if usage:
+          return reply(usage=usage)
+        return reply([protocol.CompletionChoice(index=index, text=output.text, finish_reason=output.finish_reason,
+                                                logprobs=logprobs_of(output.token_ids, output.logprobs, -1))])
+      firsts = [reply([choice]) for choice in echo_choices]
+      return fastapi.responses.StreamingResponse(sse(requests, outputs, chunk, include_usage(body), firsts),
                                                  media_type="text/event-stream")
-    output = await final_output(request, outputs, http_request)
-    if output.finish_reason not in ("stop", "length"):
-      raise failure(output)
-    return protocol.Completion(id=reply_id, created=created, model=model_name, usage=usage(request), choices=[
-        protocol.CompletionChoice(text=request.text, finish_reason=output.finish_reason)])
+    await finished(requests, outputs, http_request)
+    if not requests:
+      return reply(echo_choices, usage(requests, len(prompt_ids)))
+    return reply([protocol.CompletionChoice(index=index, text=echoed + request.text,
+                                            finish_reason=request.finish_reason,
+                                            logprobs=logprobs_of(request.token_ids, request.logprobs))
+                  for index, request in enumerate(requests)], usage(requests))
 
   @app.get("/v1/models")
   async def models():
@@ -266,9 +359,8 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
 
   @app.get("/health")
   async def health():
-    if not engine.healthy:
-      raise APIError(503, f"the engine is not serving{f': {engine.error}' if engine.error else ''}",
-                     kind="server_error", code="unavailable")
+    if not engine.healthy:  # why goes to the log, not to whoever asks
+      raise APIError(503, "the engine is not serving", kind="server_error", code="unavailable")
     return {"status": "ok"}
 
   @app.get("/metrics", include_in_schema=False)
