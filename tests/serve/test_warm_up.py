@@ -5,6 +5,7 @@ at start-up."""
 import base64
 import collections
 import concurrent.futures
+import http.client
 import io
 
 import jax
@@ -89,3 +90,22 @@ def _ask(client, images: int, words: int, seed: int, stream: bool, temperature: 
     return "".join(chunk.choices[0].delta.content or "" for chunk in
                    client.chat.completions.create(**settings, stream=True) if chunk.choices) or "(empty)"
   return client.chat.completions.create(**settings).choices[0].message.content or "(empty)"
+
+
+def test_a_restarted_server_reads_its_programs_from_the_compilation_cache(tiny_vlm, tmp_path, serve_process):
+  from vlmjax.interop import hf
+  checkpoint, cache = str(tmp_path / "tiny"), tmp_path / "cache"
+  hf.save_pretrained(checkpoint, tiny_vlm.config, tiny_vlm.params, tiny_vlm.tokenizer, tiny_vlm.image_processor,
+                     tiny_vlm.eos_token_ids, tiny_vlm.pad_token_id, max_len=32)
+  flags = ("--warm_up", "--max_images", "1", "--slots", "1", "--compilation_cache", str(cache))
+  seconds = []
+  for start in range(2):
+    with serve_process(checkpoint, tmp_path / f"serve{start}.log", *flags) as (_, port):
+      connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+      connection.request("GET", "/metrics")
+      metrics = connection.getresponse().read().decode()
+      seconds.append(float(next(line.split()[1] for line in metrics.splitlines()
+                                if line.startswith("vlmjax_warm_up_seconds "))))
+    if start == 0:
+      assert any(cache.iterdir()), "the first start wrote no program to the cache"
+  assert 0 < seconds[1] < 0.7 * seconds[0], seconds  # read, not compiled

@@ -2,6 +2,7 @@
 
     vlmjax serve --checkpoint /tmp/serve_model --port 8000 [--slots 8 --api_key KEY --image_dir DIR]
                  [--pages N --page_size 16 --prefix_caching --prefill_chunk 256 --prefill_budget 1024]
+                 [--max_body_bytes N --max_images 8 --max_waiting 256 --compilation_cache DIR]
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
@@ -10,9 +11,10 @@
         {"type": "text", "text": "What colour is the circle?"}]}])
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (behind the API key when one is set),
-GET /health, GET /metrics (Prometheus). Images come inline as base64 `data:` URLs, or as local files under the
-directory the operator allows; the server never fetches from the network. Errors have OpenAI's body
-{"error": {"message", "type", "param", "code"}}.
+GET /health, GET /metrics (Prometheus; behind the key by option), GET / (a chat page, `chat_page.py`). Images
+come inline as base64 `data:` URLs, or as local files under the directory the operator allows; the server never
+fetches from the network. Errors have OpenAI's body {"error": {"message", "type", "param", "code"}}; what a
+request may ask is bounded (`Limits`), and what it cannot have is refused before it costs memory.
 """
 
 import asyncio
