@@ -62,6 +62,15 @@ class VLM:
   def model_config(self) -> VLMConfig:
     return VLMConfig.from_dict(self.config.model)
 
+  def with_visual_tokens(self, spec: str) -> "VLM":
+    """The same model with each image reduced to fewer tokens without retraining, `METHOD:KEEP`
+    (`models/visual_tokens.py`; "" or "none": every token). ValueError for a spec the model cannot take."""
+    config = self.config.copy_and_resolve_references()
+    with config.unlocked():
+      config.model.visual_tokens = "" if spec == "none" else spec
+    VLMConfig.from_dict(config.model)  # checks the method and KEEP against the model's tokens
+    return dataclasses.replace(self, config=config)
+
   def fingerprint(self) -> dict[str, str | None]:
     """What identifies this model's answers, for caches of them (`eval/harness.py`): where it came from, and a
     digest of everything that decides its text: every parameter, the model config, the tokenizer with its chat
@@ -231,8 +240,14 @@ def load_workdir(workdir: str) -> VLM:
   return from_trained(config, params, workdir, source=f"{os.path.abspath(workdir)} step {step}")
 
 
-def load(path: str) -> VLM:
-  """A vlmjax training workdir or a Hugging Face LLaVA-1.5 / PaliGemma directory."""
+def load(path: str, *, visual_tokens: str | None = None) -> VLM:
+  """A vlmjax training workdir or a Hugging Face LLaVA-1.5 / PaliGemma directory. `visual_tokens`: `METHOD:KEEP`,
+  each image's tokens reduced without retraining (`VLM.with_visual_tokens`)."""
+  vlm = _load(path)
+  return vlm if visual_tokens is None else vlm.with_visual_tokens(visual_tokens)
+
+
+def _load(path: str) -> VLM:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is not a directory: give a vlmjax workdir or a Hugging Face model directory")
   if workdir_lib.is_workdir(path):

@@ -72,6 +72,9 @@ _PREFILL_BUDGET = flags.DEFINE_integer("prefill_budget", 1024, "serve: prompt to
                                        "prefill (0: no limit).")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "serve: the model name clients send (default: the "
                                   "checkpoint directory's name).")
+_VISUAL_TOKENS = flags.DEFINE_string("visual_tokens", None, "generate, eval, serve: METHOD:KEEP, each image reduced "
+                                     "to KEEP tokens (a count or a fraction) without retraining: visionzip, tome or "
+                                     "pool (vlmjax/models/visual_tokens.py).")
 _MAX_BODY_BYTES = flags.DEFINE_integer("max_body_bytes", 64 * 2**20, "serve: a larger request body gets 413, from "
                                        "its Content-Length before it is read.")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 8, "serve: images per request at most.")
@@ -86,6 +89,21 @@ _WARM_UP = flags.DEFINE_bool("warm_up", True, "serve: compile every program the 
 _DOCS = flags.DEFINE_bool("docs", False, "serve: FastAPI's /docs, /redoc and /openapi.json (off by default).")
 _COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, "serve: a directory for JAX's persistent "
                                          "compilation cache: a restarted server reads its start-up programs from it.")
+
+
+def _load_options() -> dict:
+  """The flags generate, eval and serve pass to `vlmjax.load`."""
+  return {} if _VISUAL_TOKENS.value is None else {"visual_tokens": _VISUAL_TOKENS.value}
+
+
+def _load(path: str, command: str):
+  """`vlmjax.load` with the command's flags; a setting the model cannot take ends the command with its message."""
+  import vlmjax
+
+  try:
+    return vlmjax.load(path, **_load_options())
+  except ValueError as error:
+    raise SystemExit(f"vlmjax {command}: {error}") from error
 
 
 def summarize(args: list[str]) -> None:
@@ -143,7 +161,6 @@ def evaluate(args: list[str]) -> None:
   import json
   import os
 
-  import vlmjax
   from vlmjax import workdir as workdir_lib
   from vlmjax.eval import benchmarks, compare, harness, judge as judge_lib, registry, report as report_lib, retrieval
 
@@ -182,7 +199,7 @@ def evaluate(args: list[str]) -> None:
     for name in names:
       registry.get(name, split)  # unknown names and missing benchmark files fail before the model loads
     retrieval_names = [name for name in names if name in retrieval.BENCHMARKS]
-    vlm = vlmjax.load(path) if len(retrieval_names) < len(names) else None
+    vlm = _load(path, "eval") if len(retrieval_names) < len(names) else None
     clip = retrieval.load_clip(path) if retrieval_names else None
     results = harness.evaluate(vlm, names, out_dir, data_dir, batch_size=_BATCH_SIZE.value, clip=clip,
                                split=split, judge=judge)
@@ -218,8 +235,6 @@ def generate(args: list[str]) -> None:
   del args
   from PIL import Image
 
-  import vlmjax
-
   if _CHECKPOINT.value is None or _IMAGE.value is None or _PROMPT.value is None:
     raise SystemExit("vlmjax generate: --checkpoint PATH, --image FILE and --prompt TEXT are required")
   try:
@@ -227,7 +242,7 @@ def generate(args: list[str]) -> None:
     image.load()
   except (OSError, ValueError) as error:
     raise SystemExit(f"vlmjax generate: {_IMAGE.value}: not a decodable image ({error})") from error
-  vlm = vlmjax.load(_CHECKPOINT.value)
+  vlm = _load(_CHECKPOINT.value, "generate")
   for piece in vlm.stream([image], _PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
                           temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value):
     print(piece, end="", flush=True)
@@ -254,13 +269,16 @@ def serve(args: list[str]) -> None:
     server.serve(_CHECKPOINT.value, host=_HOST.value, port=_PORT.value, num_slots=_SLOTS.value,
                  max_len=_MAX_LEN.value, api_key=_API_KEY.value or os.environ.get("VLMJAX_API_KEY"),
                  image_dir=_IMAGE_DIR.value, model_name=_MODEL_NAME.value, limits=limits,
-                 metrics_need_key=_METRICS_NEED_KEY.value, docs=_DOCS.value, warm_up=_WARM_UP.value,
+                 load_options=_load_options(), metrics_need_key=_METRICS_NEED_KEY.value, docs=_DOCS.value,
+                 warm_up=_WARM_UP.value,
                  num_pages=_PAGES.value,
                  page_size=_PAGE_SIZE.value, prefix_caching=_PREFIX_CACHING.value,
                  prefill_chunk=_PREFILL_CHUNK.value or None, prefill_budget=_PREFILL_BUDGET.value or None)
   except FileNotFoundError as error:  # no such checkpoint, or one missing a file
     raise SystemExit(f"vlmjax serve: {error}") from error
   except server.EngineFailed as error:  # logged as it happened; a supervisor starts the server again
+    raise SystemExit(f"vlmjax serve: {error}") from error
+  except ValueError as error:  # a load option the model cannot take, a bad --image_dir
     raise SystemExit(f"vlmjax serve: {error}") from error
 
 

@@ -161,15 +161,20 @@ class ViT(nn.Module):
   config: ViTConfig
 
   @nn.compact
-  def __call__(self, images: jax.Array, feature_layer: int | None = None) -> jax.Array:
+  def __call__(self, images: jax.Array, feature_layer: int | None = None,
+               with_attention: bool = False) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Args:
       images: float[B, H, W, 3]; H and W multiples of the patch size (other sizes than the config's
         interpolate the position embeddings).
       feature_layer: None for the encoder's final output (after the post-LayerNorm when the config has one);
         an int i for hidden state i as Hugging Face counts them (0 = embeddings, -1 = last layer, -2 =
         penultimate as LLaVA uses), without the post-LayerNorm.
+      with_attention: also return what the layer that made the features attended with (visual-token
+        reduction, `visual_tokens.py`): its keys float[B, P(+1), N·H] and the attention each token received,
+        float32[B, P(+1)] (from the class token when there is one, as VisionZip reads CLIP; else the mean over
+        queries, for SigLIP), averaged over heads.
     Returns:
-      float[B, P(+1), D], the class token first when the config has one.
+      float[B, P(+1), D], the class token first when the config has one; with_attention: (it, keys, received).
     """
     cfg = self.config
     compute_dtype, param_dtype = dtype(cfg.dtype), dtype(cfg.param_dtype)
@@ -210,16 +215,45 @@ class ViT(nn.Module):
                       activation=cfg.activation, norm_eps=cfg.norm_eps, scan_layers=cfg.scan_layers,
                       remat_policy=cfg.remat_policy, dtype=compute_dtype, param_dtype=param_dtype,
                       name="encoder")
-    if feature_layer is not None:
-      if not -(cfg.depth + 1) <= feature_layer <= cfg.depth:
+    if feature_layer is not None or with_attention:
+      if feature_layer is not None and not -(cfg.depth + 1) <= feature_layer <= cfg.depth:
         raise ValueError(f"vision feature layer {feature_layer} is out of range for a {cfg.depth}-layer ViT "
                          f"(hidden states 0..{cfg.depth}, or -1..-{cfg.depth + 1})")
       _, hidden = encoder(x, return_hidden=True)
-      return jnp.concatenate([x[None], hidden], axis=0)[feature_layer]
+      states = jnp.concatenate([x[None], hidden], axis=0)  # [depth + 1, B, N, D]
+      index = cfg.depth if feature_layer is None else feature_layer % (cfg.depth + 1)
+      features = states[index]
+      if feature_layer is None and cfg.post_norm:
+        features = norm("post_norm")(features)
+      if not with_attention:
+        return features
+      if index == 0:
+        raise ValueError("visual-token reduction reads the attention of the layer that made the image features: "
+                         "the patch embeddings (vision_feature_layer 0) have none")
+      keys, received = self._attention_of(encoder.variables["params"], index - 1, states[index - 1])
+      return features, keys, received
     x, _ = encoder(x)
     if cfg.post_norm:
       x = norm("post_norm")(x)
     return x
+
+  def _attention_of(self, encoder_params, layer: int, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The keys float[B, N, heads·H] and the attention received float32[B, N] of encoder layer `layer` (0-based)
+    on its input x float[B, N, D], computed with that layer's own modules and parameters."""
+    cfg = self.config
+    block = (jax.tree.map(lambda p: p[layer], encoder_params["layers"]) if cfg.scan_layers
+             else encoder_params[f"layers_{layer}"])
+    compute_dtype = dtype(cfg.dtype)
+    normed = layers.LayerNorm(eps=cfg.norm_eps, dtype=compute_dtype).apply({"params": block["attention_norm"]}, x)
+    head_dim = cfg.width // cfg.num_heads
+    project = lambda name: layers.Projection(
+        (cfg.width, cfg.num_heads, head_dim), (layers.EMBED, layers.HEADS, layers.HEAD_DIM), fan_in=1,
+        use_bias=True, dtype=compute_dtype).apply({"params": block["attention"][name]}, normed)
+    query, key = project("query"), project("key")  # [B, N, heads, H]
+    logits = jnp.einsum("bqnh,bknh->bnqk", query, key, preferred_element_type=jnp.float32) * head_dim**-0.5
+    attention = jax.nn.softmax(logits, axis=-1).mean(axis=1)  # [B, Nq, Nk], over heads
+    received = attention[:, 0] if cfg.cls_token else attention.mean(axis=1)
+    return key.reshape(*key.shape[:2], -1), received
 
 
 def sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> jax.Array:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax.models.kv_cache import KVCache
-from vlmjax.models import layers
+from vlmjax.models import layers, visual_tokens
 from vlmjax.models.config import ModelConfig, build_towers, check_choice, dtype
 from vlmjax.models.decoder import Decoder, DecoderConfig
 from vlmjax.models.projector import POSITION_EMBEDDINGS, PROJECTORS, Projector
@@ -40,6 +40,9 @@ class VLMConfig(ModelConfig):
   # The table's start (`Projector.position_scale`): 0 the sine-cosine table as it is, s > 0 centred and scaled
   # to a root mean square of s.
   image_position_scale: float = 0.0
+  # Fewer visual tokens without retraining, `METHOD:KEEP` (visual_tokens.py; "" keeps every token): set at load
+  # time (`vlmjax.load(path, visual_tokens=...)`), not trained with.
+  visual_tokens: str = ""
 
   def __post_init__(self):
     check_choice(self.projector, PROJECTORS, "model.projector")
@@ -58,6 +61,11 @@ class VLMConfig(ModelConfig):
       if self.vision.grid_size % self.image_token_merge:
         raise ValueError(f"model.image_token_merge={self.image_token_merge} must divide the patch grid "
                          f"({self.vision.grid_size} x {self.vision.grid_size})")
+    if self.visual_tokens:
+      if self.keeps_cls_token:
+        raise ValueError("model.visual_tokens reduces patch tokens: use vision_feature_select='default' or a ViT "
+                         "without class token")
+      visual_tokens.parse(self.visual_tokens).tokens(self.patch_tokens_per_image)  # checks KEEP
     if not 0 <= self.image_token_id < self.decoder.vocab_size:
       raise ValueError(f"model.image_token_id={self.image_token_id} is outside the vocabulary "
                        f"(decoder.vocab_size={self.decoder.vocab_size})")
@@ -74,9 +82,15 @@ class VLMConfig(ModelConfig):
     return self.vision.cls_token and self.vision_feature_select == "full"
 
   @property
+  def patch_tokens_per_image(self) -> int:
+    """The image tokens the projector makes of one image, before any `visual_tokens` reduction."""
+    return self.vision.num_patches // self.image_token_merge**2 + int(self.keeps_cls_token)
+
+  @property
   def tokens_per_image(self) -> int:
     """Image embeddings (placeholder tokens) each image contributes."""
-    return self.vision.num_patches // self.image_token_merge**2 + int(self.keeps_cls_token)
+    reduction = visual_tokens.parse(self.visual_tokens)
+    return self.patch_tokens_per_image if reduction is None else reduction.tokens(self.patch_tokens_per_image)
 
   def example_inputs(self, batch_size: int, text_length: int = 8, seed: int | None = None) -> dict[str, jax.Array]:
     """Arguments for `VLM.init`, a shape check or a benchmark: one image per row, its placeholders after the
@@ -130,13 +144,24 @@ class VLM(nn.Module):
     if pixel_values.ndim == 4:
       pixel_values = pixel_values[:, None]
     batch, num_images = pixel_values.shape[:2]
-    tokens = self.vision(pixel_values.reshape(batch * num_images, *pixel_values.shape[2:]),
-                         feature_layer=cfg.vision_feature_layer)  # [B*I, P(+1), Dv]
+    images = pixel_values.reshape(batch * num_images, *pixel_values.shape[2:])
+    reduction = visual_tokens.parse(cfg.visual_tokens)
+    if reduction is None:
+      tokens = self.vision(images, feature_layer=cfg.vision_feature_layer)  # [B*I, P(+1), Dv]
+    else:
+      tokens, keys, received = self.vision(images, feature_layer=cfg.vision_feature_layer, with_attention=True)
     if cfg.vision_feature_select == "default" and cfg.vision.cls_token:
       tokens = tokens[:, 1:]
+      if reduction is not None:
+        keys, received = keys[:, 1:], received[:, 1:]
     if cfg.image_token_merge > 1:
       tokens = merge_neighbours(tokens, cfg.image_token_merge)  # [B*I, P/k², k²·Dv]
+      if reduction is not None:  # a block's attention is its patches', its key theirs side by side
+        keys = merge_neighbours(keys, cfg.image_token_merge)
+        received = merge_neighbours(received[:, :, None], cfg.image_token_merge).sum(axis=-1)
     embeddings = self.projector(tokens)  # [B*I, P, D]
+    if reduction is not None:
+      embeddings = visual_tokens.reduce(reduction, embeddings, keys, received)  # [B*I, KEEP, D]
     return embeddings.reshape(batch, num_images * embeddings.shape[1], embeddings.shape[2])
 
   def embed(self, input_ids: jax.Array, image_embeddings: jax.Array | None) -> jax.Array:

@@ -381,16 +381,16 @@ class EngineFailed(RuntimeError):
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, num_slots: int = 8,
           max_len: int | None = None, api_key: str | None = None, image_dir: str | None = None,
-          model_name: str | None = None, **options) -> None:
-  """Loads the checkpoint and serves it until SIGINT/SIGTERM (uvicorn stops accepting, lets in-flight requests
-  finish, then the engine drains). Raises EngineFailed, after uvicorn has shut down, when the engine failed.
-  `options`: create_app's."""
+          model_name: str | None = None, load_options: dict | None = None, **options) -> None:
+  """Loads the checkpoint (`vlmjax.load(checkpoint, **load_options)`) and serves it until SIGINT/SIGTERM (uvicorn
+  stops accepting, lets in-flight requests finish, then the engine drains). Raises EngineFailed, after uvicorn has
+  shut down, when the engine failed. `options`: create_app's."""
   import vlmjax
 
   model_name = model_name or os.path.basename(os.path.normpath(checkpoint))
   if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
     _log.warning("serving on %s without --api_key: anyone who reaches this address can use the model", host)
-  app = create_app(vlmjax.load(checkpoint), model_name, num_slots=num_slots, max_len=max_len, api_key=api_key,
+  app = create_app(vlmjax.load(checkpoint, **(load_options or {})), model_name, num_slots=num_slots, max_len=max_len, api_key=api_key,
                    image_dir=image_dir, **options)
   server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
   engine = app.state.engine
