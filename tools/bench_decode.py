@@ -29,15 +29,15 @@ from vlmjax import runtime
 from vlmjax.infer import generate as generation
 
 
-def build_checkpoint(directory: str) -> None:
-  """The benchmark's LLaVA, written by transformers: CLIP 4 x 192 at 112 px / patch 14, Llama 6 x 512 with
-  8 query and 4 key/value heads, MLP 1376, vocabulary 4000."""
+def build_checkpoint(directory: str, image_size: int = 112) -> None:
+  """The benchmark's LLaVA, written by transformers: CLIP 4 x 192 at 112 px / patch 14 (64 image tokens; 336 px:
+  576, LLaVA-1.5's), Llama 6 x 512 with 8 query and 4 key/value heads, MLP 1376, vocabulary 4000."""
   import tokenizers
   import torch
   import transformers
 
   vision = transformers.CLIPVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4,
-                                         num_attention_heads=4, image_size=112, patch_size=14)
+                                         num_attention_heads=4, image_size=image_size, patch_size=14)
   text = transformers.LlamaConfig(vocab_size=4000, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
                                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -45,8 +45,8 @@ def build_checkpoint(directory: str) -> None:
                                     vision_feature_layer=-2, vision_feature_select_strategy="default")
   torch.manual_seed(0)
   transformers.LlavaForConditionalGeneration(config).eval().save_pretrained(directory)
-  transformers.CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}).save_pretrained(
-      directory)
+  transformers.CLIPImageProcessor(size={"shortest_edge": image_size},
+                                  crop_size={"height": image_size, "width": image_size}).save_pretrained(directory)
   # A word-level tokenizer over the 4000 ids (the benchmark feeds ids; loading needs a tokenizer all the same).
   vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 3999)}, "<image>": 3999}
   backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
