@@ -325,7 +325,7 @@ class Engine:
   def _prefill(self, calls: list[tuple[int, int]]) -> None:
     """This iteration's prefill calls, (slot, where the piece of its context ends) each. The contexts that none
     of is cached and one call holds whole go through `prefill` together, those of a bucket and image bucket in
-    batches of `_prefill_rows`; the others in pieces through `prefill_chunk`. A slot whose context is all in is
+    batches of `prefill_rows`; the others in pieces through `prefill_chunk`. A slot whose context is all in is
     inserted."""
     whole: dict[tuple[int, int], list[int]] = {}  # (bucket, image bucket) -> slots
     for slot, end in calls:
