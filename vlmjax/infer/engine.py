@@ -12,13 +12,16 @@ The jitted calls (in `slots.py`), as JAX serving engines (JetStream) split the w
   `insert`         a prefilled prompt into a free slot of the batched `SlotState`, with the slot's first token,
                    sampling settings and PRNG key, while the other slots keep their place.
   `add_pages`      new pages into the page-table rows of the slots whose sequences grow into them.
-  `generate`       one token for every slot, reading as much of the page table as the longest sequence needs.
+  `set_allowed`    the tokens each constrained slot may sample next (a JSON schema's grammar, `constrained.py`).
+  `generate`       one token for every slot, reading as much of the page table as the longest sequence needs,
+                   with each token's log-probability and the likeliest alternatives (copied only when asked for).
 The engine thread loops: drop the requests that ended → give pages to the sequences about to grow past theirs
 (preempting if need be) → admit → prefill → dispatch `generate` → copy the inserted requests' first tokens
-(ready before the step is) → one host copy of the step's tokens. Which request holds which slot and pages, and
-what each iteration prefills, is `scheduler.Scheduler`'s host-side bookkeeping; this module makes the device
+(ready before the step is) → one host copy of the step's tokens. A constrained request's first token is copied
+before the step instead: its grammar needs it to say what may come next. Which request holds which slot and pages,
+and what each iteration prefills, is `scheduler.Scheduler`'s host-side bookkeeping; this module makes the device
 calls. A second thread detokenizes, checks stop strings and hands each request's new text to its listener while
-the next step runs.
+the next step runs. `warm_up` compiles every program before the engine starts (`warm_up.py`).
 
 Pages (`paged_cache.PagedKVCache`): a request is admitted when a slot is free and the pool has the pages of its prompt
 (and of its first generated token, when the prompt ends on a page boundary); requests the pool cannot hold yet
