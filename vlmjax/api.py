@@ -26,6 +26,7 @@ from vlmjax import workdir as workdir_lib
 from vlmjax.data.images import ImageProcessor
 from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.infer import generate as generation
+from vlmjax.infer import quantize as quantize_lib
 from vlmjax.infer.sampling import SamplingParams
 from vlmjax.models import layers
 from vlmjax.models.summary import abstract_params
@@ -227,8 +228,8 @@ def load_workdir(workdir: str) -> VLM:
   Raises FileNotFoundError without any checkpoint and workdir.NoReadableCheckpoint when none restores."""
   config = workdir_lib.read_config(workdir)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nn.meta.unbox(abstract_params(VLMConfig.from_dict(config.model))))
+  abstract = quantize_lib.abstract_quantized(config, nn.meta.unbox(abstract_params(VLMConfig.from_dict(config.model))))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   checkpointer = workdir_lib.Checkpointer(workdir, asynchronous=False)
   try:
     found = checkpointer.restore_latest_params(abstract)
@@ -237,13 +238,30 @@ def load_workdir(workdir: str) -> VLM:
   if found is None:
     raise FileNotFoundError(f"{workdir} holds no finished checkpoint yet")
   step, params = found
-  return from_trained(config, params, workdir, source=f"{os.path.abspath(workdir)} step {step}")
+  vlm = from_trained(config, params, workdir, source=f"{os.path.abspath(workdir)} step {step}")
+  generation_settings = config.get("generation")  # a checkpoint `vlmjax quantize` wrote: its source's end tokens
+  if generation_settings:
+    vlm = dataclasses.replace(vlm, eos_token_ids=tuple(generation_settings.eos_token_ids),
+                              pad_token_id=generation_settings.pad_token_id, max_len=generation_settings.max_len)
+  return vlm
 
 
-def load(path: str, *, visual_tokens: str | None = None) -> VLM:
-  """A vlmjax training workdir or a Hugging Face LLaVA-1.5 / PaliGemma directory. `visual_tokens`: `METHOD:KEEP`,
-  each image's tokens reduced without retraining (`VLM.with_visual_tokens`)."""
+def load(path: str, *, dtype: str | None = None, quantize: str | None = None, kv_cache_dtype: str | None = None,
+         quantize_vision: bool = False, visual_tokens: str | None = None) -> VLM:
+  """A vlmjax training workdir or a Hugging Face LLaVA-1.5 / PaliGemma directory (or a quantized checkpoint that
+  `vlmjax quantize` wrote). `visual_tokens`: `METHOD:KEEP`, each image's tokens reduced without retraining
+  (`VLM.with_visual_tokens`).
+
+  dtype: 'float32' or 'bfloat16' (None: float32 on a CPU, or the workdir's config; bfloat16 on a GPU or TPU).
+  quantize: None, 'int8' (weights per output channel), 'int4' / 'int4:GROUP' (groups of 128 or GROUP inputs) or
+  'w8a8' (INT8 weights and per-token INT8 activations) for the language model's and projector's linear layers, its
+  embedding and output head, and with quantize_vision the vision tower's (`vlmjax/infer/quantize.py`).
+  kv_cache_dtype: None (the compute dtype) or 'int8' (a scale per token and head), for `generate` and the engine.
+  """
+  settings = quantize_lib.Settings.parse(dtype, quantize, kv_cache_dtype, quantize_vision)  # bad settings fail first
   vlm = _load(path)
+  config, params = quantize_lib.apply(vlm.config, vlm.params, settings, source=path)
+  vlm = dataclasses.replace(vlm, config=config, params=params)
   return vlm if visual_tokens is None else vlm.with_visual_tokens(visual_tokens)
 
 

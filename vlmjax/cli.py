@@ -1,4 +1,4 @@
-"""The `vlmjax` command: summarize, data, train, eval, report, generate, serve.
+"""The `vlmjax` command: summarize, data, train, eval, report, generate, serve, quantize.
 
     vlmjax summarize --config configs/shapes_tiny.py --config.mesh.tensor=2 --devices 8
 
@@ -91,9 +91,25 @@ _COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, "serve: a di
                                          "compilation cache: a restarted server reads its start-up programs from it.")
 
 
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "generate, eval, serve, quantize: the compute "
+                           "and weight dtype (default: float32 on a CPU, or a workdir's config; bfloat16 on a GPU or "
+                           "TPU).")
+_QUANTIZE = flags.DEFINE_string("quantize", None, "generate, eval, serve, quantize: low-bit weights for the language "
+                                "model and projector: int8 (per output channel), int4 or int4:GROUP (groups of 128 or "
+                                "GROUP inputs), w8a8 (INT8 weights and per-token INT8 activations).")
+_QUANTIZE_VISION = flags.DEFINE_bool("quantize_vision", False, "generate, eval, serve, quantize: quantize the vision "
+                                     "tower's linear layers too.")
+_KV_CACHE_DTYPE = flags.DEFINE_string("kv_cache_dtype", None, "generate, eval, serve: int8 keys and values (a scale "
+                                      "per token and head) in the KV cache and the paged pool (default: the compute "
+                                      "dtype).")
+
+
 def _load_options() -> dict:
   """The flags generate, eval and serve pass to `vlmjax.load`."""
-  return {} if _VISUAL_TOKENS.value is None else {"visual_tokens": _VISUAL_TOKENS.value}
+  options = {} if _VISUAL_TOKENS.value is None else {"visual_tokens": _VISUAL_TOKENS.value}
+  options.update(dtype=_DTYPE.value, quantize=_QUANTIZE.value, kv_cache_dtype=_KV_CACHE_DTYPE.value,
+                 quantize_vision=_QUANTIZE_VISION.value)
+  return options
 
 
 def _load(path: str, command: str):
@@ -282,8 +298,27 @@ def serve(args: list[str]) -> None:
     raise SystemExit(f"vlmjax serve: {error}") from error
 
 
+def quantize(args: list[str]) -> None:
+  """`vlmjax quantize SRC OUT --quantize int8 [--dtype bfloat16] [--quantize_vision]`: SRC (a workdir or a Hugging
+  Face directory) quantized once and written to OUT, which `vlmjax.load`, generate, eval and serve read as it is."""
+  from vlmjax.infer import quantize as quantize_lib
+
+  if len(args) != 2 or _QUANTIZE.value is None:
+    raise SystemExit("usage: vlmjax quantize SRC OUT --quantize int8|int4[:GROUP]|w8a8 [--dtype bfloat16] "
+                     "[--quantize_vision]")
+  source, out = args
+  vlm = _load(source, "quantize")
+  try:
+    quantize_lib.save_checkpoint(out, vlm.config, vlm.params, vlm.tokenizer, vlm.image_processor, vlm.eos_token_ids,
+                                 vlm.pad_token_id, vlm.max_len, vlm.source)
+  except ValueError as error:
+    raise SystemExit(f"vlmjax quantize: {error}") from error
+  print(f"wrote {out}: {quantize_lib.param_bytes(vlm.params) / 2**20:.1f} MiB of parameters "
+        f"({quantize_lib.recorded(vlm.config).describe()})")
+
+
 COMMANDS = {"summarize": summarize, "data": data, "train": train, "eval": evaluate, "report": report,
-            "generate": generate, "serve": serve}
+            "generate": generate, "serve": serve, "quantize": quantize}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,6 @@ import numpy as np
 from vlmjax.infer import generate as generation
 from vlmjax.infer.sampling import SamplingParams, TokenScores, sample, token_scores
 from vlmjax.models import paged_cache
-from vlmjax.models.config import dtype
 from vlmjax.models.kv_cache import KVCache
 from vlmjax.models.vlm import VLM as VLMModel
 from vlmjax.models.vlm import VLMConfig
@@ -90,7 +89,7 @@ def init_state(config: VLMConfig, num_slots: int, max_len: int, num_pages: int, 
   decoder = config.decoder
   cache = paged_cache.PagedKVCache.zeros(num_layers=decoder.depth, num_pages=num_pages, page_size=page_size,
                                    batch_size=num_slots, max_len=max_len, num_kv_heads=decoder.num_kv_heads,
-                                   head_dim=decoder.attention_head_dim, dtype=dtype(decoder.dtype), kernel=kernel,
+                                   head_dim=decoder.attention_head_dim, dtype=decoder.cache_dtype, kernel=kernel,
                                    interpret=interpret)
   return SlotState(cache=cache, tokens=jnp.zeros((num_slots,), jnp.int32),
                    active=jnp.zeros((num_slots,), bool), sampling=SamplingParams.fill(num_slots),

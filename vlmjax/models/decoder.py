@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlmjax.models.kv_cache import KVCache
-from vlmjax.models import activation as activation_lib, layers, matmul
+from vlmjax.models.kv_cache import KV_CACHE_DTYPES, KVCache
+from vlmjax.models import activation as activation_lib, layers, matmul, quant
 from vlmjax.models.config import ModelConfig, check_choice, check_divides, check_positive, dtype
 
 
@@ -38,6 +38,7 @@ class DecoderConfig(ModelConfig):
   final_logit_softcap: float | None = None
   dtype: str = "float32"
   param_dtype: str = "float32"
+  kv_cache_dtype: str = ""  # "": the compute dtype; "int8": int8 keys and values, a scale per token and head
   scan_layers: bool = True
   remat_policy: str = "none"
 
@@ -51,16 +52,22 @@ class DecoderConfig(ModelConfig):
                   f"{where}.num_kv_heads={self.num_kv_heads} (grouped-query attention)")
     check_divides(2, self.attention_head_dim, f"{where}.head_dim={self.attention_head_dim} must be even for RoPE")
     check_choice(self.activation, tuple(activation_lib.ACTIVATIONS), f"{where}.activation")
+    check_choice(self.kv_cache_dtype, ("",) + KV_CACHE_DTYPES, f"{where}.kv_cache_dtype")
 
   @property
   def attention_head_dim(self) -> int:
     return self.head_dim or self.width // self.num_heads
 
+  @property
+  def cache_dtype(self) -> jnp.dtype:
+    """The KV cache's dtype: int8 (`kv_cache.Int8Buffer`) or the compute dtype."""
+    return dtype(self.kv_cache_dtype or self.dtype)
+
   def init_cache(self, batch_size: int, max_len: int) -> KVCache:
-    """An empty cache for `batch_size` rows of up to `max_len` tokens, in the compute dtype."""
+    """An empty cache for `batch_size` rows of up to `max_len` tokens, in `cache_dtype`."""
     return KVCache.zeros(num_layers=self.depth, batch_size=batch_size, max_len=max_len,
                          num_kv_heads=self.num_kv_heads, head_dim=self.attention_head_dim,
-                         dtype=dtype(self.dtype))
+                         dtype=self.cache_dtype)
 
 
 class DecoderBlock(nn.Module):
@@ -95,8 +102,8 @@ class Decoder(nn.Module):
   def setup(self):
     cfg = self.config
     param_dtype = dtype(cfg.param_dtype)
-    self.embedding = self.param(
-        "embedding", layers.param_init(nn.initializers.normal(0.02), (layers.VOCAB, layers.EMBED)),
+    self.embedding = layers.kernel_param(
+        self, "embedding", layers.param_init(nn.initializers.normal(0.02), (layers.VOCAB, layers.EMBED)),
         (cfg.vocab_size, cfg.width), param_dtype)
     block = layers.maybe_remat(DecoderBlock, cfg.remat_policy, cfg.scan_layers)
     if cfg.scan_layers:
@@ -109,14 +116,17 @@ class Decoder(nn.Module):
     self.final_norm = layers.RMSNorm(eps=cfg.norm_eps, unit_offset=cfg.norm_unit_offset,
                                      dtype=dtype(cfg.dtype), param_dtype=param_dtype)
     if not cfg.tie_embeddings:
-      self.output_head = self.param(
-          "output_head", layers.param_init(nn.initializers.lecun_normal(), (layers.EMBED, layers.VOCAB)),
+      self.output_head = layers.kernel_param(
+          self, "output_head", layers.param_init(nn.initializers.lecun_normal(), (layers.EMBED, layers.VOCAB)),
           (cfg.width, cfg.vocab_size), param_dtype)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """int[B, T] -> float[B, T, D] token embeddings (times sqrt(D) for Gemma), in the compute dtype."""
     cfg = self.config
-    embedded = jnp.take(self.embedding, tokens, axis=0).astype(dtype(cfg.dtype))
+    if isinstance(self.embedding, quant.QuantizedKernel):  # only the looked-up rows are dequantized
+      embedded = quant.embedding_rows(self.embedding, tokens, dtype(cfg.dtype))
+    else:
+      embedded = jnp.take(self.embedding, tokens, axis=0).astype(dtype(cfg.dtype))
     if cfg.scale_embeddings:
       embedded = embedded * jnp.asarray(cfg.width**0.5, dtype(cfg.dtype))
     return nn.with_logical_constraint(embedded, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED))
@@ -189,7 +199,9 @@ class Decoder(nn.Module):
     if logit_positions is not None:
       x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)  # [B, K, D]
     x = self.final_norm(x)
-    head = self.embedding.T if cfg.tie_embeddings else self.output_head  # [D, V]
+    head = self.output_head if not cfg.tie_embeddings else self.embedding.T  # [D, V]
+    if cfg.tie_embeddings and isinstance(self.embedding, quant.QuantizedKernel):
+      head = self.embedding  # [V, D] quantized with rows_out: contracted over D as it is
     logits = matmul.contract(x, head)  # [B, T, V]
     logits = nn.with_logical_constraint(logits, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_VOCAB))
     logits = logits.astype(jnp.float32)

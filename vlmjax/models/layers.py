@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax import runtime
-from vlmjax.models import activation as activation_lib, dot_attention, matmul, paged_cache, trig
+from vlmjax.models import activation as activation_lib, dot_attention, kv_cache as kv_cache_lib, matmul, paged_cache, quant, trig
 
 # Logical axis names. Weights use bare names; activations `activation_*`; the KV cache `cache_*`.
 EMBED = "embed"
@@ -48,6 +48,16 @@ Dtype = jnp.dtype
 def param_init(initializer: Callable, axes: tuple[str | None, ...]) -> Callable:
   """An initializer whose parameter carries the logical axis names `axes`."""
   return nn.with_logical_partitioning(initializer, axes)
+
+
+def kernel_param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], param_dtype) -> Any:
+  """`module.param(name, init, shape, param_dtype)`, or the `quant.QuantizedKernel` the parameters hold under that
+  name (`vlmjax.infer.quantize`), which `matmul.contract` multiplies by (Flax's shape check would refuse it)."""
+  if module.has_variable("params", name):
+    value = module.get_variable("params", name)
+    if isinstance(value, quant.QuantizedKernel):
+      return value
+  return module.param(name, init, shape, param_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -225,7 +235,7 @@ class Projection(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     out_axes = tuple(range(self.fan_in, len(self.kernel_shape)))
     init = nn.initializers.lecun_normal(in_axis=tuple(range(self.fan_in)), out_axis=out_axes)
-    kernel = self.param("kernel", param_init(init, self.kernel_axes), self.kernel_shape, self.param_dtype)
+    kernel = kernel_param(self, "kernel", param_init(init, self.kernel_axes), self.kernel_shape, self.param_dtype)
     y = matmul.contract(x.astype(self.dtype), kernel, self.fan_in)
     if self.use_bias:
       bias_shape = tuple(self.kernel_shape[i] for i in out_axes)
@@ -296,9 +306,9 @@ class Attention(nn.Module):
     value = nn.with_logical_constraint(value, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, None))
 
     scale = self.query_scale if self.query_scale is not None else self.head_dim**-0.5
-    if isinstance(kv_cache, paged_cache.PagedLayer) and kv_cache.kernel and x.shape[1] == 1:
+    if isinstance(kv_cache, paged_cache.PagedLayer) and kv_cache.kernel and not kv_cache.quantized and x.shape[1] == 1:
       # A decode step through the platform's paged-attention kernel: one new token per row, attending to every key
-      # its row holds (the causal and prefix-LM masks allow all of them).
+      # its row holds (the causal and prefix-LM masks allow all of them). An INT8 pool is read by the gather below.
       kv_cache = kv_cache.write(key, value, write_index)
       out = kv_cache.decode_attention(query * scale, write_index + 1)
       return self._output(out, x.shape[-1]), kv_cache
@@ -308,12 +318,20 @@ class Attention(nn.Module):
       k_cache, v_cache = kv_cache
       rows = jnp.arange(x.shape[0])[:, None]  # [B, 1]
       slots = write_index[:, None] + jnp.arange(x.shape[1])[None, :]  # [B, T]
-      # [rows, :, :, slots] of a [B, K, H, S] cache selects [B, T, K, H]: the new keys and values as projected.
-      k_cache = k_cache.at[rows, :, :, slots].set(key.astype(k_cache.dtype), mode="drop")
-      v_cache = v_cache.at[rows, :, :, slots].set(value.astype(v_cache.dtype), mode="drop")
-      cache_axes = (CACHE_BATCH, CACHE_KV_HEADS, None, CACHE_LENGTH)
-      kv_cache = tuple(nn.with_logical_constraint(c, cache_axes) for c in (k_cache, v_cache))
-      key, value = (jnp.transpose(c, (0, 3, 1, 2)) for c in kv_cache)  # [B, S, K, H], folded into the matmuls
+      if isinstance(k_cache, kv_cache_lib.Int8Buffer):  # int8 values [B, K, H, S] with scales [B, K, S]
+        def put(buffer, new):  # new [B, T, K, H] -> int8 [B, T, K, H] and scales [B, T, K], as below
+          values, scales = kv_cache_lib.quantize_heads(new)
+          return buffer.replace(values=buffer.values.at[rows, :, :, slots].set(values, mode="drop"),
+                                scales=buffer.scales.at[rows, :, slots].set(scales, mode="drop"))
+        kv_cache = (put(k_cache, key), put(v_cache, value))
+        key, value = (jnp.transpose(c.dequantized(self.dtype), (0, 3, 1, 2)) for c in kv_cache)  # [B, S, K, H]
+      else:
+        # [rows, :, :, slots] of a [B, K, H, S] cache selects [B, T, K, H]: the new keys and values as projected.
+        k_cache = k_cache.at[rows, :, :, slots].set(key.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, :, :, slots].set(value.astype(v_cache.dtype), mode="drop")
+        cache_axes = (CACHE_BATCH, CACHE_KV_HEADS, None, CACHE_LENGTH)
+        kv_cache = tuple(nn.with_logical_constraint(c, cache_axes) for c in (k_cache, v_cache))
+        key, value = (jnp.transpose(c, (0, 3, 1, 2)) for c in kv_cache)  # [B, S, K, H], folded into the matmuls
 
     # On the CPU without a cache (training, a forward over whole sequences): `dot_attention`, every matmul in the
     # compute dtype, causal masks in blocks. A cache's [B, K, H, S] slots, transposed into those matmuls, leave

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax import runtime
+from vlmjax.models import quant
 
 
 def _dot_f32(a: jax.Array, b: jax.Array, a_axes, b_axes) -> jax.Array:
@@ -39,7 +40,10 @@ def contract(x: jax.Array, kernel: jax.Array, axes: int = 1) -> jax.Array:
     axes: how many axes are contracted.
   Returns:
     float[..., O...] in x's dtype, accumulated in float32.
+  A `quant.QuantizedKernel` goes through `quant.contract` (inference only: no gradient).
   """
+  if isinstance(kernel, quant.QuantizedKernel):
+    return quant.contract(x, kernel, axes)
   if runtime.cpu_tuned():
     return _contract_cpu(x, kernel, axes)
   dimensions = ((tuple(range(x.ndim - axes, x.ndim)), tuple(range(axes))), ((), ()))

@@ -15,6 +15,10 @@ Attention reads a row by gathering its pages into the contiguous [B, S, K, H] la
 gather runs everywhere. On a GPU or TPU, a decode step (one new token per row) instead calls the Pallas
 paged-attention kernel JAX ships for that platform (`PagedLayer.decode_attention`), which reads the pages where
 they lie; the pool is then kept in the kernels' layout, [K, P, page_size, H] (`KERNELS`, `kernel_for`).
+
+An INT8 pool (`dtype=jnp.int8`) holds `kv_cache.Int8Buffer`s: int8 pages with a float32 scale per token and head
+(scales [P, K, page_size], or [K, P, page_size] in the kernels' layout), the same numbers as the contiguous INT8
+cache. Its decode steps use the gather too (the kernels read float pages).
 """
 
 import contextlib
@@ -24,7 +28,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from vlmjax.models.kv_cache import KVCache
+from vlmjax.models.kv_cache import Int8Buffer, KVCache, dequantize_heads, quantize_heads
 
 DEFAULT_PAGE_SIZE = 16  # tokens per page
 
@@ -71,6 +75,10 @@ class PagedLayer:
   def page_size(self) -> int:
     return self.k.shape[2 if self.kernel else 3]
 
+  @property
+  def quantized(self) -> bool:
+    return isinstance(self.k, Int8Buffer)
+
   def write(self, key: jax.Array, value: jax.Array, write_index: jax.Array) -> "PagedLayer":
     """Writes the T new keys and values (float[B, T, K, H]) of row b at its slots write_index[b] onwards; a slot
     whose page-table entry is the null page is dropped."""
@@ -81,8 +89,15 @@ class PagedLayer:
     if self.kernel:  # [:, pages, offsets] of a [K, P, page_size, H] pool selects [K, B, T, H]
       put = lambda pool, new: pool.at[:, pages, offsets].set(
           jnp.transpose(new, (2, 0, 1, 3)).astype(pool.dtype), mode="drop")
+      put_scales = lambda pool, new: pool.at[:, pages, offsets].set(jnp.transpose(new, (2, 0, 1)), mode="drop")
     else:  # [pages, :, :, offsets] of a [P, K, H, page_size] pool selects [B, T, K, H]
       put = lambda pool, new: pool.at[pages, :, :, offsets].set(new.astype(pool.dtype), mode="drop")
+      put_scales = lambda pool, new: pool.at[pages, :, offsets].set(new, mode="drop")  # [P, K, page_size]
+    if self.quantized:
+      def put_int8(buffer, new):  # new [B, T, K, H] -> int8 and scales [B, T, K]
+        values, scales = quantize_heads(new)
+        return buffer.replace(values=put(buffer.values, values), scales=put_scales(buffer.scales, scales))
+      return self.replace(k=put_int8(self.k, key), v=put_int8(self.v, value))
     return self.replace(k=put(self.k, key), v=put(self.v, value))
 
   def read(self) -> tuple[jax.Array, jax.Array]:
@@ -97,6 +112,16 @@ class PagedLayer:
         rows = jnp.transpose(jnp.take(pool, self.page_table, axis=0, mode="clip"), (0, 1, 4, 2, 3))
       return rows.reshape(batch, max_pages * self.page_size, *rows.shape[3:])
 
+    def gather_scales(pool):  # [P, K, page_size] or [K, P, page_size] -> [B, S, K]
+      if self.kernel:
+        rows = jnp.transpose(jnp.take(pool, self.page_table, axis=1, mode="clip"), (1, 2, 3, 0))
+      else:
+        rows = jnp.transpose(jnp.take(pool, self.page_table, axis=0, mode="clip"), (0, 1, 3, 2))
+      return rows.reshape(batch, max_pages * self.page_size, rows.shape[3])
+
+    if self.quantized:
+      return tuple(dequantize_heads(gather(buffer.values), gather_scales(buffer.scales), jnp.float32)
+                   for buffer in (self.k, self.v))
     return gather(self.k), gather(self.v)
 
   def write_and_read(self, key: jax.Array, value: jax.Array, write_index: jax.Array):
@@ -168,14 +193,30 @@ class PagedKVCache:
     num_prompt_pages = pages_for(prompt.max_len, self.page_size)
     targets = pages[:num_prompt_pages]
 
+    padding = num_prompt_pages * self.page_size - prompt.max_len
+
     def put(pool, layer):  # layer [1, K, H, T]
-      padded = jnp.pad(layer[0], ((0, 0), (0, 0), (0, num_prompt_pages * self.page_size - prompt.max_len)))
+      padded = jnp.pad(layer[0], ((0, 0), (0, 0), (0, padding)))
       in_pages = padded.reshape(*padded.shape[:2], num_prompt_pages, self.page_size)  # [K, H, n, page_size]
       if self.kernel:  # into [K, P, page_size, H]
         return pool.at[:, targets].set(jnp.transpose(in_pages, (0, 2, 3, 1)).astype(pool.dtype), mode="drop")
       return pool.at[targets].set(jnp.transpose(in_pages, (2, 0, 1, 3)).astype(pool.dtype), mode="drop")
 
-    return self.replace(k=tuple(map(put, self.k, prompt.k)), v=tuple(map(put, self.v, prompt.v)))
+    def put_scales(pool, scales):  # scales [1, K, T]
+      in_pages = jnp.pad(scales[0], ((0, 0), (0, padding))).reshape(-1, num_prompt_pages, self.page_size)
+      if self.kernel:  # into [K, P, page_size]
+        return pool.at[:, targets].set(in_pages, mode="drop")
+      return pool.at[targets].set(jnp.transpose(in_pages, (1, 0, 2)), mode="drop")  # into [P, K, page_size]
+
+    def put_layer(pool, layer):
+      if not isinstance(pool, Int8Buffer):
+        return put(pool, layer.dequantized(pool.dtype) if isinstance(layer, Int8Buffer) else layer)
+      if not isinstance(layer, Int8Buffer):  # a float prompt into an INT8 pool: quantized per token and head
+        values, scales = quantize_heads(jnp.swapaxes(layer, 2, 3))  # [1, K, T, H], [1, K, T]
+        layer = Int8Buffer(jnp.swapaxes(values, 2, 3), scales)
+      return pool.replace(values=put(pool.values, layer.values), scales=put_scales(pool.scales, layer.scales))
+
+    return self.replace(k=tuple(map(put_layer, self.k, prompt.k)), v=tuple(map(put_layer, self.v, prompt.v)))
 
   def layers(self) -> tuple[PagedLayer, ...]:
     return tuple(PagedLayer(k, v, self.page_table, self.kernel, self.interpret) for k, v in zip(self.k, self.v))
@@ -188,12 +229,13 @@ class PagedKVCache:
             num_kv_heads: int, head_dim: int, dtype=jnp.float32, kernel: str | None = None,
             interpret: bool = False) -> "PagedKVCache":
     """An empty pool of `num_pages` pages and `batch_size` rows of up to `max_len` tokens (rounded up to whole
-    pages), all pages free; in the layout of `kernel` (one of KERNELS, or None: gather)."""
+    pages), all pages free; in the layout of `kernel` (one of KERNELS, or None: gather); dtype int8: Int8Buffers."""
     if kernel is not None and kernel not in KERNELS:
       raise ValueError(f"unknown paged-attention kernel {kernel!r}; choose one of {list(KERNELS)} or None")
     shape = ((num_kv_heads, num_pages, page_size, head_dim) if kernel else
              (num_pages, num_kv_heads, head_dim, page_size))
-    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-               v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+    empty = ((lambda: Int8Buffer.zeros(shape, head_axis=3 if kernel else 2)) if jnp.dtype(dtype) == jnp.int8 else
+             (lambda: jnp.zeros(shape, dtype)))
+    return cls(k=tuple(empty() for _ in range(num_layers)), v=tuple(empty() for _ in range(num_layers)),
                page_table=jnp.full((batch_size, pages_for(max_len, page_size)), num_pages, jnp.int32),
                lengths=jnp.zeros((batch_size,), jnp.int32), kernel=kernel, interpret=interpret)
