@@ -27,6 +27,7 @@ import roofline  # tools/roofline.py: this script's own folder is on sys.path
 import vlmjax
 from vlmjax import runtime
 from vlmjax.infer import generate as generation
+from vlmjax.infer import quantize as quantize_lib
 
 
 def build_checkpoint(directory: str, image_size: int = 112) -> None:
@@ -109,6 +110,17 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--plot", default="bench_decode.png")
   parser.add_argument("--no_torch", action="store_true", help="time vlmjax only")
+  parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                      help="vlmjax's compute and weight dtype (default: vlmjax.load's for the backend)")
+  parser.add_argument("--quantize", default="none", help="comma-separated vlmjax variants timed in the same rounds: "
+                      "none, int8, int4[:GROUP], w8a8 (vlmjax.load's quantize); the bench LLaVA's MLP (1376 inputs) "
+                      "takes int4 groups of 32")
+  parser.add_argument("--kv_cache_dtype", default=None, help="vlmjax's KV cache: int8, or the compute dtype")
+  parser.add_argument("--quantize_vision", action="store_true", help="quantize the vision tower too")
+  parser.add_argument("--torch_dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="transformers' dtype")
+  parser.add_argument("--accuracy", action="store_true", help="also each variant's logits against float32's "
+                      "(relative error) and its greedy tokens against float32's (share equal), batch 8")
   args = parser.parse_args()
 
   import torch
@@ -121,51 +133,77 @@ def main():
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
   directory = tempfile.mkdtemp(prefix="bench_decode_")
   build_checkpoint(directory)
-  vlm = vlmjax.load(directory)
+  variants = args.quantize.split(",")
+  vlms = {variant: vlmjax.load(directory, dtype=args.dtype, quantize=None if variant == "none" else variant,
+                               kv_cache_dtype=args.kv_cache_dtype,
+                               quantize_vision=args.quantize_vision and variant != "none") for variant in variants}
   model = None if args.no_torch else transformers.LlavaForConditionalGeneration.from_pretrained(
-      directory, dtype=torch.float32).eval()
-  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vlm.params))
+      directory, dtype=getattr(torch, args.torch_dtype)).eval()
+  vlm = vlms[variants[0]]
   decoder = vlm.model_config.decoder
   decoder_params = sum(x.size for x in jax.tree.leaves(vlm.params["decoder"]))
+  float_bytes = sum(x.size * 4 for x in jax.tree.leaves(vlmjax.load(directory, dtype="float32").params))
   mine = roofline.compute_dtype(vlm.model_config)
   theirs = "-" if model is None else str(model.dtype).removeprefix("torch.")
-  weights = sorted({str(x.dtype) for x in jax.tree.leaves(vlm.params)})
   ceilings = roofline.measure(repeats=5, dtype=decoder.dtype)
 
   print(f"machine: {ceilings['bandwidth_gb_s']:.1f} GB/s, {ceilings['matmul_gflop_s']:.1f} GFLOP/s {decoder.dtype}; "
-        f"model {sum(x.size for x in jax.tree.leaves(vlm.params)) / 1e6:.1f} M parameters; {args.new_tokens} new "
-        f"tokens, greedy")
-  print(f"vlmjax: compute {mine}, weights {'/'.join(weights)}, KV cache {decoder.dtype}; transformers: {theirs} "
-        f"(eager); speed-up = vlmjax tok/s / transformers tok/s, " +
-        ("not measured" if model is None else "like for like" if mine == theirs else
-         "NOT like for like (different dtypes)"))
+        f"model {float_bytes / 4e6:.1f} M parameters; {args.new_tokens} new tokens, greedy")
+  param_bytes = {}
+  for variant, one in vlms.items():
+    param_bytes[variant] = quantize_lib.param_bytes(one.params)
+    weights = sorted({str(x.dtype) for x in jax.tree.leaves(one.params)})
+    print(f"vlmjax {variant}: compute {mine}, weights {'/'.join(weights)} ({param_bytes[variant] / 2**20:.1f} MiB, "
+          f"{param_bytes[variant] / float_bytes:.3f}x float32's), KV cache {one.model_config.decoder.cache_dtype}")
+  print(f"transformers: {theirs} (eager); speed-up = vlmjax tok/s / transformers tok/s, " +
+        ("not measured" if model is None else "like for like" if mine == theirs and variants == ["none"] else
+         "NOT like for like (different dtypes or quantized weights)"))
   group = lambda name: f"{name:-^27}"
-  print(f"{'':>14}{group(f' vlmjax {mine} ')}{group(f' transformers {theirs} ')}")
-  header = (f"{'batch':>6}{'prompt':>8}{'TTFT s':>9}{'TPOT ms':>9}{'tok/s':>9}{'TTFT s':>9}{'TPOT ms':>9}"
-            f"{'tok/s':>9}{'speed-up':>10}{'roofline':>10}")
+  print(f"{'':>24}{group(f' vlmjax {mine} ')}{group(f' transformers {theirs} ')}")
+  header = (f"{'vlmjax':>10}{'batch':>6}{'prompt':>8}{'TTFT s':>9}{'TPOT ms':>9}{'tok/s':>9}{'TTFT s':>9}"
+            f"{'TPOT ms':>9}{'tok/s':>9}{'speed-up':>10}{'roofline':>10}")
   print(header)
   rows = []
   for batch in map(int, args.batches.split(",")):
     for prompt in map(int, args.prompts.split(",")):
       ids, pixels = _inputs(vlm, batch, prompt)
-      runs = vlmjax_runs(vlm, ids, pixels, args.new_tokens)
+      runs = [run for one in vlms.values() for run in vlmjax_runs(one, ids, pixels, args.new_tokens)]
       if model is not None:
         runs += transformers_runs(model, ids, pixels, args.new_tokens)
-      ttft, total, *hf_times = interleaved_medians(runs, args.repeats)
-      tpot = (total - ttft) / (args.new_tokens - 1)
-      tokens_per_s = batch * args.new_tokens / total
-      cache_bytes = 2 * decoder.depth * batch * (ids.shape[1] + args.new_tokens) * decoder.num_kv_heads * \
-          decoder.attention_head_dim * jax.numpy.dtype(decoder.dtype).itemsize
-      bound = max((param_bytes + cache_bytes) / (ceilings["bandwidth_gb_s"] * 1e9),
-                  2 * decoder_params * batch / (ceilings["matmul_gflop_s"] * 1e9))
+      medians = interleaved_medians(runs, args.repeats)
       hf = (float("nan"),) * 3
-      if hf_times:
-        hf_ttft, hf_total = hf_times
+      if model is not None:
+        hf_ttft, hf_total = medians[-2:]
         hf = (hf_ttft, (hf_total - hf_ttft) / (args.new_tokens - 1), batch * args.new_tokens / hf_total)
-      rows.append((batch, prompt, ttft, tpot, tokens_per_s, *hf, tokens_per_s / hf[2], bound / tpot))
-      print(f"{batch:>6}{prompt:>8}{ttft:>9.3f}{tpot * 1e3:>9.2f}{tokens_per_s:>9.0f}{hf[0]:>9.3f}"
-            f"{hf[1] * 1e3:>9.2f}{hf[2]:>9.0f}{rows[-1][8]:>9.2f}x{rows[-1][9]:>10.0%}")
+      for index, (variant, one) in enumerate(vlms.items()):
+        ttft, total = medians[2 * index:2 * index + 2]
+        tpot = (total - ttft) / (args.new_tokens - 1)
+        tokens_per_s = batch * args.new_tokens / total
+        cache = one.model_config.decoder.init_cache(batch, ids.shape[1] + args.new_tokens)
+        cache_bytes = sum(x.nbytes for x in jax.tree.leaves((cache.k, cache.v)))
+        bound = max((param_bytes[variant] + cache_bytes) / (ceilings["bandwidth_gb_s"] * 1e9),
+                    2 * decoder_params * batch / (ceilings["matmul_gflop_s"] * 1e9))
+        rows.append((batch, prompt, ttft, tpot, tokens_per_s, *hf, tokens_per_s / hf[2], bound / tpot, variant))
+        print(f"{variant:>10}{batch:>6}{prompt:>8}{ttft:>9.3f}{tpot * 1e3:>9.2f}{tokens_per_s:>9.0f}{hf[0]:>9.3f}"
+              f"{hf[1] * 1e3:>9.2f}{hf[2]:>9.0f}{rows[-1][8]:>9.2f}x{rows[-1][9]:>10.0%}")
+  if args.accuracy:
+    accuracy(directory, vlms, args.new_tokens)
   _plot(rows, args.plot, f"vlmjax {mine} against transformers {theirs}", host)
+
+
+def accuracy(directory: str, vlms: dict, new_tokens: int) -> None:
+  """Each variant against vlmjax float32 on the same inputs (8 rows, 64-token prompts with an image): the logits'
+  relative error (Frobenius norm of the difference over float32's) and the share of greedy tokens equal to float32's
+  (position by position, over new_tokens tokens per row)."""
+  reference = vlmjax.load(directory, dtype="float32")
+  ids, pixels = _inputs(reference, 8, 64, seed=1)
+  logits = np.asarray(reference.logits(ids, pixels))
+  tokens = reference.generate_ids(ids, pixels, max_new_tokens=new_tokens)
+  print(f"{'vlmjax':>10}{'logits rel. error':>20}{'greedy tokens = float32':>26}")
+  for variant, one in vlms.items():
+    error = np.linalg.norm(np.asarray(one.logits(ids, pixels)) - logits) / np.linalg.norm(logits)
+    same = float(np.mean(one.generate_ids(ids, pixels, max_new_tokens=new_tokens) == tokens))
+    print(f"{variant:>10}{error:>20.4f}{same:>26.3f}")
 
 def _plot(rows, path: str, dtypes: str, host: str) -> None:
   import matplotlib
@@ -175,8 +213,9 @@ def _plot(rows, path: str, dtypes: str, host: str) -> None:
 
   figure, axes = plt.subplots(figsize=(7, 4))
   for batch in sorted({row[0] for row in rows}):
-    mine = [row for row in rows if row[0] == batch]
-    axes.plot([r[1] for r in mine], [r[4] for r in mine], "o-", label=f"vlmjax, batch {batch}")
+    for variant in dict.fromkeys(row[10] for row in rows):
+      mine = [row for row in rows if row[0] == batch and row[10] == variant]
+      axes.plot([r[1] for r in mine], [r[4] for r in mine], "o-", label=f"vlmjax {variant}, batch {batch}")
     axes.plot([r[1] for r in mine], [r[7] for r in mine], "x--", label=f"transformers, batch {batch}")
   axes.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="output tokens/s",
            title=f"greedy decoding, {dtypes}")

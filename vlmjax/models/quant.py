@@ -15,7 +15,8 @@ The matmul reads the low-bit weights; no float copy of a layer is kept. How, by 
   mixed float x int8 matmul: a float32 dot over the converted weights took 2-4x the float32 dot's time. So every
   scheme runs integer matmuls. Weight-only schemes keep the activations' precision by splitting each token's
   activations, quantized to 16 bits (x ~ s * (256 * hi + lo)), into two int8 limbs and running two int8 matmuls
-  (activation error <= s / 2 with s = max|x| / 32639, far below the weights'); W8A8 runs one. A product of one row
+  (activation error <= s / 2 with s = max|x| / 32639, far below the weights'); W8A8 runs one. Weight-only
+  products of more than INTEGER_ROWS rows (prefill) multiply by the dequantized layer instead. A product of one row
   (batch-1 decoding) takes a slow path in XLA's CPU backend (10 ms for that shape), so one row is padded to two.
   INT4 weights are unpacked into an int8 temporary per call (the shifts are vectorized; XLA's own int4 type is
   stored a byte per value on the CPU and converted slowly, 8 ms for that shape).
@@ -41,6 +42,12 @@ from vlmjax import runtime
 
 SCHEMES = ("int8", "int4", "w8a8")
 DEFAULT_GROUP_SIZE = 128
+# Weight-only schemes on the CPU run the integer matmuls for up to this many rows (tokens): decoding. More rows (a
+# prefill) multiply by the layer dequantized to float32, a temporary whose conversion the rows share. Measured on
+# the 2-core AMD EPYC for x [M, 512] times a [512, 1376] kernel: an int8 matmul 2.28 ms against 3.51 ms in float32
+# (3.64 dequantized) at M = 256, so two limbs lose; 0.16 against 0.24 ms at M = 16, about even; and for [2, 2048] x
+# [2048, 5504], 0.82 against 5.4 ms.
+INTEGER_ROWS = 8
 _LIMB = 256  # weight-only activations: x / s = 256 * hi + lo, hi and lo int8
 _LIMB_MAX = 127 * _LIMB + 127  # the largest |x / s|, so that hi stays within int8
 
@@ -56,7 +63,7 @@ class QuantizedKernel:
   Attributes:
     values: int8[C, O] (int8, w8a8), or int4 packed int8[G, group_size / 2, O] (group g's first half of inputs in the
       low nibbles, its second half in the high nibbles); [O, C] and int8[O, G, group_size / 2] with rows_out.
-    scales: float32[O] per output channel, or float32[G, O] per group ([O, G] with rows_out).
+    scales: float32[O] per output channel, or bfloat16[G, O] per group ([O, G] with rows_out).
     shape: the float kernel's shape; fan_in: how many of its leading axes are inputs.
     scheme: one of SCHEMES; group_size: inputs per INT4 group (0 for the per-channel schemes).
     rows_out: the matrix is stored outputs first (an embedding table).
@@ -113,8 +120,10 @@ def quantize_kernel(kernel: jax.Array, fan_in: int, scheme: str, group_size: int
                      f"(kernel shape {shape}); pick a group size that divides {num_inputs}, or int8")
   groups = matrix.reshape(num_inputs // group_size, group_size, num_outputs)  # [G, g, O]
   scales = jnp.max(jnp.abs(groups), axis=1) / 7.0  # [G, O]
-  scales = jnp.where(scales == 0, 1.0, scales)
-  quantized = jnp.clip(jnp.round(groups / scales[:, None]), -7, 7).astype(jnp.int8)  # [G, g, O]
+  # Kept in bfloat16 (2 bytes a group, not 4: 0.56 bytes a weight with groups of 32), rounded up so that the
+  # group's largest weight still fits within 7 steps; 8 bits of mantissa are far finer than int4's 15 levels.
+  scales = (jnp.where(scales == 0, 1.0, scales) * (1 + 2.0**-7)).astype(jnp.bfloat16)
+  quantized = jnp.clip(jnp.round(groups / scales.astype(jnp.float32)[:, None]), -7, 7).astype(jnp.int8)  # [G, g, O]
   low, high = jnp.split(quantized, 2, axis=1)  # [G, g/2, O] each
   packed = (low & 0x0F) | (high << 4)
   if rows_out:
@@ -136,7 +145,8 @@ def dequantize(kernel: QuantizedKernel, dtype=jnp.float32) -> jax.Array:
   """The float kernel of kernel.shape (for tests, and for embedding rows)."""
   values = _unpacked(kernel).astype(jnp.float32)
   if kernel.scheme == "int4":
-    scaled = values * (kernel.scales[:, :, None] if kernel.rows_out else kernel.scales[:, None])
+    scales = kernel.scales.astype(jnp.float32)
+    scaled = values * (scales[:, :, None] if kernel.rows_out else scales[:, None])
     matrix = scaled.reshape(kernel.num_outputs, -1).T if kernel.rows_out else scaled.reshape(-1, kernel.num_outputs)
   else:
     matrix = (values * kernel.scales[:, None]).T if kernel.rows_out else values * kernel.scales
@@ -148,7 +158,7 @@ def embedding_rows(table: QuantizedKernel, ids: jax.Array, dtype) -> jax.Array:
   rows are dequantized."""
   assert table.rows_out, "embedding_rows reads a table quantized with rows_out=True"
   values = jnp.take(table.values, ids, axis=0)  # [..., C] or [..., G, g/2]
-  scales = jnp.take(table.scales, ids, axis=0)  # [...] or [..., G]
+  scales = jnp.take(table.scales, ids, axis=0).astype(jnp.float32)  # [...] or [..., G]
   if table.scheme == "int4":
     low = jnp.right_shift(jnp.left_shift(values, 4), 4)
     rows = jnp.concatenate([low, jnp.right_shift(values, 4)], axis=-1).astype(jnp.float32) * scales[..., None]
@@ -172,7 +182,7 @@ def _int_dot(x_int: jax.Array, weights: jax.Array, kernel: QuantizedKernel) -> j
 def _scaled(accumulated: jax.Array, kernel: QuantizedKernel) -> jax.Array:
   """int32 products [M, O] (or [G, M, O]) as float32[M, O] in the weights' units."""
   if kernel.scheme == "int4":
-    scales = kernel.scales.T if kernel.rows_out else kernel.scales  # [G, O]
+    scales = (kernel.scales.T if kernel.rows_out else kernel.scales).astype(jnp.float32)  # [G, O]
     return jnp.sum(accumulated.astype(jnp.float32) * scales[:, None, :], axis=0)
   return accumulated.astype(jnp.float32) * kernel.scales
 
@@ -202,16 +212,14 @@ def _matmul_integer(x: jax.Array, kernel: QuantizedKernel) -> jax.Array:
 
 
 def _matmul_float(x: jax.Array, kernel: QuantizedKernel) -> jax.Array:
-  """float[M, C] x the kernel converted to x's dtype -> float32[M, O]: the GPU and TPU path of weight-only schemes,
-  the convert and the scales fused by XLA into the matmul's operand read."""
-  weights = _unpacked(kernel).astype(x.dtype)
-  if kernel.scheme == "int4":
-    scales = kernel.scales.T if kernel.rows_out else kernel.scales  # [G, O]
-    x_groups = x.reshape(x.shape[0], scales.shape[0], -1)
-    numbers = (((2,), (2,)), ((1,), (1,))) if kernel.rows_out else (((2,), (1,)), ((1,), (0,)))
-    per_group = jax.lax.dot_general(x_groups, weights, numbers, preferred_element_type=jnp.float32)  # [G, M, O]
-    return jnp.sum(per_group * scales[:, None, :], axis=0)
+  """float[M, C] x the kernel dequantized to x's dtype -> float32[M, O]: the GPU and TPU path of weight-only schemes
+  (XLA fuses the convert and the scales into the matmul's operand read), and the CPU's for many rows (a prefill),
+  where the layer's float copy is a temporary of the program whose cost the rows share."""
   numbers = (((1,), (1,)), ((), ())) if kernel.rows_out else (((1,), (0,)), ((), ()))
+  if kernel.scheme == "int4":
+    matrix = dequantize(kernel, x.dtype).reshape(kernel.shape[0] if kernel.rows_out else kernel.num_inputs, -1)
+    return jax.lax.dot_general(x, matrix, numbers, preferred_element_type=jnp.float32)
+  weights = kernel.values.astype(x.dtype)
   return jax.lax.dot_general(x, weights, numbers, preferred_element_type=jnp.float32) * kernel.scales
 
 
@@ -227,7 +235,7 @@ def contract(x: jax.Array, kernel: QuantizedKernel, axes: int | None = None) -> 
     raise ValueError(f"input of shape {x.shape} does not match the quantized kernel's inputs {in_shape}")
   lead = x.shape[:x.ndim - len(in_shape)]
   flat = x.reshape(-1, math.prod(in_shape))  # [M, C]
-  integer = kernel.scheme == "w8a8" or runtime.cpu_tuned()
+  integer = kernel.scheme == "w8a8" or (runtime.cpu_tuned() and flat.shape[0] <= INTEGER_ROWS)
   out = _matmul_integer(flat, kernel) if integer else _matmul_float(flat, kernel)
   return out.reshape(*lead, *out_shape).astype(x.dtype)
 
