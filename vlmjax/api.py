@@ -29,6 +29,7 @@ from vlmjax.infer import generate as generation
 from vlmjax.infer import quantize as quantize_lib
 from vlmjax.infer.sampling import SamplingParams
 from vlmjax.models import layers
+from vlmjax.parallel import mesh as mesh_lib
 from vlmjax.models.summary import abstract_params
 from vlmjax.models.vlm import VLM as VLMModel
 from vlmjax.models.vlm import VLMConfig
@@ -62,6 +63,25 @@ class VLM:
   @property
   def model_config(self) -> VLMConfig:
     return VLMConfig.from_dict(self.config.model)
+
+  def sharded(self, mesh: dict[str, int]) -> "VLM":
+    """The same model with its weights sharded over a mesh of this process's devices (`{"tensor": 4}`,
+    `{"fsdp": 8}`, axes data / fsdp / tensor, their product devices, the first ones), by the one rules table
+    (`parallel/mesh.py`): attention heads and MLP split over `tensor`, the model width over `fsdp`. `generate`, the
+    engine and `logits` then run on the mesh: XLA partitions each program from its weights' shardings (GSPMD), the
+    KV cache's heads following the key and value projections. ValueError naming the parameter whose dimension a
+    mesh axis does not divide."""
+    if quantize_lib.recorded(self.config).scheme is not None:
+      raise ValueError("sharding a quantized model is not supported yet: load it unquantized with a mesh")
+    sizes = {axis: size for axis, size in mesh.items() if size != 1}
+    count = int(np.prod(list(sizes.values()))) if sizes else 1
+    devices = jax.devices()
+    if count > len(devices):
+      raise ValueError(f"mesh {mesh} needs {count} devices; this process has {len(devices)}")
+    device_mesh = mesh_lib.make_mesh(sizes, devices[:count])
+    boxed = abstract_params(self.model_config)
+    shardings = mesh_lib.param_shardings(boxed, device_mesh, mesh_lib.LOGICAL_RULES)
+    return dataclasses.replace(self, params=jax.device_put(self.params, shardings))
 
   def with_visual_tokens(self, spec: str) -> "VLM":
     """The same model with each image reduced to fewer tokens without retraining, `METHOD:KEEP`
@@ -247,7 +267,7 @@ def load_workdir(workdir: str) -> VLM:
 
 
 def load(path: str, *, dtype: str | None = None, quantize: str | None = None, kv_cache_dtype: str | None = None,
-         quantize_vision: bool = False, visual_tokens: str | None = None) -> VLM:
+         quantize_vision: bool = False, visual_tokens: str | None = None, mesh: dict[str, int] | None = None) -> VLM:
   """A vlmjax training workdir or a Hugging Face LLaVA-1.5 / PaliGemma directory (or a quantized checkpoint that
   `vlmjax quantize` wrote). `visual_tokens`: `METHOD:KEEP`, each image's tokens reduced without retraining
   (`VLM.with_visual_tokens`).
@@ -257,11 +277,14 @@ def load(path: str, *, dtype: str | None = None, quantize: str | None = None, kv
   'w8a8' (INT8 weights and per-token INT8 activations) for the language model's and projector's linear layers, its
   embedding and output head, and with quantize_vision the vision tower's (`vlmjax/infer/quantize.py`).
   kv_cache_dtype: None (the compute dtype) or 'int8' (a scale per token and head), for `generate` and the engine.
+  mesh: the weights sharded over this many devices per mesh axis (`{"tensor": 4}`; `VLM.sharded`).
   """
   settings = quantize_lib.Settings.parse(dtype, quantize, kv_cache_dtype, quantize_vision)  # bad settings fail first
   vlm = _load(path)
   config, params = quantize_lib.apply(vlm.config, vlm.params, settings, source=path)
   vlm = dataclasses.replace(vlm, config=config, params=params)
+  if mesh:
+    vlm = vlm.sharded(mesh)
   return vlm if visual_tokens is None else vlm.with_visual_tokens(visual_tokens)
 
 

@@ -104,11 +104,28 @@ _KV_CACHE_DTYPE = flags.DEFINE_string("kv_cache_dtype", None, "generate, eval, s
                                       "dtype).")
 
 
+_MESH = flags.DEFINE_string("mesh", None, "generate, eval, serve: shard the weights over this process's devices, "
+                            "e.g. tensor=4 or fsdp=4,tensor=2 (axes data, fsdp, tensor).")
+
+
+def _mesh(text: str | None) -> dict[str, int] | None:
+  """`fsdp=4,tensor=2` -> {"fsdp": 4, "tensor": 2}; SystemExit naming what is wrong."""
+  if not text:
+    return None
+  mesh = {}
+  for part in text.split(","):
+    axis, _, size = part.partition("=")
+    if not size.strip().isdigit():
+      raise SystemExit(f"vlmjax: --mesh {text!r}: expected AXIS=SIZE,... with whole sizes (tensor=4,fsdp=2)")
+    mesh[axis.strip()] = int(size)
+  return mesh
+
+
 def _load_options() -> dict:
   """The flags generate, eval and serve pass to `vlmjax.load`."""
   options = {} if _VISUAL_TOKENS.value is None else {"visual_tokens": _VISUAL_TOKENS.value}
   options.update(dtype=_DTYPE.value, quantize=_QUANTIZE.value, kv_cache_dtype=_KV_CACHE_DTYPE.value,
-                 quantize_vision=_QUANTIZE_VISION.value)
+                 quantize_vision=_QUANTIZE_VISION.value, mesh=_mesh(_MESH.value))
   return options
 
 
