@@ -13,6 +13,13 @@ model was loaded. The roofline column divides the decode step's lower bound (byt
 KV cache — over the measured memory bandwidth, or its FLOPs over the measured matmul rate of its compute dtype,
 whichever is larger) by the measured TPOT. Prints the host first (CPU model, cores, JAX devices; PyTorch's
 threads): the figures, the speed-ups included, are this host's. Writes a table to stdout and a plot to --plot.
+
+    python tools/bench_decode.py --batches 1,8 --prompts 64 --quantize none,int8,int4:32,w8a8 --quantize_vision --accuracy
+
+times each vlmjax variant (`vlmjax.load`'s quantize; --dtype, --kv_cache_dtype) in the same interleaved rounds as
+transformers (--torch_dtype, float32 by default), prints each variant's parameter bytes against float32's, and with
+--accuracy its logits' relative error and the share of its greedy tokens equal to float32's. A quantized variant
+against transformers float32 is not like for like, and the header says so.
 """
 
 import argparse

@@ -111,10 +111,14 @@ def checkpoint_dtype(checkpoint: str) -> str:
   return roofline.compute_dtype(VLMConfig.from_dict(config.model))
 
 
-def _serve(checkpoint: str, settings: dict, port: int) -> None:
+# `vlmjax.load`'s dtype, quantize and kv_cache_dtype for every server this run starts (--dtype, --quantize, ...).
+LOAD_OPTIONS: dict = {}
+
+
+def _serve(checkpoint: str, settings: dict, port: int, load_options: dict | None = None) -> None:
   """The server process: the model loaded, its app served on the loopback port until SIGTERM."""
-  uvicorn.run(create_app(vlmjax.load(checkpoint), "bench", **settings), host="127.0.0.1", port=port,
-              log_level="warning")
+  uvicorn.run(create_app(vlmjax.load(checkpoint, **(load_options or {})), "bench", **settings), host="127.0.0.1",
+              port=port, log_level="warning")
 
 
 class Server:
@@ -128,7 +132,8 @@ class Server:
       probe.bind(("127.0.0.1", 0))
       port = probe.getsockname()[1]
     self.url = f"http://127.0.0.1:{port}"
-    self.process = multiprocessing.get_context("spawn").Process(target=_serve, args=(checkpoint, settings, port))
+    self.process = multiprocessing.get_context("spawn").Process(target=_serve,
+                                                                args=(checkpoint, settings, port, dict(LOAD_OPTIONS)))
 
   def __enter__(self):
     self.process.start()
@@ -258,8 +263,14 @@ def main():
   soaking.add_argument("--hangup", type=float, default=0.3, help="probability that a client hangs up mid-stream")
   soaking.add_argument("--soak_warmup", type=float, default=30.0, help="seconds of the same clients before the soak: "
                        "the RSS baseline is read at its end (it compiles the shapes the load meets)")
+  loading = parser.add_argument_group("the model's numbers (vlmjax.load), for every server")
+  loading.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+  loading.add_argument("--quantize", default=None, help="int8, int4[:GROUP] or w8a8")
+  loading.add_argument("--kv_cache_dtype", default=None, help="int8: int8 pages, a scale per token and head")
   args = parser.parse_args()
+  LOAD_OPTIONS.update(dtype=args.dtype, quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype)
   print(roofline.host_description())
+  print(f"vlmjax.load options: dtype={args.dtype}, quantize={args.quantize}, kv_cache_dtype={args.kv_cache_dtype}")
   with tempfile.TemporaryDirectory() as scratch:  # the servers load the default checkpoint from here
     if args.checkpoint is None:
       args.checkpoint = os.path.join(scratch, "llava")
