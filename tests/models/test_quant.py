@@ -94,3 +94,12 @@ def test_an_int8_pool_reads_back_what_was_written_within_half_a_step(kernel):
   np.testing.assert_allclose(read_keys[0, :5], keys[0], atol=tolerance)
   np.testing.assert_allclose(read_values[1, :4], -keys[1, :4], atol=tolerance)
   assert layer.k.values.nbytes + layer.k.scales.nbytes < 0.5 * 6 * 4 * 2 * 8 * 4  # against float32 pages
+
+
+def test_token_bytes_are_what_the_pools_arrays_take():
+  for dtype, ratio in (("float32", 1.0), ("int8", (32 + 4) / (4 * 32))):
+    cache = paged_cache.PagedKVCache.zeros(num_layers=2, num_pages=5, page_size=4, batch_size=1, max_len=8,
+                                           num_kv_heads=3, head_dim=32, dtype=dtype)
+    held = sum(leaf.nbytes for leaf in jax.tree.leaves((cache.k, cache.v)))
+    assert held == 5 * 4 * paged_cache.token_bytes(num_layers=2, num_kv_heads=3, head_dim=32, dtype=dtype)
+    assert paged_cache.token_bytes(num_layers=2, num_kv_heads=3, head_dim=32, dtype=dtype) == ratio * 2 * 2 * 3 * 32 * 4
