@@ -73,6 +73,11 @@ def test_completions_echo_scores_the_prompt_as_lm_eval_harness_reads_it(client, 
   np.testing.assert_allclose(logprobs.token_logprobs[1:], [expected[t, ids[t + 1]] for t in range(len(ids) - 1)],
                              rtol=1e-4, atol=1e-5)
   assert all(len(top) <= 2 for top in logprobs.top_logprobs[1:])
+  streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=2,
+                                            stream=True, stream_options={"include_usage": True}))
+  assert streamed[0].choices[0].text == prompt and streamed[0].choices[0].finish_reason == "length"
+  assert streamed[0].choices[0].logprobs.token_logprobs == logprobs.token_logprobs
+  assert streamed[-1].usage.prompt_tokens == len(ids) and streamed[-1].usage.completion_tokens == 0
   assert logprobs.text_offset == sorted(logprobs.text_offset)
   # With tokens generated too: the prompt's entries, then the completion's.
   both = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, logprobs=1, temperature=0)

@@ -237,7 +237,8 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
           raise failure(output)
         ended += 1
 
-  async def sse(requests: list[Request], outputs: _Outputs, chunk, include_usage: bool, firsts=()):
+  async def sse(requests: list[Request], prompt_tokens: int, outputs: _Outputs, chunk, include_usage: bool,
+                firsts=()):
     """Server-sent events: `firsts`, then chunk(index, output) for each output with news, a last chunk with the
     usage when asked for, [DONE]. A client that hangs up cancels the stream's task here, and the requests."""
     try:
@@ -253,18 +254,16 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
           yield f"data: {chunk(index, output).model_dump_json()}\n\n"
         ended += bool(output.finish_reason)
       if include_usage:
-        yield f"data: {chunk(usage=usage(requests)).model_dump_json()}\n\n"
+        yield f"data: {chunk(usage=usage(requests, prompt_tokens)).model_dump_json()}\n\n"
       yield "data: [DONE]\n\n"
     finally:
       for request in requests:
         engine.cancel(request)  # nothing left to do when it ended; frees the slot when the client left
 
-  def usage(requests: list[Request], prompt_tokens: int | None = None) -> protocol.Usage:
+  def usage(requests: list[Request], prompt_tokens: int) -> protocol.Usage:
     """The prompt once, every choice's tokens; the prompt tokens the first choice read from the prefix cache."""
-    if not requests:
-      return protocol.Usage.of(prompt_tokens, 0)
-    return protocol.Usage.of(len(requests[0].prompt_ids), sum(len(request.token_ids) for request in requests),
-                             requests[0].cached_tokens)
+    return protocol.Usage.of(prompt_tokens, sum(len(request.token_ids) for request in requests),
+                             requests[0].cached_tokens if requests else 0)
 
   def include_usage(body: protocol.GenerationRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
@@ -294,10 +293,12 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
                                                logprobs=logprobs_of(output.token_ids, output.logprobs))])
       firsts = [reply([protocol.ChatChunkChoice(index=index, delta=protocol.Delta(role="assistant", content=""))])
                 for index in range(body.n)]
-      return fastapi.responses.StreamingResponse(sse(requests, outputs, chunk, include_usage(body), firsts),
-                                                 media_type="text/event-stream")
+      return fastapi.responses.StreamingResponse(
+          sse(requests, len(requests[0].prompt_ids), outputs, chunk, include_usage(body), firsts),
+          media_type="text/event-stream")
     await finished(requests, outputs, http_request)
-    return protocol.ChatCompletion(id=reply_id, created=created, model=model_name, usage=usage(requests), choices=[
+    return protocol.ChatCompletion(id=reply_id, created=created, model=model_name,
+                                   usage=usage(requests, len(requests[0].prompt_ids)), choices=[
         protocol.ChatChoice(index=index, message=protocol.AssistantMessage(content=request.text),
                             finish_reason=request.finish_reason,
                             logprobs=logprobs_of(request.token_ids, request.logprobs))
@@ -328,10 +329,11 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
     def reply(choices=(), usage=None):
       return protocol.Completion(id=reply_id, created=created, model=model_name, choices=list(choices), usage=usage)
 
-    def logprobs_of(token_ids, logprobs, text_start=0):
+    def logprobs_of(token_ids, logprobs, text_start=0, with_prompt=True):
+      """The tokens' logprobs, the echoed prompt's first when `with_prompt`; text offsets from `text_start`."""
       if body.logprobs is None:
         return None
-      if scored is not None and text_start == 0:  # the prompt's, then the completion's
+      if scored is not None and with_prompt:
         token_ids, logprobs = [*prompt_ids, *token_ids], [*scored, *logprobs]
       return replies.completion_logprobs(token_ids, logprobs, token_bytes, text_start)
 
@@ -339,21 +341,25 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
                                               finish_reason=None if requests else "length")
                     for index in range(body.n)] if body.echo else []
     if body.stream:
+      streamed = [len(echoed)] * body.n  # each choice's text so far: where its next chunk's offsets start
+
       def chunk(index=0, output=None, usage=None):
         if usage:
           return reply(usage=usage)
+        logprobs = logprobs_of(output.token_ids, output.logprobs, streamed[index], with_prompt=False)
+        streamed[index] += len(output.text)
         return reply([protocol.CompletionChoice(index=index, text=output.text, finish_reason=output.finish_reason,
-                                                logprobs=logprobs_of(output.token_ids, output.logprobs, -1))])
+                                                logprobs=logprobs)])
       firsts = [reply([choice]) for choice in echo_choices]
-      return fastapi.responses.StreamingResponse(sse(requests, outputs, chunk, include_usage(body), firsts),
-                                                 media_type="text/event-stream")
+      return fastapi.responses.StreamingResponse(
+          sse(requests, len(prompt_ids), outputs, chunk, include_usage(body), firsts), media_type="text/event-stream")
     await finished(requests, outputs, http_request)
     if not requests:
       return reply(echo_choices, usage(requests, len(prompt_ids)))
     return reply([protocol.CompletionChoice(index=index, text=echoed + request.text,
                                             finish_reason=request.finish_reason,
                                             logprobs=logprobs_of(request.token_ids, request.logprobs))
-                  for index, request in enumerate(requests)], usage(requests))
+                  for index, request in enumerate(requests)], usage(requests, len(prompt_ids)))
 
   @app.get("/v1/models")
   async def models():
