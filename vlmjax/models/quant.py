@@ -190,8 +190,8 @@ def _scaled(accumulated: jax.Array, kernel: QuantizedKernel) -> jax.Array:
 def _matmul_integer(x: jax.Array, kernel: QuantizedKernel) -> jax.Array:
   """float[M, C] x the kernel -> float32[M, O] through int8 x int8 matmuls (the CPU's path; W8A8 everywhere)."""
   rows = x.shape[0]
-  if rows == 1:  # XLA's CPU backend runs a one-row int8 product on a slow path; two rows take the fast one
-    x = jnp.concatenate([x, jnp.zeros_like(x)])
+  if rows == 1 and kernel.scheme == "w8a8":  # XLA's CPU backend runs a one-row int8 product on a slow path; two rows
+    x = jnp.concatenate([x, jnp.zeros_like(x)])  # take the fast one (weight-only schemes have two rows: the limbs)
   x = x.astype(jnp.float32)
   weights = _unpacked(kernel)
   peak = jnp.max(jnp.abs(x), axis=1, keepdims=True)  # [M, 1], one scale per token
