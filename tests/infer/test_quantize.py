@@ -176,3 +176,12 @@ def test_vlmjax_quantize_writes_a_checkpoint_that_generate_reads_and_refuses_oth
   assert refused.returncode != 0 and "holds weights quantized with quantize=int8, quantize_vision" in refused.stderr
   unknown = run("generate", "--checkpoint", out, "--image", image, "--prompt", "Hi", "--quantize", "int3")
   assert unknown.returncode != 0 and "unknown quantization scheme 'int3'" in unknown.stderr
+
+
+def test_quantized_weights_are_not_written_as_a_hugging_face_checkpoint(tiny_vlm, tmp_path):
+  from vlmjax.interop import hf
+
+  quantized = _with(tiny_vlm, quantize="int8")
+  with pytest.raises(ValueError, match=r"these weights are quantized \(int8\); a Hugging Face checkpoint is written "
+                                       r"from float weights"):
+    hf.save_pretrained(str(tmp_path / "hf"), quantized.config, quantized.params)

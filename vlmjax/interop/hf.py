@@ -133,8 +133,11 @@ def save_pretrained(path: str, config: ml_collections.ConfigDict, params: Any, t
     params: the `params` tree of VLM, layers scanned or unrolled (`vlmjax.load` unrolls them).
     max_len: the text model's max_position_embeddings (transformers' default when None).
   Raises:
-    ValueError naming the config key a Hugging Face checkpoint cannot express.
+    ValueError naming the config key a Hugging Face checkpoint cannot express, or quantized weights.
   """
+  if config.get("quantization"):
+    raise ValueError(f"these weights are quantized ({config.quantization.scheme}); a Hugging Face checkpoint is written "
+                     f"from float weights: load the source without quantize and save that")
   model_config = VLMConfig.from_dict(config.model)
   model_type = hf_config.model_type_of(model_config)
   eos_token_ids = _ids(eos_token_ids)
