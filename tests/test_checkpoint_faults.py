@@ -132,14 +132,7 @@ def test_generate_goes_on_from_the_previous_step(trained, tiny_shapes_dir, tmp_p
   workdir = tmp_path / "run"
   shutil.copytree(trained[0], workdir)
   _delete_the_metadata(workdir / "checkpoints" / "6")  # the damage whose reads orbax leaves behind most noisily
-  from PIL import Image
-
-  from vlmjax.data import shapes
-  image = tmp_path / "image.png"
-  Image.fromarray(shapes.load(tiny_shapes_dir, "validation")[0]["image"]).save(image)
-  result = subprocess.run([sys.executable, "-m", "vlmjax.cli", "generate", "--checkpoint", str(workdir), "--image",
-                           str(image), "--prompt", "What colour is the circle?", "--max_new_tokens", "2"],
-                          env=runs.env(), capture_output=True, text=True, timeout=300)
+  result = runs.generate(workdir, tiny_shapes_dir, tmp_path, max_new_tokens=2)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "checkpoint 6 does not restore, skipped" in result.stderr
   assert "using checkpoint 4, the newest one that restores" in result.stderr

@@ -89,8 +89,6 @@ _WARM_UP = flags.DEFINE_bool("warm_up", True, "serve: compile every program the 
 _DOCS = flags.DEFINE_bool("docs", False, "serve: FastAPI's /docs, /redoc and /openapi.json (off by default).")
 _COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, "serve: a directory for JAX's persistent "
                                          "compilation cache: a restarted server reads its start-up programs from it.")
-
-
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "generate, eval, serve, quantize: the compute "
                            "and weight dtype (default: float32 on a CPU, or a workdir's config; bfloat16 on a GPU or "
                            "TPU).")
@@ -102,8 +100,6 @@ _QUANTIZE_VISION = flags.DEFINE_bool("quantize_vision", False, "generate, eval, 
 _KV_CACHE_DTYPE = flags.DEFINE_string("kv_cache_dtype", None, "generate, eval, serve: int8 keys and values (a scale "
                                       "per token and head) in the KV cache and the paged pool (default: the compute "
                                       "dtype).")
-
-
 _MESH = flags.DEFINE_string("mesh", None, "generate, eval, serve: shard the weights over this process's devices, "
                             "e.g. tensor=4 or fsdp=4,tensor=2 (axes data, fsdp, tensor).")
 
@@ -123,10 +119,8 @@ def _mesh(text: str | None) -> dict[str, int] | None:
 
 def _load_options() -> dict:
   """The flags generate, eval and serve pass to `vlmjax.load`."""
-  options = {} if _VISUAL_TOKENS.value is None else {"visual_tokens": _VISUAL_TOKENS.value}
-  options.update(dtype=_DTYPE.value, quantize=_QUANTIZE.value, kv_cache_dtype=_KV_CACHE_DTYPE.value,
-                 quantize_vision=_QUANTIZE_VISION.value, mesh=_mesh(_MESH.value))
-  return options
+  return dict(dtype=_DTYPE.value, quantize=_QUANTIZE.value, kv_cache_dtype=_KV_CACHE_DTYPE.value,
+              quantize_vision=_QUANTIZE_VISION.value, visual_tokens=_VISUAL_TOKENS.value, mesh=_mesh(_MESH.value))
 
 
 def _load(path: str, command: str):

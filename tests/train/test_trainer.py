@@ -72,14 +72,7 @@ def test_bad_stage_or_checkpoint_fails_before_any_work(tmp_path, data_flags, fla
 def test_the_trained_workdir_serves_generate_and_eval(reference_run, tiny_shapes_dir, tmp_path):
   """`vlmjax generate` and `vlmjax eval` read the workdir as `vlmjax.load` does; the run logged its validation."""
   workdir, _ = reference_run
-  from PIL import Image
-
-  from vlmjax.data import shapes
-  image = tmp_path / "image.png"
-  Image.fromarray(shapes.load(tiny_shapes_dir, "validation")[0]["image"]).save(image)
-  result = subprocess.run([sys.executable, "-m", "vlmjax.cli", "generate", "--checkpoint", str(workdir), "--image",
-                           str(image), "--prompt", "What colour is the circle?", "--max_new_tokens", "4"],
-                          env=runs.env(), capture_output=True, text=True, timeout=300)
+  result = runs.generate(workdir, tiny_shapes_dir, tmp_path, max_new_tokens=4)
   assert result.returncode == 0, result.stderr[-2000:]
   out = tmp_path / "results.json"
   result = subprocess.run([sys.executable, "-m", "vlmjax.cli", "eval", "--workdir", str(workdir), "--out", str(out),

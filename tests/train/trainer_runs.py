@@ -42,3 +42,15 @@ def train(workdir, data_flags, *flags, devices=1, cpu_devices=0):
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return losses(workdir)
+
+
+def generate(workdir, data_dir, tmp_path, max_new_tokens: int) -> subprocess.CompletedProcess:
+  """`vlmjax generate` on the workdir, asked about the first validation image (written to tmp_path)."""
+  from PIL import Image
+
+  from vlmjax.data import shapes
+  image = os.path.join(tmp_path, "image.png")
+  Image.fromarray(shapes.load(data_dir, "validation")[0]["image"]).save(image)
+  return subprocess.run([sys.executable, "-m", "vlmjax.cli", "generate", "--checkpoint", str(workdir), "--image",
+                         image, "--prompt", "What colour is the circle?", "--max_new_tokens", str(max_new_tokens)],
+                        env=env(), capture_output=True, text=True, timeout=300)

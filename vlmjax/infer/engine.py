@@ -418,8 +418,11 @@ class Engine:
     chosen = [which(self._scheduler.slots[slot].request) for slot, _, _ in self._inserted]
     picked = [item for item, pick in zip(self._inserted, chosen) if pick]
     self._inserted = [item for item, pick in zip(self._inserted, chosen) if not pick]
-    for (slot, _, _), (first, scores) in zip(picked, jax.device_get([item[1:] for item in picked])):
-      self._deliver(slot, int(first), _row(scores, 0))
+    # Their scores are copied only for the requests that asked for logprobs.
+    wanted = [(first, scores if self._scheduler.slots[slot].request.top_logprobs is not None else None)
+              for slot, first, scores in picked]
+    for (slot, _, _), (first, scores) in zip(picked, jax.device_get(wanted)):
+      self._deliver(slot, int(first), None if scores is None else _row(scores, 0))
 
   def _generate(self, width: int) -> tuple[jax.Array, TokenScores]:
     """One decode step reading the page table's first `width` columns: the step's tokens int32[N] and their

@@ -36,14 +36,16 @@ def warm_up(engine, max_images: int) -> float:
   if any(thread.is_alive() for thread in engine._threads):
     raise RuntimeError("warm_up runs before the engine starts")
   began = time.perf_counter()
+  # What to compile depends on the prefix cache (`_pieces`): listed before it is set aside.
+  whole, pieces = list(_whole_prefills(engine, max_images)), list(_pieces(engine, max_images))
   prefix_cache, engine.prefix_cache = engine.prefix_cache, None  # nothing synthetic is listed in it
   try:
-    for images, length, prompts in _whole_prefills(engine, max_images):
+    for images, length, prompts in whole:
       for slot in range(prompts):
         _place(engine, slot, length, images)
       engine._prefill([(slot, length) for slot in range(prompts)])
       _clear(engine)
-    for images, length in _pieces(engine, max_images):
+    for images, length in pieces:
       _place(engine, 0, length, images)
       engine._prefill_piece(0, length)
       _clear(engine)

@@ -268,8 +268,6 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
   def include_usage(body: protocol.GenerationRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
-  token_bytes = vlm.tokenizer.token_bytes
-
   @app.post("/v1/chat/completions")
   async def chat_completions(body: protocol.ChatCompletionRequest, http_request: fastapi.Request):
     check_model(body.model)
@@ -282,7 +280,7 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
                                           usage=usage)
 
     def logprobs_of(token_ids, logprobs):
-      return replies.chat_logprobs(token_ids, logprobs, token_bytes) if body.logprobs else None
+      return replies.chat_logprobs(token_ids, logprobs, vlm.tokenizer.token_bytes) if body.logprobs else None
 
     if body.stream:
       def chunk(index=0, output=None, usage=None):
@@ -335,7 +333,7 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
         return None
       if scored is not None and with_prompt:
         token_ids, logprobs = [*prompt_ids, *token_ids], [*scored, *logprobs]
-      return replies.completion_logprobs(token_ids, logprobs, token_bytes, text_start)
+      return replies.completion_logprobs(token_ids, logprobs, vlm.tokenizer.token_bytes, text_start)
 
     echo_choices = [protocol.CompletionChoice(index=index, text=echoed, logprobs=logprobs_of([], []),
                                               finish_reason=None if requests else "length")
