@@ -1,0 +1,155 @@
+"""Training numerics against transformers: for an imported LLaVA / PaliGemma checkpoint (tiny, random, written by
+transformers), the loss of a batch and the gradient of every parameter equal transformers' on the same batch with
+the same labels, in float32 (relative 1e-5).
+
+One batch per case: two rows of different lengths (right-padded), an image each, the loss on the answer tokens.
+PaliGemma trains as its processor sets it up for transformers: the prefix (image tokens, BOS, prompt, "\\n") has
+token_type_ids 0 and no labels, the suffix (answer, EOS) token_type_ids 1 and the labels. PaliGemmaModel makes the
+token_type_ids-0 tokens one bidirectional block (`block_sequence_ids`) on top of the causal mask: that is our
+`prefix_lengths`. Our side runs as the trainer does: `state.stage_loss` of the "full" stage (`vlm_loss`), with the
+default backward passes (the CPU-tuned ones on a CPU).
+"""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+# test_hf.py's helpers (pytest puts tests/interop on sys.path: it has no __init__.py).
+from test_hf import _prompt_ids, max_relative_error
+from vlmjax.data import pipeline
+from vlmjax.interop import hf, hf_weights
+from vlmjax.models import layers
+from vlmjax.models.vlm import VLMConfig
+from vlmjax.train import state
+
+# LLaVA with GQA, an untied head and the features of the ViT's next-to-last layer (its last layer is out of the
+# loss's reach); PaliGemma with GQA, the tied head and the prefix-LM.
+CASE_NAMES = ["llava_gqa", "paligemma_gqa_sharded"]
+# (prompt, answer) per row; the loss counts the answer and the EOS after it.
+ROWS = [("What is in the picture?", "A red circle next to a blue square."),
+        ("Describe the image in detail, please. How many shapes are there?", "caption")]
+TOLERANCE = 1e-5
+# A key projection's bias has no gradient: it adds q·b to every score of a query's row, which the softmax ignores.
+# Both sides give rounding noise for it (1e-10 to 1e-9, against 1e-3 to 1e-1 for the layer's other gradients), so
+# its error is measured against the scale of the gradients that reach the keys: the same layer's key kernel's.
+KEY_BIAS = re.compile(r"self_attn\.k_proj\.bias$")
+
+
+def make_batch(pretrained: hf.Pretrained, pixel_values: np.ndarray) -> tuple[dict, dict]:
+  """The same batch for both sides: (ours, as the trainer's data pipeline makes it; transformers' keyword
+  arguments, labels -100 outside the answers)."""
+  eos = pretrained.tokenizer.eos_token_id
+  rows = [(_prompt_ids(pretrained, prompt), pretrained.tokenizer.encode(answer, add_special_tokens=False) + [eos])
+          for prompt, answer in ROWS]
+  lengths = [len(prompt) + len(answer) for prompt, answer in rows]
+  assert len(set(lengths)) == len(rows), f"rows of one length {lengths}: the padding would not be exercised"
+  length = max(lengths)
+  examples, their_ids, labels = [], [], []
+  for (prompt, answer), pixels in zip(rows, pixel_values):
+    ids = np.asarray(prompt + answer)
+    is_answer = np.arange(len(ids)) >= len(prompt)
+    examples.append(pipeline.example_arrays(ids, is_answer, pixels))
+    pad = (0, length - len(ids))
+    their_ids.append(np.pad(ids, pad, constant_values=pretrained.pad_token_id))
+    labels.append(np.pad(np.where(is_answer, ids, -100), pad, constant_values=-100))
+  ours = pipeline.pad_batch(examples, length)
+  theirs = {"input_ids": torch.tensor(np.stack(their_ids)), "labels": torch.tensor(np.stack(labels)),
+            "attention_mask": torch.tensor(ours["input_mask"], dtype=torch.long),
+            "pixel_values": torch.tensor(pixel_values.transpose(0, 3, 1, 2))}
+  if pretrained.prefix_lm:
+    prefix_lengths = np.asarray([len(prompt) for prompt, _ in rows], np.int32)
+    ours["prefix_lengths"] = prefix_lengths
+    # 1 on the suffix and on the padding (whose keys the attention mask hides either way).
+    theirs["token_type_ids"] = torch.tensor(np.arange(length)[None] >= prefix_lengths[:, None], dtype=torch.long)
+  return ours, theirs
+
+
+@dataclasses.dataclass(frozen=True)
+class Gradients:
+  """One case's loss and gradients on both sides, gradients by canonical Hugging Face name (`hf_weights`)."""
+
+  case_name: str
+  model_config: VLMConfig
+  our_loss: float
+  their_loss: float
+  their_causal_loss: float | None  # PaliGemma's without token_type_ids: a causal prefix
+  ours: dict[str, np.ndarray]
+  theirs: dict[str, np.ndarray | None]  # None where transformers' autograd does not reach the parameter
+
+  def __repr__(self) -> str:  # what pytest shows of the fixture when a test fails
+    return f"Gradients({self.case_name})"
+
+
+@pytest.fixture(scope="module", params=CASE_NAMES)
+def gradients(request, checkpoint) -> Gradients:
+  """Both sides' loss and gradients on one batch, computed once per case."""
+  _, directory, model = checkpoint(request.param)
+  pretrained = hf.load_pretrained(directory)
+  model_config = VLMConfig.from_dict(pretrained.config.model)
+  size = model_config.vision.image_size
+  pixel_values = np.random.default_rng(0).normal(size=(len(ROWS), size, size, 3)).astype(np.float32)
+  ours, theirs = make_batch(pretrained, pixel_values)
+
+  loss_fn = lambda params, batch: state.stage_loss(params, model_config, batch, "full")[0]  # the trainer's
+  with jax.default_matmul_precision("highest"):  # float32 matmuls on accelerators too (no TF32 / bf16 passes)
+    our_loss, our_grads = jax.jit(jax.value_and_grad(loss_fn))(pretrained.params, jax.tree.map(jnp.asarray, ours))
+
+  model.zero_grad(set_to_none=True)
+  their_loss = model(**theirs).loss
+  their_loss.backward()
+  their_grads = {hf_weights.canonical_name(name): None if p.grad is None else p.grad.numpy().copy()
+                 for name, p in model.named_parameters()}  # tied weights appear once, their gradients summed
+  model.zero_grad(set_to_none=True)  # the session's model is test_hf.py's too
+  causal_loss = None
+  if pretrained.prefix_lm:
+    with torch.no_grad():
+      causal_loss = float(model(**{k: v for k, v in theirs.items() if k != "token_type_ids"}).loss)
+  return Gradients(request.param, model_config, float(our_loss), float(their_loss.detach()), causal_loss,
+                   dict(hf_weights.iter_hf_tensors(layers.stack_layers(our_grads))), their_grads)
+
+
+def test_loss_matches_transformers(gradients):
+  error = abs(gradients.our_loss - gradients.their_loss) / abs(gradients.their_loss)
+  print(f"{gradients.case_name}: loss {gradients.our_loss:.6f}, relative error {error:.1e}")
+  assert error <= TOLERANCE, (gradients.our_loss, gradients.their_loss)
+  if gradients.their_causal_loss is not None:  # the bidirectional prefix changes the loss far more than the tolerance
+    assert abs(gradients.their_causal_loss - gradients.their_loss) > 100 * TOLERANCE * gradients.their_loss
+
+
+def test_every_gradient_matches_transformers(gradients):
+  ours, theirs = gradients.ours, gradients.theirs
+  reached = {name for name, grad in theirs.items() if grad is not None}
+  assert reached <= set(ours), f"transformers' gradients with no parameter of ours: {sorted(reached - set(ours))}"
+  errors = {}
+  for name in sorted(reached):
+    assert ours[name].shape == theirs[name].shape, (name, ours[name].shape, theirs[name].shape)
+    if KEY_BIAS.search(name):
+      scale = np.abs(theirs[name.replace(".bias", ".weight")]).max()
+      errors[name] = float(np.abs(ours[name] - theirs[name]).max() / scale)
+    else:
+      errors[name] = max_relative_error(ours[name], theirs[name])
+  worst = max(errors, key=errors.get)
+  print(f"{gradients.case_name}: {len(errors)} gradients, max relative error {errors[worst]:.1e} ({worst})")
+  assert all(error <= TOLERANCE for error in errors.values()), {n: e for n, e in errors.items() if e > TOLERANCE}
+
+
+def test_parameters_out_of_the_losss_reach_have_no_gradient(gradients):
+  """Those of LLaVA's ViT above its feature layer (and CLIP's post-LayerNorm, which vlmjax does not create): no
+  gradient in transformers, zeros in ours, and every gradient of ours compared either way."""
+  ours, theirs, model_config = gradients.ours, gradients.theirs, gradients.model_config
+  unreached = {name for name, grad in theirs.items() if grad is None}
+  expected = set()
+  if model_config.vision_feature_layer is not None:  # hidden state i is the output of layer i - 1 (0: embeddings)
+    depth = model_config.vision.depth
+    above_features = range(model_config.vision_feature_layer % (depth + 1), depth)
+    expected = {name for name in theirs if name.startswith(hf_weights.VISION + "post_layernorm.")
+                or any(name.startswith(f"{hf_weights.VISION}encoder.layers.{i}.") for i in above_features)}
+  assert unreached == expected
+  assert set(ours) <= set(theirs)
+  for name in sorted(unreached & set(ours)):
+    assert not np.any(ours[name]), name
