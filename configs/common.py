@@ -3,6 +3,7 @@
 import ml_collections
 from ml_collections import config_dict
 
+from vlmjax.models import lora
 from vlmjax.parallel.mesh import LOGICAL_RULES
 
 
@@ -42,4 +43,28 @@ def base_config() -> ml_collections.ConfigDict:
       grad_clip=1.0, accumulation_steps=1,
       vision_learning_rate=config_dict.placeholder(float),  # the vision tower's own peak rate; None: learning_rate
   ))
+  return config
+
+
+def finetune_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The data, lora and optimizer settings of finetuning a Hugging Face checkpoint (`train.init_from`), as LLaVA-1.5's
+  recipe runs them (scripts/v1_5/finetune.sh and finetune_lora.sh): AdamW at 2e-5 with 3% warmup and a cosine decay
+  to 0, no weight decay, 2048 tokens; LoRA rank 128, alpha 256, dropout 0.05 at 2e-4 with the projector at 2e-5."""
+  config.data = ml_collections.ConfigDict(dict(
+      # Comma-separated KIND:JSON:IMAGE_DIR[:WEIGHT] (vlmjax/data/sources.py): llava (instruction conversations),
+      # llava_pretrain (LCS-558K captions, LLaVA's plain format), coco (COCO captions).
+      sources="",
+      length=2048,  # tokens per row; longer conversations are skipped and counted
+      packing=False,  # several conversations per row (vlmjax/data/packing.py)
+      num_workers=0,  # processes decoding images
+  ))
+  config.lora = ml_collections.ConfigDict(dict(
+      rank=128, alpha=256.0, dropout=0.05,
+      targets=lora.DEFAULT_TARGETS,  # every linear layer of the language model but its output head
+      quantize="",  # QLoRA: "int8" or "int4" stores the frozen base's layers in low bits
+  ))
+  config.train.update(stages="finetune", steps=1000, batch_size=128, validation_questions=0, checkpoint_every=500,
+                      log_every=10)
+  config.optim.update(learning_rate=2e-5, warmup_steps=30, end_ratio=0.0, b2=0.999, weight_decay=0.0,
+                      projector_learning_rate=config_dict.placeholder(float))  # the lora stage's; None: learning_rate
   return config

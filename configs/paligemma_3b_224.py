@@ -1,16 +1,21 @@
 """PaliGemma-3B at 224 px: SigLIP So400m/14, one linear projector, Gemma-2B with 257216 tokens, prefix-LM.
 
+    vlmjax train --config configs/paligemma_3b_224.py:/models/paligemma-3b-pt-224 --workdir DIR \\
+        --config.data.sources=llava:JSON:IMAGE_DIR [--config.train.stages=lora]
+
 Published size: 2.92 B parameters. `vlmjax summarize --config configs/paligemma_3b_224.py`
 """
 
 from ml_collections import config_dict
 
 from configs import common, sizes
+from vlmjax.interop import hf
 
 
 def get_config(arg: str | None = None):
-  del arg
-  config = common.base_config()
+  """arg: the checkpoint's Hugging Face directory to finetune (its weights, tokenizer, chat template, image
+  processor); none: a random start."""
+  config = common.finetune_sections(common.base_config())
   config.model.vision = sizes.vit("So400m/14", variant="siglip", image_size=224)
   config.model.decoder = sizes.lm("gemma-2b", vocab_size=257216)
   config.model.projector = "linear"
@@ -22,4 +27,7 @@ def get_config(arg: str | None = None):
   config.model.dtype = "bfloat16"
   config.model.remat_policy = "full"
   config.mesh.data, config.mesh.fsdp = 1, -1
+  if arg:
+    config.train.init_from = arg
+    config.generation = hf.generation_settings(arg)
   return config

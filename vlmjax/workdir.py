@@ -26,10 +26,13 @@ from tensorboardX import SummaryWriter
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 # The training stages, in the order a run usually chains them (`train.stages`; what each trains: train/optim.py).
-STAGES = ("contrastive", "classify", "align", "finetune", "full")
+STAGES = ("contrastive", "classify", "align", "finetune", "full", "lora")
+LORA = "lora"
 CONTRASTIVE, CLASSIFY = "contrastive", "classify"
 VISION_PRETRAINING = (CONTRASTIVE, CLASSIFY)  # stages whose config section is named after them
-MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+# What `vlmjax.load` reads of a model directory besides the weights, as transformers finds them.
+MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+               "chat_template.json", "preprocessor_config.json", "processor_config.json")
 T = TypeVar("T")
 
 

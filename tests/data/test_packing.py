@@ -74,9 +74,9 @@ def test_a_packed_batch_has_the_examples_of_the_unpacked_stream_with_the_same_lo
     assert not packed["pixel_values"][b, len(segments):].any()
 
   params = jax.jit(lambda: nn.meta.unbox(VLM(CONFIG).init(jax.random.key(0), **CONFIG.example_inputs(1))))()
-  loss_fn = jax.jit(state_lib.vlm_loss, static_argnames=("config", "stage"))
-  packed_loss, packed_tokens = loss_fn(params["params"], config=CONFIG, batch=packed, stage="full")
-  loss, tokens = loss_fn(params["params"], config=CONFIG, batch=unpacked, stage="full")
+  loss_fn = jax.jit(state_lib.vlm_loss, static_argnames=("config",))
+  packed_loss, packed_tokens = loss_fn(params["params"], config=CONFIG, batch=packed)
+  loss, tokens = loss_fn(params["params"], config=CONFIG, batch=unpacked)
   assert float(packed_tokens) == float(tokens) > 0
   np.testing.assert_allclose(packed_loss, loss, rtol=1e-5)
   apply = jax.jit(lambda batch: VLM(CONFIG).apply(params, batch["input_ids"], batch["pixel_values"],

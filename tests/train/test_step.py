@@ -196,7 +196,7 @@ def test_muon_orthogonalizes_the_hidden_kernels_and_gives_the_rest_adam(params):
   rate, changes = 0.05, dict(grad_clip=0.0, weight_decay=0.0)
   muon, _ = _run(params, "finetune", steps=1, optimizer="muon", muon_learning_rate=rate, **changes)
   adam, _ = _run(params, "finetune", steps=1, **changes)
-  grads = jax.grad(lambda p: state_lib.vlm_loss(p, CONFIG, _batch(0), "finetune")[0])(params)
+  grads = jax.grad(lambda p: state_lib.vlm_loss(p, CONFIG, _batch(0))[0])(params)
   step = lambda state, keys: np.asarray(_at(state.params, keys), np.float64) - np.asarray(_at(params, keys))
   layer = lambda array: array[1]  # the test model's layers are scanned: [L, ...]
   for keys, matrix_shape, pick in [(("decoder", "layers", "mlp", "up", "kernel"), (32, 64), layer),

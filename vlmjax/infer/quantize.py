@@ -28,11 +28,14 @@ from vlmjax.models.kv_cache import KV_CACHE_DTYPES
 DTYPES = ("float32", "bfloat16")
 
 # (path pattern, fan_in, rows_out): the quantized parameters. Paths are '/'-joined keys of unrolled parameters.
+_LAYER_RULES = (  # the language model's attention and MLP layers: what QLoRA stores in low bits
+    (r"decoder/layers_\d+/attention/out/kernel", 2, False),
+    (r"decoder/layers_\d+/(attention|mlp)/\w+/kernel", 1, False),
+)
 _LANGUAGE_RULES = (
     (r"decoder/embedding", 1, True),
     (r"decoder/output_head", 1, False),
-    (r"decoder/layers_\d+/attention/out/kernel", 2, False),
-    (r"decoder/layers_\d+/(attention|mlp)/\w+/kernel", 1, False),
+    *_LAYER_RULES,
     (r"projector/\w+/kernel", 1, False),
 )
 _VISION_RULES = (
@@ -104,27 +107,32 @@ def _path(key_path) -> str:
   return "/".join(str(getattr(key, "key", key)) for key in key_path)
 
 
-def _rule_for(path: str, vision: bool):
-  for pattern, fan_in, rows_out in _LANGUAGE_RULES + (_VISION_RULES if vision else ()):
+def _rule_for(path: str, rules: tuple):
+  for pattern, fan_in, rows_out in rules:
     if re.fullmatch(pattern, path):
       return fan_in, rows_out
   return None
 
 
-def quantize_params(params, scheme: str, group_size: int = 0, vision: bool = False):
-  """Unrolled float parameters -> the same tree with the rules' kernels as `quant.QuantizedKernel`s. A layer whose
-  shape the scheme cannot take raises ValueError naming its path."""
+def quantize_params(params, scheme: str, group_size: int = 0, vision: bool = False, layers_only: bool = False):
+  """Float parameters -> the same tree with the rules' kernels as `quant.QuantizedKernel`s: with layers_only the
+  language model's attention and MLP layers (QLoRA's frozen base), else those, its embedding, output head and
+  projector (and with vision the vision tower's layers). A scanned stack (`layers`, leaves [L, ...]) is quantized
+  layer by layer, its kernels' arrays keeping the leading layer axis. A layer whose shape the scheme cannot take
+  raises ValueError naming its path."""
+  rules = _LAYER_RULES if layers_only else _LANGUAGE_RULES + (_VISION_RULES if vision else ())
+
   def convert(key_path, leaf):
     path = _path(key_path)
-    if "/layers/" in f"/{path}/":
-      raise ValueError(f"{path}: quantize unrolled parameters (layers.unstack_layers), not a scanned stack")
-    rule = _rule_for(path, vision)
+    stacked = "/layers/" in f"/{path}/"
+    rule = _rule_for(path.replace("/layers/", "/layers_0/"), rules)
     if rule is None or isinstance(leaf, quant.QuantizedKernel):
       return leaf
     fan_in, rows_out = rule
-    return quant.quantize_kernel(leaf, fan_in, scheme, group_size or quant.DEFAULT_GROUP_SIZE, rows_out=rows_out,
-                                 where=path)
-  return jax.tree_util.tree_map_with_path(convert, params)
+    one = lambda kernel: quant.quantize_kernel(kernel, fan_in, scheme, group_size or quant.DEFAULT_GROUP_SIZE,
+                                               rows_out=rows_out, where=path)
+    return jax.vmap(one)(leaf) if stacked else one(leaf)
+  return jax.tree_util.tree_map_with_path(convert, params, is_leaf=lambda x: isinstance(x, quant.QuantizedKernel))
 
 
 def cast_params(params, dtype: str):

@@ -90,10 +90,7 @@ def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None,
   Raises:
     ValueError naming the config key, tensor or shape that vlmjax cannot load exactly.
   """
-  config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a Hugging Face model directory")
-  hf_model = hf_config.from_hf(_read_json(config_path))
+  hf_model = read_config(path)
   config = hf_model.config
   model_config = VLMConfig.from_dict(config.model)
   image_processor = ImageProcessor.from_directory(path)
@@ -102,7 +99,31 @@ def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None,
     raise ValueError(f"{path}: the image processor makes {image_processor.output_size} images but the vision "
                      f"model takes {size}x{size} (vision_config.image_size)")
   tokenizer = Tokenizer.from_directory(path)
+  generation = generation_settings(path, hf_model, tokenizer)
+  if mesh is not None and rules is None:
+    rules = config.sharding_rules
+  params = hf_weights.load_params(path, model_config, mesh, rules)
+  return Pretrained(config=config, params=params, tokenizer=tokenizer, image_processor=image_processor,
+                    eos_token_ids=tuple(generation["eos_token_ids"]), pad_token_id=generation["pad_token_id"],
+                    image_token_id=model_config.image_token_id, prefix_lm=model_config.prefix_lm,
+                    max_len=generation["max_len"])
 
+
+def read_config(path: str) -> hf_config.HFModel:
+  """A Hugging Face directory's config.json in vlmjax terms (no weights read)."""
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a Hugging Face model directory")
+  return hf_config.from_hf(_read_json(config_path))
+
+
+def generation_settings(path: str, hf_model: hf_config.HFModel | None = None,
+                        tokenizer: Tokenizer | None = None) -> dict:
+  """{eos_token_ids: the tokens that end generation (generation_config.json, else config.json, else the
+  tokenizer's), pad_token_id, max_len: the text model's context} of a Hugging Face directory, as a run's config
+  records them (`config.generation`)."""
+  hf_model = hf_model or read_config(path)
+  tokenizer = tokenizer or Tokenizer.from_directory(path)
   generation_path = os.path.join(path, GENERATION_CONFIG_FILE)
   generation = _read_json(generation_path) if os.path.isfile(generation_path) else {}
   eos_token_ids = (_ids(generation.get("eos_token_id")) or _ids(hf_model.token_ids["eos_token_id"])
@@ -111,13 +132,7 @@ def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None,
     raise ValueError(f"{path}: no end token in {GENERATION_CONFIG_FILE}, {CONFIG_FILE} or the tokenizer")
   pad_candidates = (generation.get("pad_token_id"), hf_model.token_ids["pad_token_id"], tokenizer.pad_token_id)
   pad_token_id = next((int(i) for i in pad_candidates if i is not None), eos_token_ids[0])
-
-  if mesh is not None and rules is None:
-    rules = config.sharding_rules
-  params = hf_weights.load_params(path, model_config, mesh, rules)
-  return Pretrained(config=config, params=params, tokenizer=tokenizer, image_processor=image_processor,
-                    eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, image_token_id=model_config.image_token_id,
-                    prefix_lm=model_config.prefix_lm, max_len=hf_model.max_len)
+  return {"eos_token_ids": list(eos_token_ids), "pad_token_id": pad_token_id, "max_len": hf_model.max_len}
 
 
 def save_pretrained(path: str, config: ml_collections.ConfigDict, params: Any, tokenizer: Tokenizer | None = None,

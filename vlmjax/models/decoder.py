@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax.models.kv_cache import KV_CACHE_DTYPES, KVCache
-from vlmjax.models import activation as activation_lib, layers, matmul, quant
+from vlmjax.models import activation as activation_lib, layers, lora as lora_lib, matmul, quant
 from vlmjax.models.config import ModelConfig, check_choice, check_divides, check_positive, dtype
 
 
@@ -41,6 +41,9 @@ class DecoderConfig(ModelConfig):
   kv_cache_dtype: str = ""  # "": the compute dtype; "int8": int8 keys and values, a scale per token and head
   scan_layers: bool = True
   remat_policy: str = "none"
+  # Low-rank adapters on the linear layers its targets name (the `lora` training stage sets it; `vlmjax.load` merges
+  # them into the kernels).
+  lora: lora_lib.LoraConfig | None = None
 
   def __post_init__(self):
     where = "decoder"
@@ -85,11 +88,11 @@ class DecoderBlock(nn.Module):
                                        param_dtype=param_dtype, name=name)
     attended, layer_cache = layers.Attention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.attention_head_dim,
-        rope_theta=cfg.rope_theta, dtype=compute_dtype, param_dtype=param_dtype, name="attention",
+        rope_theta=cfg.rope_theta, dtype=compute_dtype, param_dtype=param_dtype, lora=cfg.lora, name="attention",
     )(norm("attention_norm")(x), mask, positions, layer_cache, write_index)
     x = x + attended
     x = x + layers.FeedForward(cfg.mlp_dim, activation=cfg.activation, gated=True, dtype=compute_dtype,
-                               param_dtype=param_dtype, name="mlp")(norm("mlp_norm")(x))
+                               param_dtype=param_dtype, lora=cfg.lora, name="mlp")(norm("mlp_norm")(x))
     x = nn.with_logical_constraint(x, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED))
     return x, layer_cache
 
@@ -108,7 +111,7 @@ class Decoder(nn.Module):
     block = layers.maybe_remat(DecoderBlock, cfg.remat_policy, cfg.scan_layers)
     if cfg.scan_layers:
       self.layers = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth,
           metadata_params={nn.PARTITION_NAME: layers.LAYERS})(cfg)
     else:

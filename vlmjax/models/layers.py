@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax import runtime
-from vlmjax.models import activation as activation_lib, dot_attention, kv_cache as kv_cache_lib, matmul, paged_cache, quant, trig
+from vlmjax.models import activation as activation_lib, dot_attention, kv_cache as kv_cache_lib, lora as lora_lib, matmul
+from vlmjax.models import paged_cache, quant, trig
 
 # Logical axis names. Weights use bare names; activations `activation_*`; the KV cache `cache_*`.
 EMBED = "embed"
@@ -221,7 +222,8 @@ class Projection(nn.Module):
   Used for the attention projections, whose kernels keep their head axes ([D, N, H], [N, H, D]) so each axis
   carries its own logical name (`nn.DenseGeneral` would create them flattened and reshape, which breaks
   logical-axis constraints), and for the MLPs, the projector and the classifier's head (the parameters of an
-  `nn.Dense`: the same names, shapes and initial values). The bias is added by `matmul.add_bias`.
+  `nn.Dense`: the same names, shapes and initial values). The bias is added by `matmul.add_bias`. With a `lora`
+  config whose targets match the module's path, a low-rank adapter's term is added (`vlmjax.models.lora`).
   """
 
   kernel_shape: tuple[int, ...]
@@ -230,13 +232,18 @@ class Projection(nn.Module):
   use_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: lora_lib.LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     out_axes = tuple(range(self.fan_in, len(self.kernel_shape)))
     init = nn.initializers.lecun_normal(in_axis=tuple(range(self.fan_in)), out_axis=out_axes)
     kernel = kernel_param(self, "kernel", param_init(init, self.kernel_axes), self.kernel_shape, self.param_dtype)
-    y = matmul.contract(x.astype(self.dtype), kernel, self.fan_in)
+    x = x.astype(self.dtype)
+    y = matmul.contract(x, kernel, self.fan_in)
+    if self.lora is not None and self.lora.adapts(self.path):
+      y = y + lora_lib.adapter_update(self, x, self.kernel_shape, self.kernel_axes, self.fan_in, self.lora,
+                                      self.param_dtype)
     if self.use_bias:
       bias_shape = tuple(self.kernel_shape[i] for i in out_axes)
       bias = self.param("bias", param_init(nn.initializers.zeros, tuple(self.kernel_axes[i] for i in out_axes)),
@@ -263,11 +270,12 @@ class Attention(nn.Module):
   query_scale: float | None = None  # None: 1/sqrt(head_dim)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: lora_lib.LoraConfig | None = None  # adapters on the projections its targets name
 
   def _project(self, name: str, x: jax.Array, heads: int, heads_axis: str) -> jax.Array:
     return Projection((x.shape[-1], heads, self.head_dim), (EMBED, heads_axis, HEAD_DIM),
                       fan_in=1, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name=name)(x)
+                      lora=self.lora, name=name)(x)
 
   @nn.compact
   def __call__(
@@ -351,7 +359,7 @@ class Attention(nn.Module):
     out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
     return Projection((self.num_heads, self.head_dim, width), (HEADS, HEAD_DIM, EMBED),
                       fan_in=2, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="out")(out)  # [B, T, D]
+                      lora=self.lora, name="out")(out)  # [B, T, D]
 
 
 class FeedForward(nn.Module):
@@ -364,10 +372,11 @@ class FeedForward(nn.Module):
   use_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: lora_lib.LoraConfig | None = None  # adapters on the layers its targets name
 
   def _dense(self, name: str, features: int, axes: tuple[str, str], x: jax.Array) -> jax.Array:
     return Projection((x.shape[-1], features), axes, fan_in=1, use_bias=self.use_bias, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name=name)(x)
+                      param_dtype=self.param_dtype, lora=self.lora, name=name)(x)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

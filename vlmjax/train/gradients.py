@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec
 
+from vlmjax.models import lora
 from vlmjax.parallel import mesh as mesh_lib
 
 # (loss, count) = loss_fn(params, batch): the loss is the mean of per-example (or per-token) terms over `count`
@@ -31,26 +32,27 @@ def _splits_only_the_batch(mesh: jax.sharding.AbstractMesh) -> bool:
   return sizes.get("data", 1) > 1 and all(size == 1 for axis, size in sizes.items() if axis != "data")
 
 
-def loss_and_grads(loss_fn: LossFn, params: dict, trainable: tuple[str, ...], batch: dict,
+def loss_and_grads(loss_fn: LossFn, trained: dict, frozen: dict, batch: dict,
                    decomposable: bool) -> tuple[jax.Array, jax.Array, dict]:
-  """The loss of `batch`, its count, and the gradient of the loss for every top-level group of `params` (zeros for
-  the groups not in `trainable`).
+  """The loss of `batch` under the parameters `trained` and `frozen` together (`lora.combine`: whole top-level groups,
+  or a LoRA stage's adapters and the frozen base around them), its count, and the gradient for `trained`.
 
   decomposable: whether the loss is a mean of terms that each depend on one example, so that it can be summed
   from the devices' parts of the batch (not so for a contrastive loss, whose terms pair every image with every
   caption). Where it is and the mesh (`jax.set_mesh`) splits only the batch, one flat all-reduce sums the
   gradients; otherwise `jax.value_and_grad` under the SPMD partitioner.
   """
+  def loss_of(trained: dict, frozen: dict, batch: dict):
+    return loss_fn(lora.combine(trained, frozen), batch)
+
   mesh = jax.sharding.get_abstract_mesh()
   if not (decomposable and not mesh.empty and _splits_only_the_batch(mesh)):
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    (loss, count), grads = jax.value_and_grad(loss_of, has_aux=True)(trained, frozen, batch)
     return loss, count, grads
-  trained = {group: tree for group, tree in params.items() if group in trainable}
-  frozen = {group: tree for group, tree in params.items() if group not in trainable}
 
   def device_part(trained: dict, frozen: dict, batch: dict):
     def summed(trained):  # the sum of this device's terms, whose gradients add up across devices
-      loss, count = loss_fn({**trained, **frozen}, batch)
+      loss, count = loss_of(trained, frozen, batch)
       return loss * jnp.maximum(count, 1.0), count
     with nn.logical_axis_rules(()):  # inside shard_map every array is one device's: no sharding constraints
       (total, count), grads = jax.value_and_grad(summed, has_aux=True)(trained)
@@ -61,9 +63,6 @@ def loss_and_grads(loss_fn: LossFn, params: dict, trainable: tuple[str, ...], ba
 
   # check_vma=False: the custom VJPs of `matmul.contract`, `dot_attention` and `activation` do not track which
   # values vary across devices; the psum above is the only collective.
-  loss, count, grads = jax.shard_map(
+  return jax.shard_map(
       device_part, in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(mesh_lib.BATCH_AXES)),
       out_specs=PartitionSpec(), check_vma=False)(trained, frozen, batch)
-  grads = {group: grads[group] if group in trainable else jax.tree.map(jnp.zeros_like, tree)
-           for group, tree in params.items()}
-  return loss, count, grads

@@ -6,6 +6,8 @@ Stages, as LLaVA and PaliGemma train:
   align     only the projector trains (vision encoder and language model frozen)
   finetune  projector + language model (vision encoder frozen)
   full      everything
+  lora      low-rank adapters on the language model's linear layers (`vlmjax.models.lora`) and the projector; the
+            state holds only those, the frozen base sits beside it (`train/adapters.py`)
   contrastive  the CLIP dual tower, everything
   classify  the vision tower with a per-patch classification head, everything
 """
@@ -17,7 +19,7 @@ import ml_collections
 import optax
 import optax.contrib
 
-from vlmjax.models import layers
+from vlmjax.models import layers, lora
 
 OPTIMIZERS = ("adamw", "muon")
 # Top-level parameter groups that train in each stage; every other group is frozen.
@@ -25,6 +27,7 @@ TRAINABLE = {
     "align": ("projector",),
     "finetune": ("projector", "decoder"),
     "full": ("vision", "projector", "decoder"),
+    "lora": ("projector",),  # and every adapter matrix (`lora.is_adapter`), wherever it sits
     "contrastive": ("vision", "text", "image_projection", "text_projection", "log_temperature", "logit_bias"),
     "classify": ("vision", "head", "classifier"),
 }
@@ -41,10 +44,14 @@ def check_optimizer(config: ml_collections.ConfigDict) -> None:
 
 
 def trainable_labels(params: Mapping[str, Any], stage: str) -> dict:
-  """'train' or 'frozen' for every parameter leaf, by its top-level group (`vision`, `projector`, ...)."""
+  """'train' or 'frozen' for every parameter leaf, by its top-level group (`vision`, `projector`, ...); adapter
+  matrices train."""
   check_stage(stage)
-  return {group: jax.tree.map(lambda _: "train" if group in TRAINABLE[stage] else "frozen", subtree)
-          for group, subtree in params.items()}
+
+  def label(key_path, _) -> str:
+    keys = tuple(str(getattr(key, "key", key)) for key in key_path)
+    return "train" if keys[0] in TRAINABLE[stage] or lora.is_adapter(keys) else "frozen"
+  return jax.tree_util.tree_map_with_path(label, dict(params))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int,
@@ -67,7 +74,9 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   norm of the trained groups' gradients; 0 disables), accumulation_steps (gradients averaged over that many steps
   before one update), vision_learning_rate (the vision tower's peak rate in the VLM stages, its steps scaled by
   vision_learning_rate / learning_rate; None: learning_rate. As LLaVA-OneVision's mm_vision_tower_lr: a tower
-  learning from scratch stands a larger rate than the language model, a pretrained one wants a smaller one).
+  learning from scratch stands a larger rate than the language model, a pretrained one wants a smaller one),
+  projector_learning_rate (the projector's peak rate in the lora stage, as LLaVA's mm_projector_lr; None:
+  learning_rate).
   """
   check_optimizer(config)
   if config.optimizer == "muon":
@@ -76,11 +85,14 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Mapping[str, Any],
     decay_mask = lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree)
     update = optax.adamw(learning_rate_schedule(config, total_steps), b1=config.b1, b2=config.b2, eps=config.eps,
                          weight_decay=config.weight_decay, mask=decay_mask)
+  # A group's own rate: the step (decay included) is proportional to the rate under AdamW and Muon alike, so scaling
+  # the group's step is training it at that rate on the same warmup and decay.
   vision_rate = config.get("vision_learning_rate")
   if vision_rate is not None and stage == "full":  # the VLM stage that trains the vision tower
-    # The step (decay included) is proportional to the rate under AdamW and Muon alike, so scaling the vision
-    # tower's step is training it at vision_rate on the same warmup and decay.
     update = optax.chain(update, _scale_group("vision", vision_rate / config.learning_rate))
+  projector_rate = config.get("projector_learning_rate")
+  if projector_rate is not None and stage == "lora":  # LLaVA's mm_projector_lr beside the adapters' rate
+    update = optax.chain(update, _scale_group("projector", projector_rate / config.learning_rate))
   if config.grad_clip > 0:
     update = optax.chain(optax.clip_by_global_norm(config.grad_clip), update)
   optimizer = optax.multi_transform({"train": update, "frozen": optax.set_to_zero()},

@@ -63,16 +63,13 @@ def create_sharded(params: Any, optimizer: optax.GradientTransformation, step: i
   return jax.jit(new_state, out_shardings=shardings)(params), shardings
 
 
-def _freeze(params: dict, stage: str) -> dict:
-  """Frozen groups behind stop_gradient, so that XLA does not even compute their gradients."""
-  return {group: tree if group in TRAINABLE[stage] else jax.lax.stop_gradient(tree) for group, tree in params.items()}
-
-
-def vlm_loss(params, config: VLMConfig, batch: dict, stage: str) -> tuple[jax.Array, jax.Array]:
-  """(mean next-token loss over the loss mask, number of loss tokens)."""
-  logits, _ = VLM(config).apply({"params": _freeze(params, stage)}, batch["input_ids"], batch["pixel_values"],
-                                batch.get("positions"), input_mask=batch.get("input_mask"),
-                                segment_ids=batch.get("segment_ids"), prefix_lengths=batch.get("prefix_lengths"))
+def vlm_loss(params, config: VLMConfig, batch: dict, dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(mean next-token loss over the loss mask, number of loss tokens). dropout_rng: the key of the adapters' dropout
+  (`models/lora.py`), None for none."""
+  logits, _ = VLM(config).apply({"params": params}, batch["input_ids"], batch["pixel_values"], batch.get("positions"),
+                                input_mask=batch.get("input_mask"), segment_ids=batch.get("segment_ids"),
+                                prefix_lengths=batch.get("prefix_lengths"),
+                                rngs=None if dropout_rng is None else {"dropout": dropout_rng})
   return losses.next_token_loss(logits, batch["targets"], batch["loss_mask"])
 
 
@@ -94,28 +91,42 @@ def classify_loss(params, config: ClassifierConfig, batch: dict) -> tuple[jax.Ar
   return loss, jnp.asarray(logits.shape[0], jnp.float32)
 
 
-def stage_loss(params, config: VLMConfig | CLIPConfig | ClassifierConfig, batch: dict,
-               stage: str) -> tuple[jax.Array, jax.Array]:
+def stage_loss(params, config: VLMConfig | CLIPConfig | ClassifierConfig, batch: dict, stage: str,
+               dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The loss of a stage: contrastive for the CLIP dual tower, per-patch classification for the classifier,
-  next-token for the VLM."""
+  next-token for the VLM (with dropout_rng for the adapters' dropout)."""
   if stage == "contrastive":
     return clip_loss(params, config, batch)
   if stage == "classify":
     return classify_loss(params, config, batch)
-  return vlm_loss(params, config, batch, stage)
+  return vlm_loss(params, config, batch, dropout_rng)
 
 
-def _train_step(state: TrainState, batch: dict, *, config: VLMConfig | CLIPConfig | ClassifierConfig,
-                optimizer: optax.GradientTransformation, stage: str) -> tuple[TrainState, dict]:
+def _train_step(state: TrainState, batch: dict, frozen: dict | None = None, *,
+                config: VLMConfig | CLIPConfig | ClassifierConfig, optimizer: optax.GradientTransformation,
+                stage: str, seed: int = 0) -> tuple[TrainState, dict]:
   """One update. A non-finite loss or gradient norm skips the update (params and optimizer state unchanged)
   and counts it in `skipped`; the run goes on.
 
+  Args:
+    frozen: the parameters the stage keeps fixed, when the state holds only those it trains (the `lora` stage: the
+      base model around the adapters, `lora.split`); None when state.params holds every parameter and the
+      stage's groups (`optim.TRAINABLE`) train.
+    seed: the run's seed; the adapters' dropout draws from it and the step number.
   Returns:
     (the new state, metrics {loss, grad_norm, tokens (loss tokens or pairs), skipped}: float32/int32 scalars).
   """
-  loss_fn = lambda params, batch: stage_loss(params, config, batch, stage)
-  loss, tokens, grads = gradients.loss_and_grads(loss_fn, state.params, TRAINABLE[stage], batch,
-                                                 decomposable=stage != "contrastive")
+  if frozen is None:
+    trained = {group: tree for group, tree in state.params.items() if group in TRAINABLE[stage]}
+    frozen = {group: tree for group, tree in state.params.items() if group not in TRAINABLE[stage]}
+  else:
+    trained = state.params
+  dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)  # Flax takes raw keys as rngs
+  loss_fn = lambda params, batch: stage_loss(params, config, batch, stage, dropout_rng)
+  loss, tokens, grads = gradients.loss_and_grads(loss_fn, trained, frozen, batch, decomposable=stage != "contrastive")
+  # The frozen groups' zeros, where the optimizer sees every group (it sets their updates to zero).
+  grads = {group: grads[group] if group in trained else jax.tree.map(jnp.zeros_like, tree)
+           for group, tree in state.params.items()}
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -127,13 +138,15 @@ def _train_step(state: TrainState, batch: dict, *, config: VLMConfig | CLIPConfi
 
 
 # The step, its state donated; its output shardings are what XLA propagates from the inputs'.
-train_step = jax.jit(_train_step, static_argnames=("config", "optimizer", "stage"), donate_argnames=("state",))
+train_step = jax.jit(_train_step, static_argnames=("config", "optimizer", "stage", "seed"),
+                     donate_argnames=("state",))
 
 
 def sharded_train_step(state_shardings: TrainState, *, config: VLMConfig | CLIPConfig | ClassifierConfig,
-                       optimizer: optax.GradientTransformation, stage: str) -> Callable:
+                       optimizer: optax.GradientTransformation, stage: str, seed: int = 0) -> Callable:
   """`train_step` for one stage, jitted with the state's shardings (`create_sharded`) as its output's, so that
-  every step of the stage runs the one program: `state, metrics = step(state, batch)`."""
+  every step of the stage runs the one program: `state, metrics = step(state, batch)`, or
+  `step(state, batch, frozen)` for a stage whose state holds only what it trains."""
   replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
-  return jax.jit(functools.partial(_train_step, config=config, optimizer=optimizer, stage=stage),
+  return jax.jit(functools.partial(_train_step, config=config, optimizer=optimizer, stage=stage, seed=seed),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)

@@ -1,0 +1,91 @@
+"""The `lora` stage: low-rank adapters on a frozen base, as LLaVA's LoRA recipe and QLoRA train.
+
+    train.stages = "lora"          train.init_from = a Hugging Face directory or a vlmjax workdir (the base)
+    lora.rank, lora.alpha, lora.dropout, lora.targets     the adapters (`vlmjax.models.lora`)
+    lora.quantize = "" | "int8" | "int4"                  QLoRA: the frozen base's layers stored in low bits
+    optim.projector_learning_rate                         the projector's own rate (LLaVA's mm_projector_lr)
+
+The stage trains the adapters and the projector. Its train state holds only those (so only they have optimizer
+state and go into the checkpoints); the frozen base sits beside it, read from train.init_from again when a run
+resumes, and never updated. `vlmjax.load` of the workdir reads the base the same way and merges the adapters
+(`lora.merge`).
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from vlmjax.infer import quantize as quantize_lib
+from vlmjax.models import lora
+from vlmjax.models.vlm import VLM, VLMConfig
+from vlmjax.parallel import mesh as mesh_lib
+from vlmjax.train.optim import TRAINABLE
+from vlmjax.workdir import LORA, Stage
+
+QUANTIZE = ("", "int8", "int4")  # QLoRA's base: float, INT8 per output channel, INT4 in groups
+LORA_KEYS = tuple(field.name for field in dataclasses.fields(lora.LoraConfig))
+
+
+def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:
+  """The adapters of a run config's `lora` section (rank, alpha, dropout, targets)."""
+  if "lora" not in config:
+    raise ValueError("train.stages has a 'lora' stage but the config has no `lora` section: see configs/from_hf.py")
+  return lora.LoraConfig.from_dict({key: config.lora[key] for key in LORA_KEYS if key in config.lora}, "lora")
+
+
+def check(config: ml_collections.ConfigDict, stages: list[Stage]) -> None:
+  """A run with a lora stage: that stage alone, a base to start from, a known base format. Fails before anything
+  compiles."""
+  if not any(stage.name == LORA for stage in stages):
+    return
+  if len(stages) > 1:
+    raise ValueError(f"train.stages={config.train.stages!r}: a lora stage runs alone (its base is train.init_from; "
+                     f"train the stages before it in a run of their own)")
+  if not config.train.init_from:
+    raise ValueError("the lora stage adapts a trained model: set train.init_from to a Hugging Face directory or a "
+                     "vlmjax workdir")
+  lora_config(config)
+  if config.lora.get("quantize", "") not in QUANTIZE:
+    raise ValueError(f"lora.quantize={config.lora.quantize!r}: choose one of {list(QUANTIZE)}")
+
+
+def adapted(model_config: VLMConfig, adapters: lora.LoraConfig) -> VLMConfig:
+  """The model with adapters on its language model's linear layers."""
+  return model_config.replace(decoder=model_config.decoder.replace(lora=adapters))
+
+
+def trained_and_frozen(config: ml_collections.ConfigDict, model_config: VLMConfig, base_params: dict, mesh,
+                       rules) -> tuple[dict, dict]:
+  """(trained, frozen) of a lora stage around `base_params` (the base model's, in their shardings): fresh adapters
+  (the run's seed) and the projector, and the rest, its language model's layers quantized with lora.quantize."""
+  model = VLM(adapted(model_config, lora_config(config)))
+
+  def init_adapters():  # only the adapters leave the program: XLA drops the base's initialization
+    params = model.init(jax.random.key(config.seed), **model_config.example_inputs(1))["params"]
+    return lora.split(params)[0]
+  adapters = mesh_lib.init_sharded(init_adapters, mesh, rules)[0]
+  trained, frozen = lora.split(lora.combine(base_params, adapters), TRAINABLE[LORA])
+  scheme = config.lora.get("quantize", "")
+  if scheme:
+    frozen = jax.jit(lambda tree: quantize_lib.quantize_params(tree, scheme, layers_only=True))(frozen)
+  return trained, frozen
+
+
+def abstract_trained(config: ml_collections.ConfigDict, model_config: VLMConfig) -> dict:
+  """The trained parameters of a lora stage as ShapeDtypeStructs (what its checkpoints hold), nothing allocated."""
+  model = VLM(adapted(model_config, lora_config(config)))
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), **model_config.example_inputs(1))["params"])
+  return lora.split(nn.meta.unbox(params), TRAINABLE[LORA])[0]
+
+
+def merged(config: ml_collections.ConfigDict, base_params: dict, trained: dict) -> dict:
+  """The plain model's parameters: the base (quantized as the stage trained it), the trained projector and the
+  adapters folded into the kernels."""
+  _, frozen = lora.split(base_params, TRAINABLE[LORA])
+  scheme = config.lora.get("quantize", "")
+  if scheme:
+    frozen = quantize_lib.quantize_params(frozen, scheme, layers_only=True)
+  return lora.merge(lora.combine(frozen, trained), lora_config(config))
+
