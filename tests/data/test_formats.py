@@ -30,23 +30,37 @@ def test_llava_instructions(tmp_path, images):
   path.write_text(json.dumps([
       {"id": "x1", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
                                                        {"from": "gpt", "value": "A square."}]},
-      {"id": "x2", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]))
+      {"id": "x2", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+      {"id": "x3", "image": ["a.png", "COCO_val2014_000000000042.jpg"], "conversations": []}]))
   source = formats.LlavaInstructions(str(path), str(images))
-  assert len(source) == 2
+  assert len(source) == 3
   first = source[0]
-  assert first["image"].shape == (6, 8, 3) and first["image"][0, 0, 0] == 10
+  [image] = first["images"]
+  assert image.shape == (6, 8, 3) and image[0, 0, 0] == 10
   assert first["conversation"] == [{"role": "user", "content": "<image>\nWhat is it?"},
                                    {"role": "assistant", "content": "A square."}]
-  assert source[1]["image"] is None  # a text-only sample
+  assert source[1]["images"] == []  # a text-only sample
+  assert [image[0, 0, 0] > 150 for image in source[2]["images"]] == [False, True]  # a list of images, in order
 
 
-def test_llava_missing_folder_or_file_is_one_clear_error(tmp_path, images):
+def test_llava_missing_images_fail_their_entry_and_a_missing_folder_or_file_fails_at_once(tmp_path, images):
   path = tmp_path / "llava.json"
-  path.write_text(json.dumps([{"image": "nothere.png", "conversations": []}]))
-  with pytest.raises(FileNotFoundError, match=r"names the image nothere.png, which is not in .*images"):
-    formats.LlavaInstructions(str(path), str(images))
+  path.write_text(json.dumps([{"conversations": []}, {"image": "nothere.png", "conversations": []},
+                              {"image": 3, "conversations": []},
+                              {"conversations": [{"from": "system", "value": "x"}]}]))
+  source = formats.LlavaInstructions(str(path), str(images))  # a missing image fails only the entry naming it
+  assert source[0]["images"] == []
+  with pytest.raises(FileNotFoundError, match=r"llava.json, entry 1: the image nothere.png is not in .*images"):
+    source[1]
+  with pytest.raises(ValueError, match=r"llava.json, entry 2: the image 3 is not a file name"):
+    source[2]
+  with pytest.raises(ValueError, match=r"llava.json, entry 3: unknown speaker 'system'"):
+    source[3]
   with pytest.raises(FileNotFoundError, match=r"the image folder .*nofolder of .*llava.json does not exist"):
     formats.LlavaInstructions(str(path), str(tmp_path / "nofolder"))
+  path.write_text(json.dumps([{"conversations": []}, {"image": "a.png"}]))
+  with pytest.raises(ValueError, match=r"llava.json, entry 1: no 'conversations' list"):
+    formats.LlavaInstructions(str(path), str(images))
   path.write_text("[{not json")
   with pytest.raises(ValueError, match=r"llava.json: not valid JSON"):
     formats.LlavaInstructions(str(path), str(images))
@@ -69,6 +83,12 @@ def test_coco_captions(tmp_path, images):
   source = formats.CocoCaptions(str(path), str(images))
   record = source[0]
   assert record["image_id"] == 7 and record["captions"] == ["a dark square", "something grey"]
+  path.write_text(json.dumps({"images": [{"id": 7, "file_name": "gone.png"}], "annotations": []}))
+  with pytest.raises(FileNotFoundError, match=r"names the image gone.png"):  # evaluation: all or nothing
+    formats.CocoCaptions(str(path), str(images))
+  source = formats.CocoCaptions(str(path), str(images), check_images=False)  # training: that image's record fails
+  with pytest.raises(ValueError, match=r"gone.png: not a decodable image"):
+    source[0]
 
 
 def test_vqav2(tmp_path, images):

@@ -6,12 +6,13 @@
     PopeQuestions("coco_pope_random.json", "val2014/")          # POPE yes/no probes, one JSON object a line
     MmbenchQuestions("MMBench_DEV_EN.tsv")                       # MMBench TSV as VLMEvalKit ships it
 
-Each source checks at construction that its files and every image it names exist (one error naming the first
-missing one) and that its entries have the fields it reads (an error naming the file and the entry or line),
-and decodes images with Pillow on access: a corrupt image raises there, with its path, and the pipeline skips
-and counts that record. The evaluation sources (all but LlavaInstructions) also give `annotation(index)`, the
-record without its image, and `image(index)`, so that a benchmark can list its questions without decoding
-every image.
+Each source checks at construction that its files exist and that its entries have the fields it reads (an error
+naming the file and the entry or line); the evaluation sources check every image they name too (one error naming
+the first missing one), while LlavaInstructions (training data) leaves a missing image to the entry that names
+it. Images are decoded with Pillow on access: a missing or corrupt image raises there, with its path, and the
+training pipeline skips and counts that record. The evaluation sources (all but LlavaInstructions) also give
+`annotation(index)`, the record without its image, and `image(index)`, so that a benchmark can list its questions
+without decoding every image.
 """
 
 import base64
@@ -72,36 +73,62 @@ def load_image(path: str) -> np.ndarray:
 
 
 class LlavaInstructions:
-  """LLaVA-style instruction data: a JSON list of {"id", "image" (optional), "conversations": [{"from": "human" |
-  "gpt", "value": ...}]} with "<image>" in the first human turn. Records: {"id", "image" (uint8[H, W, 3] or None),
-  "conversation": [{"role": "user" | "assistant", "content": str}]}."""
+  """LLaVA-style instruction data: a JSON list of {"id", "image" (optional: a file name in image_dir, or a list of
+  them), "conversations": [{"from": "human" | "gpt", "value": ...}]} with "<image>" in the human turns. Records:
+  {"id", "images": [uint8[H, W, 3], ...] (empty for a text-only entry), "conversation": [{"role": "user" |
+  "assistant", "content": str}]}.
+
+  The file and the image folder are checked at construction, each entry's images and speakers when it is read:
+  a missing or corrupt image, or an unknown speaker, raises there naming the entry, and the training pipeline
+  skips and counts that entry (one bad row among 665K must not stop a run).
+  """
 
   def __init__(self, json_path: str, image_dir: str):
     self._entries = _read_json(json_path, "the LLaVA instruction file")
+    self._path = json_path
     self._image_dir = image_dir
+    if not isinstance(self._entries, list):
+      raise ValueError(f"{json_path}: expected a list of entries, got {type(self._entries).__name__}")
     for number, entry in enumerate(self._entries):
-      if "conversations" not in entry or not isinstance(entry["conversations"], list):
+      if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
         raise ValueError(f"{json_path}, entry {number}: no 'conversations' list")
-    _check_images(image_dir, [entry["image"] for entry in self._entries if "image" in entry], json_path)
+    _check_images(image_dir, [], json_path)  # the folder; each entry's images when it is read
 
   def __len__(self) -> int:
     return len(self._entries)
+
+  def _image(self, index: int, name: Any) -> np.ndarray:
+    if not isinstance(name, str):
+      raise ValueError(f"{self._path}, entry {index}: the image {name!r} is not a file name")
+    path = os.path.join(self._image_dir, name)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{self._path}, entry {index}: the image {name} is not in {self._image_dir}")
+    return load_image(path)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     entry = self._entries[index]
     conversation = []
     for turn in entry["conversations"]:
-      if turn.get("from") not in LLAVA_ROLES:
-        raise ValueError(f"entry {index}: unknown speaker {turn.get('from')!r}; LLaVA turns are 'human' or 'gpt'")
+      if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES:
+        speaker = turn.get("from") if isinstance(turn, dict) else turn
+        raise ValueError(f"{self._path}, entry {index}: unknown speaker {speaker!r}; LLaVA turns are 'human' or "
+                         f"'gpt'")
+      if not isinstance(turn.get("value"), str):
+        raise ValueError(f"{self._path}, entry {index}: a {turn['from']} turn without a text 'value'")
       conversation.append({"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]})
-    image = load_image(os.path.join(self._image_dir, entry["image"])) if "image" in entry else None
-    return {"id": entry.get("id", index), "image": image, "conversation": conversation}
+    names = entry.get("image", [])
+    images = [self._image(index, name) for name in (names if isinstance(names, list) else [names])]
+    return {"id": entry.get("id", index), "images": images, "conversation": conversation}
 
 
 class CocoCaptions:
-  """COCO captions (`images` + `annotations` with `caption`). Records: {"image_id", "image", "captions"}."""
+  """COCO captions (`images` + `annotations` with `caption`). Records: {"image_id", "image", "captions"}.
 
-  def __init__(self, annotations_path: str, image_dir: str):
+  check_images: every image is checked at construction (evaluation: a benchmark is all or nothing); False leaves
+  a missing one to raise when its record is read (training skips it).
+  """
+
+  def __init__(self, annotations_path: str, image_dir: str, check_images: bool = True):
     data = _read_json(annotations_path, "the COCO captions file")
     annotations, images = _section(data, "annotations", annotations_path), _section(data, "images", annotations_path)
     _check_fields(annotations, ("image_id", "caption"), annotations_path, "annotation")
@@ -111,7 +138,7 @@ class CocoCaptions:
       captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
     self._images = [(image["id"], image["file_name"], captions.get(image["id"], [])) for image in images]
     self._image_dir = image_dir
-    _check_images(image_dir, [name for _, name, _ in self._images], annotations_path)
+    _check_images(image_dir, [name for _, name, _ in self._images] if check_images else [], annotations_path)
 
   def __len__(self) -> int:
     return len(self._images)

@@ -1,6 +1,6 @@
 """Input pipelines with grain: conversations -> token ids, loss masks and pixels, batched, checkpointable.
 
-    dataset = train_dataset(source, to_example, seed=0, batch_size=32, length=192)
+    dataset = train_dataset(source, to_example, seed=0, batch_size=32, length=192)   # = batches(examples(...))
     iterator = iter(dataset)             # grain DatasetIterator: get_state() / set_state(state)
     batch = next(iterator)               # {input_ids, targets, loss_mask, input_mask, pixel_values}: numpy
                                          # packing=True adds segment_ids and positions (vlmjax.data.packing)
@@ -30,22 +30,30 @@ class ConversationEncoder:
   """Renders a conversation with the chat template, tokenizes it, expands image placeholders and marks the
   assistant tokens (content and the end token the template puts after it) for the loss.
 
+  The rendered text is tokenized as transformers' processors tokenize a rendered conversation: with the
+  tokenizer's own special tokens (its BOS) unless the text already starts with BOS.
+
   Attributes:
     tokenizer: the model's `vlmjax.data.tokenizer.Tokenizer` (chat template and end token included).
     image_token_id: the placeholder id; each one becomes `tokens_per_image` copies.
-    max_length: examples are truncated to this many tokens.
+    max_length: examples are truncated to this many tokens; None keeps them whole.
+    end_turns: put the end token after each assistant turn the template does not end with it (and mark it for
+      the loss), so that the model learns to stop where the training format says a turn ends.
   """
 
   tokenizer: Tokenizer
   image_token_id: int
   tokens_per_image: int
-  max_length: int
+  max_length: int | None
+  end_turns: bool = False
 
   def __call__(self, messages: Messages) -> tuple[np.ndarray, np.ndarray]:
     """-> (ids int32[T], assistant bool[T]) with T <= max_length."""
     text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-    spans = _assistant_spans(text, messages, self.tokenizer.eos_token)
-    encoding = self.tokenizer.backend.encode(text, add_special_tokens=False)
+    text, spans = _assistant_spans(text, messages, self.tokenizer.eos_token, self.end_turns)
+    bos = self.tokenizer.bos_token
+    # As transformers' ProcessorMixin.apply_chat_template: a template that writes BOS itself gets no second one.
+    encoding = self.tokenizer.backend.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
     ids = np.asarray(encoding.ids, np.int32)
     offsets = np.asarray(encoding.offsets).reshape(-1, 2)  # [T, 2] character start, end of each token
     assistant = np.zeros(len(ids), bool)
@@ -56,27 +64,31 @@ class ConversationEncoder:
     return ids[:self.max_length], assistant[:self.max_length]
 
 
-def _assistant_spans(text: str, messages: Messages, eos_token: str) -> list[tuple[int, int]]:
-  """Character spans of each assistant turn's content (plus a directly following end token) in `text`.
+def _assistant_spans(text: str, messages: Messages, eos_token: str,
+                     end_turns: bool) -> tuple[str, list[tuple[int, int]]]:
+  """(text, character spans of each assistant turn's content plus a directly following end token in it).
 
   Every message's text is looked for in order after the previous one, so an answer that also occurs inside
-  its question ("... to the left or to the right ...? right") is found where the answer is.
+  its question ("... to the left or to the right ...? right") is found where the answer is. With end_turns, an
+  assistant turn that the end token does not directly follow gets one inserted after its last text.
   """
   spans, cursor = [], 0
   for message in messages:
     content = message["content"]
     pieces = [content] if isinstance(content, str) else [p["text"] for p in content if p.get("type") == "text"]
-    for piece in pieces:
+    for number, piece in enumerate(pieces):
       start = text.find(piece, cursor)
       if start < 0:
         raise ValueError(f"the chat template's output does not contain the {message['role']} turn {piece!r} "
                          f"after position {cursor}: the template does not produce the expected roles")
       cursor = start + len(piece)
       if message["role"] == "assistant":
+        if end_turns and number == len(pieces) - 1 and not text.startswith(eos_token, cursor):
+          text = text[:cursor] + eos_token + text[cursor:]
         if text.startswith(eos_token, cursor):
           cursor += len(eos_token)
         spans.append((start, cursor))
-  return spans
+  return text, spans
 
 
 def example_arrays(ids: np.ndarray, token_weights: np.ndarray, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
@@ -116,66 +128,70 @@ class _BadRecord:
   """What a record that failed to decode becomes (in a worker process, maybe), until it is logged and dropped."""
 
   index: int
+  source_name: str
   error: str
 
 
 class _ToExample(grain.transforms.RandomMap):
-  """Applies `to_example(record, rng)`; a record that raises becomes a `_BadRecord`. It is dropped later, in the
-  process that makes the batches, so that every worker's order stays in step and every failure is counted."""
+  """Reads record `index` of `source` and applies `to_example(record, rng)`; a record that raises (reading it or
+  making it an example) becomes a `_BadRecord`. It is dropped later, in the process that makes the batches, so
+  that every worker's order stays in step and every failure is counted."""
 
-  def __init__(self, to_example: Callable[[Any, np.random.Generator], dict]):
+  def __init__(self, source, to_example: Callable[[Any, np.random.Generator], dict], source_name: str):
+    self._source = source
     self._to_example = to_example
+    self._source_name = source_name
 
-  def random_map(self, element, rng: np.random.Generator):
-    index, record = element
+  def random_map(self, index, rng: np.random.Generator):
     try:
-      return self._to_example(record, rng)
-    except Exception as error:  # a corrupt image or a malformed record must not stop training
-      return _BadRecord(index, f"{type(error).__name__}: {error}")
+      return self._to_example(self._source[index], rng)
+    except Exception as error:  # a missing or corrupt image or a malformed record must not stop training
+      return _BadRecord(index, self._source_name, f"{type(error).__name__}: {error}")
 
 
 class _DropBadRecords(grain.transforms.Filter):
   """Logs each `_BadRecord` with its index and source, counts it and drops it."""
 
-  def __init__(self, source_name: str, bad_records: BadRecords):
-    self._source_name = source_name
+  def __init__(self, bad_records: BadRecords):
     self._bad_records = bad_records
 
   def filter(self, element) -> bool:
     if not isinstance(element, _BadRecord):
       return True
     self._bad_records.count += 1
-    logging.warning("skipping record %d of %s (%s); %d skipped so far", element.index, self._source_name,
+    logging.warning("skipping record %d of %s (%s); %d skipped so far", element.index, element.source_name,
                     element.error, self._bad_records.count)
     return False
 
 
-class _Indexed:
-  """A random-access source whose items come with their index (for error messages)."""
-
-  def __init__(self, source):
-    self._source = source
-
-  def __len__(self):
-    return len(self._source)
-
-  def __getitem__(self, index):
-    return index, self._source[index]
-
-
-def train_dataset(source, to_example: Callable[[Any, np.random.Generator], dict], *, seed: int, batch_size: int,
-                  length: int, process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
-                  shuffle: bool = True, source_name: str = "the data source",
-                  bad_records: BadRecords | None = None, packing: bool = False, images_per_row: int | None = None,
-                  num_workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
-  """Batches of this process's part of `source`, shuffled by seed (reshuffled each epoch), repeated.
+def examples(source, to_example: Callable[[Any, np.random.Generator], dict], *, seed: int,
+             num_epochs: int | None = None, shuffle: bool = True,
+             source_name: str = "the data source") -> grain.MapDataset:
+  """The examples of `source` in one global order: shuffled by seed (reshuffled each epoch), repeated, each made
+  by `to_example` with a Generator seeded per position. A record that fails becomes a placeholder that `batches`
+  logs (as record `index` of `source_name`), counts and drops.
 
   Args:
-    source: random access (`len`, `[i]`) records, e.g. `vlmjax.data.shapes.load(dir, "train")`.
+    source: random access (`len`, `[i]`) records, e.g. `vlmjax.data.shapes.load(dir, "train")`; reading one may
+      raise (a missing image), as may to_example.
     to_example: (record, numpy Generator seeded per element) -> `example_arrays(...)`.
+    num_epochs: None repeats forever.
+  """
+  dataset = grain.MapDataset.range(len(source))
+  if shuffle:
+    dataset = dataset.shuffle(seed=seed)
+  return dataset.repeat(num_epochs).random_map(_ToExample(source, to_example, source_name), seed=seed)
+
+
+def batches(dataset: grain.MapDataset, *, batch_size: int, length: int, process_index: int = 0,
+            process_count: int = 1, bad_records: BadRecords | None = None, packing: bool = False,
+            images_per_row: int | None = None, num_workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
+  """Batches of this process's part of the global order of examples `dataset` (from `examples`, or a mix of
+  several), bad records dropped.
+
+  Args:
     batch_size: rows per batch *on this process* (the global batch divided by process_count).
     length: the static token length of a row.
-    num_epochs: None repeats forever.
     bad_records: counts the records skipped because they failed to decode.
     packing: several examples per row, with segment_ids and positions (`vlmjax.data.packing`); else one
       example per row, padded. Each process packs its own part, so which examples share a global batch then
@@ -190,10 +206,6 @@ def train_dataset(source, to_example: Callable[[Any, np.random.Generator], dict]
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   if packing and images_per_row is None:
     raise ValueError("packing needs images_per_row: the image slots of a row, e.g. length // tokens_per_image")
-  dataset = grain.MapDataset.source(_Indexed(source))
-  if shuffle:
-    dataset = dataset.shuffle(seed=seed)
-  dataset = dataset.repeat(num_epochs).random_map(_ToExample(to_example), seed=seed)
   # One global order, dealt out: process p takes positions p, p + P, ... (lazily: it only decodes its own).
   # Global batch b is then positions [b*G, (b+1)*G) whatever the process count, with the same per-example
   # randomness, so a run on N processes sees what a run on one sees.
@@ -211,7 +223,7 @@ def train_dataset(source, to_example: Callable[[Any, np.random.Generator], dict]
     # them and that raises UnparsedFlagAccessError. The defaults are what grain wants.
     flags.FLAGS.mark_as_parsed()
   dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  dataset = dataset.filter(_DropBadRecords(source_name, bad_records or BadRecords()))
+  dataset = dataset.filter(_DropBadRecords(bad_records or BadRecords()))
   if packing:
     dataset = packing_lib.pack(dataset, length=length, images_per_row=images_per_row, rows=batch_size)
     dataset = dataset.batch(batch_size, drop_remainder=True)
@@ -220,3 +232,17 @@ def train_dataset(source, to_example: Callable[[Any, np.random.Generator], dict]
   if prefetch:
     dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch)
   return dataset
+
+
+def train_dataset(source, to_example: Callable[[Any, np.random.Generator], dict], *, seed: int, batch_size: int,
+                  length: int, process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
+                  shuffle: bool = True, source_name: str = "the data source",
+                  bad_records: BadRecords | None = None, packing: bool = False, images_per_row: int | None = None,
+                  num_workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
+  """Batches of this process's part of `source`, shuffled by seed (reshuffled each epoch), repeated: `examples`
+  then `batches`, whose arguments these are."""
+  return batches(examples(source, to_example, seed=seed, num_epochs=num_epochs, shuffle=shuffle,
+                          source_name=source_name),
+                 batch_size=batch_size, length=length, process_index=process_index, process_count=process_count,
+                 bad_records=bad_records, packing=packing, images_per_row=images_per_row, num_workers=num_workers,
+                 prefetch=prefetch)
