@@ -279,6 +279,17 @@ def test_the_iterator_state_resumes_the_same_batches(tmp_path, image_dir, tokeni
   assert not np.array_equal(next(fresh)["input_ids"], expected[0]["input_ids"])  # the state did the resuming
 
 
+def test_processes_deal_out_one_global_order(tmp_path, image_dir, tokenizers_):
+  whole = iter(_mixed(tmp_path, image_dir, tokenizers_["hf"], batch_size=4))
+  parts = [iter(_mixed(tmp_path, image_dir, tokenizers_["hf"], batch_size=2, process_index=p, process_count=2))
+           for p in (0, 1)]
+  for _ in range(3):
+    batch, halves = next(whole), [next(part) for part in parts]
+    for key in batch:  # process p has rows p, p + 2 of the global batch
+      np.testing.assert_array_equal(batch[key][0::2], halves[0][key])
+      np.testing.assert_array_equal(batch[key][1::2], halves[1][key])
+
+
 def test_packed_rows_meet_each_example_with_its_own_image(tmp_path, image_dir, tokenizers_):
   iterator = iter(_mixed(tmp_path, image_dir, tokenizers_["hf"], packing=True, batch_size=2, length=96))
   text_before_image = 0  # rows where a text-only example precedes one with an image: a zero image slot for the

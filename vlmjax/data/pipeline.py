@@ -1,14 +1,17 @@
 """Input pipelines with grain: conversations -> token ids, loss masks and pixels, batched, checkpointable.
 
-    dataset = train_dataset(source, to_example, seed=0, batch_size=32, length=192)   # = batches(examples(...))
+    dataset = train_dataset(source, to_example, seed=0, batch_size=32, length=192)
     iterator = iter(dataset)             # grain DatasetIterator: get_state() / set_state(state)
     batch = next(iterator)               # {input_ids, targets, loss_mask, input_mask, pixel_values}: numpy
                                          # packing=True adds segment_ids and positions (vlmjax.data.packing)
 
 Every process reads its own part of one global order (`process_index::process_count`), so the global batch is
 the processes' batches side by side and holds the same examples for any number of processes. Worker processes
-(`num_workers`) decode records without changing which batches come out. A record that fails to decode is
-logged with its index, skipped and counted; it never stops the run.
+(`num_workers`) decode records without changing which batches come out. A record that fails to read or decode
+is logged with its index, skipped and counted; it never stops the run.
+
+`train_dataset` is `batches(examples(source, ...))`; `vlmjax.data.sources` mixes several `examples` (grain's
+`MapDataset.mix`) into the same `batches`.
 """
 
 import dataclasses
