@@ -33,6 +33,7 @@ from vlmjax.parallel import mesh as mesh_lib
 from vlmjax.models.summary import abstract_params
 from vlmjax.models.vlm import VLM as VLMModel
 from vlmjax.models.vlm import VLMConfig
+from vlmjax.train import adapters
 
 
 @dataclasses.dataclass
@@ -247,8 +248,21 @@ def load_workdir(workdir: str) -> VLM:
   earlier one that restores (the step skipped and the step used are logged as warnings; `source` names the step).
   Raises FileNotFoundError without any checkpoint and workdir.NoReadableCheckpoint when none restores."""
   config = workdir_lib.read_config(workdir)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if config.train.get("stages") == workdir_lib.LORA:
+    return _load_adapted(workdir, config)
   abstract = quantize_lib.abstract_quantized(config, nn.meta.unbox(abstract_params(VLMConfig.from_dict(config.model))))
+  step, params = _restore_latest(workdir, abstract)
+  vlm = from_trained(config, params, workdir, source=f"{os.path.abspath(workdir)} step {step}")
+  generation_settings = config.get("generation")  # a checkpoint `vlmjax quantize` wrote: its source's end tokens
+  if generation_settings:
+    vlm = dataclasses.replace(vlm, eos_token_ids=tuple(generation_settings.eos_token_ids),
+                              pad_token_id=generation_settings.pad_token_id, max_len=generation_settings.max_len)
+  return vlm
+
+
+def _restore_latest(workdir: str, abstract) -> tuple[int, Any]:
+  """(step, parameters) of a workdir's latest checkpoint that restores, onto the first device."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   checkpointer = workdir_lib.Checkpointer(workdir, asynchronous=False)
   try:
@@ -257,13 +271,23 @@ def load_workdir(workdir: str) -> VLM:
     checkpointer.close()
   if found is None:
     raise FileNotFoundError(f"{workdir} holds no finished checkpoint yet")
-  step, params = found
-  vlm = from_trained(config, params, workdir, source=f"{os.path.abspath(workdir)} step {step}")
-  generation_settings = config.get("generation")  # a checkpoint `vlmjax quantize` wrote: its source's end tokens
-  if generation_settings:
-    vlm = dataclasses.replace(vlm, eos_token_ids=tuple(generation_settings.eos_token_ids),
-                              pad_token_id=generation_settings.pad_token_id, max_len=generation_settings.max_len)
-  return vlm
+  return found
+
+
+def lora_parts(workdir: str) -> tuple[VLM, dict, int]:
+  """A lora run's pieces: (its base model as `load` reads train.init_from, the trained parameters of its latest
+  checkpoint — adapters and projector, layers unrolled — and that checkpoint's step)."""
+  config = workdir_lib.read_config(workdir)
+  base = _load(config.train.init_from)
+  step, trained = _restore_latest(workdir, adapters.abstract_trained(config, VLMConfig.from_dict(config.model)))
+  return base, layers.unstack_layers(trained), step
+
+
+def _load_adapted(workdir: str, config: ml_collections.ConfigDict) -> VLM:
+  """A lora run's model: its base with the trained projector and the adapters merged into the kernels."""
+  base, trained, step = lora_parts(workdir)
+  return dataclasses.replace(base, params=adapters.merged(config, base.params, trained),
+                             source=f"{os.path.abspath(workdir)} step {step} (LoRA on {base.source})")
 
 
 def load(path: str, *, dtype: str | None = None, quantize: str | None = None, kv_cache_dtype: str | None = None,

@@ -6,6 +6,11 @@ Stages chain in one run (`train.stages = "contrastive:0.2,full:0.8"`: names and 
 `stages.py`); each stage starts from the previous one's parameters with a fresh optimizer. Running the same
 command on a workdir resumes from its last checkpoint (train state and data-iterator state), step for step;
 a damaged one is reported and set aside, and the run goes on from the newest one that restores.
+
+What a run starts from and reads: `train.init_from` a Hugging Face LLaVA / PaliGemma directory (its weights,
+tokenizer, chat template and image processor; `configs/from_hf.py`) or another run's workdir, else a random
+initialization; `data.sources` the conversations and captions people have (`vlmjax/data/sources.py`), else the
+built-in shapes data set. The `lora` stage trains adapters on the frozen base (`adapters.py`).
 """
 
 import logging
@@ -20,11 +25,14 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from vlmjax import workdir as workdir_lib
-from vlmjax.data import pipeline, shapes
+from vlmjax.data import pipeline, shapes, sources as sources_lib
+from vlmjax.data.images import ImageProcessor
 from vlmjax.data.tokenizer import Tokenizer
+from vlmjax.interop import hf, hf_weights
+from vlmjax.models import lora
 from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.parallel import distributed, mesh as mesh_lib
-from vlmjax.train import optim
+from vlmjax.train import adapters, optim
 from vlmjax.train import stages as stages_lib
 from vlmjax.train import state as state_lib
 
@@ -47,6 +55,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
   stages = workdir_lib.parse_stages(config.train.stages, config.train.steps)
   if config.train.init_from and not os.path.isdir(config.train.init_from):
     raise FileNotFoundError(f"train.init_from={config.train.init_from!r} does not exist")
+  adapters.check(config, stages)
+  from_hf = bool(config.train.init_from) and hf.is_hf_checkpoint(config.train.init_from)
+  data_sources = sources_lib.parse_sources(config.data.sources) if config.data.get("sources") else []
+  if data_sources and not from_hf:
+    raise ValueError("data.sources are rendered with a Hugging Face checkpoint's tokenizer and chat template: set "
+                     "train.init_from to its directory (configs/from_hf.py:DIR does)")
   model_config = VLMConfig.from_dict(config.model)
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.normalize_rules(config.sharding_rules)
@@ -62,26 +76,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
       raise ValueError(f"{key}={size} must split evenly over {jax.process_count()} processes")
   is_main = jax.process_index() == 0
 
-  # Workdir and data: process 0 writes, the others wait for it.
+  # Workdir and data: process 0 writes, the others wait for it. The tokenizer and image processor are the Hugging
+  # Face checkpoint's when the run starts from one, else the shapes data set's.
   data_dir = workdir_lib.data_dir(workdir, config)
+  tokenizer_dir = config.train.init_from if from_hf else shapes.tokenizer_dir(data_dir)
   if is_main:
     workdir_lib.write_or_check_config(workdir, config, allow_config_change)
     tfds.disable_progress_bar()  # the training bar is the one to watch
-    shapes.build(data_dir, config.data.shapes)
-    workdir_lib.copy_model_files(shapes.tokenizer_dir(data_dir), workdir)
+    if not (from_hf and data_sources):
+      shapes.build(data_dir, config.data.shapes)
+    workdir_lib.copy_model_files(tokenizer_dir, workdir)
   multihost_utils.sync_global_devices("vlmjax: workdir and data ready")
-  tokenizer_vocab = Tokenizer.from_directory(shapes.tokenizer_dir(data_dir)).vocab_size
+  tokenizer_vocab = Tokenizer.from_directory(tokenizer_dir).vocab_size
   if tokenizer_vocab > model_config.decoder.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer_vocab} tokens but model.decoder.vocab_size is "
                      f"{model_config.decoder.vocab_size}")
-  source = shapes.load(data_dir, "train")
-  tokenizer_dir = shapes.tokenizer_dir(data_dir)
+  source = None if data_sources else shapes.load(data_dir, "train")
 
   # Models: parameters initialized straight into their shardings (or read from another run).
   def init_params(model_cls, model_cls_config, inputs):
     init = lambda: model_cls(model_cls_config).init(jax.random.key(config.seed), **inputs)
     return mesh_lib.init_sharded(init, mesh, rules)[0]["params"]
-  params = init_params(VLM, model_config, model_config.example_inputs(1))
+  if from_hf:  # straight into the shardings, each device reading its own blocks of the safetensors
+    params = hf_weights.load_params(config.train.init_from, model_config, mesh, rules)
+  else:
+    params = init_params(VLM, model_config, model_config.example_inputs(1))
   pretraining = {name: stages_lib.pretraining_model(config, name, tokenizer_dir) for name in pretraining_stages}
 
   def init_pretraining(name: str, vision):
@@ -91,25 +110,38 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
 
   def set_up(index: int, stage: workdir_lib.Stage, params) -> tuple:
     """A stage from its start around `params` (a vision pretraining stage takes their tower): (its train state at
-    stage.start, update step, data iterator, bad-record counter)."""
+    stage.start, update step taking (state, batch), data iterator, bad-record counter, the parameters it keeps
+    frozen outside its state: the lora stage's base, else None)."""
+    frozen = None
     if stage.pretrains_vision:
       model = pretraining[stage.name]
       stage_config, stage_params = model.config, init_pretraining(stage.name, params["vision"])
       to_example, batch_size, length = model.to_example, model.batch_size, model.length
     else:
       stage_config, stage_params = model_config, params
-      to_example = stages_lib.shapes_example_fn(config, model_config, tokenizer_dir)
+      if stage.name == workdir_lib.LORA:
+        stage_config = adapters.adapted(model_config, adapters.lora_config(config))
+        stage_params, frozen = adapters.trained_and_frozen(config, model_config, params, mesh, rules)
       batch_size, length = config.train.batch_size, config.data.length
+      to_example = None if data_sources else stages_lib.shapes_example_fn(config, model_config, tokenizer_dir)
     optimizer = optim.make_optimizer(stages_lib.optim_config(config, stage), stage_params, stage.name, stage.steps)
     state, state_shardings = state_lib.create_sharded(stage_params, optimizer, stage.start, mesh)
-    train_step = state_lib.sharded_train_step(state_shardings, config=stage_config, optimizer=optimizer,
-                                              stage=stage.name)
+    step_fn = state_lib.sharded_train_step(state_shardings, config=stage_config, optimizer=optimizer,
+                                           stage=stage.name, seed=config.seed)
+    train_step = step_fn if frozen is None else lambda state, batch: step_fn(state, batch, frozen)
     bad_records = pipeline.BadRecords()
-    dataset = pipeline.train_dataset(
-        source, to_example, seed=config.seed + index, batch_size=batch_size // jax.process_count(),
-        length=length, process_index=jax.process_index(), process_count=jax.process_count(),
-        source_name=f"{data_dir} (train)", bad_records=bad_records)
-    return state, train_step, iter(dataset), bad_records
+    common = dict(seed=config.seed + index, batch_size=batch_size // jax.process_count(), length=length,
+                  process_index=jax.process_index(), process_count=jax.process_count(), bad_records=bad_records)
+    if to_example is None:
+      inputs = sources_lib.ModelInputs(
+          tokenizer=Tokenizer.from_directory(tokenizer_dir), image_processor=ImageProcessor.from_directory(
+              tokenizer_dir), image_token_id=model_config.image_token_id,
+          tokens_per_image=model_config.tokens_per_image, prefix_lm=model_config.prefix_lm, max_length=length)
+      dataset = sources_lib.train_dataset(data_sources, inputs, packing=config.data.get("packing", False),
+                                          num_workers=config.data.get("num_workers", 0), **common)
+    else:
+      dataset = pipeline.train_dataset(source, to_example, source_name=f"{data_dir} (train)", **common)
+    return state, train_step, iter(dataset), bad_records, frozen
 
   def resume_from(step: int, params) -> tuple:
     """What the run goes on with from checkpoint `step`: at a stage's end, (`params` with what that stage trained,
@@ -119,17 +151,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     index = next((i for i, stage in enumerate(stages) if step <= stage.end), len(stages) - 1)
     stage = stages[index]
     if step >= stage.end:
+      if stage.name == workdir_lib.LORA:  # its checkpoints hold what it trained; the run has nothing after it
+        checkpointer.restore_params(step, workdir_lib.abstract_like(set_up(index, stage, params)[0].params))
+        return params, None
       if stage.pretrains_vision:
         like = workdir_lib.abstract_like(init_pretraining(stage.name, params["vision"]))
         return {**params, "vision": checkpointer.restore_params(step, like)["vision"]}, None
       return checkpointer.restore_params(step, workdir_lib.abstract_like(params)), None
-    state, train_step, iterator, bad_records = set_up(index, stage, params)
+    state, train_step, iterator, bad_records, frozen = set_up(index, stage, params)
     state, data_state = checkpointer.restore(step, workdir_lib.abstract_like(state))
     iterator.set_state(data_state)
-    return params, (state, train_step, iterator, bad_records)
+    return params, (state, train_step, iterator, bad_records, frozen)
 
   checkpointer = workdir_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  if config.train.init_from:
+  if config.train.init_from and not from_hf:
     params = _params_from(config.train.init_from, params)
   # Resume from the newest checkpoint that restores, a finished run's last one included (read, not trained from,
   # so that a damaged one is trained again). A damaged checkpoint is logged and set aside as <step>.corrupt: the
@@ -144,7 +179,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     if latest is not None and latest >= stage.end:
       continue  # finished in an earlier run
     # The first stage left goes on from the checkpoint when it stopped within it; any other starts afresh.
-    state, train_step, iterator, bad_records = resumed_stage or set_up(index, stage, params)
+    state, train_step, iterator, bad_records, frozen = resumed_stage or set_up(index, stage, params)
     resumed_stage = None
     optim_config = stages_lib.optim_config(config, stage)
     schedule = optim.learning_rate_schedule(optim_config, stage.steps)
@@ -169,7 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
         if done % config.train.log_every == 0 or done == stage.end or validating:
           fetched = jax.device_get([m for _, m in pending])  # the one host sync per log interval
           elapsed = time.perf_counter() - since
-          extra = validate(state.params) if validating else {}
+          extra = validate(_model_params(state.params, frozen, config)) if validating else {}
           for i, ((logged_step, _), values) in enumerate(zip(pending, fetched)):
             writer.write(logged_step, stage=stage.name, loss=float(values["loss"]),
                          learning_rate=float(schedule(logged_step - stage.start - 1)),
@@ -189,6 +224,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
   if is_main:
     writer.plot()
   writer.close()
+
+
+def _model_params(trained, frozen, config: ml_collections.ConfigDict):
+  """The whole model's parameters of a stage's state: a lora stage's adapters merged into its base."""
+  if frozen is None:
+    return trained
+  return lora.merge(lora.combine(frozen, trained), adapters.lora_config(config))
 
 
 def _params_from(workdir: str, like):
