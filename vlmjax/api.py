@@ -138,7 +138,7 @@ class VLM:
       return self.tokenizer.encode_prompt(text, config.image_token_id, config.tokens_per_image, config.prefix_lm,
                                           num_images=num_images)
     text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the specials
+    ids = self.tokenizer.encode_rendered(text).ids
     found = ids.count(config.image_token_id)
     if found != num_images:
       raise ValueError(f"the prompt has {found} image placeholders but {num_images} images were given")

@@ -111,6 +111,9 @@ def test_a_quantized_base_trains_its_adapters_as_its_dequantized_copy_would(para
   kernels = [leaf for leaf in jax.tree.leaves(quantized, is_leaf=lambda x: isinstance(x, quant.QuantizedKernel))
              if isinstance(leaf, quant.QuantizedKernel)]
   assert len(kernels) == 2 * 7  # every attention and MLP kernel of both layers, nothing else
+  # Held at their width: a byte a weight in int8, half a byte in int4 (the scales apart).
+  per_weight = {"int8": 1.0, "int4": 0.5}[scheme]
+  assert all(k.values.dtype == np.int8 and k.values.nbytes == per_weight * np.prod(k.shape) for k in kernels)
   dequantized = jax.tree.map(lambda x: quant.dequantize(x) if isinstance(x, quant.QuantizedKernel) else x, quantized,
                              is_leaf=lambda x: isinstance(x, quant.QuantizedKernel))
   batch = _batch()

@@ -54,9 +54,7 @@ class ConversationEncoder:
     """-> (ids int32[T], assistant bool[T]) with T <= max_length."""
     text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False)
     text, spans = _assistant_spans(text, messages, self.tokenizer.eos_token, self.end_turns)
-    bos = self.tokenizer.bos_token
-    # As transformers' ProcessorMixin.apply_chat_template: a template that writes BOS itself gets no second one.
-    encoding = self.tokenizer.backend.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+    encoding = self.tokenizer.encode_rendered(text)
     ids = np.asarray(encoding.ids, np.int32)
     offsets = np.asarray(encoding.offsets).reshape(-1, 2)  # [T, 2] character start, end of each token
     assistant = np.zeros(len(ids), bool)

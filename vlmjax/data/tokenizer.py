@@ -184,9 +184,14 @@ class Tokenizer:
 
   def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
     """Token ids of `text`; with add_special_tokens, the tokenizer's post-processor adds BOS etc. as
-    transformers' `tokenizer(text)` does. Text rendered by a chat template already holds its specials: encode
-    it with add_special_tokens=False (as `apply_chat_template(tokenize=True)` does)."""
+    transformers' `tokenizer(text)` does. Text a chat template rendered: `encode_rendered`."""
     return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+  def encode_rendered(self, text: str) -> tokenizers.Encoding:
+    """A chat template's output tokenized as transformers' processors do (`ProcessorMixin.apply_chat_template`):
+    a template that writes BOS itself gets no second one, one that does not (llava-1.5-hf's) gets the tokenizer's
+    special tokens. The encoding's `ids` and `offsets` (character spans)."""
+    return self.backend.encode(text, add_special_tokens=not (self.bos_token and text.startswith(self.bos_token)))
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

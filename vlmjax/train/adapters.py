@@ -2,7 +2,7 @@
 
     train.stages = "lora"          train.init_from = a Hugging Face directory or a vlmjax workdir (the base)
     lora.rank, lora.alpha, lora.dropout, lora.targets     the adapters (`vlmjax.models.lora`)
-    lora.quantize = "" | "int8" | "int4"                  QLoRA: the frozen base's layers stored in low bits
+    lora.quantize = "" | "int8" | "int4" | "int4:GROUP"   QLoRA: the frozen base's layers stored in low bits
     optim.projector_learning_rate                         the projector's own rate (LLaVA's mm_projector_lr)
 
 The stage trains the adapters and the projector. Its train state holds only those (so only they have optimizer
@@ -24,7 +24,7 @@ from vlmjax.parallel import mesh as mesh_lib
 from vlmjax.train.optim import TRAINABLE
 from vlmjax.workdir import LORA, Stage
 
-QUANTIZE = ("", "int8", "int4")  # QLoRA's base: float, INT8 per output channel, INT4 in groups
+QUANTIZE = ("", "int8", "int4")  # QLoRA's base: float, INT8 per output channel, INT4 in groups (of 128, or int4:GROUP)
 LORA_KEYS = tuple(field.name for field in dataclasses.fields(lora.LoraConfig))
 
 
@@ -47,8 +47,23 @@ def check(config: ml_collections.ConfigDict, stages: list[Stage]) -> None:
     raise ValueError("the lora stage adapts a trained model: set train.init_from to a Hugging Face directory or a "
                      "vlmjax workdir")
   lora_config(config)
-  if config.lora.get("quantize", "") not in QUANTIZE:
-    raise ValueError(f"lora.quantize={config.lora.quantize!r}: choose one of {list(QUANTIZE)}")
+  _base_quantization(config)
+
+
+def _base_quantization(config: ml_collections.ConfigDict) -> quantize_lib.Settings:
+  """lora.quantize as settings (scheme None: a float base); ValueError naming it for anything else."""
+  value = config.lora.get("quantize", "")
+  if value.partition(":")[0] not in QUANTIZE:
+    raise ValueError(f"lora.quantize={value!r}: choose one of {list(QUANTIZE)} (int4 also as int4:GROUP)")
+  return quantize_lib.Settings.parse(quantize=value)
+
+
+def _quantized_base(config: ml_collections.ConfigDict, frozen: dict) -> dict:
+  """The frozen base with its language model's layers in lora.quantize's scheme (as it is, for a float base)."""
+  settings = _base_quantization(config)
+  if settings.scheme is None:
+    return frozen
+  return quantize_lib.quantize_params(frozen, settings.scheme, settings.group_size, layers_only=True)
 
 
 def adapted(model_config: VLMConfig, adapters: lora.LoraConfig) -> VLMConfig:
@@ -67,10 +82,7 @@ def trained_and_frozen(config: ml_collections.ConfigDict, model_config: VLMConfi
     return lora.split(params)[0]
   adapters = mesh_lib.init_sharded(init_adapters, mesh, rules)[0]
   trained, frozen = lora.split(lora.combine(base_params, adapters), TRAINABLE[LORA])
-  scheme = config.lora.get("quantize", "")
-  if scheme:
-    frozen = jax.jit(lambda tree: quantize_lib.quantize_params(tree, scheme, layers_only=True))(frozen)
-  return trained, frozen
+  return trained, jax.jit(lambda tree: _quantized_base(config, tree))(frozen)
 
 
 def abstract_trained(config: ml_collections.ConfigDict, model_config: VLMConfig) -> dict:
@@ -84,8 +96,5 @@ def merged(config: ml_collections.ConfigDict, base_params: dict, trained: dict) 
   """The plain model's parameters: the base (quantized as the stage trained it), the trained projector and the
   adapters folded into the kernels."""
   _, frozen = lora.split(base_params, TRAINABLE[LORA])
-  scheme = config.lora.get("quantize", "")
-  if scheme:
-    frozen = quantize_lib.quantize_params(frozen, scheme, layers_only=True)
-  return lora.merge(lora.combine(frozen, trained), lora_config(config))
+  return lora.merge(lora.combine(_quantized_base(config, frozen), trained), lora_config(config))
 
