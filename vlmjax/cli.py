@@ -1,4 +1,4 @@
-"""The `vlmjax` command: summarize, data, train, eval, report, generate, serve, quantize.
+"""The `vlmjax` command: summarize, data, train, eval, report, generate, serve, quantize, export.
 
     vlmjax summarize --config configs/shapes_tiny.py --config.mesh.tensor=2 --devices 8
 
@@ -16,7 +16,8 @@ FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "data build: the output directory; data show: the PNG to write; eval: "
-                           "results.json (predictions go beside it); report: the Markdown file.")
+                           "results.json (predictions go beside it); report: the Markdown file; export: the directory "
+                           "to write.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "data show, eval, report: where the shapes data set was built "
                                 "(default for eval and report: the workdir's).")
 _SPLIT = flags.DEFINE_string("split", None, "data show: which split to picture (default validation); eval: the "
@@ -32,8 +33,10 @@ _JUDGE = flags.DEFINE_string("judge", None, "eval: an OpenAI-compatible endpoint
 _WORKDIR = flags.DEFINE_string("workdir", None, "train, eval: the run's directory (checkpoints, metrics, config).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "train: resume a workdir even though its "
                                          "saved config differs from --config.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "eval, generate, serve: a training workdir or a Hugging Face "
-                                  "model directory.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "eval, generate, serve, export: a training workdir or a Hugging "
+                                  "Face model directory.")
+_ADAPTERS = flags.DEFINE_bool("adapters", False, "export: a lora run's adapters and projector alone, in PEFT's layout "
+                              "(adapter_config.json, adapter_model.safetensors), instead of the merged model.")
 _BENCHMARKS = flags.DEFINE_string(
     "benchmarks", None, "eval: comma-separated benchmarks (default: every built-in one; shapes_retrieval only when "
     "the workdir still holds its contrastive stage's checkpoint). Built in: shapes_vqa, shapes_caption, "
@@ -328,8 +331,64 @@ def quantize(args: list[str]) -> None:
         f"({quantize_lib.recorded(vlm.config).describe()})")
 
 
+def export_checkpoint(checkpoint: str, out: str, adapters: bool = False) -> str:
+  """Writes `checkpoint` (a workdir or a Hugging Face directory) for Hugging Face into `out`: the model, a lora
+  run's adapters merged, as a directory that transformers' `from_pretrained` loads (tokenizer, image processor and
+  end tokens included); with `adapters`, a lora run's adapters and projector alone, which `peft` loads onto the base
+  model (`PeftModel.from_pretrained(base, out)`). Returns what was written, in a line for the user. ValueError for
+  what a Hugging Face directory or PEFT cannot express."""
+  import os
+
+  import jax
+
+  import vlmjax
+  from vlmjax import api, workdir as workdir_lib
+  from vlmjax.interop import hf, peft
+  from vlmjax.models import quant
+  from vlmjax.train import adapters as adapters_lib
+
+  if not adapters:
+    vlm = vlmjax.load(checkpoint, dtype="float32")  # the weights as trained, not a GPU's bfloat16 copy of them
+    # A QLoRA run's base layers without an adapter stay quantized after the merge: written dequantized, the model
+    # computes what the adapters were trained against.
+    params = jax.tree.map(lambda leaf: quant.dequantize(leaf) if isinstance(leaf, quant.QuantizedKernel) else leaf,
+                          vlm.params, is_leaf=lambda leaf: isinstance(leaf, quant.QuantizedKernel))
+    hf.save_pretrained(out, vlm.config, params, vlm.tokenizer, vlm.image_processor, eos_token_ids=vlm.eos_token_ids,
+                       pad_token_id=vlm.pad_token_id, max_len=vlm.max_len)
+    return f"wrote {out}: {vlm.source} as a Hugging Face directory"
+  config = workdir_lib.read_config(checkpoint) if workdir_lib.is_workdir(checkpoint) else None
+  if config is None or config.train.get("stages") != workdir_lib.LORA:
+    raise ValueError(f"--adapters: {checkpoint} is not a lora run (train.stages=lora) and has no adapters; export "
+                     f"its whole model without --adapters")
+  _, trained, step = api.lora_parts(checkpoint)
+  base = os.path.abspath(config.train.init_from)
+  peft.save_adapters(out, config, trained, adapters_lib.lora_config(config), base)
+  notes = []
+  if not hf.is_hf_checkpoint(base):
+    notes.append(f"the base {base} is a vlmjax workdir: PEFT loads the adapters onto a transformers model, so export "
+                 f"the base too (vlmjax export --checkpoint {base} --out BASE_DIR) and load them onto that")
+  if config.lora.get("quantize", ""):
+    notes.append(f"the adapters were trained on the base quantized to {config.lora.quantize} (QLoRA); PEFT applies "
+                 f"them to the base as it is loaded, so a float base gives logits that differ from vlmjax's by the "
+                 f"quantization error")
+  return "\n".join([f"wrote {out}: the adapters of {checkpoint} step {step} for PEFT, on {base}",
+                    *(f"note: {note}" for note in notes)])
+
+
+def export(args: list[str]) -> None:
+  """`vlmjax export --checkpoint PATH --out DIR [--adapters]`: a Hugging Face directory that transformers loads (a
+  lora run's adapters merged), or with --adapters a lora run's adapters alone in PEFT's layout."""
+  del args
+  if _CHECKPOINT.value is None or _OUT.value is None:
+    raise SystemExit("usage: vlmjax export --checkpoint PATH --out DIR [--adapters]")
+  try:
+    print(export_checkpoint(_CHECKPOINT.value, _OUT.value, adapters=_ADAPTERS.value))
+  except FileNotFoundError as error:
+    raise SystemExit(f"vlmjax export: {error}") from error
+
+
 COMMANDS = {"summarize": summarize, "data": data, "train": train, "eval": evaluate, "report": report,
-            "generate": generate, "serve": serve, "quantize": quantize}
+            "generate": generate, "serve": serve, "quantize": quantize, "export": export}
 
 
 def main(argv: list[str] | None = None) -> None:
