@@ -44,8 +44,8 @@ _BENCHMARKS = flags.DEFINE_string(
     "listed below the flags. NAME (default: KIND) keys results.json and the cached predictions, e.g. "
     "textvqa=vqav2:q.json:a.json:images:{image_id}.jpg. Paths may not contain ',' or ':'.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "eval: prompts generated together.")
-_DEVICES = flags.DEFINE_integer("devices", None, "summarize: plan the mesh for this many devices "
-                                "(default: the devices JAX sees).")
+_DEVICES = flags.DEFINE_integer("devices", None, "summarize: plan the mesh and the memory per device for this "
+                                "many devices (default: the devices JAX sees).")
 _IMAGE = flags.DEFINE_string("image", None, "generate: an image file (PNG, JPEG, ...).")
 _PROMPT = flags.DEFINE_string("prompt", None, "generate: the question or instruction about the image.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "generate: tokens to produce at most.")
@@ -137,15 +137,20 @@ def _load(path: str, command: str):
 
 
 def summarize(args: list[str]) -> None:
-  """Parameters per module and total, and each parameter's sharding under the config's mesh."""
+  """Parameters per module and total, each parameter's sharding under the config's mesh, and the bytes per device
+  of training it (parameters, optimizer state, gradients, activations) fully, with LoRA and with QLoRA."""
   del args
   import jax
 
   from vlmjax.models.summary import summarize as summary
+  from vlmjax.train import memory
 
   if _CONFIG.value is None:
     raise SystemExit("vlmjax summarize: --config FILE is required")
-  print(summary(_CONFIG.value, _DEVICES.value or jax.device_count()))
+  num_devices = _DEVICES.value or jax.device_count()
+  print(summary(_CONFIG.value, num_devices))
+  print()
+  print(memory.report(_CONFIG.value, num_devices))
 
 
 def data(args: list[str]) -> None:
