@@ -15,10 +15,11 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from vlmjax.infer import quantize as quantize_lib
-from vlmjax.models import lora
+from vlmjax.models import lora, quant
 from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.parallel import mesh as mesh_lib
 from vlmjax.train.optim import TRAINABLE
@@ -47,23 +48,34 @@ def check(config: ml_collections.ConfigDict, stages: list[Stage]) -> None:
     raise ValueError("the lora stage adapts a trained model: set train.init_from to a Hugging Face directory or a "
                      "vlmjax workdir")
   lora_config(config)
-  _base_quantization(config)
-
-
-def _base_quantization(config: ml_collections.ConfigDict) -> quantize_lib.Settings:
-  """lora.quantize as settings (scheme None: a float base); ValueError naming it for anything else."""
   value = config.lora.get("quantize", "")
   if value.partition(":")[0] not in QUANTIZE:
     raise ValueError(f"lora.quantize={value!r}: choose one of {list(QUANTIZE)} (int4 also as int4:GROUP)")
-  return quantize_lib.Settings.parse(quantize=value)
+  quantize_lib.Settings.parse(quantize=value)  # a bad group size fails here
 
 
-def _quantized_base(config: ml_collections.ConfigDict, frozen: dict) -> dict:
-  """The frozen base with its language model's layers in lora.quantize's scheme (as it is, for a float base)."""
-  settings = _base_quantization(config)
+def _quantized_base(frozen: dict, quantize: str) -> dict:
+  """The frozen base with its language model's layers in `quantize`'s scheme (lora.quantize; "": as it is)."""
+  settings = quantize_lib.Settings.parse(quantize=quantize)
   if settings.scheme is None:
     return frozen
   return quantize_lib.quantize_params(frozen, settings.scheme, settings.group_size, layers_only=True)
+
+
+def stored_base(frozen: dict, model_config: VLMConfig, quantize: str) -> dict:
+  """The frozen base as the lora stage holds it: with `quantize` (lora.quantize) its language model's layers in low
+  bits, and its other kernels and tables (parameters of two or more axes) in their tower's compute dtype. Never
+  updated, they need no float32 master copy, and the matmuls read them in that dtype anyway: a bfloat16 run holds a
+  7B base in half the bytes (LLaVA's LoRA recipe loads its base in bfloat16 too). Norms and biases stay as they are.
+  """
+  towers = {"vision": model_config.vision.dtype, "decoder": model_config.decoder.dtype}
+
+  def cast(group: str, tree):
+    compute = jnp.dtype(towers.get(group, "float32"))
+    return jax.tree.map(lambda x: x.astype(compute) if not isinstance(x, quant.QuantizedKernel) and x.ndim >= 2
+                        and jnp.issubdtype(x.dtype, jnp.floating) else x, tree,
+                        is_leaf=lambda x: isinstance(x, quant.QuantizedKernel))
+  return {group: cast(group, tree) for group, tree in _quantized_base(frozen, quantize).items()}
 
 
 def adapted(model_config: VLMConfig, adapters: lora.LoraConfig) -> VLMConfig:
@@ -82,7 +94,8 @@ def trained_and_frozen(config: ml_collections.ConfigDict, model_config: VLMConfi
     return lora.split(params)[0]
   adapters = mesh_lib.init_sharded(init_adapters, mesh, rules)[0]
   trained, frozen = lora.split(lora.combine(base_params, adapters), TRAINABLE[LORA])
-  return trained, jax.jit(lambda tree: _quantized_base(config, tree))(frozen)
+  quantize = config.lora.get("quantize", "")
+  return trained, jax.jit(lambda tree: stored_base(tree, model_config, quantize))(frozen)
 
 
 def abstract_trained(config: ml_collections.ConfigDict, model_config: VLMConfig) -> dict:
@@ -96,5 +109,6 @@ def merged(config: ml_collections.ConfigDict, base_params: dict, trained: dict) 
   """The plain model's parameters: the base (quantized as the stage trained it), the trained projector and the
   adapters folded into the kernels."""
   _, frozen = lora.split(base_params, TRAINABLE[LORA])
-  return lora.merge(lora.combine(_quantized_base(config, frozen), trained), lora_config(config))
+  return lora.merge(lora.combine(_quantized_base(frozen, config.lora.get("quantize", "")), trained),
+                    lora_config(config))
 

@@ -36,7 +36,6 @@ import optax
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from vlmjax import runtime
-from vlmjax.infer import quantize as quantize_lib
 from vlmjax.models import lora, quant
 from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.parallel import mesh as mesh_lib
@@ -97,7 +96,7 @@ def plan(config: ml_collections.ConfigDict, mesh: AbstractMesh, stage: str, sche
   trained_shardings, frozen_shardings = lora.split(shardings, groups)
   if stage == "lora":  # the state holds only the adapters and the projector
     state_params, state_shardings = trained, trained_shardings
-    frozen = _quantized(frozen, scheme)
+    frozen = _stored_base(frozen, model_config, scheme)
   else:  # the state holds every parameter; the frozen groups keep no optimizer state
     state_params, state_shardings = params, shardings
   return Plan(model_config, stage, scheme, state_params, state_shardings, trained, trained_shardings, frozen,
@@ -110,11 +109,10 @@ def _boxed_params(model_config: VLMConfig) -> dict:
   return jax.eval_shape(lambda: VLM(model_config).init(jax.random.key(0), **model_config.example_inputs(1)))["params"]
 
 
-def _quantized(frozen: dict, scheme: str) -> dict:
-  """QLoRA's frozen base: the language model's layers as ShapeDtypeStructs of `quant.QuantizedKernel`s."""
-  if not scheme:
-    return frozen
-  return jax.eval_shape(lambda tree: quantize_lib.quantize_params(tree, scheme, layers_only=True), frozen)
+def _stored_base(frozen: dict, model_config: VLMConfig, scheme: str) -> dict:
+  """The lora stage's frozen base as ShapeDtypeStructs, as it holds it (`adapters.stored_base`): kernels in the compute
+  dtype, QLoRA's layers as `quant.QuantizedKernel`s."""
+  return jax.eval_shape(lambda tree: adapters.stored_base(tree, model_config, scheme), frozen)
 
 
 def sharded_bytes(tree, shardings) -> int:
@@ -185,7 +183,8 @@ def _saved_bytes(model_config: VLMConfig, setup: Plan, rows: int, length: int) -
   """Bytes of the residuals `jax.vjp` of the stage's loss keeps for `rows` rows of `length` tokens (one image each)
   on the standard JAX path; inputs (parameters, the batch) and constants are not counted."""
   trained, frozen = lora.split(nn.meta.unbox(_boxed_params(model_config)), optim.TRAINABLE[setup.stage])
-  frozen = _quantized(frozen, setup.scheme)
+  if setup.stage == "lora":
+    frozen = _stored_base(frozen, model_config, setup.scheme)
   size = model_config.vision.image_size
   spec = jax.ShapeDtypeStruct
   batch = dict(input_ids=spec((rows, length), jnp.int32), pixel_values=spec((rows, size, size, 3), jnp.float32),
