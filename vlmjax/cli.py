@@ -63,8 +63,9 @@ _API_KEY = flags.DEFINE_string("api_key", None, "serve: require 'Authorization: 
 flags.DEFINE_alias("api-key", "api_key")
 _IMAGE_DIR = flags.DEFINE_string("image_dir", None, "serve: a directory whose image files requests may name by "
                                  "local path (default: none; images come as base64 data: URLs).")
-_PAGES = flags.DEFINE_integer("pages", None, "serve: KV-cache pages in the pool (default: every slot full, the "
-                              "memory of a [slots, max_len] cache); short requests hold only the pages they need.")
+_PAGES = flags.DEFINE_integer("pages", None, "serve: KV-cache pages in the pool (default: the memory of a [slots, "
+                              "max_len] cache in the compute dtype: every slot full, and with --kv_cache_dtype int8 "
+                              "more pages in those bytes); short requests hold only the pages they need.")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "serve: tokens per KV-cache page.")
 _PREFIX_CACHING = flags.DEFINE_bool("prefix_caching", False, "serve: share the pages of a repeated image and "
                                     "prompt prefix between requests (causal models).")

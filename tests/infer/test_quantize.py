@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import vlmjax
-from vlmjax.infer import quantize
+from vlmjax.infer import paged, quantize
 from vlmjax.infer.engine import Engine
 from vlmjax.models import quant
 from vlmjax.models.vlm import VLM as VLMModel
@@ -108,6 +108,20 @@ def test_the_engines_greedy_tokens_with_an_int8_pool_equal_generate_ids_with_an_
       assert served == (alone[:ends[0] + 1] if ends else alone)
   finally:
     engine.stop()
+
+
+def test_an_int8_pool_holds_more_tokens_in_the_bytes_of_the_float_one(tiny_vlm):
+  """The default pool is the memory of a [slots, max_len] cache in the compute dtype (float32 here, head size 8):
+  INT8 pages with a float32 scale per token and head take (8 + 4) / (4 * 8) of the bytes, so 2.67x the tokens."""
+  pools = {}
+  for kv_cache_dtype in (None, "int8"):
+    engine = Engine(_with(tiny_vlm, kv_cache_dtype=kv_cache_dtype), num_slots=2, max_len=64, page_size=4)
+    pools[kv_cache_dtype] = engine.pages.num_pages, paged.pool_bytes(engine.config, engine.pages.num_pages, 4)
+    held = sum(leaf.nbytes for leaf in jax.tree.leaves((engine._state.cache.k, engine._state.cache.v)))
+    assert held == pools[kv_cache_dtype][1]  # the pages' arrays as allocated
+  assert pools[None][0] == 2 * 64 // 4  # every slot full
+  assert pools["int8"][0] >= 1.9 * pools[None][0] and pools["int8"][1] <= pools[None][1]
+  assert pools["int8"][0] == 2 * 64 // 4 * 32 // 12
 
 
 def test_an_int8_cache_decodes_nearly_as_the_float_cache(tiny_vlm, inputs):

@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Callable
 
+import jax
 import numpy as np
 import openai
 import pytest
@@ -252,6 +253,9 @@ def test_metrics_count_requests_tokens_latencies_pages_and_prefix_hits(server, c
     assert name in text
   assert _metric(text, "vlmjax_generation_tokens_total") >= 3
   assert _metric(text, "vlmjax_kv_pages_total") == engine.pages.num_pages
+  assert _metric(text, "vlmjax_kv_pool_tokens") == engine.pages.num_pages * engine.page_size
+  assert _metric(text, "vlmjax_kv_pool_bytes") == sum(leaf.nbytes for leaf in jax.tree.leaves(
+      (engine._state.cache.k, engine._state.cache.v)))
   assert _metric(text, "vlmjax_kv_pages_used") == engine.pages.num_pages - engine.pages.num_free  # the cache's
   assert _metric(text, "vlmjax_preemptions_total") == engine.num_preemptions == 0  # a pool for every slot full
   hits = _metric(text, "vlmjax_prefix_cache_hits_total")

@@ -86,8 +86,9 @@ class QueueFull(RuntimeError):
 
 class Engine:
   """Continuous batching over `num_slots` slots of `max_len` tokens (prompt + generated) each, whose keys and
-  values share a pool of `num_pages` pages of `page_size` tokens (default: enough for every slot to be full,
-  the memory of a [num_slots, max_len] cache), taken as the sequences grow. Prompts longer than
+  values share a pool of `num_pages` pages of `page_size` tokens (default: the memory of a [num_slots, max_len]
+  cache in the compute dtype, `paged.default_num_pages`: every slot full, and with an INT8 cache more pages in the same
+  bytes, which the prefix cache keeps), taken as the sequences grow. Prompts longer than
   `prefill_chunk` tokens (None: no limit) are prefilled in chunks of that many, between decode steps, and each
   loop iteration prefills at most `prefill_budget` prompt tokens (None: every admitted prompt at once). With
   `prefix_caching` (causal models), requests that start with the same images and tokens share the full pages of
@@ -119,7 +120,8 @@ class Engine:
     self.buckets = tuple(b for b in generation.BUCKETS if b < self.max_len) + (self.max_len,)
     self.error: BaseException | None = None
     self.failed = threading.Event()  # set when the engine thread stops on an error
-    self.pages = paged.PageAllocator(num_pages or num_slots * paged_cache.pages_for(self.max_len, page_size))
+    self.pages = paged.PageAllocator(num_pages or paged.default_num_pages(self.config, num_slots, self.max_len,
+                                                                            page_size))
     if attention_kernel == "auto":
       attention_kernel = paged_cache.kernel_for(jax.default_backend())
     self._state = init_state(self.config, num_slots, self.max_len, self.pages.num_pages, page_size,

@@ -1,5 +1,8 @@
 """The host side of the paged KV cache (`models/paged_cache.py`): which pages of the pool are free, and who holds
-each allocated one."""
+each allocated one, and how many pages the pool has."""
+
+from vlmjax.models import paged_cache
+from vlmjax.models.vlm import VLMConfig
 
 
 class PoolExhausted(RuntimeError):
@@ -46,3 +49,22 @@ class PageAllocator:
       if not self._references[page]:
         del self._references[page]
         self._free.append(page)
+
+
+def default_num_pages(config: VLMConfig, num_slots: int, max_len: int, page_size: int) -> int:
+  """Pages of the pool in the bytes of a [num_slots, max_len] cache in the compute dtype: a pool in that dtype holds
+  every slot full; an INT8 one (a scale per token and head beside the int8 values) holds (2 H) / (H + 4) times as
+  many tokens in bfloat16's bytes, (4 H) / (H + 4) in float32's."""
+  decoder = config.decoder
+  shape = dict(num_layers=decoder.depth, num_kv_heads=decoder.num_kv_heads, head_dim=decoder.attention_head_dim)
+  full = num_slots * paged_cache.pages_for(max_len, page_size)
+  return full * paged_cache.token_bytes(**shape, dtype=decoder.dtype) // paged_cache.token_bytes(
+      **shape, dtype=decoder.cache_dtype)
+
+
+def pool_bytes(config: VLMConfig, num_pages: int, page_size: int) -> int:
+  """Bytes the pool's pages hold (keys and values of every layer, INT8 scales included)."""
+  decoder = config.decoder
+  return num_pages * page_size * paged_cache.token_bytes(num_layers=decoder.depth, num_kv_heads=decoder.num_kv_heads,
+                                                         head_dim=decoder.attention_head_dim,
+                                                         dtype=decoder.cache_dtype)

@@ -3,6 +3,7 @@
 import prometheus_client
 from prometheus_client.core import CounterMetricFamily
 
+from vlmjax.infer import paged
 from vlmjax.infer.engine import Engine
 from vlmjax.infer.requests import Request
 
@@ -30,6 +31,9 @@ class Metrics:
     self.pages_used = prometheus_client.Gauge("vlmjax_kv_pages_used", "KV-cache pages held (requests and the "
                                               "prefix cache).", **options)
     self.pages_total = prometheus_client.Gauge("vlmjax_kv_pages_total", "KV-cache pages in the pool.", **options)
+    self.pool_tokens = prometheus_client.Gauge("vlmjax_kv_pool_tokens", "Tokens the KV-cache pool holds.", **options)
+    self.pool_bytes = prometheus_client.Gauge("vlmjax_kv_pool_bytes", "Bytes of the KV-cache pool's keys and values "
+                                              "(INT8 scales included).", **options)
     self.prefix_hits = prometheus_client.Counter("vlmjax_prefix_cache_hits", "Requests that read part of their "
                                                  "prompt from the prefix cache.", **options)
     self.prefix_hit_tokens = prometheus_client.Counter("vlmjax_prefix_cache_hit_tokens", "Prompt tokens read from "
@@ -40,6 +44,8 @@ class Metrics:
     self.waiting.set_function(lambda: engine.num_waiting)
     self.pages_used.set_function(lambda: engine.pages.num_pages - engine.pages.num_free)
     self.pages_total.set(engine.pages.num_pages)
+    self.pool_tokens.set(engine.pages.num_pages * engine.page_size)
+    self.pool_bytes.set(paged.pool_bytes(engine.config, engine.pages.num_pages, engine.page_size))
     self.registry.register(_Preemptions(engine))
 
   def observe(self, request: Request) -> None:
