@@ -10,8 +10,9 @@ from vlmjax.parallel.mesh import LOGICAL_RULES
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # Device mesh; the product of the three is the device count, and -1 means "the rest of the devices".
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Device mesh; the product of the four is the device count, and -1 means "the rest of the devices". pipeline > 1
+  # runs the decoder's layers as that many stages (vlmjax/parallel/pipeline.py; with train.microbatches).
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, pipeline=1))
   config.sharding_rules = LOGICAL_RULES
   # XLA devices `vlmjax train` makes of this process's CPU (`distributed.split_cpu`); 0: JAX's default.
   config.cpu_devices = 0
@@ -31,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   config.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=32, log_every=50, checkpoint_every=500, keep_checkpoints=2,
+      microbatches=1,  # the pipeline's (mesh.pipeline > 1): its bubble is (pipeline - 1) / (microbatches + pipeline - 1)
       stages="full",  # a chain of stages with fractions of train.steps, e.g. "align:0.2,finetune:0.8"
       init_from="",  # a workdir whose latest parameters the run starts from
       validate_every=0,  # steps between validations (exact-match VQA accuracy); 0: only at the end

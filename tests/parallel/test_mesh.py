@@ -19,8 +19,9 @@ def test_there_are_8_fake_devices():
 
 
 def test_mesh_shape_resolves_the_rest_and_checks_the_product():
-  assert mesh_lib.mesh_shape(dict(data=-1, fsdp=2, tensor=1), 8) == dict(data=4, fsdp=2, tensor=1)
-  assert mesh_lib.mesh_shape(dict(data=2, fsdp=2, tensor=2), 8) == dict(data=2, fsdp=2, tensor=2)
+  assert mesh_lib.mesh_shape(dict(data=-1, fsdp=2, tensor=1), 8) == dict(pipeline=1, data=4, fsdp=2, tensor=1)
+  assert mesh_lib.mesh_shape(dict(data=2, fsdp=2, tensor=2), 8) == dict(pipeline=1, data=2, fsdp=2, tensor=2)
+  assert mesh_lib.mesh_shape(dict(pipeline=-1, data=2), 8) == dict(pipeline=4, data=2, fsdp=1, tensor=1)
   with pytest.raises(ValueError, match=r"data=2 x fsdp=2 x tensor=1 uses 4 devices but there are 8"):
     mesh_lib.mesh_shape(dict(data=2, fsdp=2, tensor=1), 8)
   with pytest.raises(ValueError, match=r"8 devices cannot be split as data=-1 x fsdp=3 x tensor=1"):

@@ -6,7 +6,8 @@ Llama: RMSNorm `w·x̂`, SwiGLU, separate output head. Gemma: RMSNorm `(1+w)·x�
 by sqrt(width), tied output head, optional final-logit soft-capping. `configs/sizes.py` holds both as presets;
 here every switch is an explicit field. Layers are stacked with `nn.scan` for training (fast compiles), or
 unrolled (`scan_layers=False`, parameters from `layers.unstack_layers`) for decoding, where each layer reads
-its weights and its own KV-cache buffer in place.
+its weights and its own KV-cache buffer in place. In training on a mesh with a `pipeline` axis (`pipeline_stages` > 1)
+the scanned stack runs as stages over microbatches (`vlmjax.parallel.pipeline`), the same parameters either way.
 """
 
 import dataclasses
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from vlmjax.models.kv_cache import KV_CACHE_DTYPES, KVCache
 from vlmjax.models import activation as activation_lib, layers, lora as lora_lib, matmul, quant
 from vlmjax.models.config import ModelConfig, check_choice, check_divides, check_positive, dtype
+from vlmjax.parallel import pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,10 @@ class DecoderConfig(ModelConfig):
   # Low-rank adapters on the linear layers its targets name (the `lora` training stage sets it; `vlmjax.load` merges
   # them into the kernels).
   lora: lora_lib.LoraConfig | None = None
+  # The training step's pipeline (the trainer sets them from mesh.pipeline and train.microbatches): the scanned layers
+  # as this many stages over this many microbatches of the batch. Initialization and decoding run the plain stack.
+  pipeline_stages: int = 1
+  pipeline_microbatches: int = 1
 
   def __post_init__(self):
     where = "decoder"
@@ -56,6 +62,12 @@ class DecoderConfig(ModelConfig):
     check_divides(2, self.attention_head_dim, f"{where}.head_dim={self.attention_head_dim} must be even for RoPE")
     check_choice(self.activation, tuple(activation_lib.ACTIVATIONS), f"{where}.activation")
     check_choice(self.kv_cache_dtype, ("",) + KV_CACHE_DTYPES, f"{where}.kv_cache_dtype")
+    check_positive(self, where, "pipeline_stages", "pipeline_microbatches")
+    if self.pipeline_stages > 1:
+      if not self.scan_layers:
+        raise ValueError(f"{where}: {self.pipeline_stages} pipeline stages split the scanned layers; set scan_layers")
+      check_divides(self.pipeline_stages, self.depth, f"{where}.depth={self.depth} layers must split into "
+                    f"{self.pipeline_stages} pipeline stages")
 
   @property
   def attention_head_dim(self) -> int:
@@ -108,13 +120,10 @@ class Decoder(nn.Module):
     self.embedding = layers.kernel_param(
         self, "embedding", layers.param_init(nn.initializers.normal(0.02), (layers.VOCAB, layers.EMBED)),
         (cfg.vocab_size, cfg.width), param_dtype)
-    block = layers.maybe_remat(DecoderBlock, cfg.remat_policy, cfg.scan_layers)
     if cfg.scan_layers:
-      self.layers = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth,
-          metadata_params={nn.PARTITION_NAME: layers.LAYERS})(cfg)
+      self.layers = _layer_stack(cfg, cfg.depth)(cfg)
     else:
+      block = layers.maybe_remat(DecoderBlock, cfg.remat_policy, scanned=False)
       self.layers = [block(cfg) for _ in range(cfg.depth)]
     self.final_norm = layers.RMSNorm(eps=cfg.norm_eps, unit_offset=cfg.norm_unit_offset,
                                      dtype=dtype(cfg.dtype), param_dtype=param_dtype)
@@ -185,7 +194,9 @@ class Decoder(nn.Module):
       mask = layers.CausalMask(mask)
     layer_caches = (None,) * cfg.depth if cache is None else cache.layers()  # L x (k, v) or L x PagedLayer
 
-    if cfg.scan_layers:
+    if cfg.scan_layers and cfg.pipeline_stages > 1 and cache is None and not self.is_initializing():
+      x = self._pipelined(x, positions, mask)
+    elif cfg.scan_layers:
       # The scan takes the caches stacked, (k, v) float[L, B, K, H, S], and returns them stacked: a copy of the
       # cache each way, which a prefill affords. Decoding runs the layers unrolled (`layers.unstack_layers`),
       # each writing and reading its own buffer in place.
@@ -213,3 +224,27 @@ class Decoder(nn.Module):
     if cache is not None:
       cache = cache.with_layers(layer_caches, new_lengths)
     return logits, cache
+
+  def _pipelined(self, x: jax.Array, positions, mask) -> jax.Array:
+    """The scanned layers over x float[B, T, D] as `pipeline_stages` stages of depth / stages layers each, over
+    `pipeline_microbatches` microbatches (`pipeline.run`); the rows' masks (and positions, unless one [1, T] row
+    serves all) travel with their microbatch. Each stage gets its own dropout key (the adapters')."""
+    cfg = self.config
+    stack = _layer_stack(cfg, cfg.depth // cfg.pipeline_stages)(cfg, parent=None)  # one stage's layers, unbound
+    per_row = {"mask": mask, **({"positions": positions} if positions.shape[0] == x.shape[0] else {})}
+
+    def stage_fn(params, x, rows, rng):
+      return stack.apply({"params": params}, x, None, rows.get("positions", positions), rows["mask"], None,
+                         rngs=None if rng is None else {"dropout": rng})[0]
+    rng = self.make_rng("dropout") if self.has_rng("dropout") else None
+    return pipeline.run(stage_fn, self.layers.variables["params"], x, per_row, stages=cfg.pipeline_stages,
+                        microbatches=cfg.pipeline_microbatches,
+                        axes=(layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED), rng=rng)
+
+
+def _layer_stack(cfg: DecoderConfig, depth: int) -> type[nn.Module]:
+  """`depth` DecoderBlocks under `nn.scan` (parameters stacked [depth, ...] on the logical axis `layers`), the
+  carry x and each layer's cache scanned over, the rest broadcast."""
+  return nn.scan(layers.maybe_remat(DecoderBlock, cfg.remat_policy, scanned=True), variable_axes={"params": 0},
+                 split_rngs={"params": True, "dropout": True}, in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                 length=depth, metadata_params={nn.PARTITION_NAME: layers.LAYERS})

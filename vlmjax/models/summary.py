@@ -62,4 +62,4 @@ def _axes(entries) -> str:
 
 
 def _describe_mesh(mesh: AbstractMesh) -> str:
-  return " x ".join(f"{name}={size}" for name, size in mesh.shape.items()) + f" ({mesh.size} devices)"
+  return f"{mesh_lib.describe(mesh.shape)} ({mesh.size} devices)"

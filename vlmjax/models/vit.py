@@ -122,7 +122,7 @@ class Encoder(nn.Module):
     if self.scan_layers:
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=nn.broadcast, length=self.depth,
-                        metadata_params={nn.PARTITION_NAME: layers.LAYERS})
+                        metadata_params={nn.PARTITION_NAME: layers.ENCODER_LAYERS})
       return scanned(**block_args, name="layers")(x, mask)
     hidden = []
     for i in range(self.depth):

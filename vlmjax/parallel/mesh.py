@@ -1,7 +1,8 @@
 """One device mesh and one table of logical-axis rules, used by training, inference and serving alike.
 
 Model code names the axes of every parameter and large activation logically (`embed`, `mlp`, `heads`, ...,
-see `vlmjax.models.layers`); the rules below map those names onto the mesh axes `data`, `fsdp` and `tensor`.
+see `vlmjax.models.layers`); the rules below map those names onto the mesh axes `pipeline`, `data`, `fsdp` and
+`tensor` (`pipeline.py` runs the decoder's layers as stages over the first).
 The same model runs on 1 device or N: only `config.mesh` (and, rarely, `config.sharding_rules`) changes.
 """
 
@@ -13,7 +14,9 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# The pipeline axis first: its neighbours exchange one microbatch's activations per iteration, the least traffic of
+# the four, so it spans the devices furthest apart (jax.make_mesh gives the last axes the closest ones).
+MESH_AXES = ("pipeline", "data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # a global batch is split over both: fsdp is data parallelism for activations
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -27,9 +30,11 @@ LOGICAL_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None),
-    ("layers", None),
+    ("layers", "pipeline"),  # the decoder's stacked layers: stage s holds its consecutive block of them
+    ("encoder_layers", None),  # the ViT's and CLIP text tower's: whole on every stage (they run before the pipeline)
     # Activations: batch over data and fsdp, the tensor-parallel dimension over tensor.
     ("activation_batch", BATCH_AXES),
+    ("activation_stage", "pipeline"),  # the pipeline's buffers, one microbatch per stage
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
@@ -51,7 +56,7 @@ def normalize_rules(rules) -> Rules:
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
-  """Resolves `mesh.data/fsdp/tensor` (one of them may be -1: "the rest of the devices") for `num_devices`."""
+  """Resolves `mesh.pipeline/data/fsdp/tensor` (one of them may be -1: "the rest of the devices") for `num_devices`."""
   unknown = sorted(set(mesh_config) - set(MESH_AXES))
   if unknown:
     raise ValueError(f"mesh: unknown axes {unknown}; the mesh axes are {list(MESH_AXES)}")
@@ -65,17 +70,19 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, in
   fixed = math.prod(size for size in sizes.values() if size != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(f"mesh: {num_devices} devices cannot be split as {_describe(sizes)} "
+      raise ValueError(f"mesh: {num_devices} devices cannot be split as {describe(sizes)} "
                        f"({num_devices} is not a multiple of {fixed})")
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
-    raise ValueError(f"mesh: {_describe(sizes)} uses {fixed} devices but there are {num_devices}; make the product "
-                     f"of mesh.data, mesh.fsdp and mesh.tensor equal {num_devices} or set one of them to -1")
+    raise ValueError(f"mesh: {describe(sizes)} uses {fixed} devices but there are {num_devices}; make the product "
+                     f"of mesh.data, mesh.fsdp, mesh.tensor and mesh.pipeline equal {num_devices} or set one of them "
+                     f"to -1")
   return sizes
 
 
-def _describe(sizes: Mapping[str, int]) -> str:
-  return " x ".join(f"{axis}={size}" for axis, size in sizes.items())
+def describe(sizes: Mapping[str, int]) -> str:
+  """'data=2 x fsdp=2 x tensor=2', with the pipeline axis only when it is used (not 1): as users write meshes."""
+  return " x ".join(f"{axis}={size}" for axis, size in sizes.items() if axis != "pipeline" or size != 1)
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -32,7 +32,7 @@ from vlmjax.interop import hf, hf_weights
 from vlmjax.models import lora
 from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.parallel import distributed, mesh as mesh_lib
-from vlmjax.train import adapters, optim
+from vlmjax.train import adapters, optim, pipeline_plan
 from vlmjax.train import stages as stages_lib
 from vlmjax.train import state as state_lib
 
@@ -61,7 +61,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
   if data_sources and not from_hf:
     raise ValueError("data.sources are rendered with a Hugging Face checkpoint's tokenizer and chat template: set "
                      "train.init_from to its directory (configs/from_hf.py:DIR does)")
-  model_config = VLMConfig.from_dict(config.model)
+  # The train step's pipeline (mesh.pipeline > 1); a mesh that cannot run it fails here, naming the numbers.
+  model_config = pipeline_plan.pipelined(VLMConfig.from_dict(config.model), config, jax.device_count())
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.normalize_rules(config.sharding_rules)
   pretraining_stages = sorted({stage.name for stage in stages if stage.pretrains_vision})
