@@ -144,7 +144,7 @@ def summarize(args: list[str]) -> None:
   import jax
 
   from vlmjax.models.summary import summarize as summary
-  from vlmjax.train import memory
+  from vlmjax.train import memory, pipeline_plan
 
   if _CONFIG.value is None:
     raise SystemExit("vlmjax summarize: --config FILE is required")
@@ -152,6 +152,10 @@ def summarize(args: list[str]) -> None:
   print(summary(_CONFIG.value, num_devices))
   print()
   print(memory.report(_CONFIG.value, num_devices))
+  plan = pipeline_plan.report(_CONFIG.value, num_devices)  # "" without a pipeline
+  if plan:
+    print()
+    print(plan)
 
 
 def data(args: list[str]) -> None:
