@@ -6,7 +6,9 @@
     vlm.chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}], [image])
 
 `load` reads a vlmjax training workdir (config.json, tokenizer and image-processor files, orbax checkpoints)
-or a Hugging Face LLaVA-1.5 / PaliGemma directory, told apart by config.json.
+or a Hugging Face LLaVA-1.5 / LLaVA-NeXT / PaliGemma directory, told apart by config.json. A LLaVA-NeXT image
+gives as many tokens as its size asks for: its prompt's placeholder is expanded to that count and the batch's
+images travel as `Tiles` (`vlmjax.models.anyres`).
 """
 
 import dataclasses
@@ -28,11 +30,11 @@ from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.infer import generate as generation
 from vlmjax.infer import quantize as quantize_lib
 from vlmjax.infer.sampling import SamplingParams
-from vlmjax.models import layers
+from vlmjax.models import anyres, layers
 from vlmjax.parallel import mesh as mesh_lib
 from vlmjax.models.summary import abstract_params
 from vlmjax.models.vlm import VLM as VLMModel
-from vlmjax.models.vlm import VLMConfig
+from vlmjax.models.vlm import Tiles, VLMConfig
 from vlmjax.train import adapters
 
 
@@ -108,8 +110,8 @@ class VLM:
     return {"source": self.source, "digest": self._fingerprint}
 
   def logits(self, input_ids, pixel_values) -> jax.Array:
-    """float32[B, T, V] for int[B, T] ids (placeholders expanded) and float32[B, H, W, 3] normalized pixels.
-    For prefix-LM models the whole input is the prefix."""
+    """float32[B, T, V] for int[B, T] ids (placeholders expanded) and float32[B, H, W, 3] normalized pixels
+    (`Tiles` for a model with variable image tokens). For prefix-LM models the whole input is the prefix."""
     input_ids = jnp.asarray(input_ids, jnp.int32)
     prefix = jnp.full((input_ids.shape[0],), input_ids.shape[1], jnp.int32) if self.model_config.prefix_lm else None
     logits, _ = _forward(self.params, self.model_config, input_ids, _pixels(pixel_values), prefix)
@@ -127,15 +129,27 @@ class VLM:
                                max_new_tokens=max_new_tokens, eos_ids=self.eos_token_ids, pad_id=self.pad_token_id,
                                sampling=sampling, seed=seed, max_len=self.max_len)
 
-  def prompt_ids(self, messages: list[dict], num_images: int) -> list[int]:
+  def prompt_ids(self, messages: list[dict], num_images: int,
+                 image_token_counts: Sequence[int] | None = None) -> list[int]:
     """Token ids of a conversation through the chat template (with the generation prompt), each image
-    placeholder expanded to the model's image-token count. A prefix-LM (PaliGemma) or a checkpoint without a chat
-    template gets its processor's prompt instead (PaliGemma: the images, BOS, the user text and a newline)."""
+    placeholder expanded to the model's image-token count, or for a model with variable image tokens to its
+    image's count in `image_token_counts` (`anyres.image_token_count` of each image, in order). A prefix-LM (PaliGemma) or a
+    checkpoint without a chat template gets its processor's prompt instead (PaliGemma: the images, BOS, the user
+    text and a newline)."""
+    config = self.model_config
+    if config.variable_image_tokens != (image_token_counts is not None):
+      raise ValueError("image_token_counts are needed for, and only for, a model whose images give a token count "
+                       "each (model.image_grid_pinpoints)")
+    if image_token_counts is not None:  # placeholders left single, then each expanded to its image's count
+      return _expanded(self._prompt_ids(messages, num_images, 1), config.image_token_id, image_token_counts)
+    return self._prompt_ids(messages, num_images, config.tokens_per_image)
+
+  def _prompt_ids(self, messages: list[dict], num_images: int, tokens_per_image: int) -> list[int]:
     config = self.model_config
     if config.prefix_lm or self.tokenizer.chat_template is None:
       text = " ".join(part["text"] for message in messages if message["role"] == "user"
                       for part in _parts(message["content"]) if part["type"] == "text")
-      return self.tokenizer.encode_prompt(text, config.image_token_id, config.tokens_per_image, config.prefix_lm,
+      return self.tokenizer.encode_prompt(text, config.image_token_id, tokens_per_image, config.prefix_lm,
                                           num_images=num_images)
     text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     ids = self.tokenizer.encode_rendered(text).ids
@@ -144,7 +158,7 @@ class VLM:
       raise ValueError(f"the prompt has {found} image placeholders but {num_images} images were given")
     expanded = []
     for token in ids:
-      expanded.extend([token] * (config.tokens_per_image if token == config.image_token_id else 1))
+      expanded.extend([token] * (tokens_per_image if token == config.image_token_id else 1))
     return expanded
 
   def chat(self, messages: list[dict], images: Sequence[Any] = (), **sampling) -> str:
@@ -164,8 +178,9 @@ class VLM:
              top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
     """The reply to one user turn (its images first), yielded as text pieces as the tokens are produced."""
     messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]}]
-    input_ids = np.asarray([self.prompt_ids(messages, len(images))])
-    pixel_values = _pixels(self.image_processor(list(images))[None]) if images else None
+    pixel_values, token_counts = self._images([list(images)])
+    input_ids = np.asarray([self.prompt_ids(messages, len(images), token_counts and token_counts[0])])
+    pixel_values = _pixels(pixel_values)
     tokens, shown = [], ""
     for step in generation.stream(self.params, self.model_config, input_ids, None, pixel_values,
                                   max_new_tokens=max_new_tokens, eos_ids=self.eos_token_ids,
@@ -180,23 +195,47 @@ class VLM:
 
   def chat_batch(self, conversations: list[list[dict]], images: list[list[Any]], **sampling) -> list[str]:
     """`chat` for a batch of conversations at once (rows of different lengths and image counts)."""
-    rows = [self.prompt_ids(messages, len(row_images)) for messages, row_images in zip(conversations, images)]
+    pixel_values, token_counts = self._images(images)
+    rows = [self.prompt_ids(messages, len(row_images), token_counts and token_counts[i])
+            for i, (messages, row_images) in enumerate(zip(conversations, images))]
     width = max(map(len, rows))
     input_ids = np.full((len(rows), width), self.pad_token_id, np.int32)
     mask = np.zeros((len(rows), width), bool)
     for i, row in enumerate(rows):
       input_ids[i, :len(row)], mask[i, :len(row)] = row, True
-    num_images = max(len(row_images) for row_images in images)
-    pixel_values = None
-    if num_images:
-      size = self.model_config.vision.image_size
-      pixel_values = np.zeros((len(rows), num_images, size, size, 3), np.float32)
-      for i, row_images in enumerate(images):
-        if row_images:
-          pixel_values[i, :len(row_images)] = self.image_processor(row_images)
     tokens = self.generate_ids(input_ids, pixel_values, attention_mask=mask, **sampling)
     return [self.tokenizer.decode([int(t) for t in row if t not in self.eos_token_ids and t != self.pad_token_id])
             for row in tokens]
+
+  def _images(self, images: list[list[Any]]) -> tuple[np.ndarray | Tiles | None, list[list[int]] | None]:
+    """The pixel input of a batch whose row i shows images[i]: float32[B, I, H, W, 3] (zeros where a row has fewer
+    images), or for a model with variable image tokens its `Tiles` and each row's images' token counts (else
+    None); None without any image."""
+    config = self.model_config
+    if config.variable_image_tokens:
+      processed = [self.image_processor(row_images) for row_images in images]
+      counts = [[anyres.image_token_count(config, size) for _, size in row] for row in processed]
+      return (anyres.batch_tiles(config, processed) if any(counts) else None), counts
+    num_images = max(len(row_images) for row_images in images)
+    if not num_images:
+      return None, None
+    size = config.vision.image_size
+    pixel_values = np.zeros((len(images), num_images, size, size, 3), np.float32)
+    for i, row_images in enumerate(images):
+      if row_images:
+        pixel_values[i, :len(row_images)] = self.image_processor(row_images)
+    return pixel_values, None
+
+
+def _expanded(ids: list[int], image_token_id: int, counts: Sequence[int]) -> list[int]:
+  """`ids` with their k-th image placeholder repeated counts[k] times, as LlavaNextProcessor expands `<image>`."""
+  found = ids.count(image_token_id)
+  if found != len(counts):
+    raise ValueError(f"the prompt has {found} image placeholders but {len(counts)} images were given")
+  counts, expanded = iter(counts), []
+  for token in ids:
+    expanded.extend([token] * (next(counts) if token == image_token_id else 1))
+  return expanded
 
 
 def _parts(content) -> list[dict]:
@@ -227,6 +266,9 @@ def _weights_digest(params) -> bytes:
 
 
 def _pixels(pixel_values):
+  if isinstance(pixel_values, Tiles):
+    return Tiles(pixel_values=jnp.asarray(pixel_values.pixel_values, jnp.float32),
+                 token_index=jnp.asarray(pixel_values.token_index, jnp.int32))
   return None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
 
 
@@ -292,9 +334,9 @@ def _load_adapted(workdir: str, config: ml_collections.ConfigDict) -> VLM:
 
 def load(path: str, *, dtype: str | None = None, quantize: str | None = None, kv_cache_dtype: str | None = None,
          quantize_vision: bool = False, visual_tokens: str | None = None, mesh: dict[str, int] | None = None) -> VLM:
-  """A vlmjax training workdir or a Hugging Face LLaVA-1.5 / PaliGemma directory (or a quantized checkpoint that
-  `vlmjax quantize` wrote). `visual_tokens`: `METHOD:KEEP`, each image's tokens reduced without retraining
-  (`VLM.with_visual_tokens`).
+  """A vlmjax training workdir or a Hugging Face LLaVA-1.5 / LLaVA-NeXT / PaliGemma directory (or a quantized
+  checkpoint that `vlmjax quantize` wrote). `visual_tokens`: `METHOD:KEEP`, each image's tokens reduced without
+  retraining (`VLM.with_visual_tokens`).
 
   dtype: 'float32' or 'bfloat16' (None: float32 on a CPU, or the workdir's config; bfloat16 on a GPU or TPU).
   quantize: None, 'int8' (weights per output channel), 'int4' / 'int4:GROUP' (groups of 128 or GROUP inputs) or

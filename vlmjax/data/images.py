@@ -5,15 +5,20 @@ rescale, normalize; channels last.
 
 CLIP (LLaVA): resize the shortest edge to size.shortest_edge, then center-crop to crop_size.
 SigLIP (PaliGemma, shapes): resize to size.height x size.width.
+LLaVA-NeXT (`AnyresImageProcessor`): the image resized into the best of its `image_grid_pinpoints` and cut into
+tiles, after the whole image squashed to one tile, each tile then processed as CLIP's.
 """
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
+
+from vlmjax.models import anyres
 
 CONFIG_FILES = ("preprocessor_config.json", "processor_config.json")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -23,7 +28,12 @@ TYPE_DEFAULTS = {
     "CLIPImageProcessor": dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
                                do_center_crop=True, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD),
     "SiglipImageProcessor": dict(size={"height": 224, "width": 224}),
+    "LlavaNextImageProcessor": dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                    do_center_crop=True, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+                                    image_grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336),
+                                                          (336, 1008))),
 }
+ANYRES_TYPE = "LlavaNextImageProcessor"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +62,14 @@ class ImageProcessor:
   def from_dict(cls, values: dict) -> "ImageProcessor":
     """From a preprocessor_config.json's contents. Keys this class does not use are ignored, as transformers'
     processors ignore the ones they do not use; keys left out (or null) take the defaults of the
-    `image_processor_type`."""
-    if values.get("do_pad"):
+    `image_processor_type`; LLaVA-NeXT's is an `AnyresImageProcessor`."""
+    processor_type = str(values.get("image_processor_type", "")).removesuffix("Fast")
+    if processor_type == ANYRES_TYPE:
+      cls = AnyresImageProcessor
+    elif values.get("do_pad"):
       raise ValueError("image processor do_pad=True (padding images to a square) is not supported")
     fields = {field.name for field in dataclasses.fields(cls)}
-    defaults = TYPE_DEFAULTS.get(str(values.get("image_processor_type", "")).removesuffix("Fast"), {})
+    defaults = TYPE_DEFAULTS.get(processor_type, {})
     kept = {**defaults, **{key: value for key, value in values.items() if key in fields and value is not None}}
     if isinstance(kept.get("size"), int):
       kept["size"] = {"shortest_edge": kept["size"]}
@@ -114,16 +127,19 @@ class ImageProcessor:
       return np.round(alpha * image[..., :3] + (1 - alpha) * 255).astype(np.uint8)
     return image
 
+  def _resized_to(self, pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    resized = np.asarray(image.resize((width, height), resample=self.resample))
+    return resized[..., None] if resized.ndim == 2 else resized
+
   def _resized(self, pixels: np.ndarray) -> np.ndarray:
     height, width = pixels.shape[:2]
     if "shortest_edge" in self.size:  # the long edge is truncated, as transformers (and torchvision) compute it
       short = self.size["shortest_edge"]
-      target = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+      target = (int(short * height / width), short) if width <= height else (short, int(short * width / height))
     else:
-      target = (self.size["width"], self.size["height"])
-    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    resized = np.asarray(image.resize(target, resample=self.resample))
-    return resized[..., None] if resized.ndim == 2 else resized
+      target = (self.size["height"], self.size["width"])
+    return self._resized_to(pixels, *target)
 
   def _cropped(self, pixels: np.ndarray) -> np.ndarray:
     """Center crop; an image smaller than the crop is zero-padded around it first."""
@@ -138,7 +154,10 @@ class ImageProcessor:
     return pixels[top:top + crop_height, left:left + crop_width]
 
   def _one(self, image: Any, index: int) -> np.ndarray:
-    pixels = self._rgb(image, index)
+    return self._finished(self._rgb(image, index))
+
+  def _finished(self, pixels: np.ndarray) -> np.ndarray:
+    """uint8[H, W, C] -> float32[H', W', C]: resized, cropped, rescaled and normalized as configured."""
     if self.do_resize:
       pixels = self._resized(pixels)
     if self.do_center_crop:
@@ -156,3 +175,52 @@ class ImageProcessor:
       raise ValueError(f"the processed images differ in shape ({sorted(shapes)}); configure a center crop or a "
                        f"fixed size")
     return np.stack(processed)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyresImageProcessor(ImageProcessor):
+  """LLaVA-NeXT's image processor (transformers' LlavaNextImageProcessor): an image becomes its base tile (the whole
+  image resized to the size, aspect ignored) and the tiles of its best pinpoint resolution (`anyres`): resized
+  into it with the aspect kept, zero-padded around to fill it, cut row by row into crop-size tiles. Each tile is
+  then resized, cropped, rescaled and normalized as the CLIP processor does."""
+
+  image_grid_pinpoints: tuple[tuple[int, int], ...] = TYPE_DEFAULTS[ANYRES_TYPE]["image_grid_pinpoints"]
+  do_pad: bool = True  # transformers pads the tile counts of a batch to one; `anyres.batch_tiles` lays them out
+
+  def __post_init__(self):
+    super().__post_init__()
+    object.__setattr__(self, "image_grid_pinpoints", tuple(tuple(int(side) for side in pinpoint)
+                                                           for pinpoint in self.image_grid_pinpoints))
+
+  def to_dict(self) -> dict:
+    return {**super().to_dict(), "image_processor_type": ANYRES_TYPE}
+
+  @property
+  def tile_size(self) -> int:
+    """The side of the tiles the padded image is cut into (transformers' `patch_size`)."""
+    if self.crop_size:
+      return self.crop_size["height"]
+    return self.size.get("height", self.size.get("shortest_edge"))
+
+  def _tiles(self, image: Any, index: int) -> tuple[np.ndarray, tuple[int, int]]:
+    pixels = self._rgb(image, index)
+    height, width = pixels.shape[:2]
+    best_height, best_width = anyres.select_best_resolution((height, width), self.image_grid_pinpoints)
+    if best_width / width < best_height / height:  # the width fills the pinpoint; the height rounds up
+      new_height, new_width = min(math.ceil(height * (best_width / width)), best_height), best_width
+    else:
+      new_height, new_width = best_height, min(math.ceil(width * (best_height / height)), best_width)
+    top, left = (best_height - new_height) // 2, (best_width - new_width) // 2
+    padded = np.zeros((best_height, best_width, pixels.shape[-1]), np.uint8)
+    padded[top:top + new_height, left:left + new_width] = self._resized_to(pixels, new_height, new_width)
+    side = self.tile_size
+    tiles = [padded[i:i + side, j:j + side] for i in range(0, best_height, side) for j in range(0, best_width, side)]
+    base_height, base_width = ((self.size["height"], self.size["width"]) if "height" in self.size
+                               else (self.size["shortest_edge"],) * 2)
+    base = self._resized_to(pixels, base_height, base_width)
+    return np.stack([self._finished(tile) for tile in [base, *tiles]]), (height, width)
+
+  def __call__(self, images: Sequence[Any]) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """PIL images or uint8[H, W, 3] arrays -> per image (its tiles float32[n, S, S, 3], the base tile first; its
+    (height, width)), as `anyres.batch_tiles` takes them."""
+    return [self._tiles(image, i) for i, image in enumerate(images)]

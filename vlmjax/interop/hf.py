@@ -1,4 +1,4 @@
-"""Hugging Face LLaVA-1.5 and PaliGemma checkpoints in and out.
+"""Hugging Face LLaVA-1.5, LLaVA-NeXT and PaliGemma checkpoints in and out.
 
     pretrained = load_pretrained("/models/llava-1.5-7b-hf")            # or with mesh=..., rules=... to shard
     VLM(VLMConfig.from_dict(pretrained.config.model)).apply({"params": pretrained.params}, ...)
@@ -7,7 +7,7 @@
 A directory is read as transformers reads it: config.json (`hf_config`), the safetensors (`hf_weights`),
 generation_config.json (end tokens), the tokenizer (`vlmjax.data.tokenizer`) and the image processor
 (`vlmjax.data.images`). Written directories load with `LlavaForConditionalGeneration.from_pretrained` /
-`PaliGemmaForConditionalGeneration.from_pretrained`.
+`LlavaNextForConditionalGeneration.from_pretrained` / `PaliGemmaForConditionalGeneration.from_pretrained`.
 """
 
 import dataclasses
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 
-from vlmjax.data.images import ImageProcessor
+from vlmjax.data.images import AnyresImageProcessor, ImageProcessor
 from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.interop import hf_config, hf_weights
 from vlmjax.models import layers
@@ -61,7 +61,7 @@ def _read_json(path: str) -> dict:
 
 
 def is_hf_checkpoint(path: str) -> bool:
-  """Whether `path` is a directory whose config.json is a Hugging Face LLaVA or PaliGemma config."""
+  """Whether `path` is a directory whose config.json is a Hugging Face LLaVA, LLaVA-NeXT or PaliGemma config."""
   config_path = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(config_path):
     return False
@@ -80,7 +80,7 @@ def _ids(value: int | Sequence[int] | None) -> tuple[int, ...]:
 
 def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None,
                     rules: mesh_lib.Rules | None = None) -> Pretrained:
-  """Reads a Hugging Face LLaVA-1.5 / PaliGemma directory.
+  """Reads a Hugging Face LLaVA-1.5 / LLaVA-NeXT / PaliGemma directory.
 
   Args:
     path: the directory (config.json, safetensors, tokenizer.json, preprocessor_config.json, ...).
@@ -94,10 +94,7 @@ def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None,
   config = hf_model.config
   model_config = VLMConfig.from_dict(config.model)
   image_processor = ImageProcessor.from_directory(path)
-  size = model_config.vision.image_size
-  if image_processor.output_size != (size, size):
-    raise ValueError(f"{path}: the image processor makes {image_processor.output_size} images but the vision "
-                     f"model takes {size}x{size} (vision_config.image_size)")
+  _check_image_processor(path, image_processor, model_config)
   tokenizer = Tokenizer.from_directory(path)
   generation = generation_settings(path, hf_model, tokenizer)
   if mesh is not None and rules is None:
@@ -107,6 +104,23 @@ def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None,
                     eos_token_ids=tuple(generation["eos_token_ids"]), pad_token_id=generation["pad_token_id"],
                     image_token_id=model_config.image_token_id, prefix_lm=model_config.prefix_lm,
                     max_len=generation["max_len"])
+
+
+def _check_image_processor(path: str, image_processor: ImageProcessor, model_config: VLMConfig) -> None:
+  """The processor makes what the model takes: images (tiles) of the tower's size, tiled at the same pinpoints."""
+  size = model_config.vision.image_size
+  if image_processor.output_size != (size, size):
+    raise ValueError(f"{path}: the image processor makes {image_processor.output_size} images but the vision "
+                     f"model takes {size}x{size} (vision_config.image_size)")
+  anyres = isinstance(image_processor, AnyresImageProcessor)
+  if anyres != model_config.variable_image_tokens:
+    raise ValueError(f"{path}: a {type(image_processor).__name__} for a model "
+                     f"{'with' if model_config.variable_image_tokens else 'without'} image_grid_pinpoints")
+  if anyres and (image_processor.image_grid_pinpoints != model_config.image_grid_pinpoints
+                 or image_processor.tile_size != size):
+    raise ValueError(f"{path}: the image processor tiles images at {image_processor.image_grid_pinpoints} in tiles "
+                     f"of {image_processor.tile_size}, the model at image_grid_pinpoints="
+                     f"{model_config.image_grid_pinpoints} in tiles of {size}: they must agree")
 
 
 def read_config(path: str) -> hf_config.HFModel:
@@ -140,11 +154,11 @@ def save_pretrained(path: str, config: ml_collections.ConfigDict, params: Any, t
                     pad_token_id: int | None = None, max_len: int | None = None) -> None:
   """Writes a Hugging Face directory: config.json + model.safetensors (+ generation_config.json with the end
   tokens, the tokenizer files, preprocessor_config.json, when given) that transformers loads as
-  LlavaForConditionalGeneration or PaliGemmaForConditionalGeneration.
+  LlavaForConditionalGeneration, LlavaNextForConditionalGeneration or PaliGemmaForConditionalGeneration.
 
   Args:
-    config: a vlmjax config whose `model` section is LLaVA-like (CLIP ViT, 2-layer GELU projector, Llama decoder)
-      or PaliGemma-like (SigLIP ViT, linear projector, Gemma decoder, prefix-LM).
+    config: a vlmjax config whose `model` section is LLaVA-like (CLIP ViT, 2-layer GELU projector, Llama decoder;
+      LLaVA-NeXT with image_grid_pinpoints) or PaliGemma-like (SigLIP ViT, linear projector, Gemma decoder, prefix-LM).
     params: the `params` tree of VLM, layers scanned or unrolled (`vlmjax.load` unrolls them).
     max_len: the text model's max_position_embeddings (transformers' default when None).
   Raises:
@@ -162,7 +176,7 @@ def save_pretrained(path: str, config: ml_collections.ConfigDict, params: Any, t
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(values, f, indent=2)
-  clip_post_norm_width = model_config.vision.width if model_type == "llava" else None
+  clip_post_norm_width = model_config.vision.width if model_type != "paligemma" else None
   hf_weights.save_params(os.path.join(path, hf_weights.SINGLE_FILE), layers.stack_layers(params),
                          clip_post_norm_width)
   if eos_token_ids:

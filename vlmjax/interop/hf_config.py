@@ -1,10 +1,11 @@
-"""Hugging Face `config.json` of LLaVA-1.5 and PaliGemma <-> the `model` section of a vlmjax config.
+"""Hugging Face `config.json` of LLaVA-1.5, LLaVA-NeXT and PaliGemma <-> the `model` section of a vlmjax config.
 
 Read as transformers reads it: a key missing from `vision_config` / `text_config` takes the default of the
-transformers config class of its `model_type` (CLIPVisionConfig, SiglipVisionConfig, LlamaConfig, GemmaConfig);
-a missing sub-config takes the defaults the LlavaConfig / PaliGemmaConfig classes give it. Everything vlmjax cannot
-run exactly (another architecture, a sliding-window text model, an activation we do not have, RoPE scaling,
-several vision feature layers, ...) is a ValueError naming the key and its value.
+transformers config class of its `model_type` (CLIPVisionConfig, SiglipVisionConfig, LlamaConfig, MistralConfig,
+GemmaConfig); a missing sub-config takes the defaults the LlavaConfig / LlavaNextConfig / PaliGemmaConfig classes
+give it. Everything vlmjax cannot run exactly (another architecture, a sliding-window text model, an activation we
+do not have, RoPE scaling, several vision feature layers, anyres pinpoints that are not whole tiles, ...) is a
+ValueError naming the key and its value.
 """
 
 import dataclasses
@@ -16,9 +17,13 @@ from ml_collections import config_dict
 from configs import common
 from vlmjax.models.vlm import VLMConfig
 
-ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "paligemma": "PaliGemmaForConditionalGeneration"}
-VISION_TYPE = {"llava": "clip_vision_model", "paligemma": "siglip_vision_model"}
-TEXT_TYPE = {"llava": "llama", "paligemma": "gemma"}
+ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                 "paligemma": "PaliGemmaForConditionalGeneration"}
+VISION_TYPE = {"llava": "clip_vision_model", "llava_next": "clip_vision_model", "paligemma": "siglip_vision_model"}
+TEXT_TYPE = {"llava": "llama", "llava_next": "llama", "paligemma": "gemma"}  # the one written (and the default)
+# Text models read besides: Mistral is Llama's architecture (no biases) with an optional sliding window.
+OTHER_TEXT_TYPES = {"llava_next": ("mistral",)}
+LLAVA_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LlavaNextConfig's default
 
 # Defaults of the transformers config classes, for the keys we read (tests check them against transformers).
 CLASS_DEFAULTS = {
@@ -32,6 +37,10 @@ CLASS_DEFAULTS = {
                   num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
                   max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
                   mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=None),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=None, hidden_act="silu",
+                    max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1,
+                    eos_token_id=2, pad_token_id=None, sliding_window=4096),
     "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=16, head_dim=256, hidden_act="gelu_pytorch_tanh",
                   max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False,
@@ -42,6 +51,9 @@ MISSING_SUBCONFIG = {
     ("llava", "vision_config"): dict(model_type="clip_vision_model", intermediate_size=4096, hidden_size=1024,
                                      patch_size=14, image_size=336, num_hidden_layers=24, num_attention_heads=16),
     ("llava", "text_config"): dict(model_type="llama"),
+    ("llava_next", "vision_config"): dict(model_type="clip_vision_model", intermediate_size=4096, hidden_size=1024,
+                                          patch_size=14, image_size=336, num_hidden_layers=24, num_attention_heads=16),
+    ("llava_next", "text_config"): dict(model_type="llama"),
     ("paligemma", "vision_config"): dict(model_type="siglip_vision_model", intermediate_size=4096, hidden_size=1152,
                                          patch_size=14, image_size=224, num_hidden_layers=27, num_attention_heads=16,
                                          vision_use_head=False),
@@ -52,6 +64,9 @@ MISSING_SUBCONFIG = {
 TOP_DEFAULTS = {
     "llava": dict(image_token_index=32000, projector_hidden_act="gelu", vision_feature_select_strategy="default",
                   vision_feature_layer=-2, multimodal_projector_bias=True, tie_word_embeddings=False),
+    "llava_next": dict(image_token_index=32000, projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                       vision_feature_layer=-2, multimodal_projector_bias=True, tie_word_embeddings=False,
+                       image_grid_pinpoints=LLAVA_PINPOINTS),
     "paligemma": dict(image_token_index=256000, projection_dim=2048, tie_word_embeddings=True),
 }
 
@@ -76,13 +91,13 @@ class HFModel:
   token_ids: dict[str, Any]
 
 
-def _sub_config(values: Mapping[str, Any], model_type: str, key: str, allowed: str) -> dict:
+def _sub_config(values: Mapping[str, Any], model_type: str, key: str, allowed: tuple[str, ...]) -> dict:
   sub = values.get(key)
   sub = dict(MISSING_SUBCONFIG[(model_type, key)]) if sub is None else dict(sub)
   sub_type = sub.get("model_type", MISSING_SUBCONFIG[(model_type, key)]["model_type"])
-  if sub_type != allowed:
+  if sub_type not in allowed:
     raise ValueError(f"config.json: {key}.model_type={sub_type!r} is not supported for {model_type} "
-                     f"(vlmjax runs {model_type} with {key}.model_type={allowed!r})")
+                     f"(vlmjax runs {model_type} with {key}.model_type {' or '.join(map(repr, allowed))})")
   return {**CLASS_DEFAULTS[sub_type], **sub}
 
 
@@ -116,7 +131,7 @@ def _rope_theta(text: Mapping[str, Any]) -> float:
 def _vision_section(vision: Mapping[str, Any], model_type: str) -> dict:
   if vision.get("num_channels", 3) != 3:
     raise ValueError(f"config.json: vision_config.num_channels={vision['num_channels']!r}; vlmjax reads RGB images")
-  clip = model_type == "llava"
+  clip = model_type != "paligemma"
   return dict(image_size=_image_size(vision, "image_size"), patch_size=_image_size(vision, "patch_size"),
               width=vision["hidden_size"], depth=vision["num_hidden_layers"], num_heads=vision["num_attention_heads"],
               mlp_dim=vision["intermediate_size"],
@@ -131,6 +146,11 @@ def _decoder_section(text: Mapping[str, Any], model_type: str, tie_embeddings: b
     if text.get(key):
       raise ValueError(f"config.json: text_config.{key}={text[key]!r} is not supported (vlmjax's decoder has no "
                        f"biases)")
+  window = text.get("sliding_window")
+  if window is not None and window < text["max_position_embeddings"]:
+    raise ValueError(f"config.json: text_config.sliding_window={window!r} is not supported (vlmjax's decoder "
+                     f"attends to the whole context of {text['max_position_embeddings']}; null, as LLaVA-NeXT's "
+                     f"Mistral has it, runs)")
   activation = text["hidden_act"]
   if gemma and activation == "gelu":  # GemmaConfig reads the legacy "gelu" as the tanh approximation
     activation = "gelu_pytorch_tanh"
@@ -141,6 +161,24 @@ def _decoder_section(text: Mapping[str, Any], model_type: str, tie_embeddings: b
               activation=_activation(activation, "text_config.hidden_act"), rope_theta=_rope_theta(text),
               norm_eps=float(text["rms_norm_eps"]), norm_unit_offset=gemma, scale_embeddings=gemma,
               tie_embeddings=tie_embeddings, final_logit_softcap=None)
+
+
+def _pinpoints(top: Mapping[str, Any], tile_size: int) -> list[list[int]]:
+  """LLaVA-NeXT's image_grid_pinpoints, each a [height, width] of whole tiles (vlmjax's tiles are the tower's
+  input, as transformers' model assumes when it counts tiles); its patch-token grid has no CLS token."""
+  if top["vision_feature_select_strategy"] != "default":
+    raise ValueError(f"config.json: vision_feature_select_strategy={top['vision_feature_select_strategy']!r} is not "
+                     f"supported for llava_next (its tiles' tokens form a grid only without the CLS token: "
+                     f"'default')")
+  pinpoints = top["image_grid_pinpoints"]
+  if not isinstance(pinpoints, (list, tuple)) or not pinpoints:
+    raise ValueError(f"config.json: image_grid_pinpoints={pinpoints!r} is not a list of [height, width]")
+  for pinpoint in pinpoints:
+    if (not isinstance(pinpoint, (list, tuple)) or len(pinpoint) != 2
+        or any(not isinstance(side, int) or side <= 0 or side % tile_size for side in pinpoint)):
+      raise ValueError(f"config.json: image_grid_pinpoints has {pinpoint!r}, not a [height, width] of positive "
+                       f"multiples of vision_config.image_size={tile_size} (vlmjax cuts it into whole tiles)")
+  return [list(pinpoint) for pinpoint in pinpoints]
 
 
 def from_hf(values: Mapping[str, Any]) -> HFModel:
@@ -154,8 +192,9 @@ def from_hf(values: Mapping[str, Any]) -> HFModel:
     raise ValueError(f"config.json: architectures={list(architectures)!r} is not supported; vlmjax reads "
                      f"{model_type} as [{ARCHITECTURES[model_type]!r}]")
   top = {**TOP_DEFAULTS[model_type], **values}
-  vision = _sub_config(values, model_type, "vision_config", VISION_TYPE[model_type])
-  text = _sub_config(values, model_type, "text_config", TEXT_TYPE[model_type])
+  vision = _sub_config(values, model_type, "vision_config", (VISION_TYPE[model_type],))
+  text = _sub_config(values, model_type, "text_config",
+                     (TEXT_TYPE[model_type], *OTHER_TEXT_TYPES.get(model_type, ())))
   tie_embeddings = bool(top["tie_word_embeddings"] or text["tie_word_embeddings"])
 
   config = common.base_config()
@@ -163,7 +202,7 @@ def from_hf(values: Mapping[str, Any]) -> HFModel:
   model.vision = ml_collections.ConfigDict(_vision_section(vision, model_type))
   model.decoder = ml_collections.ConfigDict(_decoder_section(text, model_type, tie_embeddings))
   model.image_token_id = int(top["image_token_index"])
-  if model_type == "llava":
+  if model_type != "paligemma":
     layer = top["vision_feature_layer"]
     if not isinstance(layer, int):
       raise ValueError(f"config.json: vision_feature_layer={layer!r} is not supported (vlmjax takes one layer)")
@@ -183,6 +222,8 @@ def from_hf(values: Mapping[str, Any]) -> HFModel:
     model.projector = "mlp2x_gelu"
     model.vision_feature_layer = layer
     model.vision_feature_select = strategy
+    if model_type == "llava_next":
+      model.image_grid_pinpoints = _pinpoints(top, _image_size(vision, "image_size"))
   else:
     if top["projection_dim"] != text["hidden_size"]:
       raise ValueError(f"config.json: projection_dim={top['projection_dim']} must equal text_config.hidden_size="
@@ -197,10 +238,10 @@ def from_hf(values: Mapping[str, Any]) -> HFModel:
 
 
 def model_type_of(model: VLMConfig) -> str:
-  """'llava' or 'paligemma': which Hugging Face architecture a vlmjax model is; ValueError naming the first
-  setting that neither can express."""
-  model_type = "paligemma" if model.prefix_lm else "llava"
-  clip = model_type == "llava"
+  """'llava', 'llava_next' (anyres tiles) or 'paligemma': which Hugging Face architecture a vlmjax model is;
+  ValueError naming the first setting that none can express."""
+  model_type = "paligemma" if model.prefix_lm else "llava_next" if model.variable_image_tokens else "llava"
+  clip = model_type != "paligemma"
   expected = {
       "projector": "mlp2x_gelu" if clip else "linear",
       "image_token_merge": 1, "image_position_embedding": "none", "vision.stem": "patch",
@@ -257,11 +298,13 @@ def to_hf(model: VLMConfig, token_ids: Mapping[str, Any], max_len: int | None) -
   values = dict(architectures=[ARCHITECTURES[model_type]], model_type=model_type,
                 image_token_index=model.image_token_id, tie_word_embeddings=decoder.tie_embeddings,
                 vision_config=vision_config, text_config=text_config, dtype="float32", **token_ids)
-  if model_type == "llava":
+  if model_type != "paligemma":
     text_config["mlp_bias"] = False
     values.update(projector_hidden_act="gelu", vision_feature_layer=model.vision_feature_layer,
                   vision_feature_select_strategy=model.vision_feature_select, multimodal_projector_bias=True,
-                  image_seq_length=model.tokens_per_image)
+                  image_seq_length=model.patch_tokens_per_image)
+    if model_type == "llava_next":
+      values["image_grid_pinpoints"] = [list(pinpoint) for pinpoint in model.image_grid_pinpoints]
   else:
     vision_config.update(vision_use_head=False, projection_dim=decoder.width)
     text_config["num_image_tokens"] = model.tokens_per_image

@@ -1,4 +1,4 @@
-"""Hugging Face LLaVA / PaliGemma safetensors <-> the parameters of `vlmjax.models.vlm.VLM`.
+"""Hugging Face LLaVA / LLaVA-NeXT / PaliGemma safetensors <-> the parameters of `vlmjax.models.vlm.VLM`.
 
 Every parameter of ours names the Hugging Face tensor it comes from and how its axes map (`TENSORS`):
 [out, in] Linear weights become [in, out] kernels, q/k/v/o projections get their head axes ([D, N, H] and
@@ -7,9 +7,10 @@ decoder are stacked along a leading `layers` axis (our layers are scanned). Tens
 (`safe_open(...).get_slice`), so with a mesh every device reads only its own shard.
 
 Names are handled in one canonical layout, the one transformers 4.x wrote (`vision_tower.vision_model.*`,
-`language_model.model.*`, `language_model.lm_head.weight`, `multi_modal_projector.*`); the newer layouts
-(`model.vision_tower.*`, `model.language_model.*`, `lm_head.weight`, `vision_tower.*` without `vision_model`) are
-renamed into it on reading, and writing uses it (transformers 4 and 5 both load it).
+`language_model.model.*`, `language_model.lm_head.weight`, `multi_modal_projector.*`, `image_newline`); the newer
+layouts (`model.vision_tower.*`, `model.language_model.*`, `lm_head.weight`, `vision_tower.*` without
+`vision_model`, `model.image_newline`) are renamed into it on reading, and writing uses it (transformers 4 and 5
+both load it).
 """
 
 import contextlib
@@ -35,6 +36,7 @@ VISION = "vision_tower.vision_model."
 TEXT = "language_model.model."
 LM_HEAD = "language_model.lm_head.weight"
 PROJECTOR = "multi_modal_projector."
+NEWLINE = "image_newline"  # LLaVA-NeXT's embedding after each row of an image's tiles
 
 # Prefixes of the layouts transformers has written -> the canonical layout (first match wins).
 RENAMES = (
@@ -44,6 +46,7 @@ RENAMES = (
     ("vision_tower.", VISION),
     ("model.language_model.", TEXT),
     ("model.multi_modal_projector.", PROJECTOR),
+    ("model.image_newline", NEWLINE),
     ("lm_head.", "language_model.lm_head."),
 )
 # Tensors a checkpoint may hold that are not parameters of the model or that it does not use.
@@ -143,6 +146,7 @@ TENSORS: dict[str, tuple[str, Layout]] = {
     "vision/encoder/layers/mlp/down/bias": (_vision_layer("mlp.fc2.bias"), SAME1),
     **{f"projector/{name}/kernel": (f"{PROJECTOR}{name}.weight", LINEAR) for name in PROJECTOR_LAYERS},
     **{f"projector/{name}/bias": (f"{PROJECTOR}{name}.bias", SAME1) for name in PROJECTOR_LAYERS},
+    "image_newline": (NEWLINE, SAME1),
     "decoder/embedding": (TEXT + "embed_tokens.weight", SAME2),
     "decoder/final_norm/scale": (TEXT + "norm.weight", SAME1),
     "decoder/output_head": (LM_HEAD, LINEAR),

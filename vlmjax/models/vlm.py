@@ -4,12 +4,28 @@ Inputs follow the Hugging Face convention: `input_ids` already hold the image pl
 embedding. The k-th placeholder of a row receives the row's k-th image embedding (images in order), so a row may
 carry several images, or none (a text-only row in the same batch). LLaVA attends causally; PaliGemma
 (`prefix_lm=True`) attends bidirectionally over its prefix (image + prompt) and causally after it.
+
+Images with a token count of their own (LLaVA-NeXT's anyres, `image_grid_pinpoints`) come as `Tiles`, in static
+shapes that the host lays out:
+
+    Tiles.pixel_values  float[N, H, W, 3]   every tile of the batch's images (the tower's input size), one image's
+                                            tiles after another's, zero tiles padding N to a bucket
+    Tiles.token_index   int[B, K]           row b's k-th image embedding is row token_index[b, k] of the table
+
+The tower and projector run over all N tiles; the image-token table is their tokens, tile n's token p at row
+n·P + p, followed by the model's learned embeddings (LLaVA-NeXT's `image_newline`, row N·P). A gather by
+`token_index` gives each row its image embeddings [B, K, D], spliced as above: a row's placeholders, as many as its
+images' tokens, take the first ones; padding entries are never read. The compiled program depends only on N, K
+and the text length, so images of new sizes reuse it; what an image's tokens are (`models/anyres.py` for
+LLaVA-NeXT) is host arithmetic. A model with another layout (a per-image token count, other tiles) needs only
+another index table.
 """
 
 import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,8 +59,16 @@ class VLMConfig(ModelConfig):
   # Fewer visual tokens without retraining, `METHOD:KEEP` (visual_tokens.py; "" keeps every token): set at load
   # time (`vlmjax.load(path, visual_tokens=...)`), not trained with.
   visual_tokens: str = ""
+  # LLaVA-NeXT's anyres: the (height, width) resolutions an image may be tiled at, multiples of the tower's input
+  # size; each image then gives its own number of tokens (`models/anyres.py`), passed as `Tiles`. () for one
+  # fixed-size image per placeholder run.
+  image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
   def __post_init__(self):
+    object.__setattr__(self, "image_grid_pinpoints", tuple(tuple(int(side) for side in pinpoint)
+                                                           for pinpoint in self.image_grid_pinpoints))
+    if self.image_grid_pinpoints:
+      self._check_anyres()
     check_choice(self.projector, PROJECTORS, "model.projector")
     check_choice(self.vision_feature_select, ("default", "full"), "model.vision_feature_select")
     check_choice(self.image_position_embedding, POSITION_EMBEDDINGS, "model.image_position_embedding")
@@ -70,6 +94,21 @@ class VLMConfig(ModelConfig):
       raise ValueError(f"model.image_token_id={self.image_token_id} is outside the vocabulary "
                        f"(decoder.vocab_size={self.decoder.vocab_size})")
 
+  def _check_anyres(self):
+    size = self.vision.image_size
+    for pinpoint in self.image_grid_pinpoints:
+      if len(pinpoint) != 2 or min(pinpoint) <= 0 or pinpoint[0] % size or pinpoint[1] % size:
+        raise ValueError(f"model.image_grid_pinpoints: {list(pinpoint)} is not a (height, width) of whole tiles; "
+                         f"every pinpoint must be a positive multiple of the vision tower's image size {size}")
+    unsupported = {"vision_feature_select": (self.keeps_cls_token, "'default' (patch tokens only)"),
+                   "image_token_merge": (self.image_token_merge != 1, "1"),
+                   "image_position_embedding": (self.image_position_embedding != "none", "'none'"),
+                   "visual_tokens": (bool(self.visual_tokens), "''"), "prefix_lm": (self.prefix_lm, "False")}
+    for key, (bad, needed) in unsupported.items():
+      if bad:
+        raise ValueError(f"model.{key}={getattr(self, key)!r} is not supported with image_grid_pinpoints (anyres "
+                         f"tiles): use {needed}")
+
   @classmethod
   def from_dict(cls, values: Mapping[str, Any], where: str = "model") -> "VLMConfig":
     """From the `model` section of a config: `vision`, `decoder`, the keys of VLMConfig and SHARED_KEYS."""
@@ -87,8 +126,16 @@ class VLMConfig(ModelConfig):
     return self.vision.num_patches // self.image_token_merge**2 + int(self.keeps_cls_token)
 
   @property
+  def variable_image_tokens(self) -> bool:
+    """Whether each image gives its own number of tokens (anyres), so that images come as `Tiles`."""
+    return bool(self.image_grid_pinpoints)
+
+  @property
   def tokens_per_image(self) -> int:
     """Image embeddings (placeholder tokens) each image contributes."""
+    if self.variable_image_tokens:
+      raise ValueError("this model's images give a number of tokens that depends on their size "
+                       "(model.image_grid_pinpoints): count them with vlmjax.models.anyres.image_token_count")
     reduction = visual_tokens.parse(self.visual_tokens)
     return self.patch_tokens_per_image if reduction is None else reduction.tokens(self.patch_tokens_per_image)
 
@@ -97,9 +144,11 @@ class VLMConfig(ModelConfig):
     first token. With a seed, the text tokens and pixels are random (else ones and zeros).
 
     Returns {input_ids: int[B, T], pixel_values: float[B, H, W, 3], prefix_lengths: int[B] (prefix-LM only)}
-    with T = tokens_per_image + text_length.
+    with T = tokens_per_image + text_length; with variable image tokens, pixel_values are `Tiles` of one tile per
+    row whose tokens are the row's (T = patch_tokens_per_image + text_length).
     """
-    length = self.tokens_per_image + text_length
+    image_tokens = self.patch_tokens_per_image if self.variable_image_tokens else self.tokens_per_image
+    length = image_tokens + text_length
     size = self.vision.image_size
     if seed is None:
       input_ids = jnp.ones((batch_size, length), jnp.int32)
@@ -110,11 +159,26 @@ class VLMConfig(ModelConfig):
       text = jax.random.randint(text_key, (batch_size, length), 0, self.decoder.vocab_size - 1, jnp.int32)
       input_ids = jnp.where(text >= self.image_token_id, text + 1, text)
       pixel_values = jax.random.normal(pixel_key, (batch_size, size, size, 3), jnp.float32)
-    input_ids = input_ids.at[:, 1:1 + self.tokens_per_image].set(self.image_token_id)
+    input_ids = input_ids.at[:, 1:1 + image_tokens].set(self.image_token_id)
+    if self.variable_image_tokens:
+      token_index = np.arange(batch_size * image_tokens, dtype=np.int32).reshape(batch_size, image_tokens)
+      pixel_values = Tiles(pixel_values=pixel_values, token_index=jnp.asarray(token_index))
     inputs = dict(input_ids=input_ids, pixel_values=pixel_values)
     if self.prefix_lm:
       inputs["prefix_lengths"] = jnp.full((batch_size,), length, jnp.int32)
     return inputs
+
+
+@flax.struct.dataclass
+class Tiles:
+  """Images with a token count each of their own, in static shapes (the module docstring's layout).
+
+  pixel_values: float32[N, H, W, 3] normalized tiles of the tower's input size, zero tiles after the real ones.
+  token_index: int32[B, K], row b's k-th image embedding as a row of the image-token table [N·P + E, D].
+  """
+
+  pixel_values: jax.Array
+  token_index: jax.Array
 
 
 def merge_neighbours(tokens: jax.Array, k: int) -> jax.Array:
@@ -137,6 +201,17 @@ class VLM(nn.Module):
                                position_scale=cfg.image_position_scale,
                                dtype=dtype(cfg.decoder.dtype), param_dtype=dtype(cfg.decoder.param_dtype))
     self.decoder = Decoder(cfg.decoder)
+    if cfg.variable_image_tokens:  # LLaVA-NeXT: ends each row of an image's tile tokens
+      width = cfg.decoder.width
+      self.image_newline = self.param("image_newline", layers.param_init(
+          nn.initializers.normal(width**-0.5), (layers.EMBED,)), (width,), dtype(cfg.decoder.param_dtype))
+
+  def encode_tiles(self, tiles: Tiles) -> jax.Array:
+    """Tiles -> each row's image embeddings float[B, K, D], gathered from the image-token table."""
+    embeddings = self.encode_images(tiles.pixel_values)  # [N, P, D]
+    table = embeddings.reshape(-1, embeddings.shape[-1])  # [N*P, D]
+    table = jnp.concatenate([table, self.image_newline[None].astype(table.dtype)])  # [N*P + 1, D]
+    return jnp.take(table, tiles.token_index, axis=0)  # [B, K, D]
 
   def encode_images(self, pixel_values: jax.Array) -> jax.Array:
     """pixel_values: float[B, H, W, 3] or float[B, I, H, W, 3] -> image embeddings float[B, I*P, D]."""
@@ -196,7 +271,8 @@ class VLM(nn.Module):
   ) -> tuple[jax.Array, KVCache | None]:
     """Args:
       input_ids: int[B, T] with image placeholders.
-      pixel_values: float[B, H, W, 3] or float[B, I, H, W, 3] normalized images, or None for text only.
+      pixel_values: float[B, H, W, 3] or float[B, I, H, W, 3] normalized images, `Tiles` (a model with variable
+        image tokens), or None for text only.
       positions: int[B, T]; defaults to 0..T-1 in every row (a numpy [1, T], whose RoPE sines and cosines are
         constants of the program: `layers.apply_rope`).
       cache, input_mask, segment_ids, logit_positions: as `Decoder.__call__`.
@@ -208,7 +284,14 @@ class VLM(nn.Module):
       raise ValueError("a prefix-LM model (model.prefix_lm=True) needs prefix_lengths: the image + prompt length")
     if positions is None:
       positions = np.arange(input_ids.shape[1], dtype=np.int32)[None]
-    image_embeddings = None if pixel_values is None else self.encode_images(pixel_values)
+    if pixel_values is None:
+      image_embeddings = None
+    elif isinstance(pixel_values, Tiles) != self.config.variable_image_tokens:
+      raise ValueError("a model with image_grid_pinpoints takes its images as Tiles (vlmjax.models.anyres), and "
+                       "only such a model does")
+    else:
+      image_embeddings = (self.encode_tiles(pixel_values) if isinstance(pixel_values, Tiles)
+                          else self.encode_images(pixel_values))
     embeddings = self.embed(input_ids, image_embeddings)
     return self.decoder(None, positions, cache, embeddings=embeddings, input_mask=input_mask,
                         segment_ids=segment_ids, prefix_lengths=prefix_lengths, logit_positions=logit_positions)
