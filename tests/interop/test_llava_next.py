@@ -265,3 +265,40 @@ def test_a_processor_that_tiles_otherwise_than_the_model_is_named(checkpoint, tm
     json.dump({**values, "image_grid_pinpoints": [[24, 48]]}, f)
   with pytest.raises(ValueError, match=r"tiles images at \(\(24, 48\),\) .* image_grid_pinpoints=\(\(24, 48\), "):
     hf.load_pretrained(copy)
+
+
+def test_images_of_new_sizes_reuse_the_compiled_program(checkpoint):
+  from vlmjax.infer import generate as generation
+
+  directory, _ = checkpoint("llama")
+  vlm = vlmjax.load(directory)
+  vlm.generate(_images([(37, 52), (61, 29)]), ["hi", "What is in the picture?"], max_new_tokens=2)
+  compiled = generation.prefill._cache_size()
+  tiles = [vlm._images([[image] for image in _images(sizes)])[0] for sizes in ([(37, 52), (61, 29)],
+                                                                               [(45, 45), (29, 61)])]
+  assert jax.tree.map(np.shape, tiles[0]) == jax.tree.map(np.shape, tiles[1])  # the same buckets
+  vlm.generate(_images([(45, 45), (29, 61)]), ["hi", "What is in the picture?"], max_new_tokens=2)
+  assert generation.prefill._cache_size() == compiled
+
+
+def test_batch_tiles_lays_out_rows_with_several_images_or_none(checkpoint):
+  directory, _ = checkpoint("llama")
+  vlm = vlmjax.load(directory)
+  config = vlm.model_config
+  processed = vlm.image_processor(_images([(37, 52), (61, 29), (20, 90)]))
+  tiles = anyres.batch_tiles(config, [processed[:2], [], processed[2:]])
+  num_tiles = [len(image_tiles) for image_tiles, _ in processed]
+  counts = [anyres.image_token_count(config, size) for _, size in processed]
+  assert tiles.pixel_values.shape == (anyres.bucket(sum(num_tiles)), TILE, TILE, 3)
+  assert tiles.token_index.shape == (3, anyres.bucket(counts[0] + counts[1]))
+  np.testing.assert_array_equal(tiles.pixel_values[:sum(num_tiles)], np.concatenate([t for t, _ in processed]))
+  assert not tiles.pixel_values[sum(num_tiles):].any()
+  newline = len(tiles.pixel_values) * 16
+  row = tiles.token_index[0]
+  np.testing.assert_array_equal(row[:16], np.arange(16))  # the first image's base tile
+  assert (row[:counts[0]] == newline).sum() == anyres.image_grid(config, processed[0][1]).height
+  np.testing.assert_array_equal(row[counts[0]:counts[0] + 16], num_tiles[0] * 16 + np.arange(16))
+  assert not tiles.token_index[1].any()  # a row without images reads nothing
+  np.testing.assert_array_equal(tiles.token_index[2, :16], (num_tiles[0] + num_tiles[1]) * 16 + np.arange(16))
+  with pytest.raises(ValueError, match="tiles and up to"):
+    anyres.batch_tiles(config, [processed], num_tiles=2)
