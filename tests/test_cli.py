@@ -20,7 +20,7 @@ def test_summarize_plans_a_mesh_without_allocating():
   assert int(total.split()[1].replace(",", "")) == pytest.approx(7.06e9, rel=0.005)
   # Each parameter with its shape, logical axes, mesh axes and shard shape.
   row = next(line for line in out.splitlines() if line.startswith("decoder/layers/mlp/up/kernel"))
-  assert row.split()[1:] == ["32", "4096", "11008", "layers", "embed", "mlp", "-", "fsdp", "tensor", "32", "64",
+  assert row.split()[1:] == ["32", "4096", "11008", "layers", "embed", "mlp", "pipeline", "fsdp", "tensor", "32", "64",
                              "2752"]
 
 
