@@ -110,6 +110,17 @@ def test_processor_tiles_and_token_counts_match_transformers(checkpoint):
     assert anyres.image_token_count(config, size) == int((expanded == config.image_token_id).sum())
 
 
+def test_processor_keys_left_out_take_the_class_defaults():
+  ours = ImageProcessor.from_dict({"image_processor_type": "LlavaNextImageProcessor"})
+  theirs = transformers.LlavaNextImageProcessorPil()
+  images = _images([(300, 500), (700, 260), (224, 224)])
+  expected = theirs(images, return_tensors="np")
+  for i, (tiles, size) in enumerate(ours(images)):
+    assert size == tuple(expected["image_sizes"][i])
+    np.testing.assert_allclose(tiles, expected["pixel_values"][i, :len(tiles)].transpose(0, 2, 3, 1), atol=1e-6,
+                               rtol=0)
+
+
 def _rows(vlm, images_per_row: list[list[np.ndarray]], prompts: list[str]):
   """Our prompts (the chat template, placeholders expanded per image), right-padded, and the batch's Tiles."""
   conversations = [[{"role": "user", "content": [{"type": "image"}] * len(row_images) + [

@@ -24,16 +24,15 @@ CONFIG_FILES = ("preprocessor_config.json", "processor_config.json")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Defaults of the transformers processor classes, for keys a config leaves out.
-TYPE_DEFAULTS = {
-    "CLIPImageProcessor": dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                               do_center_crop=True, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD),
-    "SiglipImageProcessor": dict(size={"height": 224, "width": 224}),
-    "LlavaNextImageProcessor": dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                    do_center_crop=True, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
-                                    image_grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336),
-                                                          (336, 1008))),
-}
+CLIP_DEFAULTS = dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+                     image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
 ANYRES_TYPE = "LlavaNextImageProcessor"
+TYPE_DEFAULTS = {
+    "CLIPImageProcessor": CLIP_DEFAULTS,
+    "SiglipImageProcessor": dict(size={"height": 224, "width": 224}),
+    ANYRES_TYPE: dict(CLIP_DEFAULTS, image_grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336),
+                                                           (336, 1008))),
+}
 
 
 @dataclasses.dataclass(frozen=True)

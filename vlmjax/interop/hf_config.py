@@ -48,12 +48,10 @@ CLASS_DEFAULTS = {
 }
 # What LlavaConfig / PaliGemmaConfig build when a sub-config is absent altogether.
 MISSING_SUBCONFIG = {
-    ("llava", "vision_config"): dict(model_type="clip_vision_model", intermediate_size=4096, hidden_size=1024,
-                                     patch_size=14, image_size=336, num_hidden_layers=24, num_attention_heads=16),
-    ("llava", "text_config"): dict(model_type="llama"),
-    ("llava_next", "vision_config"): dict(model_type="clip_vision_model", intermediate_size=4096, hidden_size=1024,
-                                          patch_size=14, image_size=336, num_hidden_layers=24, num_attention_heads=16),
-    ("llava_next", "text_config"): dict(model_type="llama"),
+    **{(llava, "vision_config"): dict(model_type="clip_vision_model", intermediate_size=4096, hidden_size=1024,
+                                      patch_size=14, image_size=336, num_hidden_layers=24, num_attention_heads=16)
+       for llava in ("llava", "llava_next")},
+    **{(llava, "text_config"): dict(model_type="llama") for llava in ("llava", "llava_next")},
     ("paligemma", "vision_config"): dict(model_type="siglip_vision_model", intermediate_size=4096, hidden_size=1152,
                                          patch_size=14, image_size=224, num_hidden_layers=27, num_attention_heads=16,
                                          vision_use_head=False),
@@ -61,12 +59,12 @@ MISSING_SUBCONFIG = {
                                        intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1,
                                        vocab_size=257152),
 }
+LLAVA_TOP_DEFAULTS = dict(image_token_index=32000, projector_hidden_act="gelu",
+                          vision_feature_select_strategy="default", vision_feature_layer=-2,
+                          multimodal_projector_bias=True, tie_word_embeddings=False)
 TOP_DEFAULTS = {
-    "llava": dict(image_token_index=32000, projector_hidden_act="gelu", vision_feature_select_strategy="default",
-                  vision_feature_layer=-2, multimodal_projector_bias=True, tie_word_embeddings=False),
-    "llava_next": dict(image_token_index=32000, projector_hidden_act="gelu", vision_feature_select_strategy="default",
-                       vision_feature_layer=-2, multimodal_projector_bias=True, tie_word_embeddings=False,
-                       image_grid_pinpoints=LLAVA_PINPOINTS),
+    "llava": LLAVA_TOP_DEFAULTS,
+    "llava_next": dict(LLAVA_TOP_DEFAULTS, image_grid_pinpoints=LLAVA_PINPOINTS),
     "paligemma": dict(image_token_index=256000, projection_dim=2048, tie_word_embeddings=True),
 }
 
@@ -302,7 +300,8 @@ def to_hf(model: VLMConfig, token_ids: Mapping[str, Any], max_len: int | None) -
     text_config["mlp_bias"] = False
     values.update(projector_hidden_act="gelu", vision_feature_layer=model.vision_feature_layer,
                   vision_feature_select_strategy=model.vision_feature_select, multimodal_projector_bias=True,
-                  image_seq_length=model.patch_tokens_per_image)
+                  image_seq_length=(model.patch_tokens_per_image if model_type == "llava_next"  # the base tile's
+                                    else model.tokens_per_image))
     if model_type == "llava_next":
       values["image_grid_pinpoints"] = [list(pinpoint) for pinpoint in model.image_grid_pinpoints]
   else:

@@ -8,8 +8,9 @@ that only show the padding, each kept row followed by the learned `image_newline
 
     tokens = g² + height · (width + 1)        (height x width: the kept part of the grid)
 
-`token_index` writes this as indices into the model's image-token table (`vlmjax.models.vlm.Tiles`), so the
-compiled program sees only padded shapes. The arithmetic is transformers' (`select_best_resolution`,
+`batch_tiles` writes a batch's images as one array of tiles and, per row, the indices of its image tokens in the
+model's image-token table (`vlmjax.models.vlm.Tiles`), both padded to `bucket`s, so the compiled program sees only
+padded shapes. The arithmetic is transformers' (`select_best_resolution`,
 `LlavaNextProcessor._get_number_of_features`, `LlavaNextModel.pack_image_features`), float rounding included.
 """
 
