@@ -184,7 +184,10 @@ def _saved_bytes(model_config: VLMConfig, setup: Plan, rows: int, length: int) -
   on the standard JAX path; inputs (parameters, the batch) and constants are not counted."""
   trained, frozen = lora.split(nn.meta.unbox(_boxed_params(model_config)), optim.TRAINABLE[setup.stage])
   if setup.stage == "lora":
-    frozen = _stored_base(frozen, model_config, setup.scheme)
+    # What a quantized layer leaves for the backward pass is its kernel dequantized to the compute dtype, the same
+    # bytes in int8 and int4; traced in int8, since a tensor-parallel device's share of a layer (`_local_model`) need
+    # not split into int4's groups as the whole layer, which the trainer quantizes, does.
+    frozen = _stored_base(frozen, model_config, "int8" if setup.scheme else "")
   size = model_config.vision.image_size
   spec = jax.ShapeDtypeStruct
   batch = dict(input_ids=spec((rows, length), jnp.int32), pixel_values=spec((rows, size, size, 3), jnp.float32),
