@@ -140,6 +140,8 @@ def true_answer(question, objects):
     return the(objects, m[1])["colour"]
   if m := re.fullmatch(r"What shape is the (.+)\?", question):
     return the(objects, m[1])["shape"]
+  if m := re.fullmatch(r"What size is the (.+)\?", question):
+    return the(objects, m[1])["size"]
   if m := re.fullmatch(r"How many (.+) are there\?", question):
     return str(len(matching(objects, m[1])))
   if m := re.fullmatch(r"Is there an? (.+?)( in the image)?\?", question):
@@ -211,6 +213,40 @@ def test_position_questions_are_true(examples, centre_first):
       assert q["question"].startswith("Is the centre ") == centre_first
       answers[q["answer"]] += 1
   assert set(answers) == {"left", "right", "above", "below"}
+
+
+def test_size_questions_are_true_and_describe_without_the_size(examples):
+  answers, asked, possible = collections.Counter(), 0, 0
+  for example in examples:
+    objects = seen_objects(example)
+    every = shapes_scene.size_questions(shapes_tasks.scene_objects(example))
+    for q in every:
+      description = re.fullmatch(r"What size is the (.+)\?", q["question"])[1]
+      assert "size" not in parse(description), q  # the size is what is asked, never how the object is found
+      assert q["type"] == "size" and q["answer"] == true_answer(q["question"], objects), (q, objects)
+      answers[q["answer"]] += 1
+    # One question per object that its colour, shape or both pick out alone, and none for the others.
+    findable = [o for o in objects if any(len(matching(objects, " ".join(o[a] for a in form) + " object")) == 1
+                                          for form in (("shape",), ("colour",), ("colour", "shape")))]
+    assert len(every) == len(findable), (every, objects)
+    drawn = shapes_scene.size_questions(shapes_tasks.scene_objects(example), np.random.default_rng(0), 1)
+    assert len(drawn) == min(1, len(every)) and set(map(str, drawn)) <= set(map(str, every))
+    asked, possible = asked + len(every), possible + len(objects)
+  assert set(answers) == SIZE_WORDS and asked > possible / 2
+
+
+def test_size_questions_join_training_conversations_only_when_asked_for(examples):
+  record = examples[0]
+  def turns(size_questions):
+    messages = shapes_tasks.training_messages(record, np.random.default_rng(1), 3, 2, True, 1, "text", False,
+                                              size_questions)
+    return {(q["content"].removeprefix("<image>\n"), a["content"]) for q, a in zip(messages[::2], messages[1::2])}
+  every = {(q["question"], q["answer"]) for q in shapes_scene.size_questions(shapes_tasks.scene_objects(record))}
+  assert every, "the first example should have an object to ask about"
+  assert not any(question.startswith("What size") for question, _ in turns(0))
+  assert {turn for turn in turns(2) if turn[0].startswith("What size")} <= every
+  assert len([turn for turn in turns(2) if turn[0].startswith("What size")]) == min(2, len(every))
+  assert turns(0) - set(shapes_tasks.other_tasks(record)) <= turns(2)  # the same draw, then the size questions
 
 
 def test_pope_negatives_absent_and_popular_negatives_frequent(examples):

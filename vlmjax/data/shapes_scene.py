@@ -131,6 +131,7 @@ ANY_FORMS = (("shape",), ("colour",), ("colour", "shape"), ("size", "shape"), ("
        ("size", "colour", "shape"))
 COLOUR_QUESTION_FORMS = (("shape",), ("size",), ("size", "shape"))
 SHAPE_QUESTION_FORMS = (("colour",), ("size",), ("size", "colour"))
+SIZE_QUESTION_FORMS = (("shape",), ("colour",), ("colour", "shape"))
 FULL = ("size", "colour", "shape")
 RELATION_MARGIN = 2  # boxes must be this many pixels apart on an axis to ask about it
 POPE_SETTINGS = ("random", "popular", "adversarial")
@@ -194,13 +195,14 @@ def _vqa(type_: str, question: str, answer: str) -> dict:
   return {"type": type_, "question": question, "answer": answer, "answers": [answer] * 10}
 
 
-def _attribute_questions(objects, type_, forms) -> list[dict]:
-  asked = "colour" if type_ == "colour" else "shape"
+def _attribute_questions(objects, asked, forms) -> list[dict]:
+  """"What <asked> is the <description>?" for every object the first of `forms` that picks it out alone
+  describes; `asked` (colour, shape or size) is also the question's type."""
   questions = []
   for obj in objects:
     form = _unique_form(obj, objects, forms)
     if form is not None:
-      questions.append(_vqa(type_, f"What {asked} is the {phrase(_values(obj, form))}?", getattr(obj, asked)))
+      questions.append(_vqa(asked, f"What {asked} is the {phrase(_values(obj, form))}?", getattr(obj, asked)))
   return questions
 
 
@@ -278,6 +280,15 @@ def position_questions(objects, image_size: int, rng: np.random.Generator, count
         question, answer = f"Is the {name} {words} the centre?", before if offset < 0 else after
       questions.append(_vqa("position", question, answer))
   return _pick(rng, questions, count)
+
+
+def size_questions(objects, rng: np.random.Generator | None = None, count: int = 0) -> list[dict]:
+  """Questions of an object's size, "What size is the red circle?" -> "small" or "large", with the object described
+  by its shape, colour or both (never its size) where that picks it out alone: a question type the main job never
+  trains (`data.size_questions`), for adapting a trained model to a new skill (tools/lora_demo.py). Every such
+  question, objects left to right, when rng is None; else up to `count` of them, drawn by rng."""
+  questions = _attribute_questions(objects, "size", SIZE_QUESTION_FORMS)
+  return questions if rng is None else _pick(rng, questions, count)
 
 
 def vqa_questions(objects, rng, per_type: int) -> list[dict]:

@@ -114,10 +114,12 @@ def scene_objects(record: dict) -> tuple[shapes_scene.SceneObject, ...]:
 
 def training_messages(record: dict, rng: np.random.Generator, questions_per_type: int = 0,
                       position_questions: int = 0, centre_first: bool = False, other_turns: int = 1,
-                      choice_form: str = "letter", others_first: bool = False) -> list[dict]:
+                      choice_form: str = "letter", others_first: bool = False,
+                      size_questions: int = 0) -> list[dict]:
   """VQA turns, up to `position_questions` questions of where an object lies against the image's centre
-  (`shapes_scene.position_questions`, a training-only task), and `other_turns` turns of other tasks (each task
-  equally likely, each turn drawn afresh), shuffled; the image placeholder leads the first user turn. The VQA
+  (`shapes_scene.position_questions`, a training-only task), up to `size_questions` questions of an object's size
+  (`shapes_scene.size_questions`, a task the main job never sees), and `other_turns` turns of other tasks (each
+  task equally likely, each turn drawn afresh), shuffled; the image placeholder leads the first user turn. The VQA
   turns are the record's when questions_per_type is 0, else up to that many questions of each type drawn from
   its scene. `centre_first`: the position questions name the centre first and the object last
   (`shapes_scene.position_questions`). `choice_form`: how multiple-choice turns are answered (`choice_answer`).
@@ -128,6 +130,8 @@ def training_messages(record: dict, rng: np.random.Generator, questions_per_type
   if position_questions:
     vqa = vqa + shapes_scene.position_questions(objects, record["image"].shape[0], rng, position_questions,
                                                 centre_first)
+  if size_questions:
+    vqa = vqa + shapes_scene.size_questions(objects, rng, size_questions)
   turns = [(q["question"], q["answer"]) for q in vqa]
   # The task first, then one of its pairs. Drawn from all pairs at once, the POPE probes (up to 12 per image)
   # took 62% of these turns and the one caption 6%. Equal odds per task gave the main job (seeds 0 and 1)

@@ -99,7 +99,8 @@ def shapes_example_fn(config: ml_collections.ConfigDict, model_config: VLMConfig
                                               config.data.position_questions,
                                               config.data.position_centre_first,
                                               config.data.other_turns, config.data.choice_answer,
-                                              config.data.other_turns_first)
+                                              config.data.other_turns_first,
+                                              config.data.size_questions)
     ids, assistant = encoder(messages)
     # Answers weigh 1 in the loss, the prompt's text prompt_loss_weight, the image placeholders nothing.
     weights = np.where(assistant, 1.0, np.where(ids == model_config.image_token_id, 0.0,
