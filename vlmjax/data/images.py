@@ -7,6 +7,8 @@ CLIP (LLaVA): resize the shortest edge to size.shortest_edge, then center-crop t
 SigLIP (PaliGemma, shapes): resize to size.height x size.width.
 LLaVA-NeXT (`AnyresImageProcessor`): the image resized into the best of its `image_grid_pinpoints` and cut into
 tiles, after the whole image squashed to one tile, each tile then processed as CLIP's.
+Qwen2-VL / Qwen2.5-VL (`QwenImageProcessor`): the image resized to multiples of patch_size x merge_size pixels
+holding between min_pixels and max_pixels (`smart_resize`), rescaled, normalized and flattened into patches.
 """
 
 import dataclasses
@@ -27,11 +29,14 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_DEFAULTS = dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
                      image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
 ANYRES_TYPE = "LlavaNextImageProcessor"
+QWEN_TYPE = "Qwen2VLImageProcessor"  # Qwen2-VL's and Qwen2.5-VL's
 TYPE_DEFAULTS = {
     "CLIPImageProcessor": CLIP_DEFAULTS,
     "SiglipImageProcessor": dict(size={"height": 224, "width": 224}),
     ANYRES_TYPE: dict(CLIP_DEFAULTS, image_grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336),
                                                            (336, 1008))),
+    QWEN_TYPE: dict(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}, image_mean=OPENAI_CLIP_MEAN,
+                    image_std=OPENAI_CLIP_STD),
 }
 
 
@@ -65,6 +70,9 @@ class ImageProcessor:
     processor_type = str(values.get("image_processor_type", "")).removesuffix("Fast")
     if processor_type == ANYRES_TYPE:
       cls = AnyresImageProcessor
+    elif processor_type == QWEN_TYPE:
+      cls = QwenImageProcessor
+      values = QwenImageProcessor.sized(values)
     elif values.get("do_pad"):
       raise ValueError("image processor do_pad=True (padding images to a square) is not supported")
     fields = {field.name for field in dataclasses.fields(cls)}
@@ -161,6 +169,10 @@ class ImageProcessor:
       pixels = self._resized(pixels)
     if self.do_center_crop:
       pixels = self._cropped(pixels)
+    return self._normalized(pixels)
+
+  def _normalized(self, pixels: np.ndarray) -> np.ndarray:
+    """uint8[H, W, C] -> float32[H, W, C], rescaled and normalized as configured."""
     pixels = (pixels.astype(np.float64) * self.rescale_factor if self.do_rescale else pixels).astype(np.float32)
     if self.do_normalize:
       pixels = (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
@@ -223,3 +235,82 @@ class AnyresImageProcessor(ImageProcessor):
     """PIL images or uint8[H, W, 3] arrays -> per image (its tiles float32[n, S, S, 3], the base tile first; its
     (height, width)), as `anyres.batch_tiles` takes them."""
     return [self._tiles(image, i) for i, image in enumerate(images)]
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+  """Qwen2-VL's target (height, width): multiples of `factor` near the image's own, the aspect kept as closely as
+  they allow, scaled down into max_pixels or up to min_pixels (transformers' `smart_resize`)."""
+  if max(height, width) / min(height, width) > 200:
+    raise ValueError(f"an image of {height}x{width} pixels is too elongated for Qwen2-VL's processor: the longer side "
+                     f"may be at most 200 times the shorter")
+  resized_height, resized_width = round(height / factor) * factor, round(width / factor) * factor
+  if resized_height * resized_width > max_pixels:
+    beta = math.sqrt(height * width / max_pixels)
+    resized_height = max(factor, math.floor(height / beta / factor) * factor)
+    resized_width = max(factor, math.floor(width / beta / factor) * factor)
+  elif resized_height * resized_width < min_pixels:
+    beta = math.sqrt(min_pixels / (height * width))
+    resized_height = math.ceil(height * beta / factor) * factor
+    resized_width = math.ceil(width * beta / factor) * factor
+  return resized_height, resized_width
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenImageProcessor(ImageProcessor):
+  """Qwen2-VL's image processor (transformers' Qwen2VLImageProcessor, which Qwen2.5-VL uses): each image at its own
+  resolution, resized by `smart_resize` (size.shortest_edge = min_pixels, size.longest_edge = max_pixels, in
+  pixels), rescaled and normalized, then flattened into patches: merge units of merge_size x merge_size patches in
+  raster order, each unit's patches row by row, a patch as (channel, frame, row, column) with the image repeated
+  over the temporal_patch_size frames."""
+
+  size: dict = dataclasses.field(default_factory=lambda: dict(TYPE_DEFAULTS[QWEN_TYPE]["size"]))
+  patch_size: int = 14
+  temporal_patch_size: int = 2
+  merge_size: int = 2
+
+  def __post_init__(self):
+    if set(self.size) != {"shortest_edge", "longest_edge"}:
+      raise ValueError(f"image processor size={self.size!r}: Qwen2-VL's needs {{'shortest_edge': min_pixels, "
+                       f"'longest_edge': max_pixels}}")
+    if self.do_center_crop:
+      raise ValueError("image processor do_center_crop=True is not Qwen2-VL's (images keep their own size)")
+
+  @staticmethod
+  def sized(values: dict) -> dict:
+    """A config's values with min_pixels / max_pixels (older configs' keys, which take precedence as transformers
+    reads them) written into size."""
+    size = dict(values.get("size") or TYPE_DEFAULTS[QWEN_TYPE]["size"])
+    for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+      if values.get(key) is not None:
+        size[edge] = values[key]
+    return {**values, "size": size}
+
+  def to_dict(self) -> dict:
+    return {**dataclasses.asdict(self), "image_processor_type": QWEN_TYPE}
+
+  @property
+  def output_size(self) -> tuple[int, int]:
+    raise ValueError("Qwen2-VL's processor keeps each image's own size")
+
+  def target_size(self, height: int, width: int) -> tuple[int, int]:
+    """The (height, width) an image of height x width pixels is resized to."""
+    return smart_resize(height, width, self.patch_size * self.merge_size, self.size["shortest_edge"],
+                        self.size["longest_edge"])
+
+  def _patches(self, image: Any, index: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    pixels = self._rgb(image, index)
+    if self.do_resize:
+      pixels = self._resized_to(pixels, *self.target_size(*pixels.shape[:2]))
+    pixels = self._normalized(pixels)
+    p, m, frames = self.patch_size, self.merge_size, self.temporal_patch_size
+    height, width, channels = pixels.shape
+    rows, cols = height // p, width // p
+    units = pixels.reshape(rows // m, m, p, cols // m, m, p, channels).transpose(0, 3, 1, 4, 6, 2, 5)
+    # [h/m, w/m, m, m, C, p, p]: units, a unit's patches, each patch channel-first; the frames repeat the image
+    units = np.broadcast_to(units[:, :, :, :, :, None], units.shape[:5] + (frames, p, p))
+    return units.reshape(rows * cols, channels * frames * p * p), (1, rows, cols)
+
+  def __call__(self, images: Sequence[Any]) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
+    """PIL images or uint8[H, W, 3] arrays -> per image (its patches float32[t·h·w, 3·T·p·p], its grid (t, h, w) of
+    patches), as `vlmjax.models.qwen_vl.batch_patches` takes them."""
+    return [self._patches(image, i) for i, image in enumerate(images)]
