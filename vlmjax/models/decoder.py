@@ -33,6 +33,10 @@ class DecoderConfig(ModelConfig):
   mlp_dim: int = 11008
   activation: str = "silu"
   rope_theta: float = 10000.0
+  # Qwen2-VL's M-RoPE: the head's H/2 frequencies in runs turned by the temporal, height and width positions
+  # (positions int[3, B, T]; `layers.apply_rope`). (): plain RoPE, positions int[B, T].
+  mrope_section: tuple[int, ...] = ()
+  qkv_bias: bool = False  # Qwen2: biases on the query, key and value projections
   norm_eps: float = 1e-6
   norm_unit_offset: bool = False  # Gemma's (1 + w) RMSNorm
   scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(width)
@@ -61,6 +65,10 @@ class DecoderConfig(ModelConfig):
                   f"{where}.num_kv_heads={self.num_kv_heads} (grouped-query attention)")
     check_divides(2, self.attention_head_dim, f"{where}.head_dim={self.attention_head_dim} must be even for RoPE")
     check_choice(self.activation, tuple(activation_lib.ACTIVATIONS), f"{where}.activation")
+    object.__setattr__(self, "mrope_section", tuple(int(n) for n in self.mrope_section))
+    if self.mrope_section and (len(self.mrope_section) != 3 or sum(self.mrope_section) != self.attention_head_dim // 2):
+      raise ValueError(f"{where}.mrope_section={list(self.mrope_section)} must be 3 runs (temporal, height, width) "
+                       f"summing to half the head size, {self.attention_head_dim // 2}")
     check_choice(self.kv_cache_dtype, ("",) + KV_CACHE_DTYPES, f"{where}.kv_cache_dtype")
     check_positive(self, where, "pipeline_stages", "pipeline_microbatches")
     if self.pipeline_stages > 1:
@@ -100,7 +108,8 @@ class DecoderBlock(nn.Module):
                                        param_dtype=param_dtype, name=name)
     attended, layer_cache = layers.Attention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.attention_head_dim,
-        rope_theta=cfg.rope_theta, dtype=compute_dtype, param_dtype=param_dtype, lora=cfg.lora, name="attention",
+        qkv_bias=cfg.qkv_bias, rope_theta=cfg.rope_theta, mrope_section=cfg.mrope_section, dtype=compute_dtype,
+        param_dtype=param_dtype, lora=cfg.lora, name="attention",
     )(norm("attention_norm")(x), mask, positions, layer_cache, write_index)
     x = x + attended
     x = x + layers.FeedForward(cfg.mlp_dim, activation=cfg.activation, gated=True, dtype=compute_dtype,
@@ -159,7 +168,8 @@ class Decoder(nn.Module):
 
     Args:
       tokens: int[B, T], or None when `embeddings` is given.
-      positions: int[B, T] (or [1, T]) RoPE positions, a jax or numpy array (`layers.apply_rope`).
+      positions: int[B, T] (or [1, T]) RoPE positions, a jax or numpy array (`layers.apply_rope`); with
+        mrope_section also int[3, B, T] (temporal, height, width).
       cache: a KVCache or a paged_cache.PagedKVCache; the T new tokens of row b go to slots cache.lengths[b] onwards, and attention covers
         the cache. None for a plain forward pass.
       embeddings: float[B, T, D], used instead of embedding `tokens` (a VLM splices image embeddings in).

@@ -105,35 +105,53 @@ class LayerNorm(nn.Module):
     return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array | np.ndarray, theta: float) -> jax.Array:
+def rope_sincos(angles: jax.Array | np.ndarray) -> tuple[jax.Array | np.ndarray, jax.Array | np.ndarray]:
+  """(sin, cos) of float32 RoPE angles: a numpy array's exactly (constants of the program), a jax array's with
+  `jnp.sin` and `jnp.cos`, or on the CPU `trig.sincos` (float32 accuracy up to 2**17, which XLA's CPU backend
+  vectorizes)."""
+  if isinstance(angles, np.ndarray):
+    return tuple(np.asarray(part(angles.astype(np.float64)), np.float32) for part in (np.sin, np.cos))
+  return trig.sincos(angles) if runtime.cpu_tuned() else (jnp.sin(angles), jnp.cos(angles))
+
+
+def rotate(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """The "rotate half" rotation of x float[..., T, N, H] by angles whose sines and cosines are float32[..., T, H/2]:
+  pair (j, j + H/2) turns by angle j. Returns x's dtype."""
+  sin, cos = sin[..., None, :], cos[..., None, :]  # [..., T, 1, H/2]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array | np.ndarray, theta: float,
+               mrope_section: tuple[int, ...] = ()) -> jax.Array:
   """Rotary position embedding in the "rotate half" layout of Llama and Gemma checkpoints.
 
   Args:
     x: float[B, T, N, H], H even.
     positions: int[B, T] (or [1, T], the same for every row), the position of each token (passed in, so padded
-      and packed rows work). A jax array: the sines and cosines are computed in the program (`jnp.sin` and
-      `jnp.cos`; on the CPU `trig.sincos`, float32 accuracy up to position 2**17, which XLA's CPU backend
-      vectorizes). A numpy array, known when tracing (`VLM`'s default 0..T-1): they are computed here and enter
-      the program as constants. XLA fuses a computed sine and cosine into every rotation that reads them, so that
-      they are evaluated per element of the queries and keys, forward and backward; as constants the shapes_tiny
-      bench step (tools/bench_train.py) took 95.2 ms against 99.0 ms (in-process A/B, both orders).
+      and packed rows work). A jax array: the sines and cosines are computed in the program (`rope_sincos`). A
+      numpy array, known when tracing (`VLM`'s default 0..T-1): they are computed here and enter the program as
+      constants. XLA fuses a computed sine and cosine into every rotation that reads them, so that they are
+      evaluated per element of the queries and keys, forward and backward; as constants the shapes_tiny bench
+      step (tools/bench_train.py) took 95.2 ms against 99.0 ms (in-process A/B, both orders).
+      Or int[3, B, T] for M-RoPE (Qwen2-VL): temporal, height and width positions, the H/2 frequencies split in
+      `mrope_section` consecutive runs, run i turned by component i (transformers' `mrope_section`).
     theta: the RoPE base frequency.
+    mrope_section: the runs of frequencies, summing to H/2; needed with 3-D positions only.
   Returns:
     float[B, T, N, H] in x's dtype.
   """
   head_dim = x.shape[-1]
   assert head_dim % 2 == 0, f"RoPE needs an even head dim, got {head_dim}"
   inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)  # [H/2]
-  if isinstance(positions, np.ndarray):  # the same float32 angles; their sines and cosines exact to float32
-    angles = positions[..., None].astype(np.float32) * inv_freq  # [B, T, H/2]
-    sin, cos = (np.asarray(part(angles.astype(np.float64)), np.float32) for part in (np.sin, np.cos))
-  else:
-    angles = positions[..., None].astype(jnp.float32) * inv_freq
-    sin, cos = trig.sincos(angles) if runtime.cpu_tuned() else (jnp.sin(angles), jnp.cos(angles))
-  sin, cos = sin[:, :, None, :], cos[:, :, None, :]  # [B, T, 1, H/2]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x.dtype)
+  xp = np if isinstance(positions, np.ndarray) else jnp
+  angles = positions[..., None].astype(xp.float32) * inv_freq  # [B, T, H/2] or [3, B, T, H/2]
+  if positions.ndim == 3:
+    assert sum(mrope_section) == head_dim // 2, f"mrope_section {mrope_section} must sum to {head_dim // 2}"
+    bounds = np.cumsum((0,) + tuple(mrope_section))
+    angles = xp.concatenate([angles[i % 3, ..., start:end] for i, (start, end) in enumerate(zip(bounds, bounds[1:]))],
+                            axis=-1)  # [B, T, H/2]
+  return rotate(x, *rope_sincos(angles))
 
 
 def make_attention_mask(
@@ -267,7 +285,9 @@ class Attention(nn.Module):
   num_kv_heads: int
   head_dim: int
   use_bias: bool = False
+  qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2)
   rope_theta: float | None = None  # None: no rotary embedding (the ViT)
+  mrope_section: tuple[int, ...] = ()  # M-RoPE's frequency runs, for int[3, B, T] positions (`apply_rope`)
   query_scale: float | None = None  # None: 1/sqrt(head_dim)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -275,8 +295,8 @@ class Attention(nn.Module):
 
   def _project(self, name: str, x: jax.Array, heads: int, heads_axis: str) -> jax.Array:
     return Projection((x.shape[-1], heads, self.head_dim), (EMBED, heads_axis, HEAD_DIM),
-                      fan_in=1, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                      lora=self.lora, name=name)(x)
+                      fan_in=1, use_bias=self.use_bias or self.qkv_bias, dtype=self.dtype,
+                      param_dtype=self.param_dtype, lora=self.lora, name=name)(x)
 
   @nn.compact
   def __call__(
@@ -292,7 +312,7 @@ class Attention(nn.Module):
       mask: bool[B, 1, T, S] from `make_attention_mask` (S = T without a cache, the cache length with one),
         a `CausalMask` around one (long causal sequences from slot 0 attend block by block), or None for full
         attention.
-      positions: int[B, T] RoPE positions (required when rope_theta is set).
+      positions: int[B, T] RoPE positions (required when rope_theta is set), or int[3, B, T] with mrope_section.
       kv_cache: (k, v), each float[B, K, H, S]: this layer's cache. Only the T new slots of each row are written
         (a scatter the decode loop does in place), and attention reads the buffer as it is, so a decode step
         costs the new tokens and one read of the cache, not a copy of it. Slots last is the layout the two
@@ -308,8 +328,8 @@ class Attention(nn.Module):
     key = self._project("key", x, self.num_kv_heads, KV_HEADS)  # [B, T, K, H]
     value = self._project("value", x, self.num_kv_heads, KV_HEADS)
     if self.rope_theta is not None:
-      query = apply_rope(query, positions, self.rope_theta)
-      key = apply_rope(key, positions, self.rope_theta)
+      query = apply_rope(query, positions, self.rope_theta, self.mrope_section)
+      key = apply_rope(key, positions, self.rope_theta, self.mrope_section)
     query = nn.with_logical_constraint(query, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
     key = nn.with_logical_constraint(key, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, None))
     value = nn.with_logical_constraint(value, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, None))
