@@ -6,9 +6,9 @@
     vlm.chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}], [image])
 
 `load` reads a vlmjax training workdir (config.json, tokenizer and image-processor files, orbax checkpoints)
-or a Hugging Face LLaVA-1.5 / LLaVA-NeXT / PaliGemma directory, told apart by config.json. A LLaVA-NeXT image
-gives as many tokens as its size asks for: its prompt's placeholder is expanded to that count and the batch's
-images travel as `Tiles` (`vlmjax.models.anyres`).
+or a Hugging Face LLaVA-1.5 / LLaVA-NeXT / PaliGemma / Qwen2.5-VL directory, told apart by config.json. A LLaVA-NeXT
+or Qwen2.5-VL image gives as many tokens as its size asks for: its prompt's placeholder is expanded to that count
+and the batch's images travel as `Tiles` (`vlmjax.models.anyres`) or `Patches` (`vlmjax.models.qwen_vl`).
 """
 
 import dataclasses
@@ -30,11 +30,11 @@ from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.infer import generate as generation
 from vlmjax.infer import quantize as quantize_lib
 from vlmjax.infer.sampling import SamplingParams
-from vlmjax.models import anyres, layers
+from vlmjax.models import anyres, layers, qwen_vl
 from vlmjax.parallel import mesh as mesh_lib
 from vlmjax.models.summary import abstract_params
 from vlmjax.models.vlm import VLM as VLMModel
-from vlmjax.models.vlm import Tiles, VLMConfig
+from vlmjax.models.vlm import Patches, Tiles, VLMConfig
 from vlmjax.train import adapters
 
 
@@ -111,7 +111,8 @@ class VLM:
 
   def logits(self, input_ids, pixel_values) -> jax.Array:
     """float32[B, T, V] for int[B, T] ids (placeholders expanded) and float32[B, H, W, 3] normalized pixels
-    (`Tiles` for a model with variable image tokens). For prefix-LM models the whole input is the prefix."""
+    (`Tiles` or `Patches` for a model with variable image tokens). For prefix-LM models the whole input is the
+    prefix."""
     input_ids = jnp.asarray(input_ids, jnp.int32)
     prefix = jnp.full((input_ids.shape[0],), input_ids.shape[1], jnp.int32) if self.model_config.prefix_lm else None
     logits, _ = _forward(self.params, self.model_config, input_ids, _pixels(pixel_values), prefix)
@@ -133,9 +134,9 @@ class VLM:
                  image_token_counts: Sequence[int] | None = None) -> list[int]:
     """Token ids of a conversation through the chat template (with the generation prompt), each image
     placeholder expanded to the model's image-token count, or for a model with variable image tokens to its
-    image's count in `image_token_counts` (`anyres.image_token_count` of each image, in order). A prefix-LM (PaliGemma) or a
-    checkpoint without a chat template gets its processor's prompt instead (PaliGemma: the images, BOS, the user
-    text and a newline)."""
+    image's count in `image_token_counts` (`anyres.image_token_count` or `qwen_vl.image_token_count` of each image,
+    in order). A prefix-LM (PaliGemma) or a checkpoint without a chat template gets its processor's prompt instead
+    (PaliGemma: the images, BOS, the user text and a newline)."""
     config = self.model_config
     if config.variable_image_tokens != (image_token_counts is not None):
       raise ValueError("image_token_counts are needed for, and only for, a model whose images give a token count "
@@ -207,11 +208,15 @@ class VLM:
     return [self.tokenizer.decode([int(t) for t in row if t not in self.eos_token_ids and t != self.pad_token_id])
             for row in tokens]
 
-  def _images(self, images: list[list[Any]]) -> tuple[np.ndarray | Tiles | None, list[list[int]] | None]:
+  def _images(self, images: list[list[Any]]) -> tuple[np.ndarray | Tiles | Patches | None, list[list[int]] | None]:
     """The pixel input of a batch whose row i shows images[i]: float32[B, I, H, W, 3] (zeros where a row has fewer
-    images), or for a model with variable image tokens its `Tiles` and each row's images' token counts (else
-    None); None without any image."""
+    images), or for a model with variable image tokens its `Tiles` or `Patches` and each row's images' token counts
+    (else None); None without any image."""
     config = self.model_config
+    if config.qwen_tower:
+      processed = [self.image_processor(row_images) for row_images in images]
+      counts = [[qwen_vl.image_token_count(config, grid) for _, grid in row] for row in processed]
+      return (qwen_vl.batch_patches(config, processed) if any(counts) else None), counts
     if config.variable_image_tokens:
       processed = [self.image_processor(row_images) for row_images in images]
       counts = [[anyres.image_token_count(config, size) for _, size in row] for row in processed]
@@ -266,9 +271,10 @@ def _weights_digest(params) -> bytes:
 
 
 def _pixels(pixel_values):
-  if isinstance(pixel_values, Tiles):
-    return Tiles(pixel_values=jnp.asarray(pixel_values.pixel_values, jnp.float32),
-                 token_index=jnp.asarray(pixel_values.token_index, jnp.int32))
+  if isinstance(pixel_values, (Tiles, Patches)):  # float32 pixels, int32 tables
+    tables = {field.name: jnp.asarray(getattr(pixel_values, field.name), jnp.int32)
+              for field in dataclasses.fields(pixel_values) if field.name != "pixel_values"}
+    return pixel_values.replace(pixel_values=jnp.asarray(pixel_values.pixel_values, jnp.float32), **tables)
   return None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
 
 
@@ -334,9 +340,9 @@ def _load_adapted(workdir: str, config: ml_collections.ConfigDict) -> VLM:
 
 def load(path: str, *, dtype: str | None = None, quantize: str | None = None, kv_cache_dtype: str | None = None,
          quantize_vision: bool = False, visual_tokens: str | None = None, mesh: dict[str, int] | None = None) -> VLM:
-  """A vlmjax training workdir or a Hugging Face LLaVA-1.5 / LLaVA-NeXT / PaliGemma directory (or a quantized
-  checkpoint that `vlmjax quantize` wrote). `visual_tokens`: `METHOD:KEEP`, each image's tokens reduced without
-  retraining (`VLM.with_visual_tokens`).
+  """A vlmjax training workdir or a Hugging Face LLaVA-1.5 / LLaVA-NeXT / PaliGemma / Qwen2.5-VL directory (or a
+  quantized checkpoint that `vlmjax quantize` wrote). `visual_tokens`: `METHOD:KEEP`, each image's tokens reduced
+  without retraining (`VLM.with_visual_tokens`).
 
   dtype: 'float32' or 'bfloat16' (None: float32 on a CPU, or the workdir's config; bfloat16 on a GPU or TPU).
   quantize: None, 'int8' (weights per output channel), 'int4' / 'int4:GROUP' (groups of 128 or GROUP inputs) or

@@ -117,8 +117,10 @@ class Engine:
     self.static_batching, self.prefill_chunk, self.max_waiting = static_batching, prefill_chunk, max_waiting
     self.config = vlm.model_config
     if self.config.variable_image_tokens:
-      raise ValueError("the engine (and vlmjax serve) takes models whose images give a fixed number of tokens; this "
-                       "one's give a number of their own (LLaVA-NeXT's image_grid_pinpoints): use vlm.generate")
+      kind = ("Qwen2.5-VL's images at their own resolution (vision_tower='qwen2_5_vl', M-RoPE)"
+              if self.config.qwen_tower else "LLaVA-NeXT's image_grid_pinpoints")
+      raise ValueError(f"the engine (and vlmjax serve) takes models whose images give a fixed number of tokens; this "
+                       f"one's give a number of their own ({kind}): use vlm.generate")
     self.max_len = max_len or vlm.max_len or DEFAULT_MAX_LEN
     self.buckets = tuple(b for b in generation.BUCKETS if b < self.max_len) + (self.max_len,)
     self.error: BaseException | None = None

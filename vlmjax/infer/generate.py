@@ -7,6 +7,10 @@ which the decode loop extends to bucket + max_new_tokens slots, so a new prompt 
 compiles nothing. The decode loop is a `lax.while_loop`
 inside jit that stops when every row has produced an end token (or max_new_tokens): no host round-trip per
 token. `stream` runs the same step from Python, one token at a time, for callers that print as they go.
+
+Qwen2.5-VL's M-RoPE: the prefill's positions are `qwen_vit.mrope_positions` of the prompts and their images, and a
+generated token's position is its cache slot plus its row's offset (the prompt's next position less its length,
+transformers' `rope_deltas`), the same in all three components.
 """
 
 import functools
@@ -19,6 +23,7 @@ import numpy as np
 
 from vlmjax.infer.sampling import SamplingParams, sample
 from vlmjax.models.kv_cache import KVCache
+from vlmjax.models.qwen_vit import Patches, mrope_positions
 from vlmjax.models.vlm import VLM, VLMConfig
 
 # Prompt-length buckets: one prefill compilation each. Steps of 1.5x-2x keep the padding (which prefill computes
@@ -72,12 +77,32 @@ def prefill(params, config: VLMConfig, input_ids, input_mask, pixel_values, pref
     (logits float32[B, V] of each row's last prompt token, the cache holding the prompts).
   """
   batch, length = input_ids.shape
-  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  if _has_mrope(config, pixel_values):  # from the placeholders and the images' tables, in the model
+    positions = None
+  else:
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   last = jnp.sum(input_mask, axis=1, dtype=jnp.int32) - 1
   logits, cache = VLM(config).apply({"params": params}, input_ids, pixel_values, positions, cache,
                                     input_mask=input_mask, prefix_lengths=prefix_lengths,
                                     logit_positions=last[:, None])
   return logits[:, 0], cache
+
+
+def _has_mrope(config: VLMConfig, pixel_values) -> bool:
+  """Whether the prompts' positions are M-RoPE's of their images (else 0..T-1, as for text alone)."""
+  return bool(config.decoder.mrope_section) and isinstance(pixel_values, Patches)
+
+
+@functools.partial(jax.jit, static_argnames=("image_token_id",))
+def _mrope_offsets(input_ids, input_mask, patches: Patches, image_token_id: int) -> jax.Array:
+  return mrope_positions(input_ids, image_token_id, patches, input_mask)[1]
+
+
+def position_offsets(config: VLMConfig, prompts: "Prompts", pixel_values) -> jax.Array | None:
+  """int32[B]: what each row's generated tokens add to their cache slot for their position (M-RoPE), else None."""
+  if not _has_mrope(config, pixel_values):
+    return None
+  return _mrope_offsets(prompts.input_ids, prompts.input_mask, pixel_values, config.image_token_id)
 
 
 def _first_state(logits, cache, sampling, key, max_new_tokens, eos_ids, pad_id) -> DecodeState:
@@ -89,10 +114,13 @@ def _first_state(logits, cache, sampling, key, max_new_tokens, eos_ids, pad_id) 
                      cache=cache.extend(max_new_tokens), key=key)
 
 
-def _decode_step(params, config: VLMConfig, state: DecodeState, sampling, prefix_lengths, eos_ids, pad_id):
-  """One token for every row: forward the last token through the cache, sample, write."""
+def _decode_step(params, config: VLMConfig, state: DecodeState, sampling, prefix_lengths, position_offsets, eos_ids,
+                 pad_id):
+  """One token for every row: forward the last token through the cache, sample, write. position_offsets: int32[B]
+  added to the cache slot for the token's position (M-RoPE), or None."""
   cache = state.cache
-  logits, cache = VLM(config).apply({"params": params}, state.last_tokens[:, None], None, cache.lengths[:, None],
+  positions = cache.lengths if position_offsets is None else cache.lengths + position_offsets
+  logits, cache = VLM(config).apply({"params": params}, state.last_tokens[:, None], None, positions[:, None],
                                     cache, prefix_lengths=prefix_lengths)
   key, sample_key = jax.random.split(state.key)
   next_tokens = jnp.where(state.done, pad_id, sample(logits[:, 0], sampling, sample_key))
@@ -102,9 +130,10 @@ def _decode_step(params, config: VLMConfig, state: DecodeState, sampling, prefix
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos_ids", "pad_id"))
-def decode(params, config: VLMConfig, logits, cache: KVCache, sampling: SamplingParams, key, prefix_lengths, *,
-           max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int) -> jax.Array:
-  """Samples up to max_new_tokens per row from the prefill's logits, in one `lax.while_loop`.
+def decode(params, config: VLMConfig, logits, cache: KVCache, sampling: SamplingParams, key, prefix_lengths,
+           position_offsets=None, *, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int) -> jax.Array:
+  """Samples up to max_new_tokens per row from the prefill's logits, in one `lax.while_loop`. position_offsets:
+  `position_offsets` (M-RoPE) or None.
 
   Returns:
     int32[B, max_new_tokens]: each row's tokens up to and including its end token, then pad_id.
@@ -112,7 +141,7 @@ def decode(params, config: VLMConfig, logits, cache: KVCache, sampling: Sampling
   state = _first_state(logits, cache, sampling, key, max_new_tokens, eos_ids, pad_id)
   state = jax.lax.while_loop(
       lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done),
-      lambda s: _decode_step(params, config, s, sampling, prefix_lengths, eos_ids, pad_id), state)
+      lambda s: _decode_step(params, config, s, sampling, prefix_lengths, position_offsets, eos_ids, pad_id), state)
   return state.tokens
 
 
@@ -173,7 +202,8 @@ def generate(params, config: VLMConfig, input_ids, input_mask, pixel_values, *, 
   logits, cache = prefill(params, config, prompts.input_ids, prompts.input_mask, pixel_values,
                           prompts.prefix_lengths, prompts.cache)
   tokens = decode(params, config, logits, cache, sampling, jax.random.key(seed), prompts.prefix_lengths,
-                  max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), pad_id=pad_id)
+                  position_offsets(config, prompts, pixel_values), max_new_tokens=max_new_tokens,
+                  eos_ids=tuple(eos_ids), pad_id=pad_id)
   return np.asarray(tokens)
 
 
@@ -190,8 +220,9 @@ def stream(params, config: VLMConfig, input_ids, input_mask, pixel_values, *, ma
   state = _first_state_jit(logits, cache, sampling, jax.random.key(seed), max_new_tokens=max_new_tokens,
                            eos_ids=eos_ids, pad_id=pad_id)
   yield np.asarray(state.tokens[:, 0])
+  offsets = position_offsets(config, prompts, pixel_values)
   for step in range(1, max_new_tokens):
     if bool(jnp.all(state.done)):
       return
-    state = _decode_step_jit(params, config, state, sampling, prompts.prefix_lengths, eos_ids, pad_id)
+    state = _decode_step_jit(params, config, state, sampling, prompts.prefix_lengths, offsets, eos_ids, pad_id)
     yield np.asarray(state.tokens[:, step])

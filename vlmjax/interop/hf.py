@@ -1,4 +1,4 @@
-"""Hugging Face LLaVA-1.5, LLaVA-NeXT and PaliGemma checkpoints in and out.
+"""Hugging Face LLaVA-1.5, LLaVA-NeXT and PaliGemma checkpoints in and out; Qwen2.5-VL in.
 
     pretrained = load_pretrained("/models/llava-1.5-7b-hf")            # or with mesh=..., rules=... to shard
     VLM(VLMConfig.from_dict(pretrained.config.model)).apply({"params": pretrained.params}, ...)
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 
-from vlmjax.data.images import AnyresImageProcessor, ImageProcessor
+from vlmjax.data.images import AnyresImageProcessor, ImageProcessor, QwenImageProcessor
 from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.interop import hf_config, hf_weights
 from vlmjax.models import layers
@@ -61,7 +61,8 @@ def _read_json(path: str) -> dict:
 
 
 def is_hf_checkpoint(path: str) -> bool:
-  """Whether `path` is a directory whose config.json is a Hugging Face LLaVA, LLaVA-NeXT or PaliGemma config."""
+  """Whether `path` is a directory whose config.json is a Hugging Face LLaVA, LLaVA-NeXT, PaliGemma or Qwen2.5-VL
+  config."""
   config_path = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(config_path):
     return False
@@ -80,7 +81,7 @@ def _ids(value: int | Sequence[int] | None) -> tuple[int, ...]:
 
 def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None,
                     rules: mesh_lib.Rules | None = None) -> Pretrained:
-  """Reads a Hugging Face LLaVA-1.5 / LLaVA-NeXT / PaliGemma directory.
+  """Reads a Hugging Face LLaVA-1.5 / LLaVA-NeXT / PaliGemma / Qwen2.5-VL directory.
 
   Args:
     path: the directory (config.json, safetensors, tokenizer.json, preprocessor_config.json, ...).
@@ -107,7 +108,19 @@ def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None,
 
 
 def _check_image_processor(path: str, image_processor: ImageProcessor, model_config: VLMConfig) -> None:
-  """The processor makes what the model takes: images (tiles) of the tower's size, tiled at the same pinpoints."""
+  """The processor makes what the model takes: images (tiles) of the tower's size, tiled at the same pinpoints, or
+  Qwen2.5-VL's patches of the tower's patch, frame and merge sizes."""
+  qwen = isinstance(image_processor, QwenImageProcessor)
+  if qwen != model_config.qwen_tower:
+    raise ValueError(f"{path}: a {type(image_processor).__name__} for a model "
+                     f"{'with' if model_config.qwen_tower else 'without'} Qwen2.5-VL's vision tower")
+  if qwen:
+    vision = model_config.vision
+    ours = (image_processor.patch_size, image_processor.temporal_patch_size, image_processor.merge_size)
+    if ours != (vision.patch_size, vision.temporal_patch_size, vision.merge_size):
+      raise ValueError(f"{path}: the image processor's (patch_size, temporal_patch_size, merge_size) are {ours}, the "
+                       f"vision tower's {(vision.patch_size, vision.temporal_patch_size, vision.merge_size)}")
+    return
   size = model_config.vision.image_size
   if image_processor.output_size != (size, size):
     raise ValueError(f"{path}: the image processor makes {image_processor.output_size} images but the vision "

@@ -1,4 +1,5 @@
-"""Hugging Face `config.json` of LLaVA-1.5, LLaVA-NeXT and PaliGemma <-> the `model` section of a vlmjax config.
+"""Hugging Face `config.json` of LLaVA-1.5, LLaVA-NeXT, PaliGemma and Qwen2.5-VL (read only) <-> the `model` section
+of a vlmjax config.
 
 Read as transformers reads it: a key missing from `vision_config` / `text_config` takes the default of the
 transformers config class of its `model_type` (CLIPVisionConfig, SiglipVisionConfig, LlamaConfig, MistralConfig,
@@ -18,7 +19,7 @@ from configs import common
 from vlmjax.models.vlm import VLMConfig
 
 ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-                 "paligemma": "PaliGemmaForConditionalGeneration"}
+                 "paligemma": "PaliGemmaForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 VISION_TYPE = {"llava": "clip_vision_model", "llava_next": "clip_vision_model", "paligemma": "siglip_vision_model"}
 TEXT_TYPE = {"llava": "llama", "llava_next": "llama", "paligemma": "gemma"}  # the one written (and the default)
 # Text models read besides: Mistral is Llama's architecture (no biases) with an optional sliding window.
@@ -46,6 +47,18 @@ CLASS_DEFAULTS = {
                   max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False,
                   bos_token_id=2, eos_token_id=1, pad_token_id=0),
 }
+# Qwen2_5_VLVisionConfig's and Qwen2_5_VLTextConfig's defaults. An older config.json writes the text model's keys at
+# its top level, without text_config (as transformers reads them).
+QWEN_VISION_DEFAULTS = dict(depth=32, hidden_size=3584, hidden_act="silu", intermediate_size=3420, num_heads=16,
+                            in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                            out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31])
+QWEN_TEXT_DEFAULTS = dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, hidden_act="silu",
+                          max_position_embeddings=32768, rms_norm_eps=1e-5, use_sliding_window=False,
+                          tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645, pad_token_id=None)
+QWEN_ROPE_THETA, QWEN_MROPE_SECTION = 1000000.0, [16, 24, 24]  # the text model's RoPE defaults
+QWEN_TOP_DEFAULTS = dict(image_token_id=151655, tie_word_embeddings=False)
+
 # What LlavaConfig / PaliGemmaConfig build when a sub-config is absent altogether.
 MISSING_SUBCONFIG = {
     **{(llava, "vision_config"): dict(model_type="clip_vision_model", intermediate_size=4096, hidden_size=1024,
@@ -179,6 +192,68 @@ def _pinpoints(top: Mapping[str, Any], tile_size: int) -> list[list[int]]:
   return [list(pinpoint) for pinpoint in pinpoints]
 
 
+def _qwen_rope(text: Mapping[str, Any]) -> tuple[float, list[int]]:
+  """Qwen2.5-VL's text RoPE: (theta, mrope_section), from rope_parameters or the older rope_scaling (type 'mrope' or
+  'default'); any other type is refused."""
+  parameters = dict(text.get("rope_scaling") or text.get("rope_parameters") or {})
+  rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+  if rope_type not in ("default", "mrope") or "factor" in parameters:
+    key = "rope_scaling" if text.get("rope_scaling") else "rope_parameters"
+    raise ValueError(f"config.json: text_config.{key}={parameters!r} is not supported (vlmjax implements M-RoPE "
+                     f"without scaling)")
+  theta = float(parameters.get("rope_theta", text.get("rope_theta", QWEN_ROPE_THETA)))
+  return theta, [int(n) for n in parameters.get("mrope_section", QWEN_MROPE_SECTION)]
+
+
+def _from_qwen(values: Mapping[str, Any]) -> HFModel:
+  """A Qwen2_5_VLConfig's values -> HFModel (the text model Qwen2 with q/k/v biases and M-RoPE)."""
+  top = {**QWEN_TOP_DEFAULTS, **values}
+  vision = {**QWEN_VISION_DEFAULTS, **(values.get("vision_config") or {})}
+  text_values = values.get("text_config") or {key: value for key, value in values.items()
+                                                if key in QWEN_TEXT_DEFAULTS or key.startswith("rope")}
+  text = {**QWEN_TEXT_DEFAULTS, **text_values}
+  if vision["in_channels"] != 3:
+    raise ValueError(f"config.json: vision_config.in_channels={vision['in_channels']!r}; vlmjax reads RGB images")
+  for key in ("patch_size", "temporal_patch_size"):
+    if not isinstance(vision[key], int):
+      raise ValueError(f"config.json: vision_config.{key}={vision[key]!r} is not supported (vlmjax needs one int)")
+  vision_rope = vision.get("rope_parameters") or {}
+  if vision_rope.get("rope_type", "axial") != "axial":
+    raise ValueError(f"config.json: vision_config.rope_parameters={vision_rope!r} is not supported (the vision tower's "
+                     f"RoPE is axial)")
+  if text["use_sliding_window"]:
+    raise ValueError(f"config.json: text_config.use_sliding_window={text['use_sliding_window']!r} is not supported "
+                     f"(vlmjax's decoder attends to the whole context)")
+  theta, mrope_section = _qwen_rope(text)
+  num_heads = text["num_attention_heads"]
+  head_dim = text["hidden_size"] // num_heads  # Qwen2.5-VL's attention ignores a head_dim key
+  if sum(mrope_section) != head_dim // 2:
+    raise ValueError(f"config.json: text_config.rope_parameters.mrope_section={mrope_section} must sum to half the "
+                     f"head size ({head_dim // 2})")
+  config = common.base_config()
+  model = config.model
+  model.vision_tower = "qwen2_5_vl"
+  model.vision = ml_collections.ConfigDict(dict(
+      patch_size=vision["patch_size"], temporal_patch_size=vision["temporal_patch_size"],
+      merge_size=vision["spatial_merge_size"], width=vision["hidden_size"], depth=vision["depth"],
+      num_heads=vision["num_heads"], mlp_dim=vision["intermediate_size"], out_width=vision["out_hidden_size"],
+      window_size=vision["window_size"], fullatt_block_indexes=list(vision["fullatt_block_indexes"]),
+      activation=_activation(vision["hidden_act"], "vision_config.hidden_act"),
+      rope_theta=float(vision_rope.get("rope_theta", 10000.0))))
+  model.decoder = ml_collections.ConfigDict(dict(
+      vocab_size=text["vocab_size"], width=text["hidden_size"], depth=text["num_hidden_layers"], num_heads=num_heads,
+      num_kv_heads=text["num_key_value_heads"] or num_heads, head_dim=head_dim, mlp_dim=text["intermediate_size"],
+      activation=_activation(text["hidden_act"], "text_config.hidden_act"), rope_theta=theta,
+      mrope_section=mrope_section, qkv_bias=True, norm_eps=float(text["rms_norm_eps"]),
+      tie_embeddings=bool(top["tie_word_embeddings"] or text["tie_word_embeddings"])))
+  model.image_token_id = int(top["image_token_id"])
+  model.projector = "patch_merger"
+  model.vision_feature_layer = config_dict.placeholder(int)  # None: the merger's output
+  token_ids = {name: values[name] if values.get(name) is not None else text.get(name)
+               for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+  return HFModel(config=config, max_len=int(text["max_position_embeddings"]), token_ids=token_ids)
+
+
 def from_hf(values: Mapping[str, Any]) -> HFModel:
   """config.json contents -> HFModel. Raises ValueError naming the key for anything vlmjax cannot run."""
   model_type = values.get("model_type")
@@ -189,6 +264,8 @@ def from_hf(values: Mapping[str, Any]) -> HFModel:
   if list(architectures) != [ARCHITECTURES[model_type]]:
     raise ValueError(f"config.json: architectures={list(architectures)!r} is not supported; vlmjax reads "
                      f"{model_type} as [{ARCHITECTURES[model_type]!r}]")
+  if model_type == "qwen2_5_vl":
+    return _from_qwen(values)
   top = {**TOP_DEFAULTS[model_type], **values}
   vision = _sub_config(values, model_type, "vision_config", (VISION_TYPE[model_type],))
   text = _sub_config(values, model_type, "text_config",
@@ -238,6 +315,9 @@ def from_hf(values: Mapping[str, Any]) -> HFModel:
 def model_type_of(model: VLMConfig) -> str:
   """'llava', 'llava_next' (anyres tiles) or 'paligemma': which Hugging Face architecture a vlmjax model is;
   ValueError naming the first setting that none can express."""
+  if model.qwen_tower:
+    raise ValueError("model.vision_tower='qwen2_5_vl' cannot be written as a Hugging Face checkpoint (vlmjax reads "
+                     "Qwen2.5-VL directories but does not write them)")
   model_type = "paligemma" if model.prefix_lm else "llava_next" if model.variable_image_tokens else "llava"
   clip = model_type != "paligemma"
   expected = {

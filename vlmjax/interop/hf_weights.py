@@ -1,4 +1,4 @@
-"""Hugging Face LLaVA / LLaVA-NeXT / PaliGemma safetensors <-> the parameters of `vlmjax.models.vlm.VLM`.
+"""Hugging Face LLaVA / LLaVA-NeXT / PaliGemma / Qwen2.5-VL safetensors <-> the parameters of `vlmjax.models.vlm.VLM`.
 
 Every parameter of ours names the Hugging Face tensor it comes from and how its axes map (`TENSORS`):
 [out, in] Linear weights become [in, out] kernels, q/k/v/o projections get their head axes ([D, N, H] and
@@ -10,7 +10,8 @@ Names are handled in one canonical layout, the one transformers 4.x wrote (`visi
 `language_model.model.*`, `language_model.lm_head.weight`, `multi_modal_projector.*`, `image_newline`); the newer
 layouts (`model.vision_tower.*`, `model.language_model.*`, `lm_head.weight`, `vision_tower.*` without
 `vision_model`, `model.image_newline`) are renamed into it on reading, and writing uses it (transformers 4 and 5
-both load it).
+both load it). Qwen2.5-VL's tower is `visual.*` (`model.visual.*` in the module's own names) and its language model
+`model.*` (or `model.language_model.*`), renamed into the same text layout.
 """
 
 import contextlib
@@ -37,6 +38,7 @@ TEXT = "language_model.model."
 LM_HEAD = "language_model.lm_head.weight"
 PROJECTOR = "multi_modal_projector."
 NEWLINE = "image_newline"  # LLaVA-NeXT's embedding after each row of an image's tiles
+QWEN_VISION = "visual."  # Qwen2.5-VL's vision tower
 
 # Prefixes of the layouts transformers has written -> the canonical layout (first match wins).
 RENAMES = (
@@ -48,6 +50,10 @@ RENAMES = (
     ("model.multi_modal_projector.", PROJECTOR),
     ("model.image_newline", NEWLINE),
     ("lm_head.", "language_model.lm_head."),
+    ("model.visual.", QWEN_VISION),
+    ("model.layers.", TEXT + "layers."),  # Qwen2.5-VL's text model as it saves it: model.{layers,embed_tokens,norm}
+    ("model.embed_tokens.", TEXT + "embed_tokens."),
+    ("model.norm.", TEXT + "norm."),
 )
 # Tensors a checkpoint may hold that are not parameters of the model or that it does not use.
 UNUSED = (
@@ -59,11 +65,13 @@ UNUSED = (
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """How a Hugging Face tensor becomes one of our parameters: axis `split` of the HF tensor (if any) is split in two
-  (heads, head_dim), then the axes are transposed: our axis i is axis perm[i] of the split tensor."""
+  """How a Hugging Face tensor becomes one of our parameters: axis `split` of the HF tensor (if any) is split in
+  `parts` axes (heads, head_dim; or q/k/v, heads, head_dim), then the axes are transposed: our axis i is axis perm[i]
+  of the split tensor."""
 
   perm: tuple[int, ...]
   split: int | None = None
+  parts: int = 2
 
   def _split_shape(self, shape: tuple[int, ...]) -> list[int]:
     split_shape = [0] * len(shape)
@@ -75,7 +83,7 @@ class Layout:
     """The HF tensor's shape for our (one-layer) parameter shape."""
     split_shape = self._split_shape(shape)
     if self.split is not None:
-      split_shape[self.split:self.split + 2] = [split_shape[self.split] * split_shape[self.split + 1]]
+      split_shape[self.split:self.split + self.parts] = [int(np.prod(split_shape[self.split:self.split + self.parts]))]
     return tuple(split_shape)
 
   def read(self, tensor: Any, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
@@ -88,12 +96,14 @@ class Layout:
     if self.split is None:
       block = np.asarray(tensor[tuple(hf_index)]).astype(np.float32)
     else:
-      k, inner = self.split, self._split_shape(shape)[self.split + 1]
-      hf_index[k:k + 2] = [slice(ranges[k].start * inner, ranges[k].stop * inner)]  # whole heads, then cut
+      k, parts = self.split, self.parts
+      inner = self._split_shape(shape)[k + 1:k + parts]
+      size = int(np.prod(inner))
+      hf_index[k:k + parts] = [slice(ranges[k].start * size, ranges[k].stop * size)]  # whole outer parts, then cut
       block = np.asarray(tensor[tuple(hf_index)]).astype(np.float32)
-      block = block.reshape(block.shape[:k] + (len(ranges[k]), inner) + block.shape[k + 1:])
-      inner_range = ranges[k + 1]
-      block = block[(slice(None),) * (k + 1) + (slice(inner_range.start, inner_range.stop),)]
+      block = block.reshape(block.shape[:k] + (len(ranges[k]), *inner) + block.shape[k + 1:])
+      cut = tuple(slice(r.start, r.stop) for r in ranges[k + 1:k + parts])
+      block = block[(slice(None),) * (k + 1) + cut]
     return np.transpose(block, self.perm)
 
   def to_hf(self, value: np.ndarray) -> np.ndarray:
@@ -108,10 +118,17 @@ CONV = Layout((2, 3, 1, 0))  # [D, 3, p, p] -> [p, p, 3, D]
 HEADS_IN = Layout((2, 0, 1), split=0)  # [N*H, D] -> [D, N, H]
 HEADS_OUT = Layout((1, 2, 0), split=1)  # [D, N*H] -> [N, H, D]
 HEADS_BIAS = Layout((0, 1), split=0)  # [N*H] -> [N, H]
+QKV_IN = Layout((3, 0, 1, 2), split=0, parts=3)  # fused [3*N*H, D] -> [D, 3, N, H]
+QKV_BIAS = Layout((0, 1, 2), split=0, parts=3)  # [3*N*H] -> [3, N, H]
+CONV3D = Layout((1, 2, 3, 4, 0))  # [D, 3, T, p, p] -> [3, T, p, p, D]
 
 
 def _vision_layer(name: str) -> str:
   return f"{VISION}encoder.layers.{{}}.{name}"
+
+
+def _qwen_vision_layer(name: str) -> str:
+  return f"{QWEN_VISION}blocks.{{}}.{name}"
 
 
 def _text_layer(name: str) -> str:
@@ -153,10 +170,27 @@ TENSORS: dict[str, tuple[str, Layout]] = {
     "decoder/layers/attention_norm/scale": (_text_layer("input_layernorm.weight"), SAME1),
     **{f"decoder/layers/attention/{ours}/kernel": (_text_layer(f"self_attn.{hf}_proj.weight"), HEADS_IN)
        for ours, hf in (("query", "q"), ("key", "k"), ("value", "v"))},
+    **{f"decoder/layers/attention/{ours}/bias": (_text_layer(f"self_attn.{hf}_proj.bias"), HEADS_BIAS)
+       for ours, hf in (("query", "q"), ("key", "k"), ("value", "v"))},
     "decoder/layers/attention/out/kernel": (_text_layer("self_attn.o_proj.weight"), HEADS_OUT),
     "decoder/layers/mlp_norm/scale": (_text_layer("post_attention_layernorm.weight"), SAME1),
     **{f"decoder/layers/mlp/{name}/kernel": (_text_layer(f"mlp.{name}_proj.weight"), LINEAR)
        for name in ("gate", "up", "down")},
+    # Qwen2.5-VL's vision tower (`models/qwen_vit.py`)
+    "vision/patches/kernel": (QWEN_VISION + "patch_embed.proj.weight", CONV3D),
+    "vision/layers/attention_norm/scale": (_qwen_vision_layer("norm1.weight"), SAME1),
+    "vision/layers/qkv/kernel": (_qwen_vision_layer("attn.qkv.weight"), QKV_IN),
+    "vision/layers/qkv/bias": (_qwen_vision_layer("attn.qkv.bias"), QKV_BIAS),
+    "vision/layers/out/kernel": (_qwen_vision_layer("attn.proj.weight"), HEADS_OUT),
+    "vision/layers/out/bias": (_qwen_vision_layer("attn.proj.bias"), SAME1),
+    "vision/layers/mlp_norm/scale": (_qwen_vision_layer("norm2.weight"), SAME1),
+    **{f"vision/layers/mlp/{name}/{kind}": (_qwen_vision_layer(f"mlp.{name}_proj.{hf_kind}"), layout)
+       for name in ("gate", "up", "down") for kind, hf_kind, layout in (("kernel", "weight", LINEAR),
+                                                                        ("bias", "bias", SAME1))},
+    "vision/merger_norm/scale": (QWEN_VISION + "merger.ln_q.weight", SAME1),
+    **{f"vision/merger_{ours}/{kind}": (f"{QWEN_VISION}merger.mlp.{hf}.{hf_kind}", layout)
+       for ours, hf in (("1", "0"), ("2", "2")) for kind, hf_kind, layout in (("kernel", "weight", LINEAR),
+                                                                             ("bias", "bias", SAME1))},
 }
 
 

@@ -19,6 +19,15 @@ images' tokens, take the first ones; padding entries are never read. The compile
 and the text length, so images of new sizes reuse it; what an image's tokens are (`models/anyres.py` for
 LLaVA-NeXT) is host arithmetic. A model with another layout (a per-image token count, other tiles) needs only
 another index table.
+
+Qwen2.5-VL (`vision_tower="qwen2_5_vl"`) takes its images at their own resolution as `Patches`, the same scheme with
+patches for tiles: every patch of the batch, laid out window by window and padded to a bucket of windows
+(`models/qwen_vit.py`), with each patch's row and column and image; the tower's merged tokens are the image-token table,
+and `token_index` picks each row's. Its decoder's M-RoPE gives every token a (temporal, height, width) position: text
+tokens count on, an image's tokens sit at the image's start plus their (0, row, column) in its merged grid, and the text
+after an image goes on from its start plus its longer side (transformers' `get_rope_index`). `qwen_vit.mrope_positions`
+computes that in the program from the placeholders and two more host-made tables (`Patches.token_offsets`,
+`Patches.token_advance`), so padded and packed prompts need nothing else.
 """
 
 import dataclasses
@@ -35,13 +44,19 @@ from vlmjax.models import layers, visual_tokens
 from vlmjax.models.config import ModelConfig, build_towers, check_choice, dtype
 from vlmjax.models.decoder import Decoder, DecoderConfig
 from vlmjax.models.projector import POSITION_EMBEDDINGS, PROJECTORS, Projector
+from vlmjax.models.qwen_vit import Patches, QwenViT, QwenViTConfig, fill_patches, layout, mrope_positions
 from vlmjax.models.vit import ViT, ViTConfig
+
+# Vision towers by `VLMConfig.vision_tower`: Qwen2.5-VL's carries its own patch merger (projector "patch_merger").
+VISION_TOWERS = {"vit": ViTConfig, "qwen2_5_vl": QwenViTConfig}
+QWEN_PROJECTOR = "patch_merger"
 
 @dataclasses.dataclass(frozen=True)
 class VLMConfig(ModelConfig):
-  vision: ViTConfig
+  vision: ViTConfig | QwenViTConfig
   decoder: DecoderConfig
   image_token_id: int
+  vision_tower: str = "vit"  # a key of VISION_TOWERS, which `vision` is
   projector: str = "mlp2x_gelu"
   vision_feature_layer: int | None = -2  # None: the ViT's final output after its post-LayerNorm
   vision_feature_select: str = "default"  # 'default' drops the class token, 'full' keeps it
@@ -67,6 +82,12 @@ class VLMConfig(ModelConfig):
   def __post_init__(self):
     object.__setattr__(self, "image_grid_pinpoints", tuple(tuple(int(side) for side in pinpoint)
                                                            for pinpoint in self.image_grid_pinpoints))
+    check_choice(self.vision_tower, tuple(VISION_TOWERS), "model.vision_tower")
+    if not isinstance(self.vision, VISION_TOWERS[self.vision_tower]):
+      raise ValueError(f"model.vision_tower={self.vision_tower!r} needs a {VISION_TOWERS[self.vision_tower].__name__}")
+    if self.qwen_tower:
+      self._check_qwen()
+      return
     if self.image_grid_pinpoints:
       self._check_anyres()
     check_choice(self.projector, PROJECTORS, "model.projector")
@@ -109,16 +130,42 @@ class VLMConfig(ModelConfig):
         raise ValueError(f"model.{key}={getattr(self, key)!r} is not supported with image_grid_pinpoints (anyres "
                          f"tiles): use {needed}")
 
+  def _check_qwen(self):
+    unsupported = {"projector": (self.projector != QWEN_PROJECTOR, repr(QWEN_PROJECTOR)),
+                   "vision_feature_layer": (self.vision_feature_layer is not None, "None (the merger's output)"),
+                   "image_token_merge": (self.image_token_merge != 1, "1 (the tower merges)"),
+                   "image_position_embedding": (self.image_position_embedding != "none", "'none'"),
+                   "visual_tokens": (bool(self.visual_tokens), "''"), "prefix_lm": (self.prefix_lm, "False"),
+                   "image_grid_pinpoints": (bool(self.image_grid_pinpoints), "()")}
+    for key, (bad, needed) in unsupported.items():
+      if bad:
+        raise ValueError(f"model.{key}={getattr(self, key)!r} is not supported with vision_tower='qwen2_5_vl': use "
+                         f"{needed}")
+    if self.vision.out_width != self.decoder.width:
+      raise ValueError(f"model.vision.out_width={self.vision.out_width} must equal model.decoder.width="
+                       f"{self.decoder.width} (the patch merger projects into the language model)")
+    if not 0 <= self.image_token_id < self.decoder.vocab_size:
+      raise ValueError(f"model.image_token_id={self.image_token_id} is outside the vocabulary "
+                       f"(decoder.vocab_size={self.decoder.vocab_size})")
+
   @classmethod
   def from_dict(cls, values: Mapping[str, Any], where: str = "model") -> "VLMConfig":
-    """From the `model` section of a config: `vision`, `decoder`, the keys of VLMConfig and SHARED_KEYS."""
-    values = build_towers(values, {"vision": ViTConfig, "decoder": DecoderConfig}, where)
+    """From the `model` section of a config: `vision` (of the `vision_tower`), `decoder`, the keys of VLMConfig and
+    SHARED_KEYS."""
+    tower = values.get("vision_tower", "vit")
+    check_choice(tower, tuple(VISION_TOWERS), f"{where}.vision_tower")
+    values = build_towers(values, {"vision": VISION_TOWERS[tower], "decoder": DecoderConfig}, where)
     return super().from_dict(values, where)
+
+  @property
+  def qwen_tower(self) -> bool:
+    """Whether images go through Qwen2.5-VL's tower at their own resolution, as `Patches`."""
+    return self.vision_tower == "qwen2_5_vl"
 
   @property
   def keeps_cls_token(self) -> bool:
     """Whether the image tokens include the ViT's class token (then they are no square grid of patches)."""
-    return self.vision.cls_token and self.vision_feature_select == "full"
+    return not self.qwen_tower and self.vision.cls_token and self.vision_feature_select == "full"
 
   @property
   def patch_tokens_per_image(self) -> int:
@@ -127,15 +174,17 @@ class VLMConfig(ModelConfig):
 
   @property
   def variable_image_tokens(self) -> bool:
-    """Whether each image gives its own number of tokens (anyres), so that images come as `Tiles`."""
-    return bool(self.image_grid_pinpoints)
+    """Whether each image gives its own number of tokens (anyres, Qwen2.5-VL), so that images come as `Tiles` or
+    `Patches`."""
+    return bool(self.image_grid_pinpoints) or self.qwen_tower
 
   @property
   def tokens_per_image(self) -> int:
     """Image embeddings (placeholder tokens) each image contributes."""
     if self.variable_image_tokens:
       raise ValueError("this model's images give a number of tokens that depends on their size "
-                       "(model.image_grid_pinpoints): count them with vlmjax.models.anyres.image_token_count")
+                       "(model.image_grid_pinpoints or vision_tower='qwen2_5_vl'): count them with "
+                       "vlmjax.models.anyres.image_token_count or vlmjax.models.qwen_vl.image_token_count")
     reduction = visual_tokens.parse(self.visual_tokens)
     return self.patch_tokens_per_image if reduction is None else reduction.tokens(self.patch_tokens_per_image)
 
@@ -145,8 +194,11 @@ class VLMConfig(ModelConfig):
 
     Returns {input_ids: int[B, T], pixel_values: float[B, H, W, 3], prefix_lengths: int[B] (prefix-LM only)}
     with T = tokens_per_image + text_length; with variable image tokens, pixel_values are `Tiles` of one tile per
-    row whose tokens are the row's (T = patch_tokens_per_image + text_length).
+    row whose tokens are the row's (T = patch_tokens_per_image + text_length), or for Qwen2.5-VL `Patches` of one
+    window-sized image per row.
     """
+    if self.qwen_tower:
+      return self._qwen_example_inputs(batch_size, text_length, seed)
     image_tokens = self.patch_tokens_per_image if self.variable_image_tokens else self.tokens_per_image
     length = image_tokens + text_length
     size = self.vision.image_size
@@ -167,6 +219,26 @@ class VLMConfig(ModelConfig):
     if self.prefix_lm:
       inputs["prefix_lengths"] = jnp.full((batch_size,), length, jnp.int32)
     return inputs
+
+  def _qwen_example_inputs(self, batch_size: int, text_length: int, seed: int | None) -> dict:
+    """`example_inputs` for Qwen2.5-VL: one image of one full window per row, its placeholders after the first
+    token."""
+    vision = self.vision
+    side = vision.window_units * vision.merge_size
+    image = layout((1, side, side), vision.merge_size, vision.window_units)
+    count = len(image.token_units)
+    length = count + text_length
+    if seed is None:
+      input_ids = np.ones((batch_size, length), np.int32)
+      pixels = np.zeros((batch_size, side * side, vision.patch_dim), np.float32)
+    else:
+      rng = np.random.default_rng(seed)
+      text = rng.integers(0, self.decoder.vocab_size - 1, (batch_size, length), dtype=np.int32)
+      input_ids = np.where(text >= self.image_token_id, text + 1, text).astype(np.int32)
+      pixels = rng.normal(size=(batch_size, side * side, vision.patch_dim)).astype(np.float32)
+    input_ids[:, 1:1 + count] = self.image_token_id
+    patches = fill_patches(vision, [[(pixels[b], image)] for b in range(batch_size)], batch_size, count)
+    return dict(input_ids=jnp.asarray(input_ids), pixel_values=jax.tree.map(jnp.asarray, patches))
 
 
 @flax.struct.dataclass
@@ -196,6 +268,10 @@ class VLM(nn.Module):
 
   def setup(self):
     cfg = self.config
+    if cfg.qwen_tower:  # its tower ends in the patch merger, in the language model's width
+      self.vision = QwenViT(cfg.vision)
+      self.decoder = Decoder(cfg.decoder)
+      return
     self.vision = ViT(cfg.vision)
     self.projector = Projector(cfg.projector, cfg.decoder.width, position_embedding=cfg.image_position_embedding,
                                position_scale=cfg.image_position_scale,
@@ -212,6 +288,11 @@ class VLM(nn.Module):
     table = embeddings.reshape(-1, embeddings.shape[-1])  # [N*P, D]
     table = jnp.concatenate([table, self.image_newline[None].astype(table.dtype)])  # [N*P + 1, D]
     return jnp.take(table, tiles.token_index, axis=0)  # [B, K, D]
+
+  def encode_patches(self, patches: Patches) -> jax.Array:
+    """Patches -> each row's image embeddings float[B, K, D], gathered from the tower's merged tokens."""
+    table = self.vision(patches.pixel_values, patches.patch_positions, patches.image_ids)  # [N/m², D]
+    return jnp.take(table, patches.token_index, axis=0)  # [B, K, D]
 
   def encode_images(self, pixel_values: jax.Array) -> jax.Array:
     """pixel_values: float[B, H, W, 3] or float[B, I, H, W, 3] -> image embeddings float[B, I*P, D]."""
@@ -271,10 +352,11 @@ class VLM(nn.Module):
   ) -> tuple[jax.Array, KVCache | None]:
     """Args:
       input_ids: int[B, T] with image placeholders.
-      pixel_values: float[B, H, W, 3] or float[B, I, H, W, 3] normalized images, `Tiles` (a model with variable
-        image tokens), or None for text only.
-      positions: int[B, T]; defaults to 0..T-1 in every row (a numpy [1, T], whose RoPE sines and cosines are
-        constants of the program: `layers.apply_rope`).
+      pixel_values: float[B, H, W, 3] or float[B, I, H, W, 3] normalized images, `Tiles` (anyres), `Patches`
+        (Qwen2.5-VL), or None for text only.
+      positions: int[B, T] (or int[3, B, T] for M-RoPE); defaults to 0..T-1 in every row (a numpy [1, T], whose
+        RoPE sines and cosines are constants of the program: `layers.apply_rope`), or with `Patches` and M-RoPE to
+        `mrope_positions`.
       cache, input_mask, segment_ids, logit_positions: as `Decoder.__call__`.
       prefix_lengths: int[B] bidirectional prefix per row; required when the config is prefix-LM.
     Returns:
@@ -282,13 +364,21 @@ class VLM(nn.Module):
     """
     if self.config.prefix_lm and prefix_lengths is None:
       raise ValueError("a prefix-LM model (model.prefix_lm=True) needs prefix_lengths: the image + prompt length")
-    if positions is None:
+    cfg = self.config
+    if positions is None and isinstance(pixel_values, Patches) and cfg.decoder.mrope_section:
+      positions, _ = mrope_positions(input_ids, cfg.image_token_id, pixel_values)
+    elif positions is None:
       positions = np.arange(input_ids.shape[1], dtype=np.int32)[None]
     if pixel_values is None:
       image_embeddings = None
-    elif isinstance(pixel_values, Tiles) != self.config.variable_image_tokens:
+    elif isinstance(pixel_values, Patches) != cfg.qwen_tower:
+      raise ValueError("a model with vision_tower='qwen2_5_vl' takes its images as Patches "
+                       "(vlmjax.models.qwen_vl.batch_patches), and only such a model does")
+    elif isinstance(pixel_values, Tiles) != bool(cfg.image_grid_pinpoints):
       raise ValueError("a model with image_grid_pinpoints takes its images as Tiles (vlmjax.models.anyres), and "
                        "only such a model does")
+    elif isinstance(pixel_values, Patches):
+      image_embeddings = self.encode_patches(pixel_values)
     else:
       image_embeddings = (self.encode_tiles(pixel_values) if isinstance(pixel_values, Tiles)
                           else self.encode_images(pixel_values))

@@ -1,0 +1,314 @@
+"""Qwen2.5-VL against transformers: a tiny random checkpoint written by transformers (windowed and full-attention
+vision blocks, M-RoPE, q/k/v biases; untied and tied embeddings), the image processor's patches and token counts,
+the vision tower, logits for images of several sizes and aspect ratios alone and mixed in a batch, greedy
+generation through `vlmjax.load` and `vlmjax generate`, and the errors for what vlmjax cannot run."""
+
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tokenizers
+import torch
+import transformers
+from PIL import Image
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+import vlmjax
+from conftest import CORPUS
+from test_hf import max_relative_error
+from vlmjax.data.images import ImageProcessor, QwenImageProcessor
+from vlmjax.interop import hf, hf_config
+from vlmjax.models import qwen_vl
+from vlmjax.models.qwen_vit import QwenViT
+from vlmjax.models.vlm import VLMConfig
+
+PAD, START, END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
+# Qwen2.5-VL's template, content parts in order (images as vision_start, image_pad, vision_end).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PATCH, MERGE, MIN_PIXELS, MAX_PIXELS = 4, 2, 16 * 16, 64 * 64  # factor 8: sides in multiples of 8 pixels
+# (height, width): landscape, portrait, square, very wide, above the pixel budget, below the minimum.
+SIZES = [(37, 52), (61, 29), (45, 45), (20, 90), (300, 200), (5, 9)]
+PROMPTS = ["What is in the picture?", "Describe the image in detail, please.", "caption en",
+           "How many shapes are there?", "The quick brown fox?", "detect circle"]
+
+
+def _images(sizes, seed: int = 0) -> list[np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for size in sizes]
+
+
+def _their_image_processor():
+  return transformers.Qwen2VLImageProcessorPil(
+      patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2, image_mean=[0.4, 0.5, 0.6],
+      image_std=[0.3, 0.2, 0.25], size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
+
+
+def _tokenizer(directory: str):
+  """A BPE tokenizer with Qwen's special tokens and chat template, saved by transformers."""
+  backend = tokenizers.Tokenizer(models.BPE(unk_token=PAD))
+  backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+  backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+  specials = [PAD, START, END, VISION_START, VISION_END, IMAGE_PAD]
+  backend.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=120, special_tokens=specials,
+                                                          show_progress=False))
+  tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END, pad_token=PAD,
+                                                   chat_template=CHAT_TEMPLATE)
+  tokenizer.save_pretrained(directory)
+  return tokenizer
+
+
+def _write(directory: str, tie: bool):
+  """The tokenizer, image processor and a Qwen2_5_VLForConditionalGeneration with every weight perturbed."""
+  tokenizer = _tokenizer(directory)
+  _their_image_processor().save_pretrained(directory)
+  ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+      ("image_token_id", IMAGE_PAD), ("vision_start_token_id", VISION_START), ("vision_end_token_id", VISION_END))}
+  vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE,
+                temporal_patch_size=2, window_size=16, out_hidden_size=64, fullatt_block_indexes=[1],
+                initializer_range=0.1)
+  text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, initializer_range=0.1,
+              rope_parameters=dict(rope_type="default", rope_theta=500.0, mrope_section=[2, 3, 3]),
+              bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+              tie_word_embeddings=tie)
+  config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, video_token_id=len(tokenizer) - 1,
+                                         tie_word_embeddings=tie, **ids)
+  torch.manual_seed(0)
+  model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+  with torch.no_grad():
+    for parameter in model.parameters():
+      parameter.add_(0.05 * torch.randn_like(parameter))
+  model.generation_config.eos_token_id = [tokenizer.eos_token_id]
+  model.generation_config.pad_token_id = tokenizer.pad_token_id
+  model.save_pretrained(directory)
+  return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  """checkpoint(tie) -> (directory, torch model), written once per module."""
+  written = {}
+
+  def get(tie: bool = False):
+    if tie not in written:
+      directory = str(tmp_path_factory.mktemp("qwen2_5_vl_tied" if tie else "qwen2_5_vl"))
+      written[tie] = directory, _write(directory, tie)
+    return written[tie]
+
+  return get
+
+
+def _their_inputs(directory: str, texts: list[str], images: list[np.ndarray] | None) -> dict:
+  """What Qwen2_5_VLProcessor gives the model (its constructor needs torchvision for the video processor, which this
+  environment lacks, so its steps are taken here): the image processor's outputs, each image's `<|image_pad|>`
+  repeated grid.prod() // merge² times, the tokenizer's ids and the image-token types `get_rope_index` reads."""
+  tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+  inputs = dict(_their_image_processor()(images, return_tensors="pt")) if images else {}
+  grids = iter(inputs.get("image_grid_thw", []))
+  expanded = [re.sub(re.escape(IMAGE_PAD), lambda _: IMAGE_PAD * int(next(grids).prod() // MERGE**2), text)
+              for text in texts]
+  inputs.update(tokenizer(expanded, return_tensors="pt"))
+  inputs["mm_token_type_ids"] = (inputs["input_ids"] == tokenizer.convert_tokens_to_ids(IMAGE_PAD)).int()
+  return inputs
+
+
+def test_processor_patches_and_token_counts_match_transformers(checkpoint):
+  directory, _ = checkpoint()
+  ours = ImageProcessor.from_directory(directory)
+  assert isinstance(ours, QwenImageProcessor) and ours.size == {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
+  config = VLMConfig.from_dict(hf.read_config(directory).config.model)
+  images = _images(SIZES + [(8, 8), (6, 150), (2000, 30)])
+  theirs = _their_image_processor()(images, return_tensors="np")
+  first = 0
+  for i, (patches, grid) in enumerate(ours(images)):
+    assert grid == tuple(theirs["image_grid_thw"][i])
+    np.testing.assert_array_equal(patches, theirs["pixel_values"][first:first + len(patches)])
+    first += len(patches)
+    expanded = _their_inputs(directory, [f"{VISION_START}{IMAGE_PAD}{VISION_END} hi"], images[i:i + 1])["input_ids"]
+    assert qwen_vl.image_token_count(config, grid) == int((expanded == config.image_token_id).sum())
+  assert first == len(theirs["pixel_values"])
+  height, width = ours.target_size(300, 200)  # above the budget: scaled down into it
+  assert height * width <= MAX_PIXELS and height % 8 == width % 8 == 0
+  height, width = ours.target_size(5, 9)  # below the minimum: scaled up to it
+  assert height * width >= MIN_PIXELS
+
+
+def test_the_vision_tower_matches_transformers(checkpoint):
+  directory, model = checkpoint()
+  pretrained = hf.load_pretrained(directory)
+  config = VLMConfig.from_dict(pretrained.config.model)
+  processed = pretrained.image_processor(_images(SIZES))
+  patches = qwen_vl.batch_patches(config, [processed])
+  with jax.default_matmul_precision("highest"):
+    table = QwenViT(config.vision).apply({"params": pretrained.params["vision"]}, patches.pixel_values,
+                                         patches.patch_positions, patches.image_ids)
+  ours = np.asarray(table)[patches.token_index[0]]
+  counts = [qwen_vl.image_token_count(config, grid) for _, grid in processed]
+  ours = ours[:sum(counts)]
+  with torch.no_grad():
+    theirs = model.model.visual(torch.from_numpy(np.concatenate([p for p, _ in processed])),
+                                grid_thw=torch.tensor([grid for _, grid in processed])).pooler_output.numpy()
+  print(f"vision tower: max relative error {max_relative_error(ours, theirs):.2e}")
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+
+
+def _rows(vlm, images_per_row: list[list[np.ndarray]], prompts: list[str]):
+  """Our prompts (the chat template, placeholders expanded per image) and the batch's Patches, and the texts."""
+  conversations = [[{"role": "user", "content": [{"type": "image"}] * len(row_images) + [
+      {"type": "text", "text": prompt}]}] for row_images, prompt in zip(images_per_row, prompts)]
+  pixel_values, counts = vlm._images(images_per_row)
+  rows = [vlm.prompt_ids(messages, len(row_images), row_counts)
+          for messages, row_images, row_counts in zip(conversations, images_per_row, counts)]
+  texts = [vlm.tokenizer.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
+  return rows, pixel_values, texts
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_match_transformers_for_each_size_and_a_mixed_batch(checkpoint, tie):
+  directory, model = checkpoint(tie)
+  vlm = vlmjax.load(directory)
+  assert vlm.model_config.decoder.tie_embeddings == tie
+  # Rows: one image of each size (its own aspect ratio and token count), one with two images, one with text only.
+  images_per_row = [[image] for image in _images(SIZES)] + [_images([(30, 70), (52, 37)], seed=1), []]
+  prompts = PROMPTS + ["Compare them.", "No picture here."]
+  rows, patches, texts = _rows(vlm, images_per_row, prompts)
+  width = max(map(len, rows))
+  ids = np.full((len(rows), width), vlm.pad_token_id, np.int32)
+  for i, row in enumerate(rows):
+    ids[i, :len(row)] = row
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(vlm.logits(ids, patches))
+  errors = {}
+  for i, (row, row_images) in enumerate(zip(rows, images_per_row)):
+    inputs = _their_inputs(directory, [texts[i]], row_images or None)
+    assert inputs["input_ids"][0].tolist() == row  # the same prompt, placeholders expanded alike
+    with torch.no_grad():
+      theirs = model(**inputs).logits[0].numpy()
+    errors[str([image.shape[:2] for image in row_images])] = f"{max_relative_error(ours[i, :len(row)], theirs):.1e}"
+    np.testing.assert_allclose(ours[i, :len(row)], theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+  print(f"tie={tie}: max relative logit error per image size {errors}")
+
+
+def test_generate_matches_transformers_greedy_tokens_with_images_of_different_sizes(checkpoint):
+  directory, model = checkpoint()
+  vlm = vlmjax.load(directory)
+  images = _images(SIZES[:4], seed=2)
+  prompts = PROMPTS[:4]
+  new_tokens = 8
+  with jax.default_matmul_precision("highest"):
+    ours = vlm.generate(images, prompts, max_new_tokens=new_tokens)
+    ids, patches, mask = _padded(vlm, images, prompts)
+    ours_ids = vlm.generate_ids(ids, patches, max_new_tokens=new_tokens, attention_mask=mask)
+  _, _, texts = _rows(vlm, [[image] for image in images], prompts)
+  their_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+  compared = []
+  for i, image in enumerate(images):
+    inputs = _their_inputs(directory, [texts[i]], [image])
+    with torch.no_grad():
+      out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    out = out.tolist()
+    end = next((j + 1 for j, token in enumerate(out) if token in vlm.eos_token_ids), len(out))
+    compared.append(end)
+    assert ours_ids[i, :end].tolist() == out[:end], f"row {i}"
+    assert ours[i] == their_tokenizer.decode(out[:end], skip_special_tokens=True), f"row {i}"
+  assert max(compared) >= 4, f"too few tokens compared: {compared}"
+  with jax.default_matmul_precision("highest"):
+    streamed = "".join(vlm.stream([images[1]], prompts[1], max_new_tokens=new_tokens))
+  assert streamed == ours[1]
+
+
+def _padded(vlm, images, prompts):
+  """(input_ids int[B, T] left-padded, Patches, attention_mask): rows of different lengths for generate_ids."""
+  rows, patches, _ = _rows(vlm, [[image] for image in images], prompts)
+  width = max(map(len, rows))
+  ids = np.full((len(rows), width), vlm.pad_token_id, np.int32)
+  mask = np.zeros((len(rows), width), bool)
+  for i, row in enumerate(rows):
+    ids[i, width - len(row):], mask[i, width - len(row):] = row, True
+  return ids, patches, mask
+
+
+def test_generate_command(checkpoint, tmp_path):
+  directory, _ = checkpoint()
+  image_path = str(tmp_path / "image.png")
+  Image.fromarray(_images([(40, 70)])[0]).save(image_path)
+  done = subprocess.run([sys.executable, "-m", "vlmjax.cli", "generate", "--checkpoint", directory, "--image",
+                         image_path, "--prompt", PROMPTS[0], "--max_new_tokens", "6"],
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  expected = vlmjax.load(directory).generate([Image.open(image_path)], [PROMPTS[0]], max_new_tokens=6)[0]
+  assert done.stdout.strip() == expected.strip()
+
+
+def test_images_of_new_sizes_reuse_the_compiled_program(checkpoint):
+  from vlmjax.infer import generate as generation
+
+  directory, _ = checkpoint()
+  vlm = vlmjax.load(directory)
+  vlm.generate(_images([(37, 52), (61, 29)]), ["hi", "What is in the picture?"], max_new_tokens=2)
+  compiled = generation.prefill._cache_size()
+  patches = [vlm._images([[image] for image in _images(sizes)])[0] for sizes in ([(37, 52), (61, 29)],
+                                                                                 [(40, 40), (29, 61)])]
+  assert jax.tree.map(np.shape, patches[0]) == jax.tree.map(np.shape, patches[1])  # the same buckets
+  vlm.generate(_images([(40, 40), (29, 61)]), ["hi", "What is in the picture?"], max_new_tokens=2)
+  assert generation.prefill._cache_size() == compiled
+
+
+def test_the_engine_refuses_qwen_by_name(checkpoint):
+  from vlmjax.infer.engine import Engine
+
+  directory, _ = checkpoint()
+  with pytest.raises(ValueError, match="Qwen2.5-VL's images at their own resolution"):
+    Engine(vlmjax.load(directory), num_slots=2)
+
+
+# --- what vlmjax refuses, with the key and value named ----------------------------------------------------------
+
+def _config(text=None, **changes) -> dict:
+  values = transformers.Qwen2_5_VLConfig().to_dict()
+  values["text_config"].update(text or {})
+  return {**values, **changes}
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(model_type="qwen2_vl"), "model_type='qwen2_vl' is not supported"),
+    (dict(model_type="qwen3_vl"), "model_type='qwen3_vl' is not supported"),
+    (dict(text=dict(use_sliding_window=True)), "text_config.use_sliding_window=True is not supported"),
+    (dict(text=dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e6, mrope_section=[16, 24, 24]))),
+     "text_config.rope_parameters=.*yarn.* is not supported"),
+    (dict(text=dict(rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 20]))),
+     r"mrope_section=\[16, 24, 20\] must sum to half the head size \(64\)"),
+    (dict(vision_config=dict(transformers.Qwen2_5_VLConfig().vision_config.to_dict(), hidden_act="relu")),
+     "vision_config.hidden_act='relu' is not supported"),
+])
+def test_unsupported_values_are_named(changes, message):
+  with pytest.raises(ValueError, match=message):
+    hf_config.from_hf(_config(**changes))
+
+
+def test_missing_keys_take_the_transformers_defaults():
+  ours = hf_config.from_hf({"model_type": "qwen2_5_vl"}).config.model
+  assert ours == hf_config.from_hf(transformers.Qwen2_5_VLConfig().to_dict()).config.model
+  assert ours.decoder.mrope_section == [16, 24, 24] and ours.vision.fullatt_block_indexes == [7, 15, 23, 31]
+  ours = ImageProcessor.from_dict({"image_processor_type": "Qwen2VLImageProcessor", "max_pixels": 100_000})
+  theirs = transformers.Qwen2VLImageProcessorPil(max_pixels=100_000)
+  for image in _images([(300, 500), (700, 260), (20, 30)]):
+    expected = theirs([image], return_tensors="np")
+    (patches, grid), = ours([image])
+    assert grid == tuple(expected["image_grid_thw"][0])
+    np.testing.assert_array_equal(patches, expected["pixel_values"])
+
+
+def test_export_is_refused_by_name(checkpoint, tmp_path):
+  directory, _ = checkpoint()
+  pretrained = hf.load_pretrained(directory)
+  with pytest.raises(ValueError, match="vision_tower='qwen2_5_vl' cannot be written"):
+    hf.save_pretrained(str(tmp_path / "out"), pretrained.config, pretrained.params)

@@ -1,0 +1,57 @@
+"""Qwen2.5-VL's images on the host: which tokens an image becomes and the `Patches` of a batch.
+
+The image processor (`vlmjax.data.images.QwenImageProcessor`) resizes an image to multiples of patch_size x
+merge_size pixels and flattens it into a grid (t, h, w) of patches, each merge unit's m x m patches consecutive,
+units in raster order. The tower merges each unit into one token, so an image takes
+
+    tokens = t · (h / m) · (w / m)
+
+placeholders, in the raster order of its merged grid. `batch_patches` lays a batch's patches out window by window
+(`models/qwen_vit.py`'s `layout` and `fill_patches`): window (i, j) of an image holds the merge units of rows [i·s,
+i·s + s) and columns [j·s, j·s + s) of its merged grid (s = `window_units`), padded to s² units, so that windowed
+attention is a reshape; the number of windows is padded to a `bucket`, so images of new sizes reuse the compiled
+program. Per row it writes where each image token sits in the tower's output (`token_index`), its (temporal, row,
+column) in its merged grid and, at an image's last token, the grid's longer side (M-RoPE, `qwen_vit.mrope_positions`).
+The window arithmetic is transformers' `get_vision_window_index`, the positions its `get_vision_position_ids` and
+`get_rope_index`.
+"""
+
+from typing import Sequence
+
+import numpy as np
+
+from vlmjax.models.anyres import bucket
+from vlmjax.models.qwen_vit import Patches, fill_patches, layout
+from vlmjax.models.vlm import VLMConfig
+
+
+def image_token_count(config: VLMConfig, grid: tuple[int, int, int]) -> int:
+  """Placeholders an image of `grid` (t, h, w) patches takes in a prompt."""
+  t, h, w = grid
+  return t * h * w // config.vision.merge_size**2
+
+
+def batch_patches(config: VLMConfig, rows: Sequence[Sequence[tuple[np.ndarray, tuple[int, int, int]]]],
+                  num_windows: int | None = None, num_tokens: int | None = None) -> Patches:
+  """The `Patches` of a batch: rows[b] lists row b's images in prompt order, each as (its patches float32[t·h·w,
+  3·T·p·p] in the processor's order, its grid (t, h, w)), as the image processor makes them.
+
+  num_windows, num_tokens: at least the batch's windows and its longest row's image tokens (default: their
+  `bucket`s); N = num_windows · L patches.
+  """
+  vision = config.vision
+  layouts = [[layout(grid, vision.merge_size, vision.window_units) for _, grid in row] for row in rows]
+  for row, row_layouts in zip(rows, layouts):
+    for (patches, grid), image_layout in zip(row, row_layouts):
+      if patches.shape != (len(image_layout.patch_slots), vision.patch_dim):
+        raise ValueError(f"an image of {list(grid)} patches takes float[{len(image_layout.patch_slots)}, "
+                         f"{vision.patch_dim}], got {list(patches.shape)}")
+  total = sum(image_layout.num_windows for row_layouts in layouts for image_layout in row_layouts)
+  counts = [sum(len(image_layout.token_units) for image_layout in row_layouts) for row_layouts in layouts]
+  num_windows = bucket(max(total, 1)) if num_windows is None else num_windows
+  num_tokens = bucket(max(counts + [1])) if num_tokens is None else num_tokens
+  if num_windows < total or num_tokens < max(counts + [0]):
+    raise ValueError(f"the batch has {total} windows and up to {max(counts)} image tokens a row; num_windows="
+                     f"{num_windows} and num_tokens={num_tokens} are too few")
+  return fill_patches(vision, [list(zip((patches for patches, _ in row), row_layouts))
+                                for row, row_layouts in zip(rows, layouts)], num_windows, num_tokens)
