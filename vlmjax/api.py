@@ -296,7 +296,7 @@ def load_workdir(workdir: str) -> VLM:
   earlier one that restores (the step skipped and the step used are logged as warnings; `source` names the step).
   Raises FileNotFoundError without any checkpoint and workdir.NoReadableCheckpoint when none restores."""
   config = workdir_lib.read_config(workdir)
-  if config.train.get("stages") == workdir_lib.LORA:
+  if workdir_lib.is_lora_run(config):
     return _load_adapted(workdir, config)
   abstract = quantize_lib.abstract_quantized(config, nn.meta.unbox(abstract_params(VLMConfig.from_dict(config.model))))
   step, params = _restore_latest(workdir, abstract)

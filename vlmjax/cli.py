@@ -367,7 +367,7 @@ def export_checkpoint(checkpoint: str, out: str, adapters: bool = False) -> str:
                        pad_token_id=vlm.pad_token_id, max_len=vlm.max_len)
     return f"wrote {out}: {vlm.source} as a Hugging Face directory"
   config = workdir_lib.read_config(checkpoint) if workdir_lib.is_workdir(checkpoint) else None
-  if config is None or config.train.get("stages") != workdir_lib.LORA:
+  if config is None or not workdir_lib.is_lora_run(config):
     raise ValueError(f"--adapters: {checkpoint} is not a lora run (train.stages=lora) and has no adapters; export "
                      f"its whole model without --adapters")
   _, trained, step = api.lora_parts(checkpoint)

@@ -82,6 +82,12 @@ def copy_model_files(source_dir: str, workdir: str) -> None:
       shutil.copyfile(source, os.path.join(workdir, name))
 
 
+def is_lora_run(config: ml_collections.ConfigDict) -> bool:
+  """Whether a run's config trains LoRA adapters alone (its checkpoints hold those, its base is train.init_from). A
+  checkpoint written without a training config (`vlmjax quantize`) is none."""
+  return (config.get("train") or {}).get("stages") == LORA
+
+
 def is_workdir(path: str) -> bool:
   """A training workdir: its config.json and a checkpoints folder."""
   return os.path.exists(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "checkpoints"))
