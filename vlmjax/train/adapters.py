@@ -86,7 +86,7 @@ def adapted(model_config: VLMConfig, adapters: lora.LoraConfig) -> VLMConfig:
 def trained_and_frozen(config: ml_collections.ConfigDict, model_config: VLMConfig, base_params: dict, mesh,
                        rules) -> tuple[dict, dict]:
   """(trained, frozen) of a lora stage around `base_params` (the base model's, in their shardings): fresh adapters
-  (the run's seed) and the projector, and the rest, its language model's layers quantized with lora.quantize."""
+  (the run's seed) and the projector, and the rest as the stage holds it (`stored_base`)."""
   model = VLM(adapted(model_config, lora_config(config)))
 
   def init_adapters():  # only the adapters leave the program: XLA drops the base's initialization
