@@ -32,7 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   config.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=32, log_every=50, checkpoint_every=500, keep_checkpoints=2,
-      microbatches=1,  # the pipeline's (mesh.pipeline > 1): its bubble is (pipeline - 1) / (microbatches + pipeline - 1)
+      # The pipeline's (mesh.pipeline > 1): its bubble is (pipeline - 1) / (microbatches + pipeline - 1).
+      microbatches=1,
       stages="full",  # a chain of stages with fractions of train.steps, e.g. "align:0.2,finetune:0.8"
       init_from="",  # a workdir whose latest parameters the run starts from
       validate_every=0,  # steps between validations (exact-match VQA accuracy); 0: only at the end

@@ -21,6 +21,6 @@ def test_a_pipelined_run_resumes_on_another_mesh_with_the_same_losses(tmp_path, 
   resumed = tmp_path / "resumed"
   shutil.copytree(tmp_path / "pipelined", resumed)
   shutil.rmtree(resumed / "checkpoints" / "4")
-  losses = runs.train(resumed, data_flags, *RUN, "--config.mesh.data=1", "--config.mesh.fsdp=8", "--allow_config_change",
-                      devices=8)
+  losses = runs.train(resumed, data_flags, *RUN, "--config.mesh.data=1", "--config.mesh.fsdp=8",
+                      "--allow_config_change", devices=8)
   np.testing.assert_allclose([losses[3], losses[4]], [pipelined[3], pipelined[4]], rtol=1e-5)

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax import runtime
-from vlmjax.models import activation as activation_lib, dot_attention, kv_cache as kv_cache_lib, lora as lora_lib, matmul
-from vlmjax.models import paged_cache, quant, trig
+from vlmjax.models import activation as activation_lib, dot_attention, kv_cache as kv_cache_lib, lora as lora_lib
+from vlmjax.models import matmul, paged_cache, quant, trig
 
 # Logical axis names. Weights use bare names; activations `activation_*`; the KV cache `cache_*`.
 EMBED = "embed"

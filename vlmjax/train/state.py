@@ -63,7 +63,8 @@ def create_sharded(params: Any, optimizer: optax.GradientTransformation, step: i
   return jax.jit(new_state, out_shardings=shardings)(params), shardings
 
 
-def vlm_loss(params, config: VLMConfig, batch: dict, dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def vlm_loss(params, config: VLMConfig, batch: dict,
+             dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """(mean next-token loss over the loss mask, number of loss tokens). dropout_rng: the key of the adapters' dropout
   (`models/lora.py`), None for none."""
   logits, _ = VLM(config).apply({"params": params}, batch["input_ids"], batch["pixel_values"], batch.get("positions"),
