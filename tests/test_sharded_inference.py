@@ -1,5 +1,8 @@
 """Inference over a device mesh (`VLM.sharded`, `vlmjax.load(path, mesh=...)`) on the 8 fake CPU devices: the
-weights sharded by the rules table, and logits, `generate_ids` and the engine's tokens equal to one device's."""
+weights sharded by the rules table, and logits, `generate_ids`, the engine's tokens and the evaluation harness's
+answers equal to one device's."""
+
+import json
 
 import jax
 import numpy as np
@@ -64,3 +67,18 @@ def test_generate_on_a_mesh_from_the_command_line(tiny_vlm, tmp_path):
   assert run.stdout.strip() == tiny_vlm.generate([image], ["What colour is the circle?"], max_new_tokens=6)[0].strip()
   bad = subprocess.run(command + ["--mesh", "tensor=4"], capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "kv_heads" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_evaluation_on_a_mesh_gives_one_device_s_answers(tiny_vlm, tiny_shapes_dir, tmp_path):
+  """`vlmjax eval --mesh`: the harness asks a sharded model (`chat_batch`) and writes the answers and metrics one
+  device writes."""
+  from vlmjax.eval import harness
+
+  def answers(vlm, name: str) -> tuple[dict, list[str]]:
+    out = tmp_path / name
+    results = harness.evaluate(vlm, ["shapes_vqa"], str(out), tiny_shapes_dir, batch_size=4,
+                               limits={"shapes_vqa": 12})
+    with open(out / "predictions" / "shapes_vqa.jsonl") as f:
+      return results, [json.loads(line)["answer"] for line in f]
+  alone, sharded = answers(tiny_vlm, "one"), answers(tiny_vlm.sharded({"fsdp": 4, "tensor": 2}), "mesh")
+  assert len(alone[1]) == 12 and sharded == alone
