@@ -215,14 +215,6 @@ def test_export_loads_in_transformers_with_the_same_logits(checkpoint, tmp_path)
   assert their_processor.image_grid_pinpoints == PINPOINTS
 
 
-def test_the_engine_refuses_variable_image_tokens_by_name(checkpoint):
-  from vlmjax.infer.engine import Engine
-
-  directory, _ = checkpoint("llama")
-  with pytest.raises(ValueError, match="image_grid_pinpoints"):
-    Engine(vlmjax.load(directory), num_slots=2)
-
-
 # --- what vlmjax refuses, with the key and value named ----------------------------------------------------------
 
 def _config(**changes) -> dict:

@@ -41,6 +41,14 @@ slots take a step between chunks instead of stalling behind a long prompt. Its i
 first chunk, which reaches past the last of them. The greedy tokens are those of a whole-prompt prefill.
 Prefix-LM prompts attend bidirectionally and are prefilled whole. One iteration prefills at most
 `prefill_budget` prompt tokens, the earliest admitted first; the rest wait, admitted, for the next iteration.
+
+Images with a token count each (LLaVA-NeXT's `image_grid_pinpoints`): a request carries its images as the image
+processor makes them, (tiles, size) each, its placeholders expanded to each image's count. Each prefill call lays out
+the `Tiles` of the prompts it holds (`slots._image_input`): their tiles padded to a bucket, each row's image tokens
+indexed within its prompt bucket, so the programs follow the prompt bucket, the batch and the tile bucket. Chunked
+prefill (the images in the first piece) and the prefix cache (keyed by the processed pixels, so by the image and the
+processor's settings) take them as they take fixed-size images. Qwen2.5-VL is refused: its decode steps would need
+each slot's M-RoPE offset.
 """
 
 import logging
@@ -62,7 +70,7 @@ from vlmjax.infer.scheduler import Scheduler
 from vlmjax.infer import warm_up as warm_up_lib
 from vlmjax.infer.slots import (Prefix, add_pages, allowed_words, generate, image_bucket, init_state, insert,
                                 prefill, prefill_chunk, prefill_rows, release, set_allowed)
-from vlmjax.models import paged_cache
+from vlmjax.models import anyres, paged_cache
 
 _log = logging.getLogger(__name__)
 DEFAULT_MAX_LEN = 2048  # a slot's context when neither the caller nor the checkpoint states one
@@ -116,11 +124,9 @@ class Engine:
     self.vlm, self.num_slots, self.on_finish, self.page_size = vlm, num_slots, on_finish, page_size
     self.static_batching, self.prefill_chunk, self.max_waiting = static_batching, prefill_chunk, max_waiting
     self.config = vlm.model_config
-    if self.config.variable_image_tokens:
-      kind = ("Qwen2.5-VL's images at their own resolution (vision_tower='qwen2_5_vl', M-RoPE)"
-              if self.config.qwen_tower else "LLaVA-NeXT's image_grid_pinpoints")
-      raise ValueError(f"the engine (and vlmjax serve) takes models whose images give a fixed number of tokens; this "
-                       f"one's give a number of their own ({kind}): use vlm.generate")
+    if self.config.qwen_tower:  # its decode steps need each slot's M-RoPE offset, which SlotState does not hold
+      raise ValueError("the engine (and vlmjax serve) does not take Qwen2.5-VL's images at their own resolution "
+                       "yet (vision_tower='qwen2_5_vl', M-RoPE positions): use vlm.generate")
     self.max_len = max_len or vlm.max_len or DEFAULT_MAX_LEN
     self.buckets = tuple(b for b in generation.BUCKETS if b < self.max_len) + (self.max_len,)
     self.error: BaseException | None = None
@@ -191,7 +197,9 @@ class Engine:
 
     Args:
       prompt_ids: int[T], image placeholders expanded (as `VLM.prompt_ids` gives them).
-      pixel_values: float32[I, H, W, 3] normalized images, one per placeholder run, or None.
+      pixel_values: float32[I, H, W, 3] normalized images, one per placeholder run, or None; for a model whose
+        images give a token count each (LLaVA-NeXT), what its image processor makes of them: (tiles float32[n, S,
+        S, 3], (height, width)) per image, their placeholders expanded to `anyres.image_token_count` each.
       max_tokens: tokens to generate at most (default: the rest of the slot's context).
       seed: the request's PRNG seed (default: random); with the same seed a request samples what
         `VLM.generate_ids(..., seed=seed)` samples for it alone.
@@ -210,13 +218,18 @@ class Engine:
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
       raise ValueError(f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {logprobs}")
     num_images = 0 if pixel_values is None else len(pixel_values)
-    size = self.config.vision.image_size
-    if num_images and pixel_values.shape[1:] != (size, size, 3):
-      raise ValueError(f"pixel_values must be float32[I, {size}, {size}, 3], got {list(pixel_values.shape)}")
+    if self.config.variable_image_tokens:
+      pixel_values = list(pixel_values) if num_images else None
+      needed = sum(self._image_tokens(tiles, image_size) for tiles, image_size in pixel_values or ())
+    else:
+      size = self.config.vision.image_size
+      if num_images and pixel_values.shape[1:] != (size, size, 3):
+        raise ValueError(f"pixel_values must be float32[I, {size}, {size}, 3], got {list(pixel_values.shape)}")
+      needed = num_images * self.config.tokens_per_image
     placeholders = prompt_ids.count(self.config.image_token_id)
-    if placeholders != num_images * self.config.tokens_per_image:
+    if placeholders != needed:
       raise ValueError(f"the prompt holds {placeholders} image placeholder tokens but {num_images} images need "
-                       f"{num_images * self.config.tokens_per_image}")
+                       f"{needed}")
     if any(not text for text in stop):
       raise ValueError("stop strings must not be empty")
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
@@ -233,6 +246,16 @@ class Engine:
       self._scheduler.waiting.append(request)
       self._condition.notify_all()
     return request
+
+  def _image_tokens(self, tiles: np.ndarray, image_size: tuple[int, int]) -> int:
+    """The placeholders of one LLaVA-NeXT image (its tiles float32[n, S, S, 3] and (height, width)); ValueError when
+    the tiles are not those of its size."""
+    grid = anyres.image_grid(self.config, tuple(image_size))
+    size = self.config.vision.image_size
+    if np.shape(tiles) != (grid.num_tiles, size, size, 3):
+      raise ValueError(f"an image of {image_size[0]}x{image_size[1]} pixels takes float32[{grid.num_tiles}, {size}, "
+                       f"{size}, 3] tiles, got {list(np.shape(tiles))}")
+    return anyres.token_count(grid, self.config.vision.grid_size)
 
   def check_fits(self, prompt_length: int, max_tokens: int | None) -> int:
     """The tokens a prompt of `prompt_length` tokens may generate: `max_tokens`, or the rest of the context when

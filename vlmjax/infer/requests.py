@@ -54,9 +54,10 @@ class Request:
   """A request as the engine tracks it, made by `Engine.submit`. The engine thread decodes it (`decoded_ids`,
   and moves `key` on when it preempts it); the detokenizer thread alone writes `token_ids`, `text`,
   `finish_reason` and the timings (time.monotonic() seconds). `images_end`: the prompt's tokens up to and
-  including its last image placeholder (0 without images)."""
+  including its last image placeholder (0 without images); `pixel_values`: its images as `Engine.submit` takes
+  them."""
 
-  def __init__(self, prompt_ids: list[int], pixel_values: np.ndarray | None, images_end: int, max_tokens: int,
+  def __init__(self, prompt_ids: list[int], pixel_values: np.ndarray | list | None, images_end: int, max_tokens: int,
                sampling: SamplingParams, key: jax.Array, stop: tuple[str, ...],
                listener: Callable[[Output], None] | None, top_logprobs: int | None = None,
                constraint: Constraint | None = None):

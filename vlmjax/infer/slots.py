@@ -20,7 +20,7 @@ import numpy as np
 
 from vlmjax.infer import generate as generation
 from vlmjax.infer.sampling import SamplingParams, TokenScores, sample, token_scores
-from vlmjax.models import paged_cache
+from vlmjax.models import anyres, paged_cache
 from vlmjax.models.kv_cache import KVCache
 from vlmjax.models.vlm import VLM as VLMModel
 from vlmjax.models.vlm import VLMConfig
@@ -110,6 +110,23 @@ def _pad_images(pixel_values: np.ndarray) -> np.ndarray:
   return np.concatenate([pixel_values, np.zeros((padding, *pixel_values.shape[1:]), pixel_values.dtype)])
 
 
+def _image_input(config: VLMConfig, images: Sequence, rows: int, bucket: int):
+  """The model's pixel input for `rows` prompts right-padded to `bucket` tokens whose first len(images) show
+  images[b] (None: every prompt's, when the first has none). A fixed-count model's images[b] are float32[I, H, W,
+  3], stacked to [rows, image_bucket(I), H, W, 3] (the rows past len(images) show the first's). A LLaVA-NeXT
+  model's images[b] list (tiles float32[n, S, S, 3], (height, width)) per image, as its image processor makes them:
+  `anyres.Tiles` of the tiles padded to their `anyres.bucket` and K = bucket tokens a row (a row's image tokens
+  are among its prompt's), so programs follow the prompt bucket, the batch and the tile bucket; the rows past
+  len(images) read no image."""
+  if images[0] is None:
+    return None
+  if config.variable_image_tokens:
+    rows_images = [list(row or ()) for row in images] + [[]] * (rows - len(images))
+    return jax.tree.map(jnp.asarray, anyres.batch_tiles(config, rows_images, num_tokens=bucket))
+  images = list(images) + [images[0]] * (rows - len(images))
+  return jnp.asarray(np.stack([_pad_images(pixel_values) for pixel_values in images]), jnp.float32)
+
+
 def _padded(token_ids: Sequence[int], bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """(input_ids int32[1, bucket], input_mask bool[1, bucket]): the tokens right-padded with pad_id."""
   input_ids = np.full((1, bucket), pad_id, np.int32)
@@ -121,19 +138,19 @@ def prefill(params, config: VLMConfig, prompts: Sequence[tuple[Sequence[int], np
             pad_id: int, rows: int | None = None) -> Prefix:
   """Prompts through the model in one call, each right-padded to `bucket` tokens: `generate.prefill`, compiled
   once per bucket, image bucket and batch. One prompt is (token ids int[T] with image placeholders,
-  pixel_values float32[I, H, W, 3] or None, prefix length); all have images of the same `image_bucket`. The batch is
+  pixel_values float32[I, H, W, 3] or, for LLaVA-NeXT, a list of (tiles, size) per image (`_image_input`), or None,
+  prefix length); all have images of the same `image_bucket`. The batch is
   `rows` (default: len(prompts)), filled up with copies of the first prompt. A prefix-LM model attends
   bidirectionally over each prompt's first `prefix length` tokens (the request's own prompt: tokens it decoded
   before a preemption come after it, causal as when they were decoded). Returns a Prefix of `rows` rows, the
   prompts' first."""
   rows = rows or len(prompts)
-  prompts = list(prompts) + [prompts[0]] * (rows - len(prompts))
+  given, prompts = prompts, list(prompts) + [prompts[0]] * (rows - len(prompts))
   padded = [_padded(ids, bucket, pad_id) for ids, _, _ in prompts]
   input_ids = np.concatenate([ids for ids, _ in padded])
   input_mask = np.concatenate([mask for _, mask in padded])
   prefix_lengths = jnp.array([length for _, _, length in prompts], jnp.int32) if config.prefix_lm else None
-  pixels = (None if prompts[0][1] is None else
-            jnp.asarray(np.stack([_pad_images(pixel_values) for _, pixel_values, _ in prompts]), jnp.float32))
+  pixels = _image_input(config, [pixel_values for _, pixel_values, _ in given], rows, bucket)
   logits, cache = generation.prefill(params, config, input_ids, input_mask, pixels, prefix_lengths,
                                      config.decoder.init_cache(batch_size=rows, max_len=bucket))
   return Prefix(cache=cache, logits=logits)
@@ -145,11 +162,12 @@ def prefill_chunk(params, config: VLMConfig, state: SlotState, token_ids: Sequen
   """Tokens `start` onwards of a prompt whose first `start` tokens are in its pages already: token_ids int[T]
   (right-padded to `bucket`) go through the model at positions start.., attending over the pages before them,
   into `pages` (int32[max_pages], the request's page-table row; the state's page table is left as it is).
-  pixel_values: float32[I, H, W, 3], the images whose placeholders are all among these tokens, or None.
+  pixel_values: float32[I, H, W, 3] (or LLaVA-NeXT's (tiles, size) per image), the images whose placeholders are
+  all among these tokens, or None.
   Causal models only. Returns (the state with the new keys and values in its pool, logits float32[1, V] of
   the last token); compiled once per bucket and image bucket."""
   input_ids, input_mask = _padded(token_ids, bucket, pad_id)
-  pixels = None if pixel_values is None else jnp.asarray(_pad_images(pixel_values)[None], jnp.float32)
+  pixels = _image_input(config, [pixel_values], 1, bucket)
   return _prefill_chunk(params, config, state, input_ids, input_mask, pixels, jnp.asarray(pages), jnp.int32(start))
 
 

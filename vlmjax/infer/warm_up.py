@@ -10,6 +10,9 @@ What the engine compiles, and for what:
   generate       each read width; add_pages, set_allowed and release; and the few eager calls of `submit` and of a
                  preemption;
   scoring        each bucket: the prompts whose own log-probabilities completions return (`echo`).
+A model whose images give a token count each (LLaVA-NeXT) gets every program but the prefills with images: those
+follow the tile count of what is prefilled together as well (`slots._image_input`), and compile when first called
+(one per prompt bucket, batch and tile bucket); `warm_up` logs that it leaves them out.
 Synthetic prompts go through the engine's own methods, so each call has the argument types of a real one, into
 slots whose page rows are all the null page (their keys and values are written nowhere); the slots are freed
 after. A prompt of a bucket is as short as the bucket allows, so that as many as a real burst would be are
@@ -17,6 +20,7 @@ prefilled together. With JAX's persistent compilation cache (`runtime.use_compil
 reads the programs from disk instead of compiling them.
 """
 
+import logging
 import time
 
 import jax
@@ -29,6 +33,8 @@ from vlmjax.infer.sampling import SamplingParams
 from vlmjax.infer.scheduler import Slot
 from vlmjax.infer.slots import add_pages, image_bucket, prefill_rows, set_allowed
 
+_log = logging.getLogger(__name__)
+
 
 def warm_up(engine, max_images: int) -> float:
   """Compiles the engine's programs for prompts of up to `max_images` images; the seconds it took. Before
@@ -36,6 +42,11 @@ def warm_up(engine, max_images: int) -> float:
   if any(thread.is_alive() for thread in engine._threads):
     raise RuntimeError("warm_up runs before the engine starts")
   began = time.perf_counter()
+  if engine.config.variable_image_tokens and max_images:
+    _log.warning("warm-up compiles the prefills without images only: this model's images give a token count each "
+                 "(image_grid_pinpoints), and a prefill with images compiles when first called, once per prompt "
+                 "bucket, batch and tile bucket")
+    max_images = 0
   # What to compile depends on the prefix cache (`_pieces`): listed before it is set aside.
   whole, pieces = list(_whole_prefills(engine, max_images)), list(_pieces(engine, max_images))
   prefix_cache, engine.prefix_cache = engine.prefix_cache, None  # nothing synthetic is listed in it
@@ -85,12 +96,11 @@ def _shortest(engine, bucket: int) -> int:
 def _whole_prefills(engine, max_images: int):
   """(images, prompt length, prompts) of each `prefill` and `insert` program: per image bucket and length bucket,
   the number of prompts that gives each batch size."""
-  tokens_per_image = engine.config.tokens_per_image
   chunk, budget = engine._scheduler.prefill_chunk, engine._scheduler.prefill_budget
   longest = engine.max_len - 1 if chunk is None else min(chunk, engine.max_len - 1)
   for images in _image_counts(max_images):
     for bucket in engine.buckets:
-      length = max(_shortest(engine, bucket), images * tokens_per_image, 1)
+      length = max(_shortest(engine, bucket), _placeholders(engine, images), 1)
       if length > longest or length > bucket:
         continue
       together = engine.num_slots if budget is None else min(engine.num_slots, max(1, budget // length))
@@ -110,7 +120,6 @@ def _pieces(engine, max_images: int):
     return
   longest = engine.max_len - 1
   chunked = chunk is not None and longest > chunk
-  tokens_per_image = engine.config.tokens_per_image
   for bucket in engine.buckets:
     length = _shortest(engine, bucket)
     if length <= min(chunk or longest, longest):
@@ -119,15 +128,20 @@ def _pieces(engine, max_images: int):
     return
   for images in _image_counts(max_images)[1:]:
     for bucket in engine.buckets:
-      length = max(_shortest(engine, bucket), chunk, images * tokens_per_image)
+      length = max(_shortest(engine, bucket), chunk, _placeholders(engine, images))
       if length <= min(bucket, longest):
         yield images, length
+
+
+def _placeholders(engine, images: int) -> int:
+  """The placeholders of `images` synthetic images (of a fixed-count model, when there are any)."""
+  return images * engine.config.tokens_per_image if images else 0
 
 
 def _place(engine, slot: int, length: int, images: int) -> None:
   """A synthetic request of `length` tokens, its `images` placeholders first, in `slot` with no pages."""
   config = engine.config
-  placeholders = images * config.tokens_per_image
+  placeholders = _placeholders(engine, images)
   filler = 0 if config.image_token_id != 0 else 1
   prompt = [config.image_token_id] * placeholders + [filler] * (length - placeholders)
   size = config.vision.image_size

@@ -37,6 +37,7 @@ from vlmjax.infer import scoring
 from vlmjax.infer.constrained import JSONGrammars
 from vlmjax.infer.engine import Engine, PromptTooLong, QueueFull
 from vlmjax.infer.requests import Output, Request, TokenLogprob
+from vlmjax.models import anyres
 from vlmjax.serve import chat_page, protocol, replies
 from vlmjax.serve.errors import APIError, internal
 from vlmjax.serve.images import ImageLimits, open_images
@@ -188,8 +189,11 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
       raise
     return requests
 
+  variable_tokens = vlm.model_config.variable_image_tokens
+
   def submit_chat(body: protocol.ChatCompletionRequest, outputs: _Outputs) -> list[Request]:
-    """The conversation's prompt, checked against the context before its images are read and decoded."""
+    """The conversation's prompt, checked against the context before its images are read and decoded (after, for a
+    model whose images give a token count each: LLaVA-NeXT)."""
     messages, image_urls = [], []
     for i, message in enumerate(body.messages):
       content = message.content
@@ -202,13 +206,18 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
     if len(image_urls) > limits.max_images:
       raise APIError(400, f"messages: {len(image_urls)} images; this server takes at most {limits.max_images} per "
                      f"request", param="messages", code="too_many_images")
+    pixel_values, counts = None, None
+    if variable_tokens:  # the placeholders follow the images' sizes: they are read (within the limits) first
+      pixel_values = vlm.image_processor(open_images(image_urls, image_dir, limits.images)) if image_urls else None
+      counts = [anyres.image_token_count(vlm.model_config, image_size) for _, image_size in pixel_values or ()]
     try:
-      prompt_ids = vlm.prompt_ids(messages, len(image_urls))
+      prompt_ids = vlm.prompt_ids(messages, len(image_urls), counts)
     except ValueError as error:
       raise APIError(400, str(error), param="messages") from error
     check_fits(prompt_ids, body.token_limit, "messages")
-    images = open_images(image_urls, image_dir, limits.images)
-    pixel_values = vlm.image_processor(images) if images else None
+    if not variable_tokens:
+      images = open_images(image_urls, image_dir, limits.images)
+      pixel_values = vlm.image_processor(images) if images else None
     return submit(prompt_ids, pixel_values, body, outputs, "messages",
                   (body.top_logprobs or 0) if body.logprobs else None, body.response_format)
 

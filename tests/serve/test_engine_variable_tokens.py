@@ -1,0 +1,154 @@
+"""The engine serving LLaVA-NeXT, whose images give a token count each: requests with images of different sizes,
+submitted together or while others decode, prefilled whole, in chunks, or after a prefix-cache hit, each decode
+as `VLM.generate_ids` decodes it alone; and the OpenAI server answering chats with images of mixed sizes as
+`VLM.chat` does. The tiny checkpoint is test_llava_next.py's (written by transformers)."""
+
+import base64
+import concurrent.futures
+import importlib
+import io
+import pathlib
+import sys
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+import vlmjax
+from vlmjax.infer.engine import Engine
+from vlmjax.models import anyres
+from vlmjax.serve.server import Limits, create_app
+
+
+def _interop_module(name: str):
+  """A module of tests/interop, imported with that folder's conftest as `conftest` (its helpers import from it)."""
+  sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "interop"))
+  ours = sys.modules.pop("conftest", None)
+  try:
+    return importlib.import_module(name)
+  finally:
+    if ours is not None:
+      sys.modules["conftest"] = ours
+    sys.path.pop(0)
+
+
+llava_next = _interop_module("test_llava_next")
+MAX_LEN = 256
+# (height, width) per request: each its own pinpoint, unpadding and token count; two images; none.
+REQUESTS = [([(37, 52)], "What is in the picture?", 8), ([(61, 29)], "Describe the image in detail, please.", 6),
+            ([], "The quick brown fox?", 8), ([(20, 90), (45, 45)], "Compare them.", 7),
+            ([(83, 17)], "How many shapes are there?", 8)]
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("llava_next"))
+  llava_next._write(llava_next.BACKBONES["llama"], "llama", directory)
+  return vlmjax.load(directory)
+
+
+def _prompt(vlm, sizes, question: str, seed: int):
+  """(prompt ids int[T], the images' (tiles, size) or None) of one user turn with its images first."""
+  processed = vlm.image_processor(llava_next._images(sizes, seed)) if sizes else []
+  counts = [anyres.image_token_count(vlm.model_config, size) for _, size in processed]
+  messages = [{"role": "user", "content": [{"type": "image"}] * len(sizes) + [{"type": "text", "text": question}]}]
+  return vlm.prompt_ids(messages, len(sizes), counts), processed or None
+
+
+def _alone(vlm, prompt_ids, images, max_tokens) -> list[int]:
+  """The request decoded by itself through `VLM.generate_ids` (its own Tiles), cut after its end token."""
+  tiles = None if images is None else anyres.batch_tiles(vlm.model_config, [images])
+  tokens = vlm.generate_ids(np.asarray([prompt_ids]), tiles, max_new_tokens=max_tokens)[0].tolist()
+  ends = [i for i, token in enumerate(tokens) if token in vlm.eos_token_ids]
+  return tokens[:ends[0] + 1] if ends else tokens
+
+
+def _prompts(vlm, seed: int = 0):
+  return [(*_prompt(vlm, sizes, question, seed + i), max_tokens)
+          for i, (sizes, question, max_tokens) in enumerate(REQUESTS)]
+
+
+def _check(vlm, requests, prompts) -> None:
+  for request, (ids, images, max_tokens) in zip(requests, prompts):
+    assert request.wait(120).token_ids == _alone(vlm, ids, images, max_tokens), [i.shape for i, _ in images or ()]
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, 48])
+def test_mixed_sizes_submitted_together_and_staggered_decode_as_if_alone(vlm, prefill_chunk):
+  prompts = _prompts(vlm)
+  assert len({len(ids) for ids, _, _ in prompts}) == len(prompts)  # every prompt its own length
+  assert max(len(ids) for ids, _, _ in prompts) > 2 * 48  # chunked: image prompts take several pieces
+  engine = Engine(vlm, num_slots=3, max_len=MAX_LEN, prefill_chunk=prefill_chunk).start()
+  try:
+    together = [engine.submit(ids, images, max_tokens=max_tokens) for ids, images, max_tokens in prompts]
+    _check(vlm, together, prompts)
+    first = engine.submit(prompts[0][0], prompts[0][1], max_tokens=prompts[0][2])
+    while len(first.decoded_ids) < 2 and not first.done.is_set():
+      first.done.wait(0.01)
+    staggered = [first] + [engine.submit(ids, images, max_tokens=max_tokens) for ids, images, max_tokens in
+                           prompts[1:]]
+    _check(vlm, staggered, prompts)
+  finally:
+    engine.stop()
+
+
+def test_a_repeated_image_hits_the_prefix_cache(vlm):
+  engine = Engine(vlm, num_slots=2, max_len=MAX_LEN, prefix_caching=True, page_size=8).start()
+  try:
+    first_turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in it?"}]}]
+    follow_up = first_turn + [{"role": "assistant", "content": "A fox."},
+                              {"role": "user", "content": "How many shapes are there?"}]
+    asked = []
+    for messages, seed in [(first_turn, 0), (follow_up, 0), (follow_up, 1)]:
+      images = vlm.image_processor(llava_next._images([(37, 52)], seed))
+      ids = vlm.prompt_ids(messages, 1, [anyres.image_token_count(vlm.model_config, images[0][1])])
+      asked.append((engine.submit(ids, images, max_tokens=6).wait(120), ids, images))
+    for request, ids, images in asked:
+      assert request.token_ids == _alone(vlm, ids, images, 6)
+    # The follow-up on the same image reads the template and the image from the cache, not another image's.
+    assert asked[0][0].cached_tokens == 0
+    assert asked[1][0].cached_tokens >= anyres.image_token_count(vlm.model_config, (37, 52))
+    assert asked[2][0].cached_tokens == 0
+  finally:
+    engine.stop()
+
+
+def test_images_that_do_not_match_the_prompt_are_refused(vlm):
+  engine = Engine(vlm, num_slots=1, max_len=MAX_LEN)
+  ids, images = _prompt(vlm, [(37, 52)], "Hi", 0)
+  other = vlm.image_processor(llava_next._images([(61, 29)]))
+  with pytest.raises(ValueError, match="image placeholder tokens but 1 images need"):
+    engine.submit(ids, other, max_tokens=2)
+  with pytest.raises(ValueError, match="takes float32"):
+    engine.submit(ids, [(images[0][0][:1], images[0][1])], max_tokens=2)
+
+
+def _data_url(image: np.ndarray) -> str:
+  out = io.BytesIO()
+  Image.fromarray(image).save(out, format="PNG")
+  return f"data:image/png;base64,{base64.b64encode(out.getvalue()).decode()}"
+
+
+def test_the_server_answers_chats_with_images_of_mixed_sizes(vlm, serve_app):
+  app = create_app(vlm, "llava_next", num_slots=2, max_len=MAX_LEN, warm_up=True, limits=Limits(max_images=2),
+                   prefix_caching=True, page_size=8, prefill_chunk=64)
+  # One request with two sizes, and requests of other sizes at once, one of them without an image.
+  chats = [((37, 52), (20, 90)), ((61, 29),), (), ((45, 45),)]
+  with serve_app(app) as port:
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+
+    def ask(sizes):
+      images = llava_next._images(sizes, seed=len(sizes))
+      content = [{"type": "image_url", "image_url": {"url": _data_url(image)}} for image in images]
+      reply = client.chat.completions.create(model="llava_next", max_tokens=6, temperature=0, messages=[
+          {"role": "user", "content": content + [{"type": "text", "text": "What is in the picture?"}]}])
+      expected = vlm.chat([{"role": "user", "content": [{"type": "image"}] * len(images) + [
+          {"type": "text", "text": "What is in the picture?"}]}], images, max_new_tokens=6)
+      return reply.choices[0].message.content, expected, reply.usage.prompt_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(len(chats)) as pool:
+      answers = list(pool.map(ask, chats))
+  for (text, expected, _), sizes in zip(answers, chats):
+    assert text == expected, sizes
+  assert len({prompt_tokens for _, _, prompt_tokens in answers}) == len(chats)  # each its own image tokens
