@@ -18,6 +18,10 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_forc
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("VLMJAX_TEST_CACHE",
                                                         os.path.expanduser("~/.cache/vlmjax/jax-test-cache"))
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+# A size limit turns on the cache's eviction, and with it the file lock that JAX's cache holds around each read and
+# write: without it, one process may read an entry another process is still writing (`LRUCache.put` writes the file
+# in place) and hand XLA a partial executable.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
 # The setting `vlmjax` commands re-execute themselves with (vlmjax/runtime.py), given up front: the commands the
 # tests start in subprocesses then run at once instead of starting twice. tests/test_runtime.py clears it.
