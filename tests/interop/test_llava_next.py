@@ -6,19 +6,18 @@ for what vlmjax cannot run."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
-from PIL import Image
 
 import vlmjax
 from conftest import IMAGE_TOKEN, Case, train_tokenizer
 from test_hf import max_relative_error
+from variable_tokens import (assert_generate_command_matches, assert_new_sizes_reuse_prefill, chat_rows, images_of,
+                             padded)
 from vlmjax.data.images import AnyresImageProcessor, ImageProcessor
 from vlmjax.interop import hf, hf_config
 from vlmjax.models import anyres
@@ -35,10 +34,6 @@ BACKBONES = {
 PROMPTS = ["What is in the picture?", "Describe the image in detail, please.", "caption en",
            "How many shapes are there?", "The quick brown fox?"]
 
-
-def _images(sizes, seed: int = 0) -> list[np.ndarray]:
-  rng = np.random.default_rng(seed)
-  return [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for size in sizes]
 
 
 def _their_processor(tokenizer=None):
@@ -100,7 +95,7 @@ def test_processor_tiles_and_token_counts_match_transformers(checkpoint):
   ours = ImageProcessor.from_directory(directory)
   assert isinstance(ours, AnyresImageProcessor) and ours.image_grid_pinpoints == tuple(map(tuple, PINPOINTS))
   config = VLMConfig.from_dict(hf.load_pretrained(directory).config.model)
-  images = _images(SIZES + [(24, 24), (7, 300), (300, 7), (48, 48)])
+  images = images_of(SIZES + [(24, 24), (7, 300), (300, 7), (48, 48)])
   theirs = _their_processor()(images, return_tensors="np")
   for i, (tiles, size) in enumerate(ours(images)):
     assert size == tuple(theirs["image_sizes"][i])
@@ -113,7 +108,7 @@ def test_processor_tiles_and_token_counts_match_transformers(checkpoint):
 def test_processor_keys_left_out_take_the_class_defaults():
   ours = ImageProcessor.from_dict({"image_processor_type": "LlavaNextImageProcessor"})
   theirs = transformers.LlavaNextImageProcessorPil()
-  images = _images([(300, 500), (700, 260), (224, 224)])
+  images = images_of([(300, 500), (700, 260), (224, 224)])
   expected = theirs(images, return_tensors="np")
   for i, (tiles, size) in enumerate(ours(images)):
     assert size == tuple(expected["image_sizes"][i])
@@ -121,30 +116,16 @@ def test_processor_keys_left_out_take_the_class_defaults():
                                rtol=0)
 
 
-def _rows(vlm, images_per_row: list[list[np.ndarray]], prompts: list[str]):
-  """Our prompts (the chat template, placeholders expanded per image), right-padded, and the batch's Tiles."""
-  conversations = [[{"role": "user", "content": [{"type": "image"}] * len(row_images) + [
-      {"type": "text", "text": prompt}]}] for row_images, prompt in zip(images_per_row, prompts)]
-  pixel_values, counts = vlm._images(images_per_row)
-  rows = [vlm.prompt_ids(messages, len(row_images), row_counts)
-          for messages, row_images, row_counts in zip(conversations, images_per_row, counts)]
-  texts = [vlm.tokenizer.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
-  return rows, pixel_values, texts
-
-
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_logits_match_transformers_for_each_size_and_a_mixed_batch(checkpoint, backbone):
   directory, model = checkpoint(backbone)
   vlm = vlmjax.load(directory)
   # Rows: one image of each size (their own aspect ratios and pinpoints), then one row with two images.
-  images_per_row = [[image] for image in _images(SIZES)] + [_images([(30, 70), (52, 37)], seed=1)]
+  images_per_row = [[image] for image in images_of(SIZES)] + [images_of([(30, 70), (52, 37)], seed=1)]
   prompts = PROMPTS + ["Compare them."]
-  rows, tiles, texts = _rows(vlm, images_per_row, prompts)
+  rows, tiles, texts = chat_rows(vlm, images_per_row, prompts)
   assert len({len(row) for row in rows}) == len(rows)  # every row its own token count
-  width = max(map(len, rows))
-  ids = np.full((len(rows), width), vlm.pad_token_id, np.int32)
-  for i, row in enumerate(rows):
-    ids[i, :len(row)] = row
+  ids, _ = padded(vlm, rows)
   with jax.default_matmul_precision("highest"):
     ours = np.asarray(vlm.logits(ids, tiles))
   errors = {}
@@ -161,12 +142,12 @@ def test_logits_match_transformers_for_each_size_and_a_mixed_batch(checkpoint, b
 def test_generate_matches_transformers_greedy_tokens_with_images_of_different_sizes(checkpoint):
   directory, model = checkpoint("llama")
   vlm = vlmjax.load(directory)
-  images = _images(SIZES[:4], seed=2)
+  images = images_of(SIZES[:4], seed=2)
   prompts = PROMPTS[:4]
   new_tokens = 8
   with jax.default_matmul_precision("highest"):
     ours = vlm.generate(images, prompts, max_new_tokens=new_tokens)
-  _, _, texts = _rows(vlm, [[image] for image in images], prompts)
+  _, _, texts = chat_rows(vlm, [[image] for image in images], prompts)
   their_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
   compared = []
   for i, image in enumerate(images):
@@ -185,14 +166,7 @@ def test_generate_matches_transformers_greedy_tokens_with_images_of_different_si
 
 def test_generate_command(checkpoint, tmp_path):
   directory, _ = checkpoint("llama")
-  image_path = str(tmp_path / "image.png")
-  Image.fromarray(_images([(40, 70)])[0]).save(image_path)
-  done = subprocess.run([sys.executable, "-m", "vlmjax.cli", "generate", "--checkpoint", directory, "--image",
-                         image_path, "--prompt", PROMPTS[0], "--max_new_tokens", "6"],
-                        capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr
-  expected = vlmjax.load(directory).generate([Image.open(image_path)], [PROMPTS[0]], max_new_tokens=6)[0]
-  assert done.stdout.strip() == expected.strip()
+  assert_generate_command_matches(directory, tmp_path, PROMPTS[0])
 
 
 def test_export_loads_in_transformers_with_the_same_logits(checkpoint, tmp_path):
@@ -204,7 +178,7 @@ def test_export_loads_in_transformers_with_the_same_logits(checkpoint, tmp_path)
                      max_len=pretrained.max_len)
   reloaded, info = transformers.LlavaNextForConditionalGeneration.from_pretrained(out, output_loading_info=True)
   assert not any(info.values()), info
-  inputs = _their_inputs(directory, [f"USER: {IMAGE_TOKEN}\nhi ASSISTANT:"], _images([(37, 52)]))
+  inputs = _their_inputs(directory, [f"USER: {IMAGE_TOKEN}\nhi ASSISTANT:"], images_of([(37, 52)]))
   with torch.no_grad():
     np.testing.assert_array_equal(reloaded.eval()(**inputs).logits.numpy(), model(**inputs).logits.numpy())
   again = hf.load_pretrained(out)
@@ -271,24 +245,15 @@ def test_a_processor_that_tiles_otherwise_than_the_model_is_named(checkpoint, tm
 
 
 def test_images_of_new_sizes_reuse_the_compiled_program(checkpoint):
-  from vlmjax.infer import generate as generation
-
   directory, _ = checkpoint("llama")
-  vlm = vlmjax.load(directory)
-  vlm.generate(_images([(37, 52), (61, 29)]), ["hi", "What is in the picture?"], max_new_tokens=2)
-  compiled = generation.prefill._cache_size()
-  tiles = [vlm._images([[image] for image in _images(sizes)])[0] for sizes in ([(37, 52), (61, 29)],
-                                                                               [(45, 45), (29, 61)])]
-  assert jax.tree.map(np.shape, tiles[0]) == jax.tree.map(np.shape, tiles[1])  # the same buckets
-  vlm.generate(_images([(45, 45), (29, 61)]), ["hi", "What is in the picture?"], max_new_tokens=2)
-  assert generation.prefill._cache_size() == compiled
+  assert_new_sizes_reuse_prefill(vlmjax.load(directory), [(37, 52), (61, 29)], [(45, 45), (29, 61)])
 
 
 def test_batch_tiles_lays_out_rows_with_several_images_or_none(checkpoint):
   directory, _ = checkpoint("llama")
   vlm = vlmjax.load(directory)
   config = vlm.model_config
-  processed = vlm.image_processor(_images([(37, 52), (61, 29), (20, 90)]))
+  processed = vlm.image_processor(images_of([(37, 52), (61, 29), (20, 90)]))
   tiles = anyres.batch_tiles(config, [processed[:2], [], processed[2:]])
   num_tiles = [len(image_tiles) for image_tiles, _ in processed]
   counts = [anyres.image_token_count(config, size) for _, size in processed]

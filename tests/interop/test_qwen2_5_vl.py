@@ -4,8 +4,6 @@ the vision tower, logits for images of several sizes and aspect ratios alone and
 generation through `vlmjax.load` and `vlmjax generate`, and the errors for what vlmjax cannot run."""
 
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,12 +11,13 @@ import pytest
 import tokenizers
 import torch
 import transformers
-from PIL import Image
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import vlmjax
 from conftest import CORPUS
 from test_hf import max_relative_error
+from variable_tokens import (assert_generate_command_matches, assert_new_sizes_reuse_prefill, chat_rows, images_of,
+                             padded)
 from vlmjax.data.images import ImageProcessor, QwenImageProcessor
 from vlmjax.interop import hf, hf_config
 from vlmjax.models import qwen_vl
@@ -39,10 +38,6 @@ SIZES = [(37, 52), (61, 29), (45, 45), (20, 90), (300, 200), (5, 9)]
 PROMPTS = ["What is in the picture?", "Describe the image in detail, please.", "caption en",
            "How many shapes are there?", "The quick brown fox?", "detect circle"]
 
-
-def _images(sizes, seed: int = 0) -> list[np.ndarray]:
-  rng = np.random.default_rng(seed)
-  return [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for size in sizes]
 
 
 def _their_image_processor():
@@ -125,7 +120,7 @@ def test_processor_patches_and_token_counts_match_transformers(checkpoint):
   ours = ImageProcessor.from_directory(directory)
   assert isinstance(ours, QwenImageProcessor) and ours.size == {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
   config = VLMConfig.from_dict(hf.read_config(directory).config.model)
-  images = _images(SIZES + [(8, 8), (6, 150), (2000, 30)])
+  images = images_of(SIZES + [(8, 8), (6, 150), (2000, 30)])
   theirs = _their_image_processor()(images, return_tensors="np")
   first = 0
   for i, (patches, grid) in enumerate(ours(images)):
@@ -145,7 +140,7 @@ def test_the_vision_tower_matches_transformers(checkpoint):
   directory, model = checkpoint()
   pretrained = hf.load_pretrained(directory)
   config = VLMConfig.from_dict(pretrained.config.model)
-  processed = pretrained.image_processor(_images(SIZES))
+  processed = pretrained.image_processor(images_of(SIZES))
   patches = qwen_vl.batch_patches(config, [processed])
   with jax.default_matmul_precision("highest"):
     table = QwenViT(config.vision).apply({"params": pretrained.params["vision"]}, patches.pixel_values,
@@ -160,30 +155,16 @@ def test_the_vision_tower_matches_transformers(checkpoint):
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
 
 
-def _rows(vlm, images_per_row: list[list[np.ndarray]], prompts: list[str]):
-  """Our prompts (the chat template, placeholders expanded per image) and the batch's Patches, and the texts."""
-  conversations = [[{"role": "user", "content": [{"type": "image"}] * len(row_images) + [
-      {"type": "text", "text": prompt}]}] for row_images, prompt in zip(images_per_row, prompts)]
-  pixel_values, counts = vlm._images(images_per_row)
-  rows = [vlm.prompt_ids(messages, len(row_images), row_counts)
-          for messages, row_images, row_counts in zip(conversations, images_per_row, counts)]
-  texts = [vlm.tokenizer.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
-  return rows, pixel_values, texts
-
-
 @pytest.mark.parametrize("tie", [False, True])
 def test_logits_match_transformers_for_each_size_and_a_mixed_batch(checkpoint, tie):
   directory, model = checkpoint(tie)
   vlm = vlmjax.load(directory)
   assert vlm.model_config.decoder.tie_embeddings == tie
   # Rows: one image of each size (its own aspect ratio and token count), one with two images, one with text only.
-  images_per_row = [[image] for image in _images(SIZES)] + [_images([(30, 70), (52, 37)], seed=1), []]
+  images_per_row = [[image] for image in images_of(SIZES)] + [images_of([(30, 70), (52, 37)], seed=1), []]
   prompts = PROMPTS + ["Compare them.", "No picture here."]
-  rows, patches, texts = _rows(vlm, images_per_row, prompts)
-  width = max(map(len, rows))
-  ids = np.full((len(rows), width), vlm.pad_token_id, np.int32)
-  for i, row in enumerate(rows):
-    ids[i, :len(row)] = row
+  rows, patches, texts = chat_rows(vlm, images_per_row, prompts)
+  ids, _ = padded(vlm, rows)
   with jax.default_matmul_precision("highest"):
     ours = np.asarray(vlm.logits(ids, patches))
   errors = {}
@@ -200,14 +181,15 @@ def test_logits_match_transformers_for_each_size_and_a_mixed_batch(checkpoint, t
 def test_generate_matches_transformers_greedy_tokens_with_images_of_different_sizes(checkpoint):
   directory, model = checkpoint()
   vlm = vlmjax.load(directory)
-  images = _images(SIZES[:4], seed=2)
+  images = images_of(SIZES[:4], seed=2)
   prompts = PROMPTS[:4]
   new_tokens = 8
   with jax.default_matmul_precision("highest"):
     ours = vlm.generate(images, prompts, max_new_tokens=new_tokens)
-    ids, patches, mask = _padded(vlm, images, prompts)
+    rows, patches, _ = chat_rows(vlm, [[image] for image in images], prompts)
+    ids, mask = padded(vlm, rows, left=True)
     ours_ids = vlm.generate_ids(ids, patches, max_new_tokens=new_tokens, attention_mask=mask)
-  _, _, texts = _rows(vlm, [[image] for image in images], prompts)
+  _, _, texts = chat_rows(vlm, [[image] for image in images], prompts)
   their_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
   compared = []
   for i, image in enumerate(images):
@@ -225,41 +207,14 @@ def test_generate_matches_transformers_greedy_tokens_with_images_of_different_si
   assert streamed == ours[1]
 
 
-def _padded(vlm, images, prompts):
-  """(input_ids int[B, T] left-padded, Patches, attention_mask): rows of different lengths for generate_ids."""
-  rows, patches, _ = _rows(vlm, [[image] for image in images], prompts)
-  width = max(map(len, rows))
-  ids = np.full((len(rows), width), vlm.pad_token_id, np.int32)
-  mask = np.zeros((len(rows), width), bool)
-  for i, row in enumerate(rows):
-    ids[i, width - len(row):], mask[i, width - len(row):] = row, True
-  return ids, patches, mask
-
-
 def test_generate_command(checkpoint, tmp_path):
   directory, _ = checkpoint()
-  image_path = str(tmp_path / "image.png")
-  Image.fromarray(_images([(40, 70)])[0]).save(image_path)
-  done = subprocess.run([sys.executable, "-m", "vlmjax.cli", "generate", "--checkpoint", directory, "--image",
-                         image_path, "--prompt", PROMPTS[0], "--max_new_tokens", "6"],
-                        capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr
-  expected = vlmjax.load(directory).generate([Image.open(image_path)], [PROMPTS[0]], max_new_tokens=6)[0]
-  assert done.stdout.strip() == expected.strip()
+  assert_generate_command_matches(directory, tmp_path, PROMPTS[0])
 
 
 def test_images_of_new_sizes_reuse_the_compiled_program(checkpoint):
-  from vlmjax.infer import generate as generation
-
   directory, _ = checkpoint()
-  vlm = vlmjax.load(directory)
-  vlm.generate(_images([(37, 52), (61, 29)]), ["hi", "What is in the picture?"], max_new_tokens=2)
-  compiled = generation.prefill._cache_size()
-  patches = [vlm._images([[image] for image in _images(sizes)])[0] for sizes in ([(37, 52), (61, 29)],
-                                                                                 [(40, 40), (29, 61)])]
-  assert jax.tree.map(np.shape, patches[0]) == jax.tree.map(np.shape, patches[1])  # the same buckets
-  vlm.generate(_images([(40, 40), (29, 61)]), ["hi", "What is in the picture?"], max_new_tokens=2)
-  assert generation.prefill._cache_size() == compiled
+  assert_new_sizes_reuse_prefill(vlmjax.load(directory), [(37, 52), (61, 29)], [(40, 40), (29, 61)])
 
 
 def test_the_engine_refuses_qwen_by_name(checkpoint):
@@ -300,7 +255,7 @@ def test_missing_keys_take_the_transformers_defaults():
   assert ours.decoder.mrope_section == [16, 24, 24] and ours.vision.fullatt_block_indexes == [7, 15, 23, 31]
   ours = ImageProcessor.from_dict({"image_processor_type": "Qwen2VLImageProcessor", "max_pixels": 100_000})
   theirs = transformers.Qwen2VLImageProcessorPil(max_pixels=100_000)
-  for image in _images([(300, 500), (700, 260), (20, 30)]):
+  for image in images_of([(300, 500), (700, 260), (20, 30)]):
     expected = theirs([image], return_tensors="np")
     (patches, grid), = ours([image])
     assert grid == tuple(expected["image_grid_thw"][0])

@@ -34,6 +34,7 @@ def _interop_module(name: str):
 
 
 llava_next = _interop_module("test_llava_next")
+variable_tokens = _interop_module("variable_tokens")
 MAX_LEN = 256
 # (height, width) per request: each its own pinpoint, unpadding and token count; two images; none.
 REQUESTS = [([(37, 52)], "What is in the picture?", 8), ([(61, 29)], "Describe the image in detail, please.", 6),
@@ -50,7 +51,7 @@ def vlm(tmp_path_factory):
 
 def _prompt(vlm, sizes, question: str, seed: int):
   """(prompt ids int[T], the images' (tiles, size) or None) of one user turn with its images first."""
-  processed = vlm.image_processor(llava_next._images(sizes, seed)) if sizes else []
+  processed = vlm.image_processor(variable_tokens.images_of(sizes, seed)) if sizes else []
   counts = [anyres.image_token_count(vlm.model_config, size) for _, size in processed]
   messages = [{"role": "user", "content": [{"type": "image"}] * len(sizes) + [{"type": "text", "text": question}]}]
   return vlm.prompt_ids(messages, len(sizes), counts), processed or None
@@ -101,7 +102,7 @@ def test_a_repeated_image_hits_the_prefix_cache(vlm):
                               {"role": "user", "content": "How many shapes are there?"}]
     asked = []
     for messages, seed in [(first_turn, 0), (follow_up, 0), (follow_up, 1)]:
-      images = vlm.image_processor(llava_next._images([(37, 52)], seed))
+      images = vlm.image_processor(variable_tokens.images_of([(37, 52)], seed))
       ids = vlm.prompt_ids(messages, 1, [anyres.image_token_count(vlm.model_config, images[0][1])])
       asked.append((engine.submit(ids, images, max_tokens=6).wait(120), ids, images))
     for request, ids, images in asked:
@@ -117,7 +118,7 @@ def test_a_repeated_image_hits_the_prefix_cache(vlm):
 def test_images_that_do_not_match_the_prompt_are_refused(vlm):
   engine = Engine(vlm, num_slots=1, max_len=MAX_LEN)
   ids, images = _prompt(vlm, [(37, 52)], "Hi", 0)
-  other = vlm.image_processor(llava_next._images([(61, 29)]))
+  other = vlm.image_processor(variable_tokens.images_of([(61, 29)]))
   with pytest.raises(ValueError, match="image placeholder tokens but 1 images need"):
     engine.submit(ids, other, max_tokens=2)
   with pytest.raises(ValueError, match="takes float32"):
@@ -139,7 +140,7 @@ def test_the_server_answers_chats_with_images_of_mixed_sizes(vlm, serve_app):
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
 
     def ask(sizes):
-      images = llava_next._images(sizes, seed=len(sizes))
+      images = variable_tokens.images_of(sizes, seed=len(sizes))
       content = [{"type": "image_url", "image_url": {"url": _data_url(image)}} for image in images]
       reply = client.chat.completions.create(model="llava_next", max_tokens=6, temperature=0, messages=[
           {"role": "user", "content": content + [{"type": "text", "text": "What is in the picture?"}]}])
