@@ -322,18 +322,18 @@ def _restore_latest(workdir: str, abstract) -> tuple[int, Any]:
   return found
 
 
-def lora_parts(workdir: str) -> tuple[VLM, dict, int]:
-  """A lora run's pieces: (its base model as `load` reads train.init_from, the trained parameters of its latest
-  checkpoint — adapters and projector, layers unrolled — and that checkpoint's step)."""
+def lora_trained(workdir: str) -> tuple[dict, int]:
+  """What a lora run trained: (the adapters and projector of its latest checkpoint, layers unrolled, and that
+  checkpoint's step). Its base is train.init_from, read by `load` (the export of the adapters alone needs none)."""
   config = workdir_lib.read_config(workdir)
-  base = _load(config.train.init_from)
   step, trained = _restore_latest(workdir, adapters.abstract_trained(config, VLMConfig.from_dict(config.model)))
-  return base, layers.unstack_layers(trained), step
+  return layers.unstack_layers(trained), step
 
 
 def _load_adapted(workdir: str, config: ml_collections.ConfigDict) -> VLM:
   """A lora run's model: its base with the trained projector and the adapters merged into the kernels."""
-  base, trained, step = lora_parts(workdir)
+  base = _load(config.train.init_from)
+  trained, step = lora_trained(workdir)
   return dataclasses.replace(base, params=adapters.merged(config, base.params, trained),
                              source=f"{os.path.abspath(workdir)} step {step} (LoRA on {base.source})")
 

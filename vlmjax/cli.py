@@ -370,7 +370,7 @@ def export_checkpoint(checkpoint: str, out: str, adapters: bool = False) -> str:
   if config is None or not workdir_lib.is_lora_run(config):
     raise ValueError(f"--adapters: {checkpoint} is not a lora run (train.stages=lora) and has no adapters; export "
                      f"its whole model without --adapters")
-  _, trained, step = api.lora_parts(checkpoint)
+  trained, step = api.lora_trained(checkpoint)  # the adapters and projector alone: no base is read
   base = os.path.abspath(config.train.init_from)
   peft.save_adapters(out, config, trained, adapters_lib.lora_config(config), base)
   notes = []

@@ -101,6 +101,6 @@ def test_finetuning_learns_resumes_and_loads(checkpoint, data, tmp_path, name, o
   assert changed["projector"] and any(jax.tree.leaves(changed["decoder"]))
   assert not any(jax.tree.leaves(changed["vision"]))  # frozen in both stages
   if config.train.stages == "lora":  # its checkpoints hold the adapters and the projector, nothing of the base
-    _, trained, _ = api.lora_parts(workdir)
+    trained, _ = api.lora_trained(workdir)
     assert sorted(trained) == ["decoder", "projector"]
     assert {path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(trained["decoder"])} == {"lora_a", "lora_b"}

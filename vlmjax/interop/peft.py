@@ -118,7 +118,7 @@ def save_adapters(path: str, config: VLMConfig | ml_collections.ConfigDict, trai
     path: the directory to write (adapter_config.json, adapter_model.safetensors).
     config: the base model's VLMConfig, or a run config whose `model` section it is; LLaVA-like or PaliGemma-like as
       `hf.save_pretrained` needs.
-    trained_params: what a lora stage trains (`api.lora_parts`): the adapters (lora_a, lora_b beside the decoder's
+    trained_params: what a lora stage trains (`api.lora_trained`): the adapters (lora_a, lora_b beside the decoder's
       kernels), layers unrolled or scanned, and the projector, written whole as PEFT's `modules_to_save`.
     lora_config: the run's rank, alpha and dropout (PEFT's r, lora_alpha, lora_dropout).
     base_model_name_or_path: the base model's Hugging Face directory (or hub name), recorded for AutoPeftModel.
