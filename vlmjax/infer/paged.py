@@ -51,20 +51,21 @@ class PageAllocator:
         self._free.append(page)
 
 
+def _token_bytes(config: VLMConfig, dtype) -> int:
+  """Bytes a token's keys and values take in `dtype` across the model's layers (`paged_cache.token_bytes`)."""
+  decoder = config.decoder
+  return paged_cache.token_bytes(num_layers=decoder.depth, num_kv_heads=decoder.num_kv_heads,
+                                 head_dim=decoder.attention_head_dim, dtype=dtype)
+
+
 def default_num_pages(config: VLMConfig, num_slots: int, max_len: int, page_size: int) -> int:
   """Pages of the pool in the bytes of a [num_slots, max_len] cache in the compute dtype: a pool in that dtype holds
   every slot full; an INT8 one (a scale per token and head beside the int8 values) holds (2 H) / (H + 4) times as
   many tokens in bfloat16's bytes, (4 H) / (H + 4) in float32's."""
-  decoder = config.decoder
-  shape = dict(num_layers=decoder.depth, num_kv_heads=decoder.num_kv_heads, head_dim=decoder.attention_head_dim)
   full = num_slots * paged_cache.pages_for(max_len, page_size)
-  return full * paged_cache.token_bytes(**shape, dtype=decoder.dtype) // paged_cache.token_bytes(
-      **shape, dtype=decoder.cache_dtype)
+  return full * _token_bytes(config, config.decoder.dtype) // _token_bytes(config, config.decoder.cache_dtype)
 
 
 def pool_bytes(config: VLMConfig, num_pages: int, page_size: int) -> int:
   """Bytes the pool's pages hold (keys and values of every layer, INT8 scales included)."""
-  decoder = config.decoder
-  return num_pages * page_size * paged_cache.token_bytes(num_layers=decoder.depth, num_kv_heads=decoder.num_kv_heads,
-                                                         head_dim=decoder.attention_head_dim,
-                                                         dtype=decoder.cache_dtype)
+  return num_pages * page_size * _token_bytes(config, config.decoder.cache_dtype)
