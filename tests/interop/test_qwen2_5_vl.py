@@ -21,7 +21,7 @@ from variable_tokens import (assert_generate_command_matches, assert_new_sizes_r
 from vlmjax.data.images import ImageProcessor, QwenImageProcessor
 from vlmjax.interop import hf, hf_config
 from vlmjax.models import qwen_vl
-from vlmjax.models.qwen_vit import QwenViT
+from vlmjax.models.qwen_vit import QwenViT, host_mrope_positions, mrope_positions
 from vlmjax.models.vlm import VLMConfig
 
 PAD, START, END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -217,12 +217,26 @@ def test_images_of_new_sizes_reuse_the_compiled_program(checkpoint):
   assert_new_sizes_reuse_prefill(vlmjax.load(directory), [(37, 52), (61, 29)], [(40, 40), (29, 61)])
 
 
-def test_the_engine_refuses_qwen_by_name(checkpoint):
-  from vlmjax.infer.engine import Engine
-
+def test_host_mrope_positions_equal_the_programs(checkpoint):
+  """The serving engine's M-RoPE positions, made on the host from a prompt's ids and its images' grids, are those the
+  model computes from the batch's tables (`mrope_positions`), for padded rows of images of every size, two images
+  and none; a placeholder past the images' tokens (generated, then prefilled again) counts as text."""
   directory, _ = checkpoint()
-  with pytest.raises(ValueError, match="Qwen2.5-VL's images at their own resolution"):
-    Engine(vlmjax.load(directory), num_slots=2)
+  vlm = vlmjax.load(directory)
+  config = vlm.model_config
+  images_per_row = [[image] for image in images_of(SIZES)] + [images_of([(30, 70), (52, 37)], seed=1), []]
+  rows, patches, _ = chat_rows(vlm, images_per_row, PROMPTS + ["Compare them.", "No picture here."])
+  ids, mask = padded(vlm, rows)
+  positions, offsets = mrope_positions(ids, config.image_token_id, patches, mask)
+  for b, (row, row_images) in enumerate(zip(rows, images_per_row)):
+    grids = [grid for _, grid in vlm.image_processor(row_images)]
+    ours, offset = host_mrope_positions(row, config.image_token_id, grids, config.vision)
+    np.testing.assert_array_equal(ours, np.asarray(positions)[:, b, :len(row)])
+    assert offset == int(offsets[b]) and (offset != 0) == bool(row_images), (b, offset)
+    more, more_offset = host_mrope_positions(row + [config.image_token_id, 7], config.image_token_id, grids,
+                                             config.vision)
+    np.testing.assert_array_equal(more[:, len(row):], np.full((3, 2), len(row) + offset) + [0, 1])
+    assert more_offset == offset
 
 
 # --- what vlmjax refuses, with the key and value named ----------------------------------------------------------

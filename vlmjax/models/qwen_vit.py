@@ -24,7 +24,7 @@ through the host's index table (`Patches.token_index`).
 
 Here too: `Patches` (the batch's tables, `vlmjax.models.qwen_vl.batch_patches` makes them), `layout` and
 `fill_patches` (an image's place in the window layout), and `mrope_positions` (the decoder's M-RoPE positions read
-from the tables).
+from the tables; `host_mrope_positions` the same of one prompt on the host).
 """
 
 import dataclasses
@@ -138,6 +138,30 @@ def mrope_positions(input_ids: jax.Array, image_token_id: int, patches: Patches,
   valid = jnp.ones(input_ids.shape, bool) if input_mask is None else input_mask.astype(bool)
   last = jnp.max(jnp.where(valid[None], positions, 0), axis=(0, 2))  # [B]
   return positions.astype(jnp.int32), (last + 1 - jnp.sum(valid, axis=1)).astype(jnp.int32)
+
+
+def host_mrope_positions(token_ids: Sequence[int], image_token_id: int, grids: Sequence[tuple[int, int, int]],
+                         config: QwenViTConfig) -> tuple[np.ndarray, int]:
+  """`mrope_positions` of one prompt on the host, from its images' grids (t, h, w) alone: the serving engine's
+  chunks and prefix-cache hits take the positions of a prompt's later tokens without its images' tables.
+
+  The first t·h·w/m² placeholders of each grid, in order, are its image's tokens; placeholders after all of them
+  are ordinary tokens (a placeholder id the model generated, prefilled again after a preemption).
+  Returns (positions int32[3, T]; the offset: after the prompt, the token at cache slot s has position s + offset).
+  """
+  token_ids = np.asarray(token_ids)
+  layouts = [layout(grid, config.merge_size, config.window_units) for grid in grids]
+  image_tokens = np.flatnonzero(token_ids == image_token_id)[:sum(len(each.token_units) for each in layouts)]
+  offsets = np.zeros((len(token_ids), 3), np.int64)  # each token's (temporal, row, column) within its image
+  step = np.ones(len(token_ids), np.int64)  # how far each token moves the position on
+  first = 0
+  for each in layouts:
+    tokens = image_tokens[first:first + len(each.token_units)]
+    offsets[tokens], step[tokens] = each.token_offsets[:len(tokens)], 0
+    step[tokens[-1:]] = each.advance  # an image's last token: its merged grid's longer side
+    first += len(tokens)
+  positions = (np.cumsum(step) - step)[None] + offsets.T  # [3, T]
+  return positions.astype(np.int32), int(positions.max()) + 1 - len(token_ids)
 
 
 @dataclasses.dataclass(frozen=True)

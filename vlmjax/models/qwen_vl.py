@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from vlmjax.models.anyres import bucket
-from vlmjax.models.qwen_vit import Patches, fill_patches, layout
+from vlmjax.models.qwen_vit import Layout, Patches, fill_patches, layout
 from vlmjax.models.vlm import VLMConfig
 
 
@@ -29,6 +29,17 @@ def image_token_count(config: VLMConfig, grid: tuple[int, int, int]) -> int:
   """Placeholders an image of `grid` (t, h, w) patches takes in a prompt."""
   t, h, w = grid
   return t * h * w // config.vision.merge_size**2
+
+
+def image_layout(config: VLMConfig, patches: np.ndarray, grid: tuple[int, int, int]) -> Layout:
+  """The `layout` of an image of `grid` (t, h, w) patches; ValueError when its patches are not float[t·h·w,
+  3·T·p·p] or the grid is not whole merge units."""
+  vision = config.vision
+  found = layout(grid, vision.merge_size, vision.window_units)
+  if np.shape(patches) != (len(found.patch_slots), vision.patch_dim):
+    raise ValueError(f"an image of {list(grid)} patches takes float32[{len(found.patch_slots)}, {vision.patch_dim}], "
+                     f"got {list(np.shape(patches))}")
+  return found
 
 
 def batch_patches(config: VLMConfig, rows: Sequence[Sequence[tuple[np.ndarray, tuple[int, int, int]]]],
@@ -39,19 +50,13 @@ def batch_patches(config: VLMConfig, rows: Sequence[Sequence[tuple[np.ndarray, t
   num_windows, num_tokens: at least the batch's windows and its longest row's image tokens (default: their
   `bucket`s); N = num_windows · L patches.
   """
-  vision = config.vision
-  layouts = [[layout(grid, vision.merge_size, vision.window_units) for _, grid in row] for row in rows]
-  for row, row_layouts in zip(rows, layouts):
-    for (patches, grid), image_layout in zip(row, row_layouts):
-      if patches.shape != (len(image_layout.patch_slots), vision.patch_dim):
-        raise ValueError(f"an image of {list(grid)} patches takes float[{len(image_layout.patch_slots)}, "
-                         f"{vision.patch_dim}], got {list(patches.shape)}")
-  total = sum(image_layout.num_windows for row_layouts in layouts for image_layout in row_layouts)
-  counts = [sum(len(image_layout.token_units) for image_layout in row_layouts) for row_layouts in layouts]
+  layouts = [[image_layout(config, patches, grid) for patches, grid in row] for row in rows]
+  total = sum(each.num_windows for row_layouts in layouts for each in row_layouts)
+  counts = [sum(len(each.token_units) for each in row_layouts) for row_layouts in layouts]
   num_windows = bucket(max(total, 1)) if num_windows is None else num_windows
   num_tokens = bucket(max(counts + [1])) if num_tokens is None else num_tokens
   if num_windows < total or num_tokens < max(counts + [0]):
     raise ValueError(f"the batch has {total} windows and up to {max(counts)} image tokens a row; num_windows="
                      f"{num_windows} and num_tokens={num_tokens} are too few")
-  return fill_patches(vision, [list(zip((patches for patches, _ in row), row_layouts))
-                                for row, row_layouts in zip(rows, layouts)], num_windows, num_tokens)
+  return fill_patches(config.vision, [list(zip((patches for patches, _ in row), row_layouts))
+                                       for row, row_layouts in zip(rows, layouts)], num_windows, num_tokens)
