@@ -1,7 +1,8 @@
-"""The engine serving LLaVA-NeXT, whose images give a token count each: requests with images of different sizes,
-submitted together or while others decode, prefilled whole, in chunks, or after a prefix-cache hit, each decode
-as `VLM.generate_ids` decodes it alone; and the OpenAI server answering chats with images of mixed sizes as
-`VLM.chat` does. The tiny checkpoint is test_llava_next.py's (written by transformers)."""
+"""The engine serving models whose images give a token count each, LLaVA-NeXT (tiles) and Qwen2.5-VL (patches at each
+image's own resolution, M-RoPE positions): requests with images of different sizes, submitted together or while others
+decode, prefilled whole, in chunks, or after a prefix-cache hit, each decode as `VLM.generate_ids` decodes it alone;
+and the OpenAI server answering chats with images of mixed sizes as `VLM.chat` does, and refusing bad images with a
+400. The tiny checkpoints are test_llava_next.py's and test_qwen2_5_vl.py's (written by transformers)."""
 
 import base64
 import concurrent.futures
@@ -17,7 +18,7 @@ from PIL import Image
 
 import vlmjax
 from vlmjax.infer.engine import Engine
-from vlmjax.models import anyres
+from vlmjax.models import anyres, paged_cache, qwen_vl
 from vlmjax.serve.server import Limits, create_app
 
 
@@ -34,33 +35,50 @@ def _interop_module(name: str):
 
 
 llava_next = _interop_module("test_llava_next")
+qwen2_5_vl = _interop_module("test_qwen2_5_vl")
 variable_tokens = _interop_module("variable_tokens")
+WRITERS = {"llava_next": lambda directory: llava_next._write(llava_next.BACKBONES["llama"], "llama", directory),
+           "qwen2_5_vl": lambda directory: qwen2_5_vl._write(directory, tie=False)}
 MAX_LEN = 256
-# (height, width) per request: each its own pinpoint, unpadding and token count; two images; none.
+CHUNK = 48  # every image prompt below takes more than one piece in either family
+# (height, width) per request: each its own token count (LLaVA-NeXT's pinpoint and unpadding, Qwen2.5-VL's grid); two
+# images; none.
 REQUESTS = [([(37, 52)], "What is in the picture?", 8), ([(61, 29)], "Describe the image in detail, please.", 6),
             ([], "The quick brown fox?", 8), ([(20, 90), (45, 45)], "Compare them.", 7),
             ([(83, 17)], "How many shapes are there?", 8)]
 
 
+@pytest.fixture(scope="module", params=list(WRITERS))
+def family(request) -> str:
+  return request.param
+
+
 @pytest.fixture(scope="module")
-def vlm(tmp_path_factory):
-  directory = str(tmp_path_factory.mktemp("llava_next"))
-  llava_next._write(llava_next.BACKBONES["llama"], "llama", directory)
+def vlm(family, tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp(family))
+  WRITERS[family](directory)
   return vlmjax.load(directory)
 
 
+def _count(vlm, size) -> int:
+  """The placeholders of one processed image of size `size` (LLaVA-NeXT's (height, width), Qwen2.5-VL's grid)."""
+  counting = qwen_vl if vlm.model_config.qwen_tower else anyres
+  return counting.image_token_count(vlm.model_config, size)
+
+
 def _prompt(vlm, sizes, question: str, seed: int):
-  """(prompt ids int[T], the images' (tiles, size) or None) of one user turn with its images first."""
+  """(prompt ids int[T], the images as the processor makes them or None) of one user turn with its images first."""
   processed = vlm.image_processor(variable_tokens.images_of(sizes, seed)) if sizes else []
-  counts = [anyres.image_token_count(vlm.model_config, size) for _, size in processed]
+  counts = [_count(vlm, size) for _, size in processed]
   messages = [{"role": "user", "content": [{"type": "image"}] * len(sizes) + [{"type": "text", "text": question}]}]
   return vlm.prompt_ids(messages, len(sizes), counts), processed or None
 
 
 def _alone(vlm, prompt_ids, images, max_tokens) -> list[int]:
-  """The request decoded by itself through `VLM.generate_ids` (its own Tiles), cut after its end token."""
-  tiles = None if images is None else anyres.batch_tiles(vlm.model_config, [images])
-  tokens = vlm.generate_ids(np.asarray([prompt_ids]), tiles, max_new_tokens=max_tokens)[0].tolist()
+  """The request decoded by itself through `VLM.generate_ids` (its own Tiles or Patches), cut after its end token."""
+  batch = qwen_vl.batch_patches if vlm.model_config.qwen_tower else anyres.batch_tiles
+  pixels = None if images is None else batch(vlm.model_config, [images])
+  tokens = vlm.generate_ids(np.asarray([prompt_ids]), pixels, max_new_tokens=max_tokens)[0].tolist()
   ends = [i for i, token in enumerate(tokens) if token in vlm.eos_token_ids]
   return tokens[:ends[0] + 1] if ends else tokens
 
@@ -75,11 +93,15 @@ def _check(vlm, requests, prompts) -> None:
     assert request.wait(120).token_ids == _alone(vlm, ids, images, max_tokens), [i.shape for i, _ in images or ()]
 
 
-@pytest.mark.parametrize("prefill_chunk", [None, 48])
+@pytest.mark.parametrize("prefill_chunk", [None, CHUNK])
 def test_mixed_sizes_submitted_together_and_staggered_decode_as_if_alone(vlm, prefill_chunk):
   prompts = _prompts(vlm)
   assert len({len(ids) for ids, _, _ in prompts}) == len(prompts)  # every prompt its own length
-  assert max(len(ids) for ids, _, _ in prompts) > 2 * 48  # chunked: image prompts take several pieces
+  for ids, images, _ in prompts:
+    # Chunked, an image prompt takes more than one piece: the first reaches past its images, the next come after
+    # them (Qwen2.5-VL's at M-RoPE positions past the images', made without them).
+    images_end = 1 + max((i for i, token in enumerate(ids) if token == vlm.model_config.image_token_id), default=-1)
+    assert not images or len(ids) > max(CHUNK, images_end), (len(ids), images_end)
   engine = Engine(vlm, num_slots=3, max_len=MAX_LEN, prefill_chunk=prefill_chunk).start()
   try:
     together = [engine.submit(ids, images, max_tokens=max_tokens) for ids, images, max_tokens in prompts]
@@ -103,14 +125,31 @@ def test_a_repeated_image_hits_the_prefix_cache(vlm):
     asked = []
     for messages, seed in [(first_turn, 0), (follow_up, 0), (follow_up, 1)]:
       images = vlm.image_processor(variable_tokens.images_of([(37, 52)], seed))
-      ids = vlm.prompt_ids(messages, 1, [anyres.image_token_count(vlm.model_config, images[0][1])])
+      ids = vlm.prompt_ids(messages, 1, [_count(vlm, images[0][1])])
       asked.append((engine.submit(ids, images, max_tokens=6).wait(120), ids, images))
     for request, ids, images in asked:
       assert request.token_ids == _alone(vlm, ids, images, 6)
-    # The follow-up on the same image reads the template and the image from the cache, not another image's.
+    # The follow-up on the same image reads the template and the image from the cache, not another image's (and
+    # prefills the rest at the positions after the image's).
     assert asked[0][0].cached_tokens == 0
-    assert asked[1][0].cached_tokens >= anyres.image_token_count(vlm.model_config, (37, 52))
+    assert asked[1][0].cached_tokens >= _count(vlm, asked[1][2][0][1])
     assert asked[2][0].cached_tokens == 0
+  finally:
+    engine.stop()
+
+
+def test_a_preempted_request_decodes_on_as_if_alone(vlm):
+  # Two image prompts whose pages fill the pool: the first one's next page preempts the second, which is prefilled
+  # again after it with the tokens it had decoded (Qwen2.5-VL's at their cache slot + its M-RoPE offset).
+  prompts = _prompts(vlm)[:2]
+  num_pages = sum(paged_cache.pages_for(len(ids) + 1, 16) for ids, _, _ in prompts)
+  engine = Engine(vlm, num_slots=2, max_len=MAX_LEN, num_pages=num_pages, page_size=16).start()
+  try:
+    with engine._condition:  # held: both admitted at once
+      requests = [engine.submit(ids, images, max_tokens=16) for ids, images, _ in prompts]
+    for request, (ids, images, _) in zip(requests, prompts):
+      assert request.wait(120).token_ids == _alone(vlm, ids, images, 16)
+    assert engine.num_preemptions > 0
   finally:
     engine.stop()
 
@@ -131,8 +170,8 @@ def _data_url(image: np.ndarray) -> str:
   return f"data:image/png;base64,{base64.b64encode(out.getvalue()).decode()}"
 
 
-def test_the_server_answers_chats_with_images_of_mixed_sizes(vlm, serve_app):
-  app = create_app(vlm, "llava_next", num_slots=2, max_len=MAX_LEN, warm_up=True, limits=Limits(max_images=2),
+def test_the_server_answers_chats_with_images_of_mixed_sizes(vlm, family, serve_app):
+  app = create_app(vlm, family, num_slots=2, max_len=MAX_LEN, warm_up=True, limits=Limits(max_images=2),
                    prefix_caching=True, page_size=8, prefill_chunk=64)
   # One request with two sizes, and requests of other sizes at once, one of them without an image.
   chats = [((37, 52), (20, 90)), ((61, 29),), (), ((45, 45),)]
@@ -142,7 +181,7 @@ def test_the_server_answers_chats_with_images_of_mixed_sizes(vlm, serve_app):
     def ask(sizes):
       images = variable_tokens.images_of(sizes, seed=len(sizes))
       content = [{"type": "image_url", "image_url": {"url": _data_url(image)}} for image in images]
-      reply = client.chat.completions.create(model="llava_next", max_tokens=6, temperature=0, messages=[
+      reply = client.chat.completions.create(model=family, max_tokens=6, temperature=0, messages=[
           {"role": "user", "content": content + [{"type": "text", "text": "What is in the picture?"}]}])
       expected = vlm.chat([{"role": "user", "content": [{"type": "image"}] * len(images) + [
           {"type": "text", "text": "What is in the picture?"}]}], images, max_new_tokens=6)
@@ -150,6 +189,16 @@ def test_the_server_answers_chats_with_images_of_mixed_sizes(vlm, serve_app):
 
     with concurrent.futures.ThreadPoolExecutor(len(chats)) as pool:
       answers = list(pool.map(ask, chats))
+    # An image that does not decode, and for Qwen2.5-VL one its processor refuses (a side over 200 times the
+    # other), is a 400 naming it, as a fixed-size model's is.
+    bad = [("data:image/png;base64,aGVsbG8=", "not a decodable PNG or JPEG")]
+    if family == "qwen2_5_vl":
+      bad.append((_data_url(variable_tokens.images_of([(1, 250)])[0]), "too elongated"))
+    for url, message in bad:
+      with pytest.raises(openai.BadRequestError, match=message) as refused:
+        client.chat.completions.create(model=family, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": url}}]}])
+      assert refused.value.body["param"] == "messages.0.content.1"
   for (text, expected, _), sizes in zip(answers, chats):
     assert text == expected, sizes
   assert len({prompt_tokens for _, _, prompt_tokens in answers}) == len(chats)  # each its own image tokens

@@ -42,13 +42,15 @@ first chunk, which reaches past the last of them. The greedy tokens are those of
 Prefix-LM prompts attend bidirectionally and are prefilled whole. One iteration prefills at most
 `prefill_budget` prompt tokens, the earliest admitted first; the rest wait, admitted, for the next iteration.
 
-Images with a token count each (LLaVA-NeXT's `image_grid_pinpoints`): a request carries its images as the image
-processor makes them, (tiles, size) each, its placeholders expanded to each image's count. Each prefill call lays out
-the `Tiles` of the prompts it holds (`slots._image_input`): their tiles padded to a bucket, each row's image tokens
-indexed within its prompt bucket, so the programs follow the prompt bucket, the batch and the tile bucket. Chunked
-prefill (the images in the first piece) and the prefix cache (keyed by the processed pixels, so by the image and the
-processor's settings) take them as they take fixed-size images. Qwen2.5-VL is refused: its decode steps would need
-each slot's M-RoPE offset.
+Images with a token count each (LLaVA-NeXT's `image_grid_pinpoints`, Qwen2.5-VL's own resolutions): a request
+carries its images as the image processor makes them, (tiles, size) or (patches, grid) each, its placeholders
+expanded to each image's count. Each prefill call lays out the `Tiles` or `Patches` of the prompts it holds
+(`slots._image_input`): their tiles or windows padded to a bucket, each row's image tokens indexed within its prompt
+bucket, so the programs follow the prompt bucket, the batch and the tile or window bucket. Chunked prefill (the
+images in the first piece) and the prefix cache (keyed by the processed pixels, so by the image and the processor's
+settings) take them as they take fixed-size images. Qwen2.5-VL's M-RoPE positions are made on the host from a
+context's tokens and its images' grids (`slots.context_positions`), so that a piece after the images takes its
+positions without them; each slot holds its offset, which its decode steps add to the cache slot.
 """
 
 import logging
@@ -68,9 +70,9 @@ from vlmjax.infer.requests import Constraint, Output, Request, TokenLogprob
 from vlmjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenScores
 from vlmjax.infer.scheduler import Scheduler
 from vlmjax.infer import warm_up as warm_up_lib
-from vlmjax.infer.slots import (Prefix, add_pages, allowed_words, generate, image_bucket, init_state, insert,
-                                prefill, prefill_chunk, prefill_rows, release, set_allowed)
-from vlmjax.models import anyres, paged_cache
+from vlmjax.infer.slots import (Prefix, add_pages, allowed_words, context_positions, generate, image_bucket, init_state,
+                                insert, prefill, prefill_chunk, prefill_rows, release, set_allowed)
+from vlmjax.models import anyres, paged_cache, qwen_vl
 
 _log = logging.getLogger(__name__)
 DEFAULT_MAX_LEN = 2048  # a slot's context when neither the caller nor the checkpoint states one
@@ -124,9 +126,6 @@ class Engine:
     self.vlm, self.num_slots, self.on_finish, self.page_size = vlm, num_slots, on_finish, page_size
     self.static_batching, self.prefill_chunk, self.max_waiting = static_batching, prefill_chunk, max_waiting
     self.config = vlm.model_config
-    if self.config.qwen_tower:  # its decode steps need each slot's M-RoPE offset, which SlotState does not hold
-      raise ValueError("the engine (and vlmjax serve) does not take Qwen2.5-VL's images at their own resolution "
-                       "yet (vision_tower='qwen2_5_vl', M-RoPE positions): use vlm.generate")
     self.max_len = max_len or vlm.max_len or DEFAULT_MAX_LEN
     self.buckets = tuple(b for b in generation.BUCKETS if b < self.max_len) + (self.max_len,)
     self.error: BaseException | None = None
@@ -198,8 +197,10 @@ class Engine:
     Args:
       prompt_ids: int[T], image placeholders expanded (as `VLM.prompt_ids` gives them).
       pixel_values: float32[I, H, W, 3] normalized images, one per placeholder run, or None; for a model whose
-        images give a token count each (LLaVA-NeXT), what its image processor makes of them: (tiles float32[n, S,
-        S, 3], (height, width)) per image, their placeholders expanded to `anyres.image_token_count` each.
+        images give a token count each, what its image processor makes of them, their placeholders expanded to
+        each one's count: LLaVA-NeXT's (tiles float32[n, S, S, 3], (height, width)) per image
+        (`anyres.image_token_count`), Qwen2.5-VL's (patches float32[t·h·w, 3·T·p·p], grid (t, h, w))
+        (`qwen_vl.image_token_count`).
       max_tokens: tokens to generate at most (default: the rest of the slot's context).
       seed: the request's PRNG seed (default: random); with the same seed a request samples what
         `VLM.generate_ids(..., seed=seed)` samples for it alone.
@@ -220,7 +221,7 @@ class Engine:
     num_images = 0 if pixel_values is None else len(pixel_values)
     if self.config.variable_image_tokens:
       pixel_values = list(pixel_values) if num_images else None
-      needed = sum(self._image_tokens(tiles, image_size) for tiles, image_size in pixel_values or ())
+      needed = sum(self._image_tokens(pixels, size) for pixels, size in pixel_values or ())
     else:
       size = self.config.vision.image_size
       if num_images and pixel_values.shape[1:] != (size, size, 3):
@@ -247,14 +248,17 @@ class Engine:
       self._condition.notify_all()
     return request
 
-  def _image_tokens(self, tiles: np.ndarray, image_size: tuple[int, int]) -> int:
-    """The placeholders of one LLaVA-NeXT image (its tiles float32[n, S, S, 3] and (height, width)); ValueError when
-    the tiles are not those of its size."""
-    grid = anyres.image_grid(self.config, tuple(image_size))
-    size = self.config.vision.image_size
-    if np.shape(tiles) != (grid.num_tiles, size, size, 3):
-      raise ValueError(f"an image of {image_size[0]}x{image_size[1]} pixels takes float32[{grid.num_tiles}, {size}, "
-                       f"{size}, 3] tiles, got {list(np.shape(tiles))}")
+  def _image_tokens(self, pixels: np.ndarray, size: tuple[int, ...]) -> int:
+    """The placeholders of one image as `submit` takes it (LLaVA-NeXT's tiles and (height, width), Qwen2.5-VL's
+    patches and grid (t, h, w)); ValueError when the pixels are not those of its size."""
+    if self.config.qwen_tower:
+      qwen_vl.image_layout(self.config, pixels, tuple(size))  # checks the patches against the grid
+      return qwen_vl.image_token_count(self.config, tuple(size))
+    grid = anyres.image_grid(self.config, tuple(size))
+    side = self.config.vision.image_size
+    if np.shape(pixels) != (grid.num_tiles, side, side, 3):
+      raise ValueError(f"an image of {size[0]}x{size[1]} pixels takes float32[{grid.num_tiles}, {side}, {side}, 3] "
+                       f"tiles, got {list(np.shape(pixels))}")
     return anyres.token_count(grid, self.config.vision.grid_size)
 
   def check_fits(self, prompt_length: int, max_tokens: int | None) -> int:
@@ -388,13 +392,12 @@ class Engine:
     config = self.config
     pixel_values = request.pixel_values if start < request.images_end else None  # the images are in this piece
     bucket = generation.bucket_length(end - start, self.buckets)
-    self._state, logits = prefill_chunk(self.vlm.params, config, self._state, context[start:end], pixel_values,
-                                        bucket, self.vlm.pad_token_id, self._page_row(slot), start)
+    self._state, prefix = prefill_chunk(self.vlm.params, config, self._state, context[start:end], pixel_values,
+                                        bucket, self.vlm.pad_token_id, self._page_row(slot),
+                                        context_positions(config, context, request.pixel_values), start)
     entry.prefilled = end
-    if end < len(context):
-      return
-    empty = config.decoder.init_cache(batch_size=1, max_len=0)  # nothing left for `insert` to copy
-    self._insert(slot, Prefix(cache=empty.replace(lengths=jnp.array([len(context)], jnp.int32)), logits=logits), 0)
+    if end == len(context):
+      self._insert(slot, prefix, 0)
 
   def _insert(self, slot: int, prefix: Prefix, row: int) -> None:
     """Puts the slot's prefilled context (row `row` of `prefix`) into the decode batch (its first token is

@@ -67,19 +67,20 @@ class DecodeState:
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def prefill(params, config: VLMConfig, input_ids, input_mask, pixel_values, prefix_lengths, cache: KVCache):
+def prefill(params, config: VLMConfig, input_ids, input_mask, pixel_values, prefix_lengths, cache: KVCache,
+            positions=None):
   """Runs the prompts (images included) through the model into an empty cache.
 
   Args:
     input_ids: int32[B, T] right-padded prompts with image placeholders; input_mask: bool[B, T].
     pixel_values: float32[B, (I,) H, W, 3] or None; prefix_lengths: int32[B] (prefix-LM) or None.
+    positions: int32[3, B, T] M-RoPE positions made on the host (the engine's, `qwen_vit.host_mrope_positions`), or
+      None: M-RoPE's from the placeholders and the images' tables, in the model, or else 0..T-1.
   Returns:
     (logits float32[B, V] of each row's last prompt token, the cache holding the prompts).
   """
   batch, length = input_ids.shape
-  if _has_mrope(config, pixel_values):  # from the placeholders and the images' tables, in the model
-    positions = None
-  else:
+  if positions is None and not _has_mrope(config, pixel_values):
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   last = jnp.sum(input_mask, axis=1, dtype=jnp.int32) - 1
   logits, cache = VLM(config).apply({"params": params}, input_ids, pixel_values, positions, cache,

@@ -18,13 +18,14 @@ from vlmjax.infer.paged import PageAllocator
 def page_keys(prompt_ids: list[int], pixel_values, page_size: int) -> list[bytes]:
   """One key per full page of the prompt: key k hashes the image bytes and the token ids of pages 0..k.
 
-  pixel_values: float32[I, H, W, 3], or LLaVA-NeXT's (tiles float32[n, S, S, 3], (height, width)) per image, or
-  None. The processed pixels are hashed, so the same image under other processor settings is another key."""
+  pixel_values: float32[I, H, W, 3], or per image LLaVA-NeXT's (tiles float32[n, S, S, 3], (height, width)) or
+  Qwen2.5-VL's (patches float32[t·h·w, 3·T·p·p], grid (t, h, w)), or None. The processed pixels and their sizes are
+  hashed, so the same image under other processor settings is another key."""
   digest = hashlib.sha256()
   if isinstance(pixel_values, list):
-    for tiles, image_size in pixel_values:
-      digest.update(np.asarray(image_size, np.int64).tobytes())
-      digest.update(np.ascontiguousarray(tiles, np.float32).tobytes())
+    for pixels, size in pixel_values:
+      digest.update(np.asarray(size, np.int64).tobytes())
+      digest.update(np.ascontiguousarray(pixels, np.float32).tobytes())
   elif pixel_values is not None:
     digest.update(np.ascontiguousarray(pixel_values, np.float32).tobytes())
   keys = []

@@ -20,8 +20,9 @@ import numpy as np
 
 from vlmjax.infer import generate as generation
 from vlmjax.infer.sampling import SamplingParams, TokenScores, sample, token_scores
-from vlmjax.models import anyres, paged_cache
+from vlmjax.models import anyres, paged_cache, qwen_vl
 from vlmjax.models.kv_cache import KVCache
+from vlmjax.models.qwen_vit import host_mrope_positions
 from vlmjax.models.vlm import VLM as VLMModel
 from vlmjax.models.vlm import VLMConfig
 
@@ -50,6 +51,8 @@ class SlotState:
     prefix_lengths: int32[N], each slot's prompt length (the bidirectional prefix of a prefix-LM model).
     allowed: int32[N, ceil(V / 32)], a bit per token: the tokens each slot may sample next (bit t % 32 of word
       t // 32; all ones for an unconstrained slot).
+    position_offsets: int32[N], what a decoded token's position adds to its cache slot: M-RoPE's offset of the
+      slot's prompt (`context_positions`), 0 without M-RoPE and for a free slot.
   """
 
   cache: paged_cache.PagedKVCache
@@ -59,6 +62,7 @@ class SlotState:
   keys: jax.Array
   prefix_lengths: jax.Array
   allowed: jax.Array
+  position_offsets: jax.Array
 
 
 def allowed_words(vocab_size: int) -> int:
@@ -75,11 +79,12 @@ def _only_allowed(logits: jax.Array, allowed: jax.Array) -> jax.Array:
 
 @flax.struct.dataclass
 class Prefix:
-  """n prefilled prompts: their cache (int32[n] lengths, L layers of float[n, K, H, T_bucket]) and the logits
-  float32[n, V] of each one's last token."""
+  """n prefilled prompts: their cache (int32[n] lengths, L layers of float[n, K, H, T_bucket]), the logits
+  float32[n, V] of each one's last token and their position offsets int32[n] (SlotState's)."""
 
   cache: KVCache
   logits: jax.Array
+  position_offsets: jax.Array
 
 
 def init_state(config: VLMConfig, num_slots: int, max_len: int, num_pages: int, page_size: int,
@@ -95,7 +100,8 @@ def init_state(config: VLMConfig, num_slots: int, max_len: int, num_pages: int, 
                    active=jnp.zeros((num_slots,), bool), sampling=SamplingParams.fill(num_slots),
                    keys=jax.random.split(jax.random.key(0), num_slots),
                    prefix_lengths=jnp.zeros((num_slots,), jnp.int32),
-                   allowed=jnp.full((num_slots, allowed_words(decoder.vocab_size)), -1, jnp.int32))
+                   allowed=jnp.full((num_slots, allowed_words(decoder.vocab_size)), -1, jnp.int32),
+                   position_offsets=jnp.zeros((num_slots,), jnp.int32))
 
 
 def image_bucket(num_images: int) -> int:
@@ -113,18 +119,32 @@ def _pad_images(pixel_values: np.ndarray) -> np.ndarray:
 def _image_input(config: VLMConfig, images: Sequence, rows: int, bucket: int):
   """The model's pixel input for `rows` prompts right-padded to `bucket` tokens whose first len(images) show
   images[b] (None: every prompt's, when the first has none). A fixed-count model's images[b] are float32[I, H, W,
-  3], stacked to [rows, image_bucket(I), H, W, 3] (the rows past len(images) show the first's). A LLaVA-NeXT
-  model's images[b] list (tiles float32[n, S, S, 3], (height, width)) per image, as its image processor makes them:
-  `anyres.Tiles` of the tiles padded to their `anyres.bucket` and K = bucket tokens a row (a row's image tokens
-  are among its prompt's), so programs follow the prompt bucket, the batch and the tile bucket; the rows past
-  len(images) read no image."""
+  3], stacked to [rows, image_bucket(I), H, W, 3] (the rows past len(images) show the first's). A model whose
+  images give a token count each lists per image what its image processor makes of it: LLaVA-NeXT's (tiles
+  float32[n, S, S, 3], (height, width)), laid out as `anyres.Tiles` (tiles padded to their `anyres.bucket`), or
+  Qwen2.5-VL's (patches float32[t·h·w, 3·T·p·p], grid (t, h, w)), as `qwen_vit.Patches` (windows padded to their
+  bucket); K = bucket tokens a row (a row's image tokens are among its prompt's), so programs follow the prompt
+  bucket, the batch and the tile or window bucket; the rows past len(images) read no image."""
   if images[0] is None:
     return None
   if config.variable_image_tokens:
     rows_images = [list(row or ()) for row in images] + [[]] * (rows - len(images))
-    return jax.tree.map(jnp.asarray, anyres.batch_tiles(config, rows_images, num_tokens=bucket))
+    batch = qwen_vl.batch_patches if config.qwen_tower else anyres.batch_tiles
+    return jax.tree.map(jnp.asarray, batch(config, rows_images, num_tokens=bucket))
   images = list(images) + [images[0]] * (rows - len(images))
   return jnp.asarray(np.stack([_pad_images(pixel_values) for pixel_values in images]), jnp.float32)
+
+
+def context_positions(config: VLMConfig, context_ids: Sequence[int], pixel_values) -> tuple[np.ndarray, int] | None:
+  """M-RoPE's (positions int32[3, T], offset) of a context: a prompt with its images' placeholders, then the
+  tokens it generated before a preemption (ordinary tokens, at their cache slot + the offset), its images as
+  `Engine.submit` takes them. None for a model without M-RoPE (positions 0..T-1, offset 0). Made on the host, so
+  that a piece of the context (chunked prefill, the rest after a prefix-cache hit) takes its positions without
+  its images."""
+  if not (config.qwen_tower and config.decoder.mrope_section):
+    return None
+  grids = [grid for _, grid in pixel_values or ()]
+  return host_mrope_positions(context_ids, config.image_token_id, grids, config.vision)
 
 
 def _padded(token_ids: Sequence[int], bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,8 +162,8 @@ def prefill(params, config: VLMConfig, prompts: Sequence[tuple[Sequence[int], np
   prefix length); all have images of the same `image_bucket`. The batch is
   `rows` (default: len(prompts)), filled up with copies of the first prompt. A prefix-LM model attends
   bidirectionally over each prompt's first `prefix length` tokens (the request's own prompt: tokens it decoded
-  before a preemption come after it, causal as when they were decoded). Returns a Prefix of `rows` rows, the
-  prompts' first."""
+  before a preemption come after it, causal as when they were decoded). M-RoPE positions are the prompts'
+  `context_positions`. Returns a Prefix of `rows` rows, the prompts' first."""
   rows = rows or len(prompts)
   given, prompts = prompts, list(prompts) + [prompts[0]] * (rows - len(prompts))
   padded = [_padded(ids, bucket, pad_id) for ids, _, _ in prompts]
@@ -151,35 +171,58 @@ def prefill(params, config: VLMConfig, prompts: Sequence[tuple[Sequence[int], np
   input_mask = np.concatenate([mask for _, mask in padded])
   prefix_lengths = jnp.array([length for _, _, length in prompts], jnp.int32) if config.prefix_lm else None
   pixels = _image_input(config, [pixel_values for _, pixel_values, _ in given], rows, bucket)
+  positions, offsets = _positions([context_positions(config, ids, pixel_values) for ids, pixel_values, _ in prompts],
+                                  bucket)
   logits, cache = generation.prefill(params, config, input_ids, input_mask, pixels, prefix_lengths,
-                                     config.decoder.init_cache(batch_size=rows, max_len=bucket))
-  return Prefix(cache=cache, logits=logits)
+                                     config.decoder.init_cache(batch_size=rows, max_len=bucket), positions)
+  return Prefix(cache=cache, logits=logits, position_offsets=jnp.asarray(offsets))
+
+
+def _positions(rows: Sequence[tuple[np.ndarray, int] | None], bucket: int) -> tuple[np.ndarray | None, np.ndarray]:
+  """(M-RoPE positions int32[3, B, bucket], each row's int32[3, T] right-padded with zeros; offsets int32[B]) of B
+  rows of (positions, offset) as `context_positions` gives them; (None, zeros) without M-RoPE."""
+  offsets = np.array([0 if row is None else row[1] for row in rows], np.int32)
+  if rows[0] is None:
+    return None, offsets
+  positions = np.zeros((3, len(rows), bucket), np.int32)
+  for b, (row_positions, _) in enumerate(rows):
+    positions[:, b, :row_positions.shape[1]] = row_positions
+  return positions, offsets
 
 
 def prefill_chunk(params, config: VLMConfig, state: SlotState, token_ids: Sequence[int],
-                  pixel_values: np.ndarray | None, bucket: int, pad_id: int, pages: np.ndarray,
-                  start: int) -> tuple[SlotState, jax.Array]:
+                  pixel_values: np.ndarray | list | None, bucket: int, pad_id: int, pages: np.ndarray,
+                  mrope: tuple[np.ndarray, int] | None, start: int) -> tuple[SlotState, Prefix]:
   """Tokens `start` onwards of a prompt whose first `start` tokens are in its pages already: token_ids int[T]
-  (right-padded to `bucket`) go through the model at positions start.., attending over the pages before them,
-  into `pages` (int32[max_pages], the request's page-table row; the state's page table is left as it is).
-  pixel_values: float32[I, H, W, 3] (or LLaVA-NeXT's (tiles, size) per image), the images whose placeholders are
-  all among these tokens, or None.
-  Causal models only. Returns (the state with the new keys and values in its pool, logits float32[1, V] of
-  the last token); compiled once per bucket and image bucket."""
+  (right-padded to `bucket`) go through the model at positions start.. (M-RoPE: those of `mrope`, the whole
+  context's `context_positions`, from `start` on), attending over the pages before them, into `pages`
+  (int32[max_pages], the request's page-table row; the state's page table is left as it is).
+  pixel_values: float32[I, H, W, 3] (or, with a token count per image, a list as `_image_input` takes it), the
+  images whose placeholders are all among these tokens, or None.
+  Causal models only. Returns (the state with the new keys and values in its pool, the Prefix of one row that
+  `insert` takes when these tokens end the context: its cache empty (the keys and values are in the pages) with
+  length start + T, the logits float32[1, V] of the last token and the context's position offset); compiled once
+  per bucket and image bucket."""
   input_ids, input_mask = _padded(token_ids, bucket, pad_id)
   pixels = _image_input(config, [pixel_values], 1, bucket)
-  return _prefill_chunk(params, config, state, input_ids, input_mask, pixels, jnp.asarray(pages), jnp.int32(start))
+  piece = None if mrope is None else (mrope[0][:, start:start + len(token_ids)], mrope[1])
+  positions, offsets = _positions([piece], bucket)
+  return _prefill_chunk(params, config, state, input_ids, input_mask, pixels, jnp.asarray(pages), jnp.int32(start),
+                        positions, offsets)
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
 def _prefill_chunk(params, config: VLMConfig, state: SlotState, input_ids, input_mask, pixel_values,
-                   pages: jax.Array, start: jax.Array) -> tuple[SlotState, jax.Array]:
-  positions = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]  # [1, T_bucket]
+                   pages: jax.Array, start: jax.Array, positions, offsets) -> tuple[SlotState, Prefix]:
+  if positions is None:
+    positions = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]  # [1, T_bucket]
   cache = state.cache.replace(page_table=pages[None], lengths=start[None])
-  last = jnp.sum(input_mask, axis=1, dtype=jnp.int32) - 1
+  count = jnp.sum(input_mask, axis=1, dtype=jnp.int32)  # [1]
   logits, cache = VLMModel(config).apply({"params": params}, input_ids, pixel_values, positions, cache,
-                                         input_mask=input_mask, logit_positions=last[:, None])
-  return state.replace(cache=state.cache.replace(k=cache.k, v=cache.v)), logits[:, 0]
+                                         input_mask=input_mask, logit_positions=count[:, None] - 1)
+  empty = config.decoder.init_cache(batch_size=1, max_len=0)  # nothing for `insert` to copy: it is in the pages
+  prefix = Prefix(cache=empty.replace(lengths=start + count), logits=logits[:, 0], position_offsets=offsets)
+  return state.replace(cache=state.cache.replace(k=cache.k, v=cache.v)), prefix
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -204,7 +247,8 @@ def insert(prefix: Prefix, row: jax.Array, state: SlotState, slot: jax.Array, pa
       active=put(state.active, True), sampling=jax.tree.map(lambda all_, one: put(all_, one[0]), state.sampling,
                                                              sampling),
       keys=put(state.keys, key), prefix_lengths=put(state.prefix_lengths, prefix_length),
-      allowed=put(state.allowed, allowed)), first, token_scores(prefix.logits, tokens)
+      allowed=put(state.allowed, allowed), position_offsets=put(state.position_offsets, prefix.position_offsets[0]),
+  ), first, token_scores(prefix.logits, tokens)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -232,7 +276,9 @@ def generate(params, config: VLMConfig, state: SlotState, read_pages: int | None
   table = state.cache.page_table
   cache = state.cache.replace(page_table=table[:, :read_pages])
   prefix_lengths = state.prefix_lengths if config.prefix_lm else None
-  logits, cache = VLMModel(config).apply({"params": params}, state.tokens[:, None], None, cache.lengths[:, None],
+  # A decoded token sits at the same M-RoPE position in all three components, which is RoPE at that position.
+  positions = cache.lengths + state.position_offsets  # [N]
+  logits, cache = VLMModel(config).apply({"params": params}, state.tokens[:, None], None, positions[:, None],
                                          cache, prefix_lengths=prefix_lengths)
   split = jax.vmap(jax.random.split)(state.keys)  # [N, 2]: per slot, (next key, this step's sample key)
   logits = logits[:, 0]
@@ -252,11 +298,12 @@ def _sample_slots(logits: jax.Array, sampling: SamplingParams, keys: jax.Array) 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def release(state: SlotState, slot: jax.Array) -> SlotState:
   """Frees `slot` (int32[]): inactive, greedy (so an all-greedy batch keeps its fast path), unconstrained, length 0,
-  its page table all null pages (so the steps it still takes write nowhere)."""
+  position offset 0, its page table all null pages (so the steps it still takes write nowhere)."""
   put = lambda array, value: jax.lax.dynamic_update_index_in_dim(array, value, slot, axis=0)
   cache = state.cache
   null_row = jnp.full_like(cache.page_table[0], cache.num_pages)
   cache = cache.replace(lengths=put(cache.lengths, 0), page_table=put(cache.page_table, null_row))
   sampling = state.sampling.replace(temperature=put(state.sampling.temperature, 0.0))
   return state.replace(active=put(state.active, False), cache=cache, sampling=sampling,
-                       allowed=put(state.allowed, jnp.full_like(state.allowed[0], -1)))
+                       allowed=put(state.allowed, jnp.full_like(state.allowed[0], -1)),
+                       position_offsets=put(state.position_offsets, 0))

@@ -10,9 +10,9 @@ What the engine compiles, and for what:
   generate       each read width; add_pages, set_allowed and release; and the few eager calls of `submit` and of a
                  preemption;
   scoring        each bucket: the prompts whose own log-probabilities completions return (`echo`).
-A model whose images give a token count each (LLaVA-NeXT) gets every program but the prefills with images: those
-follow the tile count of what is prefilled together as well (`slots._image_input`), and compile when first called
-(one per prompt bucket, batch and tile bucket); `warm_up` logs that it leaves them out.
+A model whose images give a token count each (LLaVA-NeXT, Qwen2.5-VL) gets every program but the prefills with images:
+those follow the tile or window count of what is prefilled together as well (`slots._image_input`), and compile when
+first called (one per prompt bucket, batch and tile or window bucket); `warm_up` logs that it leaves them out.
 Synthetic prompts go through the engine's own methods, so each call has the argument types of a real one, into
 slots whose page rows are all the null page (their keys and values are written nowhere); the slots are freed
 after. A prompt of a bucket is as short as the bucket allows, so that as many as a real burst would be are
@@ -44,8 +44,8 @@ def warm_up(engine, max_images: int) -> float:
   began = time.perf_counter()
   if engine.config.variable_image_tokens and max_images:
     _log.warning("warm-up compiles the prefills without images only: this model's images give a token count each "
-                 "(image_grid_pinpoints), and a prefill with images compiles when first called, once per prompt "
-                 "bucket, batch and tile bucket")
+                 "(image_grid_pinpoints or Qwen2.5-VL's own resolutions), and a prefill with images compiles when "
+                 "first called, once per prompt bucket, batch and tile or window bucket")
     max_images = 0
   # What to compile depends on the prefix cache (`_pieces`): listed before it is set aside.
   whole, pieces = list(_whole_prefills(engine, max_images)), list(_pieces(engine, max_images))
@@ -144,8 +144,10 @@ def _place(engine, slot: int, length: int, images: int) -> None:
   placeholders = _placeholders(engine, images)
   filler = 0 if config.image_token_id != 0 else 1
   prompt = [config.image_token_id] * placeholders + [filler] * (length - placeholders)
-  size = config.vision.image_size
-  pixel_values = np.zeros((images, size, size, 3), np.float32) if images else None
+  pixel_values = None
+  if images:  # of a fixed-count model only (Qwen2.5-VL's tower has no image size)
+    size = config.vision.image_size
+    pixel_values = np.zeros((images, size, size, 3), np.float32)
   request = Request(prompt, pixel_values, placeholders, 1, SamplingParams.fill(1), jax.random.key(0), (), None)
   engine._scheduler.slots[slot] = Slot(request, pages=[], context_ids=prompt, prefilled=0, chunked=False,
                                        admission=0)

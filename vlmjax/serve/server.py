@@ -37,10 +37,10 @@ from vlmjax.infer import scoring
 from vlmjax.infer.constrained import JSONGrammars
 from vlmjax.infer.engine import Engine, PromptTooLong, QueueFull
 from vlmjax.infer.requests import Output, Request, TokenLogprob
-from vlmjax.models import anyres
+from vlmjax.models import anyres, qwen_vl
 from vlmjax.serve import chat_page, protocol, replies
 from vlmjax.serve.errors import APIError, internal
-from vlmjax.serve.images import ImageLimits, open_images
+from vlmjax.serve.images import ImageLimits, each_processed, open_images
 from vlmjax.serve.metrics import Metrics
 from vlmjax.serve.middleware import LimitBody, RequireAPIKey
 
@@ -190,10 +190,12 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
     return requests
 
   variable_tokens = vlm.model_config.variable_image_tokens
+  # The placeholders of one processed image: LLaVA-NeXT's (tiles, (height, width)), Qwen2.5-VL's (patches, grid).
+  image_token_count = qwen_vl.image_token_count if vlm.model_config.qwen_tower else anyres.image_token_count
 
   def submit_chat(body: protocol.ChatCompletionRequest, outputs: _Outputs) -> list[Request]:
     """The conversation's prompt, checked against the context before its images are read and decoded (after, for a
-    model whose images give a token count each: LLaVA-NeXT)."""
+    model whose images give a token count each: LLaVA-NeXT, Qwen2.5-VL)."""
     messages, image_urls = [], []
     for i, message in enumerate(body.messages):
       content = message.content
@@ -208,8 +210,9 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
                      f"request", param="messages", code="too_many_images")
     pixel_values, counts = None, None
     if variable_tokens:  # the placeholders follow the images' sizes: they are read (within the limits) first
-      pixel_values = vlm.image_processor(open_images(image_urls, image_dir, limits.images)) if image_urls else None
-      counts = [anyres.image_token_count(vlm.model_config, image_size) for _, image_size in pixel_values or ()]
+      pixel_values = each_processed(vlm.image_processor, open_images(image_urls, image_dir, limits.images),
+                                    image_urls) or None
+      counts = [image_token_count(vlm.model_config, size) for _, size in pixel_values or ()]
     try:
       prompt_ids = vlm.prompt_ids(messages, len(image_urls), counts)
     except ValueError as error:
