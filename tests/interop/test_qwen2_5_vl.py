@@ -1,8 +1,10 @@
 """Qwen2.5-VL against transformers: a tiny random checkpoint written by transformers (windowed and full-attention
 vision blocks, M-RoPE, q/k/v biases; untied and tied embeddings), the image processor's patches and token counts,
 the vision tower, logits for images of several sizes and aspect ratios alone and mixed in a batch, greedy
-generation through `vlmjax.load` and `vlmjax generate`, and the errors for what vlmjax cannot run."""
+generation through `vlmjax.load` and `vlmjax generate`, export, and the errors for what vlmjax cannot run or write."""
 
+import json
+import os
 import re
 
 import jax
@@ -19,8 +21,9 @@ from test_hf import max_relative_error
 from variable_tokens import (assert_generate_command_matches, assert_new_sizes_reuse_prefill, chat_rows, images_of,
                              padded)
 from vlmjax.data.images import ImageProcessor, QwenImageProcessor
-from vlmjax.interop import hf, hf_config
-from vlmjax.models import qwen_vl
+from vlmjax import cli
+from vlmjax.interop import hf, hf_config, peft as peft_export
+from vlmjax.models import lora, qwen_vl
 from vlmjax.models.qwen_vit import QwenViT, host_mrope_positions, mrope_positions
 from vlmjax.models.vlm import VLMConfig
 
@@ -104,13 +107,14 @@ def checkpoint(tmp_path_factory):
 def _their_inputs(directory: str, texts: list[str], images: list[np.ndarray] | None) -> dict:
   """What Qwen2_5_VLProcessor gives the model (its constructor needs torchvision for the video processor, which this
   environment lacks, so its steps are taken here): the image processor's outputs, each image's `<|image_pad|>`
-  repeated grid.prod() // merge² times, the tokenizer's ids and the image-token types `get_rope_index` reads."""
+  repeated grid.prod() // merge² times, the tokenizer's ids (several texts padded on the right) and the image-token
+  types `get_rope_index` reads."""
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
   inputs = dict(_their_image_processor()(images, return_tensors="pt")) if images else {}
   grids = iter(inputs.get("image_grid_thw", []))
   expanded = [re.sub(re.escape(IMAGE_PAD), lambda _: IMAGE_PAD * int(next(grids).prod() // MERGE**2), text)
               for text in texts]
-  inputs.update(tokenizer(expanded, return_tensors="pt"))
+  inputs.update(tokenizer(expanded, return_tensors="pt", padding=True))
   inputs["mm_token_type_ids"] = (inputs["input_ids"] == tokenizer.convert_tokens_to_ids(IMAGE_PAD)).int()
   return inputs
 
@@ -239,6 +243,64 @@ def test_host_mrope_positions_equal_the_programs(checkpoint):
     assert more_offset == offset
 
 
+# The config.json keys that define the model (as transformers reads them): the rest are training settings
+# (initializer_range), video's (tokens_per_second, video_token_id) or the vision markers the processor places.
+VISION_KEYS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+               "temporal_patch_size", "spatial_merge_size", "window_size", "fullatt_block_indexes", "out_hidden_size",
+               "hidden_act", "rope_parameters")
+TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "hidden_act", "rms_norm_eps", "max_position_embeddings", "use_sliding_window",
+             "layer_types", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_loads_in_transformers_with_the_same_logits(checkpoint, tie, tmp_path):
+  """`vlmjax export`'s function on the imported checkpoint: transformers loads the directory with every tensor in
+  place and gives the original's logits for a padded batch of two image sizes; its config and processor are the
+  original's, and vlmjax reads it back into the same parameters."""
+  directory, model = checkpoint(tie)
+  out = str(tmp_path / "export")
+  assert "as a Hugging Face directory" in cli.export_checkpoint(directory, out)
+  reloaded, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+  assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
+  images = images_of([(37, 52), (61, 29)])
+  texts = [f"{VISION_START}{IMAGE_PAD}{VISION_END} {prompt}" for prompt in PROMPTS[:2]]
+  inputs = _their_inputs(directory, texts, images)
+  lengths = inputs["attention_mask"].sum(1).tolist()
+  assert lengths[0] != lengths[1], lengths  # one row padded
+  with torch.no_grad():
+    ours, theirs = (m(**inputs).logits.numpy() for m in (reloaded.eval(), model))
+  real = inputs["attention_mask"].numpy().astype(bool)
+  error = max_relative_error(ours[real], theirs[real])
+  print(f"tie={tie}: export's max relative logit error {error:.1e}")
+  assert error <= 1e-5
+
+  with open(os.path.join(directory, "config.json")) as f:
+    original = json.load(f)
+  with open(os.path.join(out, "config.json")) as f:
+    exported = json.load(f)
+  for key in ("architectures", "model_type", "image_token_id", "tie_word_embeddings"):
+    assert exported[key] == original[key], key
+  theirs_config, ours_config = model.config, reloaded.config
+  for key in VISION_KEYS:
+    assert getattr(ours_config.vision_config, key) == getattr(theirs_config.vision_config, key), key
+  for key in TEXT_KEYS:
+    assert getattr(ours_config.text_config, key) == getattr(theirs_config.text_config, key), key
+  for key in ("rope_type", "rope_theta", "mrope_section"):  # written as rope_theta + rope_scaling, read alike
+    assert ours_config.text_config.rope_parameters[key] == theirs_config.text_config.rope_parameters[key], key
+
+  again, pretrained = hf.load_pretrained(out), hf.load_pretrained(directory)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, again.params, pretrained.params)
+  assert again.config.model == pretrained.config.model and again.image_processor == pretrained.image_processor
+  assert (again.eos_token_ids, again.pad_token_id) == (pretrained.eos_token_ids, pretrained.pad_token_id)
+  their_processor = transformers.AutoImageProcessor.from_pretrained(out, backend="pil")
+  np.testing.assert_array_equal(their_processor(images, return_tensors="np")["pixel_values"],
+                                _their_image_processor()(images, return_tensors="np")["pixel_values"])
+  their_tokenizer, original_tokenizer = (transformers.AutoTokenizer.from_pretrained(d) for d in (out, directory))
+  assert their_tokenizer(texts)["input_ids"] == original_tokenizer(texts)["input_ids"]
+  assert their_tokenizer.chat_template == original_tokenizer.chat_template == CHAT_TEMPLATE
+
+
 # --- what vlmjax refuses, with the key and value named ----------------------------------------------------------
 
 def _config(text=None, **changes) -> dict:
@@ -276,8 +338,22 @@ def test_missing_keys_take_the_transformers_defaults():
     np.testing.assert_array_equal(patches, expected["pixel_values"])
 
 
-def test_export_is_refused_by_name(checkpoint, tmp_path):
+@pytest.mark.parametrize("changes,message", [
+    (dict(qkv_bias=False), r"model\.decoder\.qkv_bias=False cannot be written as a Hugging Face qwen2_5_vl"),
+    (dict(head_dim=8, mrope_section=[1, 1, 2]), r"model\.decoder\.head_dim=8 cannot be written .* heads are "
+                                                r"decoder.width // decoder.num_heads = 16 wide"),
+    (dict(mrope_section=[]), r"model\.decoder\.mrope_section=\(\) cannot be written as a Hugging Face qwen2_5_vl"),
+])
+def test_export_refuses_what_qwen2_5_vl_cannot_express(checkpoint, tmp_path, changes, message):
   directory, _ = checkpoint()
-  pretrained = hf.load_pretrained(directory)
-  with pytest.raises(ValueError, match="vision_tower='qwen2_5_vl' cannot be written"):
-    hf.save_pretrained(str(tmp_path / "out"), pretrained.config, pretrained.params)
+  config = hf.read_config(directory).config
+  config.model.decoder.update(changes)
+  with pytest.raises(ValueError, match=message):
+    hf.save_pretrained(str(tmp_path), config, params=None)
+
+
+def test_peft_export_is_refused_by_name(checkpoint, tmp_path):
+  directory, _ = checkpoint()
+  config = hf.read_config(directory).config
+  with pytest.raises(ValueError, match=r"a Qwen2\.5-VL model .* export the whole model, adapters merged"):
+    peft_export.save_adapters(str(tmp_path), config, {}, lora.LoraConfig(rank=2), directory)

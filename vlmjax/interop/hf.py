@@ -1,4 +1,4 @@
-"""Hugging Face LLaVA-1.5, LLaVA-NeXT and PaliGemma checkpoints in and out; Qwen2.5-VL in.
+"""Hugging Face LLaVA-1.5, LLaVA-NeXT, PaliGemma and Qwen2.5-VL checkpoints in and out.
 
     pretrained = load_pretrained("/models/llava-1.5-7b-hf")            # or with mesh=..., rules=... to shard
     VLM(VLMConfig.from_dict(pretrained.config.model)).apply({"params": pretrained.params}, ...)
@@ -7,7 +7,8 @@
 A directory is read as transformers reads it: config.json (`hf_config`), the safetensors (`hf_weights`),
 generation_config.json (end tokens), the tokenizer (`vlmjax.data.tokenizer`) and the image processor
 (`vlmjax.data.images`). Written directories load with `LlavaForConditionalGeneration.from_pretrained` /
-`LlavaNextForConditionalGeneration.from_pretrained` / `PaliGemmaForConditionalGeneration.from_pretrained`.
+`LlavaNextForConditionalGeneration.from_pretrained` / `PaliGemmaForConditionalGeneration.from_pretrained` /
+`Qwen2_5_VLForConditionalGeneration.from_pretrained`.
 """
 
 import dataclasses
@@ -167,11 +168,13 @@ def save_pretrained(path: str, config: ml_collections.ConfigDict, params: Any, t
                     pad_token_id: int | None = None, max_len: int | None = None) -> None:
   """Writes a Hugging Face directory: config.json + model.safetensors (+ generation_config.json with the end
   tokens, the tokenizer files, preprocessor_config.json, when given) that transformers loads as
-  LlavaForConditionalGeneration, LlavaNextForConditionalGeneration or PaliGemmaForConditionalGeneration.
+  LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, PaliGemmaForConditionalGeneration or
+  Qwen2_5_VLForConditionalGeneration.
 
   Args:
     config: a vlmjax config whose `model` section is LLaVA-like (CLIP ViT, 2-layer GELU projector, Llama decoder;
-      LLaVA-NeXT with image_grid_pinpoints) or PaliGemma-like (SigLIP ViT, linear projector, Gemma decoder, prefix-LM).
+      LLaVA-NeXT with image_grid_pinpoints), PaliGemma-like (SigLIP ViT, linear projector, Gemma decoder, prefix-LM)
+      or Qwen2.5-VL (its tower and patch merger, a Qwen2 decoder with M-RoPE).
     params: the `params` tree of VLM, layers scanned or unrolled (`vlmjax.load` unrolls them).
     max_len: the text model's max_position_embeddings (transformers' default when None).
   Raises:
@@ -189,9 +192,10 @@ def save_pretrained(path: str, config: ml_collections.ConfigDict, params: Any, t
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(values, f, indent=2)
-  clip_post_norm_width = model_config.vision.width if model_type != "paligemma" else None
+  clip_post_norm_width = model_config.vision.width if model_type in ("llava", "llava_next") else None
+  renames = hf_weights.QWEN_SAVED if model_type == "qwen2_5_vl" else ()
   hf_weights.save_params(os.path.join(path, hf_weights.SINGLE_FILE), layers.stack_layers(params),
-                         clip_post_norm_width)
+                         clip_post_norm_width, renames)
   if eos_token_ids:
     generation = {key: value for key, value in token_ids.items() if value is not None}
     generation["eos_token_id"] = list(eos_token_ids) if len(eos_token_ids) > 1 else eos_token_ids[0]

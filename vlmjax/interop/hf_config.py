@@ -1,5 +1,5 @@
-"""Hugging Face `config.json` of LLaVA-1.5, LLaVA-NeXT, PaliGemma and Qwen2.5-VL (read only) <-> the `model` section
-of a vlmjax config.
+"""Hugging Face `config.json` of LLaVA-1.5, LLaVA-NeXT, PaliGemma and Qwen2.5-VL <-> the `model` section of a vlmjax
+config.
 
 Read as transformers reads it: a key missing from `vision_config` / `text_config` takes the default of the
 transformers config class of its `model_type` (CLIPVisionConfig, SiglipVisionConfig, LlamaConfig, MistralConfig,
@@ -312,21 +312,8 @@ def from_hf(values: Mapping[str, Any]) -> HFModel:
   return HFModel(config=config, max_len=int(text["max_position_embeddings"]), token_ids=token_ids)
 
 
-def model_type_of(model: VLMConfig) -> str:
-  """'llava', 'llava_next' (anyres tiles) or 'paligemma': which Hugging Face architecture a vlmjax model is;
-  ValueError naming the first setting that none can express."""
-  if model.qwen_tower:
-    raise ValueError("model.vision_tower='qwen2_5_vl' cannot be written as a Hugging Face checkpoint (vlmjax reads "
-                     "Qwen2.5-VL directories but does not write them)")
-  model_type = "paligemma" if model.prefix_lm else "llava_next" if model.variable_image_tokens else "llava"
-  clip = model_type != "paligemma"
-  expected = {
-      "projector": "mlp2x_gelu" if clip else "linear",
-      "image_token_merge": 1, "image_position_embedding": "none", "vision.stem": "patch",
-      "vision.cls_token": clip, "vision.pre_norm": clip, "vision.post_norm": True, "vision.patch_bias": not clip,
-      "decoder.norm_unit_offset": not clip, "decoder.scale_embeddings": not clip,
-      "decoder.final_logit_softcap": None,
-  }
+def _check_expected(model: VLMConfig, model_type: str, expected: Mapping[str, Any]) -> None:
+  """ValueError naming the first `model.KEY` whose value is not the one a `model_type` checkpoint has."""
   for key, value in expected.items():
     actual = model
     for part in key.split("."):
@@ -334,6 +321,44 @@ def model_type_of(model: VLMConfig) -> str:
     if actual != value:
       raise ValueError(f"model.{key}={actual!r} cannot be written as a Hugging Face {model_type} checkpoint "
                        f"(it needs {value!r})")
+
+
+def model_type_of(model: VLMConfig) -> str:
+  """'llava', 'llava_next' (anyres tiles), 'paligemma' or 'qwen2_5_vl' (Qwen2.5-VL's tower): which Hugging Face
+  architecture a vlmjax model is; ValueError naming the first setting that none can express."""
+  if model.qwen_tower:  # VLMConfig has checked the tower's projector and image-token settings
+    model_type = "qwen2_5_vl"
+    # The tower's RMSNorms have transformers' eps 1e-6 built in.
+    _check_expected(model, model_type, {
+        "vision.norm_eps": 1e-6, "decoder.qkv_bias": True, "decoder.norm_unit_offset": False,
+        "decoder.scale_embeddings": False, "decoder.final_logit_softcap": None})
+    decoder = model.decoder
+    if decoder.attention_head_dim != decoder.width // decoder.num_heads:
+      raise ValueError(f"model.decoder.head_dim={decoder.head_dim} cannot be written as a Hugging Face {model_type} "
+                       f"checkpoint (its attention's heads are decoder.width // decoder.num_heads = "
+                       f"{decoder.width // decoder.num_heads} wide)")
+    if not decoder.mrope_section:
+      raise ValueError(f"model.decoder.mrope_section=() cannot be written as a Hugging Face {model_type} checkpoint "
+                       f"(its decoder takes M-RoPE: 3 runs, temporal, height and width)")
+  else:
+    model_type = _check_llava_or_paligemma(model)
+  for key, value in (("vision.activation", model.vision.activation), ("decoder.activation", model.decoder.activation)):
+    if value not in ACTIVATION_NAMES:
+      raise ValueError(f"model.{key}={value!r} has no transformers name")
+  return model_type
+
+
+def _check_llava_or_paligemma(model: VLMConfig) -> str:
+  """'llava', 'llava_next' or 'paligemma' for a model with vlmjax's ViT; ValueError naming what none can express."""
+  model_type = "paligemma" if model.prefix_lm else "llava_next" if model.variable_image_tokens else "llava"
+  clip = model_type != "paligemma"
+  _check_expected(model, model_type, {
+      "projector": "mlp2x_gelu" if clip else "linear",
+      "image_token_merge": 1, "image_position_embedding": "none", "vision.stem": "patch",
+      "vision.cls_token": clip, "vision.pre_norm": clip, "vision.post_norm": True, "vision.patch_bias": not clip,
+      "decoder.norm_unit_offset": not clip, "decoder.scale_embeddings": not clip,
+      "decoder.final_logit_softcap": None, "decoder.qkv_bias": False, "decoder.mrope_section": (),
+  })
   if clip and model.vision_feature_layer is None:
     raise ValueError("model.vision_feature_layer=None cannot be written as a Hugging Face llava checkpoint (LLaVA "
                      "takes a hidden state: set an int such as -2)")
@@ -343,9 +368,6 @@ def model_type_of(model: VLMConfig) -> str:
   if not clip and model.decoder.activation == "gelu":
     raise ValueError("model.decoder.activation='gelu' cannot be written as a Hugging Face Gemma config "
                      "(transformers reads Gemma's 'gelu' as the tanh approximation)")
-  for key, value in (("vision.activation", model.vision.activation), ("decoder.activation", model.decoder.activation)):
-    if value not in ACTIVATION_NAMES:
-      raise ValueError(f"model.{key}={value!r} has no transformers name")
   return model_type
 
 
@@ -357,6 +379,8 @@ def to_hf(model: VLMConfig, token_ids: Mapping[str, Any], max_len: int | None) -
     max_len: the text model's max_position_embeddings (None: transformers' default).
   """
   model_type = model_type_of(model)
+  if model_type == "qwen2_5_vl":
+    return _to_qwen(model, token_ids, max_len)
   vision, decoder = model.vision, model.decoder
   vision_config = dict(
       model_type=VISION_TYPE[model_type], hidden_size=vision.width, intermediate_size=vision.mlp_dim,
@@ -389,3 +413,30 @@ def to_hf(model: VLMConfig, token_ids: Mapping[str, Any], max_len: int | None) -
     text_config["num_image_tokens"] = model.tokens_per_image
     values.update(projection_dim=decoder.width, hidden_size=decoder.width, vocab_size=decoder.vocab_size)
   return values
+
+
+def _to_qwen(model: VLMConfig, token_ids: Mapping[str, Any], max_len: int | None) -> dict:
+  """A Qwen2.5-VL model -> config.json contents: every key `_from_qwen` reads, in the sub-config where transformers
+  saves it. M-RoPE is written as Qwen publishes it, rope_theta and rope_scaling's mrope_section, which transformers
+  4 reads and 5 turns into its rope_parameters."""
+  vision, decoder = model.vision, model.decoder
+  vision_config = dict(
+      model_type="qwen2_5_vl_vision", depth=vision.depth, hidden_size=vision.width, intermediate_size=vision.mlp_dim,
+      num_heads=vision.num_heads, in_channels=3, patch_size=vision.patch_size,
+      temporal_patch_size=vision.temporal_patch_size, spatial_merge_size=vision.merge_size,
+      window_size=vision.window_size, fullatt_block_indexes=list(vision.fullatt_block_indexes),
+      out_hidden_size=vision.out_width, hidden_act=ACTIVATION_NAMES[vision.activation],
+      rope_parameters=dict(rope_type="axial", rope_theta=vision.rope_theta))
+  text_config = dict(
+      model_type="qwen2_5_vl_text", vocab_size=decoder.vocab_size, hidden_size=decoder.width,
+      intermediate_size=decoder.mlp_dim, num_hidden_layers=decoder.depth, num_attention_heads=decoder.num_heads,
+      num_key_value_heads=decoder.num_kv_heads, hidden_act=ACTIVATION_NAMES[decoder.activation],
+      rms_norm_eps=decoder.norm_eps, rope_theta=decoder.rope_theta,
+      rope_scaling=dict(type="mrope", mrope_section=list(decoder.mrope_section)), use_sliding_window=False,
+      tie_word_embeddings=decoder.tie_embeddings,
+      **token_ids)  # None written as null: Qwen's defaults (bos 151643, ...) are ids of its own vocabulary
+  if max_len is not None:
+    text_config["max_position_embeddings"] = max_len
+  return dict(architectures=[ARCHITECTURES["qwen2_5_vl"]], model_type="qwen2_5_vl", image_token_id=model.image_token_id,
+              tie_word_embeddings=decoder.tie_embeddings, vision_config=vision_config, text_config=text_config,
+              dtype="float32")

@@ -11,7 +11,8 @@ Names are handled in one canonical layout, the one transformers 4.x wrote (`visi
 layouts (`model.vision_tower.*`, `model.language_model.*`, `lm_head.weight`, `vision_tower.*` without
 `vision_model`, `model.image_newline`) are renamed into it on reading, and writing uses it (transformers 4 and 5
 both load it). Qwen2.5-VL's tower is `visual.*` (`model.visual.*` in the module's own names) and its language model
-`model.*` (or `model.language_model.*`), renamed into the same text layout.
+`model.*` (or `model.language_model.*`), renamed into the same text layout; it is written as transformers saves it
+and Qwen publishes it (`QWEN_SAVED`: `visual.*`, `model.*`, `lm_head.weight`), by the same renames read backwards.
 """
 
 import contextlib
@@ -40,6 +41,14 @@ PROJECTOR = "multi_modal_projector."
 NEWLINE = "image_newline"  # LLaVA-NeXT's embedding after each row of an image's tiles
 QWEN_VISION = "visual."  # Qwen2.5-VL's vision tower
 
+# Qwen2.5-VL's text model and head as transformers saves them (`model.{layers,embed_tokens,norm}.*`, `lm_head.weight`;
+# the newer LLaVA layout's head too) -> the canonical layout; its tower's `visual.*` is canonical already.
+QWEN_SAVED = (
+    ("model.layers.", TEXT + "layers."),
+    ("model.embed_tokens.", TEXT + "embed_tokens."),
+    ("model.norm.", TEXT + "norm."),
+    ("lm_head.", "language_model.lm_head."),
+)
 # Prefixes of the layouts transformers has written -> the canonical layout (first match wins).
 RENAMES = (
     ("model.vision_tower.vision_model.", VISION),
@@ -49,11 +58,8 @@ RENAMES = (
     ("model.language_model.", TEXT),
     ("model.multi_modal_projector.", PROJECTOR),
     ("model.image_newline", NEWLINE),
-    ("lm_head.", "language_model.lm_head."),
     ("model.visual.", QWEN_VISION),
-    ("model.layers.", TEXT + "layers."),  # Qwen2.5-VL's text model as it saves it: model.{layers,embed_tokens,norm}
-    ("model.embed_tokens.", TEXT + "embed_tokens."),
-    ("model.norm.", TEXT + "norm."),
+    *QWEN_SAVED,
 )
 # Tensors a checkpoint may hold that are not parameters of the model or that it does not use.
 UNUSED = (
@@ -381,12 +387,23 @@ def iter_hf_tensors(params: Any) -> Iterator[tuple[str, np.ndarray]]:
       yield name, source.layout.to_hf(value[i] if source.stacked else value)
 
 
-def save_params(path: str, params: Any, clip_post_norm_width: int | None) -> None:
-  """Writes `params` as one safetensors file in the canonical layout. `clip_post_norm_width`: write an identity
-  CLIP post-LayerNorm of this width (transformers' CLIPVisionModel has one; LLaVA never uses it, and our ViT only
-  creates it when it is used)."""
+def saved_name(canonical: str, renames: tuple[tuple[str, str], ...]) -> str:
+  """A canonical name as the layout of `renames` ((its prefix, canonical prefix) pairs, as RENAMES holds them) names
+  it: the first pair whose canonical prefix it has, read backwards; unchanged where none has."""
+  for prefix, canonical_prefix in renames:
+    if canonical.startswith(canonical_prefix):
+      return prefix + canonical[len(canonical_prefix):]
+  return canonical
+
+
+def save_params(path: str, params: Any, clip_post_norm_width: int | None,
+                renames: tuple[tuple[str, str], ...] = ()) -> None:
+  """Writes `params` as one safetensors file, in the canonical layout or, with `renames` (QWEN_SAVED), in the one
+  those renames read. `clip_post_norm_width`: write an identity CLIP post-LayerNorm of this width (transformers'
+  CLIPVisionModel has one; LLaVA never uses it, and our ViT only creates it when it is used)."""
   tensors = dict(iter_hf_tensors(params))
   if clip_post_norm_width is not None and VISION + "post_layernorm.weight" not in tensors:
     tensors[VISION + "post_layernorm.weight"] = np.ones(clip_post_norm_width, np.float32)
     tensors[VISION + "post_layernorm.bias"] = np.zeros(clip_post_norm_width, np.float32)
+  tensors = {saved_name(name, renames): tensor for name, tensor in tensors.items()}
   safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})

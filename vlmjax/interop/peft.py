@@ -129,7 +129,11 @@ def save_adapters(path: str, config: VLMConfig | ml_collections.ConfigDict, trai
     adapter outside the language model's layers, a trained parameter that is neither an adapter nor the projector.
   """
   model_config = config if isinstance(config, VLMConfig) else VLMConfig.from_dict(config.model)
-  hf_config.model_type_of(model_config)  # a model transformers has no class for fails here
+  # A model transformers has no class for fails in model_type_of. Qwen2.5-VL's lora runs are not written: vlmjax does
+  # not train it, so no adapters of it have been checked against PEFT's.
+  if hf_config.model_type_of(model_config) == "qwen2_5_vl":
+    raise ValueError("a Qwen2.5-VL model (vision_tower='qwen2_5_vl'): PEFT's export writes the adapters of LLaVA and "
+                     "PaliGemma models only; export the whole model, adapters merged, without --adapters")
   for key_path, _ in jax.tree_util.tree_leaves_with_path(trained_params):
     keys = tuple(str(key.key) for key in key_path)
     if keys[0] != PROJECTOR and not lora.is_adapter(keys):
