@@ -9,6 +9,8 @@ LLaVA-NeXT (`AnyresImageProcessor`): the image resized into the best of its `ima
 tiles, after the whole image squashed to one tile, each tile then processed as CLIP's.
 Qwen2-VL / Qwen2.5-VL (`QwenImageProcessor`): the image resized to multiples of patch_size x merge_size pixels
 holding between min_pixels and max_pixels (`smart_resize`), rescaled, normalized and flattened into patches.
+
+`processor.at_detail(detail)`: the processor an image asked for at OpenAI's `image_url.detail` goes through (below).
 """
 
 import dataclasses
@@ -38,6 +40,24 @@ TYPE_DEFAULTS = {
     QWEN_TYPE: dict(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}, image_mean=OPENAI_CLIP_MEAN,
                     image_std=OPENAI_CLIP_STD),
 }
+# OpenAI's `image_url.detail` ("auto" | "low" | "high"). OpenAI's "low" shows the model a 512x512 version of the
+# image at a small fixed budget (85 tokens for GPT-4o), "high" adds crops of the full image, "auto" chooses by the
+# image's size; vLLM accepts the field and ignores it. Here "high" and "auto" are the checkpoint's processor as it is
+# configured (its token count already follows the image's size), and "low" is the cheapest the model takes an image at:
+# - Qwen2-VL / Qwen2.5-VL: max_pixels lowered to LOW_DETAIL_TOKENS merged patches (28·28·64 pixels, 224x224, for
+#   Qwen2.5-VL: OpenAI's small budget in the model's own tokens), never below min_pixels nor above max_pixels;
+# - LLaVA-NeXT: the image scaled down, aspect kept, to fit the smallest of its image_grid_pinpoints, where the model
+#   then tiles it. The base tile alone would be cheaper, but transformers' processor and model always give an image
+#   its base tile and a grid: the checkpoint has never seen that layout;
+# - fixed-size images (LLaVA-1.5, PaliGemma, shapes): every image gives the same tokens at any detail.
+DETAILS = ("auto", "low", "high")
+LOW_DETAIL_TOKENS = 64
+
+
+def _check_detail(detail: str) -> str:
+  if detail not in DETAILS:
+    raise ValueError(f"image detail {detail!r}: use one of {', '.join(DETAILS)}")
+  return detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +121,12 @@ class ImageProcessor:
   def to_dict(self) -> dict:
     return {"image_processor_type": "SiglipImageProcessor" if "height" in self.size else "CLIPImageProcessor",
             **dataclasses.asdict(self)}
+
+  def at_detail(self, detail: str) -> "ImageProcessor":
+    """The processor for images asked for at OpenAI's `detail` (one of DETAILS): this one, as every image of a
+    fixed-size model gives the same tokens whatever the detail."""
+    _check_detail(detail)
+    return self
 
   @property
   def output_size(self) -> tuple[int, int]:
@@ -197,6 +223,9 @@ class AnyresImageProcessor(ImageProcessor):
 
   image_grid_pinpoints: tuple[tuple[int, int], ...] = TYPE_DEFAULTS[ANYRES_TYPE]["image_grid_pinpoints"]
   do_pad: bool = True  # transformers pads the tile counts of a batch to one; `anyres.batch_tiles` lays them out
+  # detail "low" (`at_detail`): each image first scaled down, aspect kept, to fit the smallest pinpoints; its size is
+  # then the scaled one, so the model's pinpoint for it is one of the smallest too.
+  low_detail: bool = False
 
   def __post_init__(self):
     super().__post_init__()
@@ -204,7 +233,27 @@ class AnyresImageProcessor(ImageProcessor):
                                                            for pinpoint in self.image_grid_pinpoints))
 
   def to_dict(self) -> dict:
-    return {**super().to_dict(), "image_processor_type": ANYRES_TYPE}
+    values = {**super().to_dict(), "image_processor_type": ANYRES_TYPE}
+    if not self.low_detail:  # a saved config (and a checkpoint's fingerprint) stays transformers' own
+      del values["low_detail"]
+    return values
+
+  def at_detail(self, detail: str) -> "AnyresImageProcessor":
+    """For detail "low", the processor that tiles each image at the smallest of the pinpoints (scaled down to fit
+    them); else this one."""
+    return dataclasses.replace(self, low_detail=True) if _check_detail(detail) == "low" else self
+
+  def _scaled_to_smallest_pinpoint(self, pixels: np.ndarray) -> np.ndarray:
+    """uint8[H, W, C] scaled down (never up), aspect kept, into the smallest-area pinpoint that shows it best."""
+    height, width = pixels.shape[:2]
+    least = min(pinpoint_height * pinpoint_width for pinpoint_height, pinpoint_width in self.image_grid_pinpoints)
+    smallest = [pinpoint for pinpoint in self.image_grid_pinpoints if pinpoint[0] * pinpoint[1] == least]
+    fit_height, fit_width = anyres.select_best_resolution((height, width), smallest)
+    scale = min(fit_height / height, fit_width / width)
+    if scale >= 1:
+      return pixels
+    return self._resized_to(pixels, min(max(1, round(height * scale)), fit_height),
+                            min(max(1, round(width * scale)), fit_width))
 
   @property
   def tile_size(self) -> int:
@@ -215,6 +264,8 @@ class AnyresImageProcessor(ImageProcessor):
 
   def _tiles(self, image: Any, index: int) -> tuple[np.ndarray, tuple[int, int]]:
     pixels = self._rgb(image, index)
+    if self.low_detail:
+      pixels = self._scaled_to_smallest_pinpoint(pixels)
     height, width = pixels.shape[:2]
     best_height, best_width = anyres.select_best_resolution((height, width), self.image_grid_pinpoints)
     if best_width / width < best_height / height:  # the width fills the pinpoint; the height rounds up
@@ -291,6 +342,16 @@ class QwenImageProcessor(ImageProcessor):
   @property
   def output_size(self) -> tuple[int, int]:
     raise ValueError("Qwen2-VL's processor keeps each image's own size")
+
+  def at_detail(self, detail: str) -> "QwenImageProcessor":
+    """For detail "low", the processor whose max_pixels holds LOW_DETAIL_TOKENS visual tokens (a merged patch each,
+    (patch_size · merge_size)² pixels), kept between its own min_pixels and max_pixels; else this one."""
+    if _check_detail(detail) != "low":
+      return self
+    min_pixels, max_pixels = self.size["shortest_edge"], self.size["longest_edge"]
+    low = LOW_DETAIL_TOKENS * (self.patch_size * self.merge_size)**2
+    return dataclasses.replace(self, size={"shortest_edge": min_pixels,
+                                           "longest_edge": max(min_pixels, min(max_pixels, low))})
 
   def target_size(self, height: int, width: int) -> tuple[int, int]:
     """The (height, width) an image of height x width pixels is resized to."""
