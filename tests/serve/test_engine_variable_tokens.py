@@ -6,6 +6,7 @@ and the OpenAI server answering chats with images of mixed sizes as `VLM.chat` d
 
 import base64
 import concurrent.futures
+import dataclasses
 import importlib
 import io
 import pathlib
@@ -202,3 +203,37 @@ def test_the_server_answers_chats_with_images_of_mixed_sizes(vlm, family, serve_
   for (text, expected, _), sizes in zip(answers, chats):
     assert text == expected, sizes
   assert len({prompt_tokens for _, _, prompt_tokens in answers}) == len(chats)  # each its own image tokens
+
+
+
+def test_the_server_takes_an_image_at_low_and_high_detail(vlm, family, serve_app):
+  if family == "qwen2_5_vl":  # the tiny model's max_pixels is the low detail's 64 tokens: served with twice that
+    size = vlm.image_processor.size
+    vlm = dataclasses.replace(vlm, image_processor=dataclasses.replace(
+        vlm.image_processor, size={**size, "longest_edge": 2 * size["longest_edge"]}))
+  low_vlm = dataclasses.replace(vlm, image_processor=vlm.image_processor.at_detail("low"))
+  app = create_app(vlm, family, num_slots=2, max_len=MAX_LEN, prefix_caching=True, page_size=8)
+  # LLaVA-NeXT: a 2x2 grid of tiles, at low a 2x1 one; Qwen2.5-VL: 110 tokens, at low 56.
+  image = variable_tokens.images_of([(100, 90)], seed=3)[0]
+  messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
+  with serve_app(app) as port:
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+
+    def ask(detail):
+      image_url = {"url": _data_url(image), **({"detail": detail} if detail else {})}
+      return client.chat.completions.create(model=family, max_tokens=6, temperature=0, messages=[
+          {"role": "user", "content": [{"type": "image_url", "image_url": image_url}, messages[0]["content"][1]]}])
+
+    # In turn: no detail, high (its pages from the cache), low (none of them), low again (its own).
+    absent, high, low, low_again = [ask(detail) for detail in (None, "high", "low", "low")]
+    with pytest.raises(openai.BadRequestError, match="image_url.detail") as refused:
+      ask("medium")
+    assert refused.value.body["param"] == "messages.0.content.0.image_url.detail"
+  for reply, reference in [(absent, vlm), (high, vlm), (low, low_vlm), (low_again, low_vlm)]:
+    assert reply.choices[0].message.content == reference.chat(messages, [image], max_new_tokens=6)
+    processed = reference.image_processor([image])
+    assert reply.usage.prompt_tokens == len(reference.prompt_ids(messages, 1, [_count(vlm, processed[0][1])]))
+  assert low.usage.prompt_tokens < high.usage.prompt_tokens == absent.usage.prompt_tokens
+  # The prefix cache keys an image by its processed pixels and size: low and high share no page.
+  cached = [reply.usage.prompt_tokens_details.cached_tokens for reply in (absent, high, low, low_again)]
+  assert cached[0] == 0 and cached[1] > 0 and cached[2] == 0 and cached[3] > 0, cached

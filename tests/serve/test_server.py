@@ -52,9 +52,9 @@ def _data_url(data: bytes, kind: str = "png") -> str:
   return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
 
 
-def _chat(url: str, text: str = "What colour is the circle?") -> list[dict]:
-  return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                       {"type": "text", "text": text}]}]
+def _chat(url: str, text: str = "What colour is the circle?", detail: str | None = None) -> list[dict]:
+  image_url = {"url": url, **({"detail": detail} if detail else {})}
+  return [{"role": "user", "content": [{"type": "image_url", "image_url": image_url}, {"type": "text", "text": text}]}]
 
 
 def _post(port: int, path: str, body, key: str | None = KEY, method: str = "POST"):
@@ -90,6 +90,14 @@ def test_chat_with_an_image_plain_and_streaming(client, tiny_vlm):
   assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
   assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
   assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+
+def test_image_detail_changes_nothing_for_a_fixed_size_model(client):
+  # Every image of a fixed-size model gives the same tokens: low, high and auto are the image as it comes.
+  replies = [client.chat.completions.create(model=MODEL, messages=_chat(_data_url(_png(4)), detail=detail),
+                                            max_tokens=5, temperature=0) for detail in (None, "low", "high", "auto")]
+  assert len({(reply.choices[0].message.content, reply.usage.prompt_tokens) for reply in replies}) == 1
+  assert all(reply.usage.prompt_tokens_details.cached_tokens > 0 for reply in replies[1:])  # the same pixels
 
 
 def test_local_image_files_under_the_allowed_directory(client, server):
@@ -134,6 +142,10 @@ BAD_REQUESTS = {  # body: (status, param, code)
     "prompt longer than the context": ({**GOOD, "messages": [{"role": "user", "content": "colour " * 60}]}, 400,
                                        "messages", "context_length_exceeded"),
     "max_tokens past the context": ({**GOOD, "max_tokens": MAX_LEN}, 400, "messages", "context_length_exceeded"),
+    "unknown image detail": ({**GOOD, "messages": _chat(_data_url(_png(0)), detail="medium")}, 400,
+                             f"{IMAGE}.image_url.detail", "literal_error"),
+    "unknown content part": ({**GOOD, "messages": [{"role": "user", "content": [{"type": "video", "url": "x"}]}]}, 400,
+                             IMAGE, "union_tag_invalid"),
     "temperature out of range": ({**GOOD, "temperature": 2.5}, 400, "temperature", "less_than_equal"),
     "top_p out of range": ({**GOOD, "top_p": 0}, 400, "top_p", "greater_than"),
     "max_tokens zero": ({**GOOD, "max_tokens": 0}, 400, "max_tokens", "greater_than_equal"),

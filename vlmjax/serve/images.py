@@ -48,12 +48,12 @@ def open_images(urls: list[tuple[str, str]], image_dir: str | None, limits: Imag
   return [_decode(image, where) for image, where in opened]
 
 
-def each_processed(image_processor, images: list[Image.Image], urls: list[tuple[str, str]]) -> list:
-  """The decoded `images` of (url, where in the request) pairs through a processor that makes something of each
-  image (LLaVA-NeXT's (tiles, size), Qwen2.5-VL's (patches, grid)); an image it refuses (Qwen2.5-VL's: a side over
-  200 times the other) is an APIError 400 that names it."""
+def each_processed(image_processors: list, images: list[Image.Image], urls: list[tuple[str, str]]) -> list:
+  """The decoded `images` of (url, where in the request) pairs, each through its processor (the checkpoint's at the
+  image's `detail`), which makes something of each image (LLaVA-NeXT's (tiles, size), Qwen2.5-VL's (patches, grid));
+  an image it refuses (Qwen2.5-VL's: a side over 200 times the other) is an APIError 400 that names it."""
   processed = []
-  for image, (_, where) in zip(images, urls):
+  for image_processor, image, (_, where) in zip(image_processors, images, urls, strict=True):
     try:
       processed += image_processor([image])
     except ValueError as error:

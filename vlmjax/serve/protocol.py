@@ -24,7 +24,10 @@ class _Request(BaseModel):
 
 class ImageURL(_Request):
   url: str  # data:image/png;base64,... or a local file path (file:// or absolute) under the allowed directory
-  detail: Literal["auto", "low", "high"] = "auto"  # accepted for compatibility; images are always processed whole
+  # vlmjax.data.images.DETAILS: "low", the image at the cheapest the model takes it (Qwen2.5-VL: at most 64 tokens;
+  # LLaVA-NeXT: its smallest tile grid); "high" and "auto", as the checkpoint's processor is configured. A fixed-size
+  # model's images give the same tokens at any detail.
+  detail: Literal["auto", "low", "high"] = "auto"
 
 
 class TextPart(_Request):
@@ -138,6 +141,28 @@ class CompletionRequest(GenerationRequest):
   @property
   def token_limit(self) -> int | None:
     return self.max_tokens
+
+
+def reported_error(errors: list[dict], body) -> tuple[dict, str | None]:
+  """The validation error (of pydantic's `errors()`, a FastAPI body's: `loc` starts with "body") that a 400 reports,
+  and the place in the request body it names, as a client writes it (`messages.0.content.1.image_url.detail`).
+
+  Where a value may take one of several forms (a message's content: a string or a list of parts), pydantic reports
+  each form's error; the one that reached deepest into the value is the one meant. Its `loc` also names each form
+  (`str`, `list[...]`) and a content part's `type` (the tag of a tagged union): following it through the body leaves
+  those out."""
+  error = max(errors, key=lambda error: len(error["loc"]))  # the first of the deepest
+  loc, names, value, at_item = error["loc"][1:], [], body, False
+  for i, part in enumerate(loc):
+    if isinstance(part, int):
+      names.append(str(part))
+      value = value[part] if isinstance(value, list) and -len(value) <= part < len(value) else None
+    elif isinstance(value, dict) and not (at_item and value.get("type") == part) and (
+        part in value or (i == len(loc) - 1 and error["type"] == "missing")):
+      names.append(part)
+      value = value.get(part)
+    at_item = isinstance(part, int)
+  return error, ".".join(names) or None
 
 
 # Responses.

@@ -116,8 +116,8 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
     if first["type"] == "json_invalid":
       return APIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}",
                       code="json_invalid").response()
-    param = ".".join(str(part) for part in first["loc"][1:]) or None
-    return APIError(400, f"{param or 'body'}: {first['msg']}", param=param, code=first["type"]).response()
+    reported, param = protocol.reported_error(error.errors(), error.body)
+    return APIError(400, f"{param or 'body'}: {reported['msg']}", param=param, code=reported["type"]).response()
 
   @app.exception_handler(HTTPException)
   async def http_error(request, error: HTTPException):
@@ -196,7 +196,7 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
   def submit_chat(body: protocol.ChatCompletionRequest, outputs: _Outputs) -> list[Request]:
     """The conversation's prompt, checked against the context before its images are read and decoded (after, for a
     model whose images give a token count each: LLaVA-NeXT, Qwen2.5-VL)."""
-    messages, image_urls = [], []
+    messages, image_urls, details = [], [], []
     for i, message in enumerate(body.messages):
       content = message.content
       if not isinstance(content, str):
@@ -204,21 +204,22 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
                    for part in content]
         image_urls += [(part.image_url.url, f"messages.{i}.content.{j}")
                        for j, part in enumerate(message.content) if part.type == "image_url"]
+        details += [part.image_url.detail for part in message.content if part.type == "image_url"]
       messages.append({"role": message.role, "content": content})
     if len(image_urls) > limits.max_images:
       raise APIError(400, f"messages: {len(image_urls)} images; this server takes at most {limits.max_images} per "
                      f"request", param="messages", code="too_many_images")
     pixel_values, counts = None, None
-    if variable_tokens:  # the placeholders follow the images' sizes: they are read (within the limits) first
-      pixel_values = each_processed(vlm.image_processor, open_images(image_urls, image_dir, limits.images),
-                                    image_urls) or None
+    if variable_tokens:  # the placeholders follow the images' sizes (and details): they are read (within limits) first
+      processors = [vlm.image_processor.at_detail(detail) for detail in details]
+      pixel_values = each_processed(processors, open_images(image_urls, image_dir, limits.images), image_urls) or None
       counts = [image_token_count(vlm.model_config, size) for _, size in pixel_values or ()]
     try:
       prompt_ids = vlm.prompt_ids(messages, len(image_urls), counts)
     except ValueError as error:
       raise APIError(400, str(error), param="messages") from error
     check_fits(prompt_ids, body.token_limit, "messages")
-    if not variable_tokens:
+    if not variable_tokens:  # every image gives the same tokens, at any detail
       images = open_images(image_urls, image_dir, limits.images)
       pixel_values = vlm.image_processor(images) if images else None
     return submit(prompt_ids, pixel_values, body, outputs, "messages",
