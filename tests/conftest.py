@@ -18,10 +18,6 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_forc
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("VLMJAX_TEST_CACHE",
                                                         os.path.expanduser("~/.cache/vlmjax/jax-test-cache"))
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-# A size limit turns on the cache's eviction, and with it the file lock that JAX's cache holds around each read and
-# write: without it, one process may read an entry another process is still writing (`LRUCache.put` writes the file
-# in place) and hand XLA a partial executable.
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
 # The setting `vlmjax` commands re-execute themselves with (vlmjax/runtime.py), given up front: the commands the
 # tests start in subprocesses then run at once instead of starting twice. tests/test_runtime.py clears it.
@@ -30,7 +26,32 @@ from vlmjax import runtime  # noqa: E402
 if runtime.huge_pages_on_request():
   os.environ.setdefault("GLIBC_TUNABLES", f"{runtime.HUGE_PAGES}=1")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# XLA's CPU backend maps a few pages of memory for each kernel of a program it compiles (hundreds for a training
+# step), held while the program lives, and JAX's caches keep every program a process compiles. One worker's share
+# of the suite reached Linux's limit on a process's memory maps (vm.max_map_count, 65,530 by default): LLVM's
+# next mmap failed ("Cannot allocate memory"), and the compile error took the worker down with a segmentation
+# fault (two core dumps: 65,410 and 65,428 maps). Past half the limit, the caches are dropped between test files.
+_MAX_MAPS = "/proc/sys/vm/max_map_count"
+
+
+def _maps_in_use() -> tuple[int, int] | None:
+  """(memory maps of this process, the most it may have), or None where Linux's /proc does not tell."""
+  try:
+    with open(_MAX_MAPS) as limit, open("/proc/self/maps") as maps:
+      return sum(1 for _ in maps), int(limit.read())
+  except OSError:
+    return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs_near_the_map_limit():
+  yield
+  counts = _maps_in_use()
+  if counts and counts[0] > counts[1] // 2:
+    jax.clear_caches()
 
 
 def pytest_collection_modifyitems(items):
