@@ -16,8 +16,8 @@ import transformers
 import vlmjax
 from conftest import IMAGE_TOKEN, Case, train_tokenizer
 from test_hf import max_relative_error
-from variable_tokens import (assert_generate_command_matches, assert_new_sizes_reuse_prefill, chat_rows, images_of,
-                             padded)
+from variable_tokens import (assert_generate_command_matches, assert_greedy_matches_transformers,
+                             assert_new_sizes_reuse_prefill, chat_rows, images_of, padded)
 from vlmjax.data.images import AnyresImageProcessor, ImageProcessor
 from vlmjax.interop import hf, hf_config
 from vlmjax.models import anyres
@@ -141,27 +141,8 @@ def test_logits_match_transformers_for_each_size_and_a_mixed_batch(checkpoint, b
 
 def test_generate_matches_transformers_greedy_tokens_with_images_of_different_sizes(checkpoint):
   directory, model = checkpoint("llama")
-  vlm = vlmjax.load(directory)
-  images = images_of(SIZES[:4], seed=2)
-  prompts = PROMPTS[:4]
-  new_tokens = 8
-  with jax.default_matmul_precision("highest"):
-    ours = vlm.generate(images, prompts, max_new_tokens=new_tokens)
-  _, _, texts = chat_rows(vlm, [[image] for image in images], prompts)
-  their_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-  compared = []
-  for i, image in enumerate(images):
-    inputs = _their_inputs(directory, [texts[i]], [image])
-    with torch.no_grad():
-      out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-    out = out.tolist()
-    end = next((j + 1 for j, token in enumerate(out) if token in vlm.eos_token_ids), len(out))
-    compared.append(end)
-    assert ours[i] == their_tokenizer.decode(out[:end], skip_special_tokens=True), f"row {i}"
-  assert max(compared) >= 4, f"too few tokens compared: {compared}"
-  with jax.default_matmul_precision("highest"):
-    streamed = "".join(vlm.stream([images[1]], prompts[1], max_new_tokens=new_tokens))
-  assert streamed == ours[1]
+  assert_greedy_matches_transformers(vlmjax.load(directory), model, directory, _their_inputs,
+                                     images_of(SIZES[:4], seed=2), PROMPTS[:4])
 
 
 def test_generate_command(checkpoint, tmp_path):

@@ -7,6 +7,8 @@ import sys
 
 import jax
 import numpy as np
+import torch
+import transformers
 from PIL import Image
 
 import vlmjax
@@ -40,6 +42,32 @@ def padded(vlm, rows: list[list[int]], left: bool = False) -> tuple[np.ndarray, 
     place = slice(width - len(row), width) if left else slice(0, len(row))
     ids[i, place], mask[i, place] = row, True
   return ids, mask
+
+
+def assert_greedy_matches_transformers(vlm, model, directory: str, their_inputs, images: list[np.ndarray],
+                                       prompts: list[str], new_tokens: int = 8) -> None:
+  """Greedy decoding, one image per row, equals transformers' `model.generate` row by row: `generate_ids`' tokens
+  (a left-padded batch of the rows), `generate`'s texts, and `stream`'s pieces for the second row.
+  their_inputs(directory, texts, images): transformers' processor inputs for chat-template texts."""
+  with jax.default_matmul_precision("highest"):
+    ours = vlm.generate(images, prompts, max_new_tokens=new_tokens)
+    rows, pixel_values, texts = chat_rows(vlm, [[image] for image in images], prompts)
+    ids, mask = padded(vlm, rows, left=True)
+    ours_ids = vlm.generate_ids(ids, pixel_values, max_new_tokens=new_tokens, attention_mask=mask)
+    streamed = "".join(vlm.stream([images[1]], prompts[1], max_new_tokens=new_tokens))
+  their_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+  compared = []
+  for i, image in enumerate(images):
+    inputs = their_inputs(directory, [texts[i]], [image])
+    with torch.no_grad():
+      out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    out = out.tolist()
+    end = next((j + 1 for j, token in enumerate(out) if token in vlm.eos_token_ids), len(out))
+    compared.append(end)
+    assert ours_ids[i, :end].tolist() == out[:end], f"row {i}"
+    assert ours[i] == their_tokenizer.decode(out[:end], skip_special_tokens=True), f"row {i}"
+  assert max(compared) >= 4, f"too few tokens compared: {compared}"
+  assert streamed == ours[1]
 
 
 def assert_generate_command_matches(directory: str, tmp_path, prompt: str) -> None:
