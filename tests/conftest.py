@@ -33,25 +33,33 @@ import pytest  # noqa: E402
 # step), held while the program lives, and JAX's caches keep every program a process compiles. One worker's share
 # of the suite reached Linux's limit on a process's memory maps (vm.max_map_count, 65,530 by default): LLVM's
 # next mmap failed ("Cannot allocate memory"), and the compile error took the worker down with a segmentation
-# fault (two core dumps: 65,410 and 65,428 maps). Past half the limit, the caches are dropped between test files.
+# fault (two core dumps: 65,410 and 65,428 maps). So the caches are dropped between test files past half the limit,
+# and within a file past three quarters (one file alone added 24,000 maps).
 _MAX_MAPS = "/proc/sys/vm/max_map_count"
 
 
-def _maps_in_use() -> tuple[int, int] | None:
-  """(memory maps of this process, the most it may have), or None where Linux's /proc does not tell."""
+def _drop_compiled_programs_past(fraction: float) -> None:
+  """jax.clear_caches() when this process holds more than `fraction` of the memory maps Linux allows it (where
+  /proc tells)."""
   try:
     with open(_MAX_MAPS) as limit, open("/proc/self/maps") as maps:
-      return sum(1 for _ in maps), int(limit.read())
+      in_use, allowed = sum(1 for _ in maps), int(limit.read())
   except OSError:
-    return None
+    return
+  if in_use > fraction * allowed:
+    jax.clear_caches()
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _drop_compiled_programs_near_the_map_limit():
+def _drop_compiled_programs_between_files():
   yield
-  counts = _maps_in_use()
-  if counts and counts[0] > counts[1] // 2:
-    jax.clear_caches()
+  _drop_compiled_programs_past(1 / 2)
+
+
+@pytest.fixture(autouse=True)
+def _drop_compiled_programs_before_the_limit():
+  yield
+  _drop_compiled_programs_past(3 / 4)
 
 
 def pytest_collection_modifyitems(items):
