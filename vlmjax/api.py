@@ -134,8 +134,7 @@ class VLM:
                  image_token_counts: Sequence[int] | None = None) -> list[int]:
     """Token ids of a conversation through the chat template (with the generation prompt), each image
     placeholder expanded to the model's image-token count, or for a model with variable image tokens to its
-    image's count in `image_token_counts` (`anyres.image_token_count` or `qwen_vl.image_token_count` of each image,
-    in order). A prefix-LM (PaliGemma) or a checkpoint without a chat template gets its processor's prompt instead
+    image's count in `image_token_counts` (`image_token_count` of each image, in order). A prefix-LM (PaliGemma) or a checkpoint without a chat template gets its processor's prompt instead
     (PaliGemma: the images, BOS, the user text and a newline)."""
     config = self.model_config
     if config.variable_image_tokens != (image_token_counts is not None):
@@ -144,6 +143,13 @@ class VLM:
     if image_token_counts is not None:  # placeholders left single, then each expanded to its image's count
       return _expanded(self._prompt_ids(messages, num_images, 1), config.image_token_id, image_token_counts)
     return self._prompt_ids(messages, num_images, config.tokens_per_image)
+
+  def image_token_count(self, size: tuple[int, ...]) -> int:
+    """The placeholders of one image of a model whose images give a token count each, by the size its image
+    processor gives with it: LLaVA-NeXT's (height, width), Qwen2.5-VL's grid (t, h, w)."""
+    if self.model_config.qwen_tower:
+      return qwen_vl.image_token_count(self.model_config, tuple(size))
+    return anyres.image_token_count(self.model_config, tuple(size))
 
   def _prompt_ids(self, messages: list[dict], num_images: int, tokens_per_image: int) -> list[int]:
     config = self.model_config
@@ -213,14 +219,11 @@ class VLM:
     images), or for a model with variable image tokens its `Tiles` or `Patches` and each row's images' token counts
     (else None); None without any image."""
     config = self.model_config
-    if config.qwen_tower:
-      processed = [self.image_processor(row_images) for row_images in images]
-      counts = [[qwen_vl.image_token_count(config, grid) for _, grid in row] for row in processed]
-      return (qwen_vl.batch_patches(config, processed) if any(counts) else None), counts
     if config.variable_image_tokens:
       processed = [self.image_processor(row_images) for row_images in images]
-      counts = [[anyres.image_token_count(config, size) for _, size in row] for row in processed]
-      return (anyres.batch_tiles(config, processed) if any(counts) else None), counts
+      counts = [[self.image_token_count(size) for _, size in row] for row in processed]
+      batch = qwen_vl.batch_patches if config.qwen_tower else anyres.batch_tiles
+      return (batch(config, processed) if any(counts) else None), counts
     num_images = max(len(row_images) for row_images in images)
     if not num_images:
       return None, None

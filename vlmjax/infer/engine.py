@@ -253,13 +253,12 @@ class Engine:
     patches and grid (t, h, w)); ValueError when the pixels are not those of its size."""
     if self.config.qwen_tower:
       qwen_vl.image_layout(self.config, pixels, tuple(size))  # checks the patches against the grid
-      return qwen_vl.image_token_count(self.config, tuple(size))
-    grid = anyres.image_grid(self.config, tuple(size))
-    side = self.config.vision.image_size
-    if np.shape(pixels) != (grid.num_tiles, side, side, 3):
-      raise ValueError(f"an image of {size[0]}x{size[1]} pixels takes float32[{grid.num_tiles}, {side}, {side}, 3] "
-                       f"tiles, got {list(np.shape(pixels))}")
-    return anyres.token_count(grid, self.config.vision.grid_size)
+    else:
+      num_tiles, side = anyres.image_grid(self.config, tuple(size)).num_tiles, self.config.vision.image_size
+      if np.shape(pixels) != (num_tiles, side, side, 3):
+        raise ValueError(f"an image of {size[0]}x{size[1]} pixels takes float32[{num_tiles}, {side}, {side}, 3] "
+                         f"tiles, got {list(np.shape(pixels))}")
+    return self.vlm.image_token_count(size)
 
   def check_fits(self, prompt_length: int, max_tokens: int | None) -> int:
     """The tokens a prompt of `prompt_length` tokens may generate: `max_tokens`, or the rest of the context when

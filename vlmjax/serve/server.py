@@ -37,7 +37,6 @@ from vlmjax.infer import scoring
 from vlmjax.infer.constrained import JSONGrammars
 from vlmjax.infer.engine import Engine, PromptTooLong, QueueFull
 from vlmjax.infer.requests import Output, Request, TokenLogprob
-from vlmjax.models import anyres, qwen_vl
 from vlmjax.serve import chat_page, protocol, replies
 from vlmjax.serve.errors import APIError, internal
 from vlmjax.serve.images import ImageLimits, each_processed, open_images
@@ -190,8 +189,6 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
     return requests
 
   variable_tokens = vlm.model_config.variable_image_tokens
-  # The placeholders of one processed image: LLaVA-NeXT's (tiles, (height, width)), Qwen2.5-VL's (patches, grid).
-  image_token_count = qwen_vl.image_token_count if vlm.model_config.qwen_tower else anyres.image_token_count
 
   def submit_chat(body: protocol.ChatCompletionRequest, outputs: _Outputs) -> list[Request]:
     """The conversation's prompt, checked against the context before its images are read and decoded (after, for a
@@ -213,7 +210,7 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
     if variable_tokens:  # the placeholders follow the images' sizes (and details): they are read (within limits) first
       processors = [vlm.image_processor.at_detail(detail) for detail in details]
       pixel_values = each_processed(processors, open_images(image_urls, image_dir, limits.images), image_urls) or None
-      counts = [image_token_count(vlm.model_config, size) for _, size in pixel_values or ()]
+      counts = [vlm.image_token_count(size) for _, size in pixel_values or ()]
     try:
       prompt_ids = vlm.prompt_ids(messages, len(image_urls), counts)
     except ValueError as error:
