@@ -171,3 +171,29 @@ def test_training_resumes_from_a_stage_end(tmp_path, tiny_shapes_dir, tiny_shape
   assert steps == [1, 2, 3, 4, 3, 4]  # the finetune stage, trained again
   np.testing.assert_allclose([runs.losses(tmp_path)[s] for s in (3, 4)], [losses[s] for s in (3, 4)], rtol=1e-6)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "4.corrupt"]
+
+
+def test_only_the_aftermath_of_checkpoint_reads_is_quieted(trained, caplog):
+  """Loading installs what drops the leftovers of a failed restore's reads; an orphaned task's error from anything
+  else is still logged by asyncio."""
+  import asyncio
+  import gc
+
+  import vlmjax
+
+  vlmjax.load(str(trained[0]))
+
+  async def fails():
+    raise ValueError("an error of another coroutine")
+
+  loop = asyncio.new_event_loop()
+  task = loop.create_task(fails())
+  read = loop.create_future()  # as TensorStore fails a read: its status, no traceback
+  read.set_exception(ValueError('OUT_OF_RANGE: Error reading "w/0.0" in OCDBT database at local file "x"'))
+  loop.run_until_complete(asyncio.sleep(0))
+  loop.close()
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    del task, read
+    gc.collect()
+  assert "Task exception was never retrieved" in caplog.text and "an error of another coroutine" in caplog.text
+  assert "OCDBT" not in caplog.text

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import traceback
@@ -180,11 +181,37 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def _quiet_the_aftermath_of_a_failed_restore() -> None:
-  """Keeps a reported failure to one line: when a restore fails, orbax closes its event loop with TensorStore reads
-  still in flight and drops their coroutines, and each of them later prints a traceback through
-  sys.unraisablehook (an "Event loop is closed" from call_soon_threadsafe, an orbax coroutine closed mid-read). The
-  hook set here drops those two kinds and passes anything else on to the hook before it."""
+def _from_reading_a_checkpoint(error: BaseException) -> bool:
+  """Whether `error` (or one it was raised from) was raised in orbax's code, or is TensorStore's own error for a
+  read (no traceback: 'OUT_OF_RANGE: Error reading "w/0.0" in OCDBT database ...')."""
+  while error is not None:
+    frames = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(error.__traceback__)]
+    if any(f"{os.sep}orbax{os.sep}" in name for name in frames):
+      return True
+    if not frames and re.match(r"[A-Z_]+: Error reading ", str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _DropsOrphanedReadErrors(logging.Filter):
+  """Drops asyncio's "Task/Future exception was never retrieved" for the reads of a failed restore (see below)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not ("exception was never retrieved" in record.getMessage() and error is not None
+                and _from_reading_a_checkpoint(error))
+
+
+def _quiet_the_aftermath_of_failed_restores() -> None:
+  """Keeps a reported failure to one line. When a restore fails, orbax closes its event loop with TensorStore reads
+  still in flight, and what they leave behind prints tracebacks, at times before the restore's own error has
+  reached us: each read that finishes calls call_soon_threadsafe on the closed loop ("Event loop is closed",
+  through sys.unraisablehook), the coroutines dropped mid-read report through the same hook, and the tasks and
+  futures of the reads that failed too are logged by asyncio as "exception was never retrieved" when collected.
+  Installed before the first restore (not after a failure, which would race with those reads), the hook drops
+  the first two kinds and passes anything else on to the hook before it; a filter on asyncio's logger drops the
+  third when the error came from reading a checkpoint."""
   if getattr(sys.unraisablehook, "vlmjax_quiets_restores", False):
     return
   previous = sys.unraisablehook
@@ -199,6 +226,7 @@ def _quiet_the_aftermath_of_a_failed_restore() -> None:
 
   hook.vlmjax_quiets_restores = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_DropsOrphanedReadErrors())
 
 
 def _on_every_process(ok: bool) -> bool:
@@ -253,10 +281,10 @@ class Checkpointer:
     return restored.state["params"]
 
   def _restore(self, step: int, args: ocp.args.Composite):
+    _quiet_the_aftermath_of_failed_restores()
     try:
       return self._manager.restore(step, args=args)
     except Exception as error:  # orbax and TensorStore raise plain Exceptions, ValueErrors, FileNotFoundErrors...
-      _quiet_the_aftermath_of_a_failed_restore()
       raise UnreadableCheckpoint(step, _one_line(error)) from error
 
   def restore_newest(self, restore: Callable[[int], T], set_aside: bool = False) -> tuple[int, T] | None:
