@@ -302,7 +302,7 @@ def _record_chunks(monkeypatch, record) -> list:
 
 def test_a_prompt_prefilled_in_chunks_decodes_as_if_prefilled_whole(chunking_engine, tiny_vlm, monkeypatch):
   ids, pixels = _prompt(tiny_vlm, "What colour is the circle?", 0)  # 37 tokens; image placeholders at 7..10
-  chunks = _record_chunks(monkeypatch, lambda args: (args[-1], args[4] is not None))  # (start, with images)
+  chunks = _record_chunks(monkeypatch, lambda args: (args[-2], args[4] is not None))  # (start, with images)
   request = chunking_engine.submit(ids, pixels, max_tokens=21).wait(60)
   assert request.token_ids == _alone(tiny_vlm, ids, pixels, 21)
   # The first chunk reaches past the image, which is encoded in it; then 8 tokens a chunk.
@@ -316,7 +316,7 @@ def test_running_requests_decode_between_the_chunks_of_a_long_prompt(chunking_en
   with chunking_engine._condition:  # held: both admitted at once, the first one's chunks first
     running = chunking_engine.submit(running_ids, max_tokens=21)
     long = chunking_engine.submit(long_ids, long_pixels, max_tokens=5)
-    chunks = _record_chunks(monkeypatch, lambda args: (args[-1], len(running.decoded_ids)))  # (start, decoded)
+    chunks = _record_chunks(monkeypatch, lambda args: (args[-2], len(running.decoded_ids)))  # (start, decoded)
   assert long.wait(60).token_ids == _alone(tiny_vlm, long_ids, long_pixels, 5)
   assert running.wait(60).token_ids == _alone(tiny_vlm, running_ids, None, 21)
   assert [start for start, _ in chunks] == [0, 8, 16, 24, 32, 40, 0, 11, 19, 27, 35]

@@ -155,6 +155,32 @@ def test_a_preempted_request_decodes_on_as_if_alone(vlm):
     engine.stop()
 
 
+def test_a_placeholder_id_it_decoded_is_text_when_prefilled_again_after_a_preemption(vlm):
+  # The same model with the placeholder id moved to the first token the preempted request decodes (the prompts'
+  # placeholders take image embeddings, so the id's own embedding row is never read in a prompt and the model
+  # decodes as before): that token is in the context prefilled again, where it must embed as text.
+  prompts = _prompts(vlm)[:2]
+  decoded = _alone(vlm, prompts[1][0], prompts[1][1], 16)
+  placeholder, token = vlm.model_config.image_token_id, decoded[0]
+  assert token not in [*prompts[0][0], *prompts[1][0], *vlm.eos_token_ids, vlm.pad_token_id]
+  config = vlm.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.image_token_id = token
+  moved = dataclasses.replace(vlm, config=config)
+  prompts = [([token if t == placeholder else t for t in ids], images, n) for ids, images, n in prompts]
+  assert _alone(moved, prompts[1][0], prompts[1][1], 16) == decoded
+  num_pages = sum(paged_cache.pages_for(len(ids) + 1, 16) for ids, _, _ in prompts)
+  engine = Engine(moved, num_slots=2, max_len=MAX_LEN, num_pages=num_pages, page_size=16).start()
+  try:
+    with engine._condition:  # held: both admitted at once
+      requests = [engine.submit(ids, images, max_tokens=16) for ids, images, _ in prompts]
+    assert requests[1].wait(120).token_ids == decoded
+    assert requests[0].wait(120).token_ids == _alone(moved, prompts[0][0], prompts[0][1], 16)
+    assert engine.num_preemptions > 0
+  finally:
+    engine.stop()
+
+
 def test_images_that_do_not_match_the_prompt_are_refused(vlm):
   engine = Engine(vlm, num_slots=1, max_len=MAX_LEN)
   ids, images = _prompt(vlm, [(37, 52)], "Hi", 0)

@@ -393,7 +393,8 @@ class Engine:
     bucket = generation.bucket_length(end - start, self.buckets)
     self._state, prefix = prefill_chunk(self.vlm.params, config, self._state, context[start:end], pixel_values,
                                         bucket, self.vlm.pad_token_id, self._page_row(slot),
-                                        context_positions(config, context, request.pixel_values), start)
+                                        context_positions(config, context, request.pixel_values), start,
+                                        len(request.prompt_ids))
     entry.prefilled = end
     if end == len(context):
       self._insert(slot, prefix, 0)

@@ -159,22 +159,25 @@ def prefill(params, config: VLMConfig, prompts: Sequence[tuple[Sequence[int], np
   """Prompts through the model in one call, each right-padded to `bucket` tokens: `generate.prefill`, compiled
   once per bucket, image bucket and batch. One prompt is (token ids int[T] with image placeholders,
   pixel_values float32[I, H, W, 3] or, for LLaVA-NeXT, a list of (tiles, size) per image (`_image_input`), or None,
-  prefix length); all have images of the same `image_bucket`. The batch is
-  `rows` (default: len(prompts)), filled up with copies of the first prompt. A prefix-LM model attends
-  bidirectionally over each prompt's first `prefix length` tokens (the request's own prompt: tokens it decoded
-  before a preemption come after it, causal as when they were decoded). M-RoPE positions are the prompts'
-  `context_positions`. Returns a Prefix of `rows` rows, the prompts' first."""
+  prompt length); all have images of the same `image_bucket`. The batch is
+  `rows` (default: len(prompts)), filled up with copies of the first prompt. The token ids are the request's prompt
+  and the tokens it decoded before a preemption: those come after the prompt length, causal as when they were
+  decoded (a prefix-LM model attends bidirectionally over the prompt), a placeholder id among them an ordinary
+  token. M-RoPE positions are the prompts' `context_positions`. Returns a Prefix of `rows` rows, the prompts'
+  first."""
   rows = rows or len(prompts)
   given, prompts = prompts, list(prompts) + [prompts[0]] * (rows - len(prompts))
   padded = [_padded(ids, bucket, pad_id) for ids, _, _ in prompts]
   input_ids = np.concatenate([ids for ids, _ in padded])
   input_mask = np.concatenate([mask for _, mask in padded])
-  prefix_lengths = jnp.array([length for _, _, length in prompts], jnp.int32) if config.prefix_lm else None
+  prompt_lengths = jnp.array([length for _, _, length in prompts], jnp.int32)
   pixels = _image_input(config, [pixel_values for _, pixel_values, _ in given], rows, bucket)
   positions, offsets = _positions([context_positions(config, ids, pixel_values) for ids, pixel_values, _ in prompts],
                                   bucket)
-  logits, cache = generation.prefill(params, config, input_ids, input_mask, pixels, prefix_lengths,
-                                     config.decoder.init_cache(batch_size=rows, max_len=bucket), positions)
+  logits, cache = generation.prefill(params, config, input_ids, input_mask, pixels,
+                                     prompt_lengths if config.prefix_lm else None,
+                                     config.decoder.init_cache(batch_size=rows, max_len=bucket), positions,
+                                     image_ends=prompt_lengths)
   return Prefix(cache=cache, logits=logits, position_offsets=jnp.asarray(offsets))
 
 
@@ -192,13 +195,14 @@ def _positions(rows: Sequence[tuple[np.ndarray, int] | None], bucket: int) -> tu
 
 def prefill_chunk(params, config: VLMConfig, state: SlotState, token_ids: Sequence[int],
                   pixel_values: np.ndarray | list | None, bucket: int, pad_id: int, pages: np.ndarray,
-                  mrope: tuple[np.ndarray, int] | None, start: int) -> tuple[SlotState, Prefix]:
-  """Tokens `start` onwards of a prompt whose first `start` tokens are in its pages already: token_ids int[T]
+                  mrope: tuple[np.ndarray, int] | None, start: int, prompt_length: int) -> tuple[SlotState, Prefix]:
+  """Tokens `start` onwards of a context whose first `start` tokens are in its pages already: token_ids int[T]
   (right-padded to `bucket`) go through the model at positions start.. (M-RoPE: those of `mrope`, the whole
   context's `context_positions`, from `start` on), attending over the pages before them, into `pages`
   (int32[max_pages], the request's page-table row; the state's page table is left as it is).
   pixel_values: float32[I, H, W, 3] (or, with a token count per image, a list as `_image_input` takes it), the
-  images whose placeholders are all among these tokens, or None.
+  images whose placeholders are all among these tokens, or None. prompt_length: the request's prompt's; the
+  context's tokens past it were decoded before a preemption (a placeholder id among them an ordinary token).
   Causal models only. Returns (the state with the new keys and values in its pool, the Prefix of one row that
   `insert` takes when these tokens end the context: its cache empty (the keys and values are in the pages) with
   length start + T, the logits float32[1, V] of the last token and the context's position offset); compiled once
@@ -208,18 +212,20 @@ def prefill_chunk(params, config: VLMConfig, state: SlotState, token_ids: Sequen
   piece = None if mrope is None else (mrope[0][:, start:start + len(token_ids)], mrope[1])
   positions, offsets = _positions([piece], bucket)
   return _prefill_chunk(params, config, state, input_ids, input_mask, pixels, jnp.asarray(pages), jnp.int32(start),
-                        positions, offsets)
+                        positions, offsets, jnp.int32(prompt_length))
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
 def _prefill_chunk(params, config: VLMConfig, state: SlotState, input_ids, input_mask, pixel_values,
-                   pages: jax.Array, start: jax.Array, positions, offsets) -> tuple[SlotState, Prefix]:
+                   pages: jax.Array, start: jax.Array, positions, offsets,
+                   prompt_length: jax.Array) -> tuple[SlotState, Prefix]:
   if positions is None:
     positions = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]  # [1, T_bucket]
   cache = state.cache.replace(page_table=pages[None], lengths=start[None])
   count = jnp.sum(input_mask, axis=1, dtype=jnp.int32)  # [1]
   logits, cache = VLMModel(config).apply({"params": params}, input_ids, pixel_values, positions, cache,
-                                         input_mask=input_mask, logit_positions=count[:, None] - 1)
+                                         input_mask=input_mask, logit_positions=count[:, None] - 1,
+                                         image_ends=(prompt_length - start)[None])
   empty = config.decoder.init_cache(batch_size=1, max_len=0)  # nothing for `insert` to copy: it is in the pages
   prefix = Prefix(cache=empty.replace(lengths=start + count), logits=logits[:, 0], position_offsets=offsets)
   return state.replace(cache=state.cache.replace(k=cache.k, v=cache.v)), prefix

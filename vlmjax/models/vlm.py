@@ -320,17 +320,21 @@ class VLM(nn.Module):
       embeddings = visual_tokens.reduce(reduction, embeddings, keys, received)  # [B*I, KEEP, D]
     return embeddings.reshape(batch, num_images * embeddings.shape[1], embeddings.shape[2])
 
-  def embed(self, input_ids: jax.Array, image_embeddings: jax.Array | None) -> jax.Array:
+  def embed(self, input_ids: jax.Array, image_embeddings: jax.Array | None,
+            image_ends: jax.Array | None = None) -> jax.Array:
     """Token embeddings with the k-th image placeholder of each row replaced by its k-th image embedding.
 
-    input_ids: int[B, T]; image_embeddings: float[B, I*P, D] or None -> float[B, T, D].
-    Placeholders past a row's first I*P are ordinary tokens, as a generated placeholder id is when decoding (the
-    engine prefills a preempted request's generated tokens again after its prompt).
+    input_ids: int[B, T]; image_embeddings: float[B, I*P, D] or None; image_ends: int[B] or None -> float[B, T, D].
+    Placeholders past a row's first I*P, or at index image_ends[b] or later, are ordinary tokens, as a
+    generated placeholder id is when decoding: the engine prefills a preempted request's generated tokens again
+    after its prompt, and its image inputs are padded (more images, more tokens a row) to a few shapes.
     """
     text = self.decoder.embed(input_ids)
     if image_embeddings is None:  # decoding: a generated placeholder id is an ordinary token, as in transformers
       return text
     is_placeholder = input_ids == self.config.image_token_id  # [B, T]
+    if image_ends is not None:
+      is_placeholder &= jnp.arange(input_ids.shape[1])[None] < image_ends[:, None]
     slot = jnp.cumsum(is_placeholder, axis=1) - 1  # [B, T], the image embedding each placeholder takes
     is_image = is_placeholder & (slot < image_embeddings.shape[1])
     slot = jnp.clip(slot, 0, image_embeddings.shape[1] - 1)
@@ -349,6 +353,7 @@ class VLM(nn.Module):
       segment_ids: jax.Array | None = None,
       prefix_lengths: jax.Array | None = None,
       logit_positions: jax.Array | None = None,
+      image_ends: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Args:
       input_ids: int[B, T] with image placeholders.
@@ -359,6 +364,8 @@ class VLM(nn.Module):
         `mrope_positions`.
       cache, input_mask, segment_ids, logit_positions: as `Decoder.__call__`.
       prefix_lengths: int[B] bidirectional prefix per row; required when the config is prefix-LM.
+      image_ends: int[B], each row's placeholders at or after this token are ordinary tokens (`embed`); None: all
+        take image embeddings while there are any.
     Returns:
       (logits float32[B, T, V], the updated cache or None).
     """
@@ -382,6 +389,6 @@ class VLM(nn.Module):
     else:
       image_embeddings = (self.encode_tiles(pixel_values) if isinstance(pixel_values, Tiles)
                           else self.encode_images(pixel_values))
-    embeddings = self.embed(input_ids, image_embeddings)
+    embeddings = self.embed(input_ids, image_embeddings, image_ends)
     return self.decoder(None, positions, cache, embeddings=embeddings, input_mask=input_mask,
                         segment_ids=segment_ids, prefix_lengths=prefix_lengths, logit_positions=logit_positions)
