@@ -1,6 +1,6 @@
-"""Training numerics against transformers: for an imported LLaVA / PaliGemma checkpoint (tiny, random, written by
-transformers), the loss of a batch and the gradient of every parameter equal transformers' on the same batch with
-the same labels, in float32 (relative 1e-5).
+"""Training numerics against transformers: for an imported LLaVA / PaliGemma / LLaVA-NeXT / Qwen2.5-VL checkpoint
+(tiny, random, written by transformers), the loss of a batch and the gradient of every parameter equal transformers'
+on the same batch with the same labels, in float32 (relative 1e-5).
 
 One batch per case: two rows of different lengths (right-padded), an image each, the loss on the answer tokens.
 PaliGemma trains as its processor sets it up for transformers: the prefix (image tokens, BOS, prompt, "\\n") has
@@ -8,6 +8,12 @@ token_type_ids 0 and no labels, the suffix (answer, EOS) token_type_ids 1 and th
 token_type_ids-0 tokens one bidirectional block (`block_sequence_ids`) on top of the causal mask: that is our
 `prefix_lengths`. Our side runs as the trainer does: `state.stage_loss` of the "full" stage (`vlm_loss`), with the
 default backward passes (the CPU-tuned ones on a CPU).
+
+LLaVA-NeXT and Qwen2.5-VL (images at their own size, a token count each): the batch is the trainer's, made by the
+data pipeline (`sources` renders each conversation with the chat template, `VariableImages.collate` lays out the
+`Tiles` or `Patches`), two rows with images of different sizes and aspect ratios; transformers gets the same ids and
+the same processed images (LLaVA-NeXT's tiles padded per row with `image_sizes`, Qwen's patches with
+`image_grid_thw`). Qwen2.5-VL's tower has window and full-attention blocks, and its decoder M-RoPE.
 """
 
 import dataclasses
@@ -19,9 +25,13 @@ import numpy as np
 import pytest
 import torch
 
-# test_hf.py's helpers (pytest puts tests/interop on sys.path: it has no __init__.py).
+# The other test modules' helpers (pytest puts tests/interop on sys.path: it has no __init__.py).
+import test_llava_next
+import test_qwen2_5_vl
 from test_hf import _prompt_ids, max_relative_error
-from vlmjax.data import pipeline
+from variable_tokens import images_of
+from vlmjax.data import pipeline, sources
+from vlmjax.data.variable_images import VariableImages
 from vlmjax.interop import hf, hf_weights
 from vlmjax.models import layers
 from vlmjax.models.vlm import VLMConfig
@@ -30,6 +40,10 @@ from vlmjax.train import state
 # LLaVA with GQA, an untied head and the features of the ViT's next-to-last layer (its last layer is out of the
 # loss's reach); PaliGemma with GQA, the tied head and the prefix-LM.
 CASE_NAMES = ["llava_gqa", "paligemma_gqa_sharded"]
+# Images at their own size: LLaVA-NeXT (Llama) and Qwen2.5-VL (written by their test modules), a landscape and a
+# portrait image (other pinpoints, other patch grids).
+VARIABLE_CASES = ["llava_next", "qwen2_5_vl"]
+VARIABLE_SIZES = [(37, 52), (61, 29)]
 # (prompt, answer) per row; the loss counts the answer and the EOS after it.
 ROWS = [("What is in the picture?", "A red circle next to a blue square."),
         ("Describe the image in detail, please. How many shapes are there?", "caption")]
@@ -38,6 +52,7 @@ TOLERANCE = 1e-5
 # Both sides give rounding noise for it (1e-10 to 1e-9, against 1e-3 to 1e-1 for the layer's other gradients), so
 # its error is measured against the scale of the gradients that reach the keys: the same layer's key kernel's.
 KEY_BIAS = re.compile(r"self_attn\.k_proj\.bias$")
+EMBEDDING = hf_weights.TEXT + "embed_tokens.weight"
 
 
 def make_batch(pretrained: hf.Pretrained, pixel_values: np.ndarray) -> tuple[dict, dict]:
@@ -85,15 +100,68 @@ class Gradients:
     return f"Gradients({self.case_name})"
 
 
-@pytest.fixture(scope="module", params=CASE_NAMES)
-def gradients(request, checkpoint) -> Gradients:
-  """Both sides' loss and gradients on one batch, computed once per case."""
-  _, directory, model = checkpoint(request.param)
-  pretrained = hf.load_pretrained(directory)
+def make_variable_batch(pretrained: hf.Pretrained, images: list[np.ndarray]) -> tuple[dict, dict]:
+  """`make_batch` for LLaVA-NeXT and Qwen2.5-VL, row i a conversation about images[i]: ours as the trainer's data
+  pipeline makes it, transformers' from the same ids, loss mask and processed images."""
   model_config = VLMConfig.from_dict(pretrained.config.model)
-  size = model_config.vision.image_size
-  pixel_values = np.random.default_rng(0).normal(size=(len(ROWS), size, size, 3)).astype(np.float32)
-  ours, theirs = make_batch(pretrained, pixel_values)
+  variable = VariableImages(model_config)
+  inputs = sources.ModelInputs(pretrained.tokenizer, pretrained.image_processor, pretrained.image_token_id, None,
+                               prefix_lm=False, max_length=1024, variable_images=variable)
+  examples = [sources._Examples(inputs).chat([image], [
+      {"role": "user", "content": f"{sources.IMAGE_TAG}\n{prompt}"}, {"role": "assistant", "content": answer}])
+              for (prompt, answer), image in zip(ROWS, images)]
+  lengths = [len(example["input_ids"]) for example in examples]
+  assert len(set(lengths)) == len(examples), f"rows of one length {lengths}: the padding would not be exercised"
+  ours = variable.collate(examples, max(lengths) + 3)
+  ids = np.where(ours["input_mask"], ours["input_ids"], pretrained.pad_token_id)
+  trained = np.pad(ours["loss_mask"][:, :-1], ((0, 0), (1, 0))) > 0  # loss_mask[t] weighs token t + 1
+  ids = ids.astype(np.int64)
+  theirs = {"input_ids": torch.tensor(ids), "labels": torch.tensor(np.where(trained, ids, -100)),
+            "attention_mask": torch.tensor(ours["input_mask"], dtype=torch.long)}
+  processed = [example["pixel_values"][0] for example in examples]  # (tiles or patches, size or grid) per row
+  if model_config.qwen_tower:
+    theirs["pixel_values"] = torch.tensor(np.concatenate([patches for patches, _ in processed]))
+    theirs["image_grid_thw"] = torch.tensor([grid for _, grid in processed])
+    theirs["mm_token_type_ids"] = (theirs["input_ids"] == pretrained.image_token_id).int()
+  else:
+    most = max(len(tiles) for tiles, _ in processed)
+    theirs["pixel_values"] = torch.tensor(np.stack([np.pad(tiles, ((0, most - len(tiles)),) + ((0, 0),) * 3)
+                                                    for tiles, _ in processed]).transpose(0, 1, 4, 2, 3))
+    theirs["image_sizes"] = torch.tensor([size for _, size in processed])
+  return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def variable_checkpoint(tmp_path_factory):
+  """variable_checkpoint(name) -> (directory, torch model) of a VARIABLE_CASES checkpoint, written once per module."""
+  written = {}
+
+  def get(name: str):
+    if name not in written:
+      directory = str(tmp_path_factory.mktemp(name))
+      if name == "qwen2_5_vl":
+        written[name] = directory, test_qwen2_5_vl._write(directory, tie=False)
+      else:
+        written[name] = directory, test_llava_next._write(test_llava_next.BACKBONES["llama"], "llama", directory)
+    return written[name]
+
+  return get
+
+
+@pytest.fixture(scope="module", params=CASE_NAMES + VARIABLE_CASES)
+def gradients(request, checkpoint, variable_checkpoint) -> Gradients:
+  """Both sides' loss and gradients on one batch, computed once per case."""
+  if request.param in VARIABLE_CASES:
+    directory, model = variable_checkpoint(request.param)
+    pretrained = hf.load_pretrained(directory)
+    ours, theirs = make_variable_batch(pretrained, images_of(VARIABLE_SIZES))
+  else:
+    _, directory, model = checkpoint(request.param)
+    pretrained = hf.load_pretrained(directory)
+    size = VLMConfig.from_dict(pretrained.config.model).vision.image_size
+    pixel_values = np.random.default_rng(0).normal(size=(len(ROWS), size, size, 3)).astype(np.float32)
+    ours, theirs = make_batch(pretrained, pixel_values)
+  model_config = VLMConfig.from_dict(pretrained.config.model)
 
   loss_fn = lambda params, batch: state.stage_loss(params, model_config, batch, "full")[0]  # the trainer's
   with jax.default_matmul_precision("highest"):  # float32 matmuls on accelerators too (no TF32 / bf16 passes)
@@ -109,8 +177,16 @@ def gradients(request, checkpoint) -> Gradients:
   if pretrained.prefix_lm:
     with torch.no_grad():
       causal_loss = float(model(**{k: v for k, v in theirs.items() if k != "token_type_ids"}).loss)
-  return Gradients(request.param, model_config, float(our_loss), float(their_loss.detach()), causal_loss,
-                   dict(hf_weights.iter_hf_tensors(layers.stack_layers(our_grads))), their_grads)
+  ours = dict(hf_weights.iter_hf_tensors(layers.stack_layers(our_grads)))
+  # transformers' text embedding takes padding_idx=pad_token_id, and nn.Embedding never gives that row a gradient.
+  # Qwen's tiny tokenizer maps what it does not know (the template's line breaks) to its pad token, so the row is in
+  # the text, where ours trains it as any token's: it is left out of the comparison on both sides.
+  pad_row = model.get_input_embeddings().padding_idx
+  if pad_row is not None and np.any(theirs["input_ids"].numpy()[theirs["attention_mask"].numpy() > 0] == pad_row):
+    for grads in (ours, their_grads):
+      grads[EMBEDDING] = np.delete(grads[EMBEDDING], pad_row, axis=0)
+  return Gradients(request.param, model_config, float(our_loss), float(their_loss.detach()), causal_loss, ours,
+                   their_grads)
 
 
 def test_loss_matches_transformers(gradients):
@@ -153,3 +229,4 @@ def test_parameters_out_of_the_losss_reach_have_no_gradient(gradients):
   assert set(ours) <= set(theirs)
   for name in sorted(unreached & set(ours)):
     assert not np.any(ours[name]), name
+

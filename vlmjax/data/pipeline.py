@@ -186,7 +186,8 @@ def examples(source, to_example: Callable[[Any, np.random.Generator], dict], *, 
 
 def batches(dataset: grain.MapDataset, *, batch_size: int, length: int, process_index: int = 0,
             process_count: int = 1, bad_records: BadRecords | None = None, packing: bool = False,
-            images_per_row: int | None = None, num_workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
+            images_per_row: int | None = None, num_workers: int = 0, prefetch: int = 2,
+            collate: Callable[[list[dict]], dict] | None = None) -> grain.IterDataset:
   """Batches of this process's part of the global order of examples `dataset` (from `examples`, or a mix of
   several), bad records dropped.
 
@@ -202,6 +203,7 @@ def batches(dataset: grain.MapDataset, *, batch_size: int, length: int, process_
       batches are the same for any number (the workers deal the examples out in turn and this process packs
       and batches them), but a saved iterator state restores only into the same number.
     prefetch: batches a background thread keeps ready; 0 makes each batch when it is asked for.
+    collate: a batch of unpacked examples; default `pad_batch` at `length`.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -229,7 +231,8 @@ def batches(dataset: grain.MapDataset, *, batch_size: int, length: int, process_
     dataset = packing_lib.pack(dataset, length=length, images_per_row=images_per_row, rows=batch_size)
     dataset = dataset.batch(batch_size, drop_remainder=True)
   else:
-    dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=lambda examples: pad_batch(examples, length))
+    collate = collate or (lambda examples: pad_batch(examples, length))
+    dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=collate)
   if prefetch:
     dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch)
   return dataset

@@ -1,4 +1,5 @@
-"""Training data people have on disk, for finetuning Hugging Face LLaVA-1.5 and PaliGemma checkpoints.
+"""Training data people have on disk, for finetuning Hugging Face LLaVA-1.5, LLaVA-NeXT, PaliGemma and Qwen2.5-VL
+checkpoints.
 
     specs = parse_sources("llava:mix665k.json:images/:3,coco:captions_train2017.json:train2017/")   # data.sources
     inputs = ModelInputs(tokenizer, image_processor, image_token_id=32000, tokens_per_image=576,
@@ -36,6 +37,10 @@ Examples. Each is rendered as the checkpoint's own training inputs are:
     context. (Training only the last answer would drop most of LLaVA-Instruct's answers.)
   Image placeholders are expanded to `tokens_per_image` copies (the Hugging Face convention); they and padding
   carry no loss. A text-only row's images are zeros of the processor's output size.
+  Models whose images give a token count each (LLaVA-NeXT, Qwen2.5-VL; `variable_images`): each image's placeholder
+  is expanded to its own count, and a batch's images are one `Tiles` or `Patches` (`vlmjax.data.variable_images`).
+  Qwen2.5-VL's captions go through its chat template (the image as the user turn, the caption as the answer): LLaVA's
+  plain format has no place for its vision start and end tokens.
 
 Bad rows never stop a run: a row whose image is missing or does not decode, a conversation without an assistant
 turn, more "<image>" tags than images or images without tags, an unknown speaker, a row longer than max_length
@@ -45,10 +50,13 @@ turn, more "<image>" tags than images or images without tags, an unknown speaker
 Batches (numpy, B = batch_size rows on this process, T = length, I = images_per_example):
     input_ids, targets int32[B, T]; loss_mask float32[B, T]; input_mask bool[B, T]
     pixel_values float32[B, I, H, W, 3]     the k-th run of placeholders in a row meets its k-th image
+                                            (`Tiles` or `Patches` for models with variable image tokens)
     prefix_lengths int32[B]                 prefix-LM models only
   With packing (causal models only): several examples per row, plus segment_ids and positions int32[B, T], and
   pixel_values float32[B, N, H, W, 3] with N = images_per_row (`vlmjax.data.packing`). Prefix-LM examples are not
-  packed: a packed row would need a bidirectional prefix per segment, which the model's mask does not take.
+  packed: a packed row would need a bidirectional prefix per segment, which the model's mask does not take. Nor are
+  LLaVA-NeXT's and Qwen2.5-VL's: packing carries fixed-size image slots, and Qwen's M-RoPE would restart per
+  segment.
 """
 
 import dataclasses
@@ -61,6 +69,7 @@ import numpy as np
 from vlmjax.data import formats, pipeline
 from vlmjax.data.images import ImageProcessor
 from vlmjax.data.tokenizer import Tokenizer
+from vlmjax.data.variable_images import VariableImages
 
 KINDS = ("llava", "llava_pretrain", "coco")
 IMAGE_TAG = "<image>"  # LLaVA's tag in the JSON's human turns
@@ -120,20 +129,25 @@ class ModelInputs:
 
   Attributes:
     tokenizer: the checkpoint's tokenizer, with its chat template (causal models) and end token.
-    image_processor: the checkpoint's image processor (a fixed output size).
-    image_token_id: the image placeholder's id; tokens_per_image: the copies each image expands to.
+    image_processor: the checkpoint's image processor (a fixed output size, or images at their own size with
+      `variable_images`).
+    image_token_id: the image placeholder's id; tokens_per_image: the copies each image expands to (None with
+      `variable_images`, which counts each image's).
     prefix_lm: PaliGemma-style inputs (prefix + suffix, `prefix_lengths`) instead of the chat template.
     max_length: the most tokens an example may have; a longer one is skipped.
-    images_per_example: the image slots of an example (pixel_values [I, H, W, 3]); a row with more is skipped.
+    images_per_example: the image slots of an example (pixel_values [I, H, W, 3]); a row with more is skipped. Not
+      used with `variable_images` (a row takes what its length allows).
+    variable_images: LLaVA-NeXT's or Qwen2.5-VL's image arithmetic; None for fixed-size images.
   """
 
   tokenizer: Tokenizer
   image_processor: ImageProcessor
   image_token_id: int
-  tokens_per_image: int
+  tokens_per_image: int | None
   prefix_lm: bool
   max_length: int
   images_per_example: int = 1
+  variable_images: VariableImages | None = None
 
   @property
   def image_token(self) -> str:
@@ -186,7 +200,9 @@ class _Examples:
 
   def __init__(self, inputs: ModelInputs):
     self.inputs = inputs
-    self.encoder = pipeline.ConversationEncoder(inputs.tokenizer, inputs.image_token_id, inputs.tokens_per_image,
+    # With variable image tokens each placeholder stays single until `_finish` knows its image's count.
+    self.copies = 1 if inputs.variable_images else inputs.tokens_per_image
+    self.encoder = pipeline.ConversationEncoder(inputs.tokenizer, inputs.image_token_id, self.copies,
                                                 max_length=None, end_turns=True)
 
   def _pixels(self, images: list) -> np.ndarray:
@@ -200,13 +216,19 @@ class _Examples:
     return pixels
 
   def _finish(self, ids: np.ndarray, weights: np.ndarray, images: list, **extra) -> dict[str, np.ndarray]:
+    variable = self.inputs.variable_images
+    if variable:
+      processed = self.inputs.image_processor(images) if images else []
+      ids, weights = variable.expand(ids, weights, processed)
     if len(ids) > self.inputs.max_length:
       raise ValueError(f"{len(ids)} tokens, more than max_length={self.inputs.max_length} (skipped, not truncated)")
+    if variable:  # the processed images as they are: `VariableImages.collate` lays out the batch's
+      return {**pipeline.example_arrays(ids, weights, np.zeros(0)), "pixel_values": processed, **extra}
     return {**pipeline.example_arrays(ids, weights, self._pixels(images)), **extra}
 
   def _expanded(self, ids: list[int]) -> np.ndarray:
     ids = np.asarray(ids, np.int32)
-    return np.repeat(ids, np.where(ids == self.inputs.image_token_id, self.inputs.tokens_per_image, 1))
+    return np.repeat(ids, np.where(ids == self.inputs.image_token_id, self.copies, 1))
 
   def chat(self, images: list, conversation: list[dict]) -> dict[str, np.ndarray]:
     """Causal: the conversation through the chat template, the loss on the assistant turns and their end token."""
@@ -240,7 +262,8 @@ class _Examples:
 
 def example_fn(kind: str, inputs: ModelInputs) -> Callable[[dict, np.random.Generator], dict[str, np.ndarray]]:
   """(a record of an `open_source` of this kind, rng) -> {input_ids, targets, loss_mask: [t] (t <= max_length),
-  pixel_values float32[images_per_example, H, W, 3], prefix_lengths int32[] (prefix-LM models)}; a row that
+  pixel_values float32[images_per_example, H, W, 3] (with variable image tokens: the processed images, a list),
+  prefix_lengths int32[] (prefix-LM models)}; a row that
   cannot be a training example raises (the pipeline skips it)."""
   if kind not in KINDS:
     raise ValueError(f"unknown data source kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -262,7 +285,7 @@ def example_fn(kind: str, inputs: ModelInputs) -> Callable[[dict, np.random.Gene
       if kind != "llava":
         conversation = [{"role": "user", "content": CAPTION_PROMPT}, conversation[1]]
       return examples.prefix_suffix(images, conversation, rng)
-    if kind == "llava":
+    if kind == "llava" or (inputs.variable_images and inputs.variable_images.config.qwen_tower):
       return examples.chat(images, conversation)
     return examples.plain(images, conversation[1]["content"])
   return to_example
@@ -310,6 +333,10 @@ def train_dataset(specs: list[SourceSpec], inputs: ModelInputs, *, seed: int, ba
   if packing and inputs.prefix_lm:
     raise ValueError("packing prefix-LM (PaliGemma) examples is not supported: each would need its own "
                      "bidirectional prefix within the row; train with packing off")
+  if packing and inputs.variable_images:
+    raise ValueError("packing is not supported for models whose images give a token count each (LLaVA-NeXT, "
+                     "Qwen2.5-VL): a packed row has fixed-size image slots, and M-RoPE positions would need to "
+                     "restart per example; train with data.packing=False")
   if packing:
     images_per_row = images_per_row or max(length // inputs.tokens_per_image, inputs.images_per_example)
   parts = []
@@ -320,6 +347,9 @@ def train_dataset(specs: list[SourceSpec], inputs: ModelInputs, *, seed: int, ba
     parts.append(pipeline.examples(open_source(spec), to_example, seed=_source_seed(seed, number),
                                    source_name=spec.json_path))
   mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [spec.weight for spec in specs])
+  collate = None if inputs.variable_images is None else (
+      lambda examples: inputs.variable_images.collate(examples, length))
   return pipeline.batches(mixed, batch_size=batch_size, length=length, process_index=process_index,
                           process_count=process_count, bad_records=bad_records, packing=packing,
-                          images_per_row=images_per_row, num_workers=num_workers, prefetch=prefetch)
+                          images_per_row=images_per_row, num_workers=num_workers, prefetch=prefetch,
+                          collate=collate)

@@ -5,7 +5,8 @@
     lora.quantize = "" | "int8" | "int4" | "int4:GROUP"   QLoRA: the frozen base's layers stored in low bits
     optim.projector_learning_rate                         the projector's own rate (LLaVA's mm_projector_lr)
 
-The stage trains the adapters and the projector. Its train state holds only those (so only they have optimizer
+The stage trains the adapters and the projector (with LLaVA-NeXT's image_newline and Qwen2.5-VL's patch merger:
+`optim.parameter_group`). Its train state holds only those (so only they have optimizer
 state and go into the checkpoints); the frozen base sits beside it, read from train.init_from again when a run
 resumes, and never updated. `vlmjax.load` of the workdir reads the base the same way and merges the adapters
 (`lora.merge`).
@@ -22,7 +23,7 @@ from vlmjax.infer import quantize as quantize_lib
 from vlmjax.models import lora, quant
 from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.parallel import mesh as mesh_lib
-from vlmjax.train.optim import TRAINABLE
+from vlmjax.train.optim import split_trained
 from vlmjax.workdir import LORA, Stage
 
 QUANTIZE = ("", "int8", "int4")  # QLoRA's base: float, INT8 per output channel, INT4 in groups (of 128, or int4:GROUP)
@@ -93,7 +94,7 @@ def trained_and_frozen(config: ml_collections.ConfigDict, model_config: VLMConfi
     params = model.init(jax.random.key(config.seed), **model_config.example_inputs(1))["params"]
     return lora.split(params)[0]
   adapters = mesh_lib.init_sharded(init_adapters, mesh, rules)[0]
-  trained, frozen = lora.split(lora.combine(base_params, adapters), TRAINABLE[LORA])
+  trained, frozen = split_trained(lora.combine(base_params, adapters), LORA)
   quantize = config.lora.get("quantize", "")
   return trained, jax.jit(lambda tree: stored_base(tree, model_config, quantize))(frozen)
 
@@ -102,13 +103,13 @@ def abstract_trained(config: ml_collections.ConfigDict, model_config: VLMConfig)
   """The trained parameters of a lora stage as ShapeDtypeStructs (what its checkpoints hold), nothing allocated."""
   model = VLM(adapted(model_config, lora_config(config)))
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), **model_config.example_inputs(1))["params"])
-  return lora.split(nn.meta.unbox(params), TRAINABLE[LORA])[0]
+  return split_trained(nn.meta.unbox(params), LORA)[0]
 
 
 def merged(config: ml_collections.ConfigDict, base_params: dict, trained: dict) -> dict:
   """The plain model's parameters: the base (quantized as the stage trained it), the trained projector and the
   adapters folded into the kernels."""
-  _, frozen = lora.split(base_params, TRAINABLE[LORA])
+  _, frozen = split_trained(base_params, LORA)
   return lora.merge(lora.combine(_quantized_base(frozen, config.lora.get("quantize", "")), trained),
                     lora_config(config))
 

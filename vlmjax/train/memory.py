@@ -91,9 +91,8 @@ def plan(config: ml_collections.ConfigDict, mesh: AbstractMesh, stage: str, sche
   rules = mesh_lib.normalize_rules(config.sharding_rules)
   boxed = _boxed_params(model_config)
   params, shardings = nn.meta.unbox(boxed), mesh_lib.param_shardings(boxed, mesh, rules)
-  groups = optim.TRAINABLE[stage]
-  trained, frozen = lora.split(params, groups)
-  trained_shardings, frozen_shardings = lora.split(shardings, groups)
+  trained, frozen = optim.split_trained(params, stage)
+  trained_shardings, frozen_shardings = optim.split_trained(shardings, stage)
   if stage == "lora":  # the state holds only the adapters and the projector
     state_params, state_shardings = trained, trained_shardings
     frozen = _stored_base(frozen, model_config, scheme)
@@ -182,7 +181,7 @@ def _local_model(model_config: VLMConfig, tensor: int) -> VLMConfig:
 def _saved_bytes(model_config: VLMConfig, setup: Plan, rows: int, length: int) -> int:
   """Bytes of the residuals `jax.vjp` of the stage's loss keeps for `rows` rows of `length` tokens (one image each)
   on the standard JAX path; inputs (parameters, the batch) and constants are not counted."""
-  trained, frozen = lora.split(nn.meta.unbox(_boxed_params(model_config)), optim.TRAINABLE[setup.stage])
+  trained, frozen = optim.split_trained(nn.meta.unbox(_boxed_params(model_config)), setup.stage)
   if setup.stage == "lora":
     # What a quantized layer leaves for the backward pass is its kernel dequantized to the compute dtype, the same
     # bytes in int8 and int4; traced in int8, since a tensor-parallel device's share of a layer (`_local_model`) need

@@ -33,6 +33,40 @@ TRAINABLE = {
 }
 
 
+def parameter_group(keys: tuple[str, ...]) -> str:
+  """The group a parameter trains with, by its path: its top-level group, but the projector for what does the
+  projector's job elsewhere in the tree: LLaVA-NeXT's `image_newline` (an embedding the projector's tokens are
+  spliced with) and Qwen2.5-VL's patch merger (`vision/merger_*`, the end of its tower that maps image patches into
+  the language model; Qwen's finetuning trains it with the language model and the tower frozen, as LLaVA's projector)."""
+  if keys[0] == "image_newline" or (keys[0] == "vision" and len(keys) > 1 and keys[1].startswith("merger_")):
+    return "projector"
+  return keys[0]
+
+
+def _path_keys(key_path) -> tuple[str, ...]:
+  return tuple(str(getattr(key, "key", key)) for key in key_path)
+
+
+def trains(keys: tuple[str, ...], stage: str) -> bool:
+  """Whether the parameter at path `keys` trains in `stage`: its group (`parameter_group`) does, or it is an adapter
+  matrix."""
+  return parameter_group(keys) in TRAINABLE[stage] or lora.is_adapter(keys)
+
+
+def split_trained(params: Mapping[str, Any], stage: str) -> tuple[dict, dict]:
+  """(trained, frozen) of `stage`: the parameters that train in it (`trains`) and the rest, as two nested dicts whose
+  `lora.combine` is `params` (any tree of the parameters' structure: values, shapes, shardings)."""
+  check_stage(stage)
+  trained, frozen = {}, {}
+  for key_path, leaf in jax.tree_util.tree_leaves_with_path(dict(params)):
+    keys = _path_keys(key_path)
+    target = trained if trains(keys, stage) else frozen
+    for key in keys[:-1]:
+      target = target.setdefault(key, {})
+    target[keys[-1]] = leaf
+  return trained, frozen
+
+
 def check_stage(stage: str) -> None:
   if stage not in TRAINABLE:
     raise ValueError(f"unknown training stage {stage!r}; the stages are {list(TRAINABLE)}")
@@ -44,14 +78,11 @@ def check_optimizer(config: ml_collections.ConfigDict) -> None:
 
 
 def trainable_labels(params: Mapping[str, Any], stage: str) -> dict:
-  """'train' or 'frozen' for every parameter leaf, by its top-level group (`vision`, `projector`, ...); adapter
-  matrices train."""
+  """'train' or 'frozen' for every parameter leaf, by its group (`parameter_group`: `vision`, `projector`, ...);
+  adapter matrices train."""
   check_stage(stage)
-
-  def label(key_path, _) -> str:
-    keys = tuple(str(getattr(key, "key", key)) for key in key_path)
-    return "train" if keys[0] in TRAINABLE[stage] or lora.is_adapter(keys) else "frozen"
-  return jax.tree_util.tree_map_with_path(label, dict(params))
+  return jax.tree_util.tree_map_with_path(lambda key_path, _: "train" if trains(_path_keys(key_path), stage)
+                                          else "frozen", dict(params))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int,
@@ -143,9 +174,9 @@ def muon_matrices(params: Mapping[str, Any]) -> dict:
 
 
 def _scale_group(group: str, factor: float) -> optax.GradientTransformation:
-  """Multiplies the updates of one top-level parameter group by `factor`; keeps no state."""
+  """Multiplies the updates of one parameter group (`parameter_group`) by `factor`; keeps no state."""
   def update_fn(updates, state, params=None):
     del params
-    return {name: jax.tree.map(lambda u: u * factor, tree) if name == group else tree
-            for name, tree in updates.items()}, state
+    return jax.tree_util.tree_map_with_path(
+        lambda key_path, u: u * factor if parameter_group(_path_keys(key_path)) == group else u, updates), state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

@@ -1,7 +1,8 @@
 """The train state (a plain pytree) and the jitted update step.
 
 A batch is a dict of arrays, every one with the global batch as its leading axis:
-  input_ids int32[B, T] (image placeholders included), pixel_values float32[B, H, W, 3] (or [B, I, H, W, 3]),
+  input_ids int32[B, T] (image placeholders included), pixel_values float32[B, H, W, 3] (or [B, I, H, W, 3], or the
+  `Tiles` / `Patches` of LLaVA-NeXT's / Qwen2.5-VL's images at their own size),
   targets int32[B, T] (the next token of each position), loss_mask float32[B, T] (1 on assistant tokens),
   and optionally positions int32[B, T] + segment_ids int32[B, T] (packed rows), prefix_lengths int32[B].
 The contrastive stage's batches are image-caption pairs: pixel_values, input_ids int32[B, T] (the caption) and
@@ -20,9 +21,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlmjax.models.classifier import ClassifierConfig, ViTClassifier, patch_classification_loss
 from vlmjax.models.clip import CLIP, CLIPConfig
-from vlmjax.models.vlm import VLM, VLMConfig
+from vlmjax.models import lora
+from vlmjax.models.vlm import VLM, Patches, Tiles, VLMConfig
 from vlmjax.train import gradients, losses
-from vlmjax.train.optim import TRAINABLE
+from vlmjax.train.optim import split_trained
 
 
 @flax.struct.dataclass
@@ -111,23 +113,24 @@ def _train_step(state: TrainState, batch: dict, frozen: dict | None = None, *,
 
   Args:
     frozen: the parameters the stage keeps fixed, when the state holds only those it trains (the `lora` stage: the
-      base model around the adapters, `lora.split`); None when state.params holds every parameter and the
-      stage's groups (`optim.TRAINABLE`) train.
+      base model around the adapters, `lora.split`); None when state.params holds every parameter and those of
+      the stage's groups train (`optim.split_trained`).
     seed: the run's seed; the adapters' dropout draws from it and the step number.
   Returns:
     (the new state, metrics {loss, grad_norm, tokens (loss tokens or pairs), skipped}: float32/int32 scalars).
   """
   if frozen is None:
-    trained = {group: tree for group, tree in state.params.items() if group in TRAINABLE[stage]}
-    frozen = {group: tree for group, tree in state.params.items() if group not in TRAINABLE[stage]}
+    trained, frozen = split_trained(state.params, stage)
+    frozen_zeros = jax.tree.map(jnp.zeros_like, frozen)
   else:
-    trained = state.params
+    trained, frozen_zeros = state.params, {}
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)  # Flax takes raw keys as rngs
   loss_fn = lambda params, batch: stage_loss(params, config, batch, stage, dropout_rng)
-  loss, tokens, grads = gradients.loss_and_grads(loss_fn, trained, frozen, batch, decomposable=stage != "contrastive")
-  # The frozen groups' zeros, where the optimizer sees every group (it sets their updates to zero).
-  grads = {group: grads[group] if group in trained else jax.tree.map(jnp.zeros_like, tree)
-           for group, tree in state.params.items()}
+  # A batch of `Tiles` or `Patches` is not split into the devices' parts: their tables hold the whole batch's images.
+  decomposable = stage != "contrastive" and not isinstance(batch.get("pixel_values"), (Tiles, Patches))
+  loss, tokens, grads = gradients.loss_and_grads(loss_fn, trained, frozen, batch, decomposable=decomposable)
+  # The frozen parameters' zeros, where the optimizer sees every parameter (it sets their updates to zero).
+  grads = lora.combine(grads, frozen_zeros)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

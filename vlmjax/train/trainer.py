@@ -13,6 +13,7 @@ initialization; `data.sources` the conversations and captions people have (`vlmj
 built-in shapes data set. The `lora` stage trains adapters on the frozen base (`adapters.py`).
 """
 
+import dataclasses
 import logging
 import os
 import time
@@ -23,9 +24,10 @@ import ml_collections
 import tensorflow_datasets as tfds
 import tqdm
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from vlmjax import workdir as workdir_lib
-from vlmjax.data import pipeline, shapes, sources as sources_lib
+from vlmjax.data import pipeline, shapes, sources as sources_lib, variable_images
 from vlmjax.data.images import ImageProcessor
 from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.interop import hf, hf_weights
@@ -36,11 +38,24 @@ from vlmjax.train import adapters, optim, pipeline_plan
 from vlmjax.train import stages as stages_lib
 from vlmjax.train import state as state_lib
 
+# The fields of `Tiles` and `Patches` with a row per example (the rest are tables of the whole batch's images).
+PER_ROW_FIELDS = ("token_index", "token_offsets", "token_advance")
+
 
 def _global_batch(local: dict, mesh) -> dict:
-  """This process's rows -> global arrays sharded over the batch axes (each process feeds its own part)."""
-  return {key: jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh, value.ndim), value)
-          for key, value in local.items()}
+  """This process's rows -> global arrays sharded over the batch axes (each process feeds its own part). A `Tiles`
+  or `Patches` keeps its per-row indices so and its tables of the batch's tiles or patches replicated (one process:
+  `train` refuses more)."""
+  def global_array(value, per_row: bool = True):
+    sharding = mesh_lib.batch_sharding(mesh, value.ndim) if per_row else NamedSharding(mesh, PartitionSpec())
+    return jax.make_array_from_process_local_data(sharding, value)
+
+  def global_value(value):
+    if not variable_images.is_image_input(value):
+      return global_array(value)
+    return value.replace(**{field.name: global_array(getattr(value, field.name), field.name in PER_ROW_FIELDS)
+                            for field in dataclasses.fields(value)})
+  return {key: global_value(value) for key, value in local.items()}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False,
@@ -63,6 +78,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
                      "train.init_from to its directory (configs/from_hf.py:DIR does)")
   # The train step's pipeline (mesh.pipeline > 1); a mesh that cannot run it fails here, naming the numbers.
   model_config = pipeline_plan.pipelined(VLMConfig.from_dict(config.model), config, jax.device_count())
+  if model_config.variable_image_tokens:
+    _check_variable_images(config, model_config, bool(data_sources))
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.normalize_rules(config.sharding_rules)
   pretraining_stages = sorted({stage.name for stage in stages if stage.pretrains_vision})
@@ -134,10 +151,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     common = dict(seed=config.seed + index, batch_size=batch_size // jax.process_count(), length=length,
                   process_index=jax.process_index(), process_count=jax.process_count(), bad_records=bad_records)
     if to_example is None:
+      variable = variable_images.VariableImages(model_config) if model_config.variable_image_tokens else None
       inputs = sources_lib.ModelInputs(
           tokenizer=Tokenizer.from_directory(tokenizer_dir), image_processor=ImageProcessor.from_directory(
               tokenizer_dir), image_token_id=model_config.image_token_id,
-          tokens_per_image=model_config.tokens_per_image, prefix_lm=model_config.prefix_lm, max_length=length)
+          tokens_per_image=None if variable else model_config.tokens_per_image, prefix_lm=model_config.prefix_lm,
+          max_length=length, variable_images=variable)
       dataset = sources_lib.train_dataset(data_sources, inputs, packing=config.data.get("packing", False),
                                           num_workers=config.data.get("num_workers", 0), **common)
     else:
@@ -229,6 +248,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
   if is_main:
     writer.plot()
   writer.close()
+
+
+def _check_variable_images(config: ml_collections.ConfigDict, model_config: VLMConfig, has_sources: bool) -> None:
+  """What a LLaVA-NeXT or Qwen2.5-VL run needs, checked before anything compiles: its own data (data.sources), one
+  process (each process's batch tables index its own tiles or patches) and no pipeline."""
+  family = "Qwen2.5-VL" if model_config.qwen_tower else "LLaVA-NeXT"
+  if not has_sources:
+    raise ValueError(f"a {family} model trains on data.sources (its images at their own size); the built-in shapes "
+                     f"data set makes fixed-size images")
+  if jax.process_count() > 1:
+    raise ValueError(f"training a {family} model runs on one process (its batch's tiles or patches are one table "
+                     f"per batch); this run has {jax.process_count()}")
+  if config.mesh.get("pipeline", 1) > 1:
+    raise ValueError(f"mesh.pipeline={config.mesh.pipeline}: a {family} model trains without a pipeline; set "
+                     f"mesh.pipeline=1")
 
 
 def _let_go(params, *kept) -> None:
