@@ -131,6 +131,13 @@ def make_variable_batch(pretrained: hf.Pretrained, images: list[np.ndarray]) -> 
   return ours, theirs
 
 
+def write_variable_checkpoint(name: str, directory: str):
+  """Writes a VARIABLE_CASES checkpoint as its test module does; returns the torch model."""
+  if name == "qwen2_5_vl":
+    return test_qwen2_5_vl._write(directory, tie=False)
+  return test_llava_next._write(test_llava_next.BACKBONES["llama"], "llama", directory)
+
+
 @pytest.fixture(scope="module")
 def variable_checkpoint(tmp_path_factory):
   """variable_checkpoint(name) -> (directory, torch model) of a VARIABLE_CASES checkpoint, written once per module."""
@@ -139,10 +146,7 @@ def variable_checkpoint(tmp_path_factory):
   def get(name: str):
     if name not in written:
       directory = str(tmp_path_factory.mktemp(name))
-      if name == "qwen2_5_vl":
-        written[name] = directory, test_qwen2_5_vl._write(directory, tie=False)
-      else:
-        written[name] = directory, test_llava_next._write(test_llava_next.BACKBONES["llama"], "llama", directory)
+      written[name] = directory, write_variable_checkpoint(name, directory)
     return written[name]
 
   return get
