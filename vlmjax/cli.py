@@ -201,12 +201,16 @@ def evaluate(args: list[str]) -> None:
   import json
   import os
 
+  import jax
+
   from vlmjax import workdir as workdir_lib
   from vlmjax.eval import benchmarks, compare, harness, judge as judge_lib, registry, report as report_lib, retrieval
+  from vlmjax.parallel import distributed
 
   path = _WORKDIR.value or _CHECKPOINT.value
   if path is None or _OUT.value is None:
     raise SystemExit("vlmjax eval: --workdir DIR (or --checkpoint PATH) and --out results.json are required")
+  distributed.initialize_from_environment()  # each process answers its share of the questions (harness.evaluate)
   split = _SPLIT.value or benchmarks.SPLITS[0]
   if not _MAX_DROP.value >= 0:
     raise SystemExit(f"vlmjax eval: --max_drop must be 0 or more, got {_MAX_DROP.value}")
@@ -245,6 +249,8 @@ def evaluate(args: list[str]) -> None:
                                split=split, judge=judge)
   except FileNotFoundError as error:
     raise SystemExit(f"vlmjax eval: {error}") from error
+  if jax.process_index() != 0:  # process 0 holds every answer and writes the results
+    return
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=1)
   print(json.dumps(results, indent=1))
