@@ -1,7 +1,10 @@
 """Finetuning LLaVA-NeXT and Qwen2.5-VL as a user does: `configs/from_hf.py:DIR` on tiny directories that
 transformers wrote, test_finetune.py's LLaVA instruction JSON (images of several sizes, bad rows among them), full
 finetuning and LoRA. The loss falls, a killed run resumes with the same losses, `vlmjax.load(workdir)` generates,
-and the batches take few shapes (the train step compiles once per bucket, not per batch)."""
+a Qwen2.5-VL lora run exports its adapters for PEFT (LLaVA-NeXT's is refused, naming why), and the batches take few
+shapes (the train step compiles once per bucket, not per batch)."""
+
+import os
 
 import jax
 import numpy as np
@@ -10,12 +13,12 @@ import pytest
 import vlmjax
 from test_finetune import STEPS, _config, _killed_after_half, _losses, data  # noqa: F401 (data: a fixture)
 from test_hf_training import VARIABLE_CASES, write_variable_checkpoint
-from vlmjax import api, workdir as workdir_lib
+from vlmjax import api, cli, workdir as workdir_lib
 from vlmjax.data import sources
 from vlmjax.data.images import ImageProcessor
 from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.data.variable_images import VariableImages
-from vlmjax.interop import hf
+from vlmjax.interop import hf, peft as peft_export
 from vlmjax.models.vlm import Patches, Tiles, VLMConfig
 from vlmjax.train import trainer
 
@@ -72,6 +75,13 @@ def test_finetuning_learns_resumes_and_loads(directory, data, tmp_path, name, st
     assert adapter_keys == {"lora_a", "lora_b"}
     expected = ["decoder", "vision"] if name == "qwen2_5_vl" else ["decoder", "image_newline", "projector"]
     assert sorted(trained) == expected
+    out = str(tmp_path / "adapters")
+    if name == "qwen2_5_vl":  # PEFT's layout (its logits against peft's: test_peft.py)
+      assert "for PEFT" in cli.export_checkpoint(workdir, out, adapters=True)
+      assert os.path.isfile(os.path.join(out, peft_export.WEIGHTS_FILE))
+    else:
+      with pytest.raises(ValueError, match="LLaVA-NeXT's image_newline, a parameter that PEFT's modules_to_save"):
+        cli.export_checkpoint(workdir, out, adapters=True)
 
 
 @pytest.mark.parametrize("name", VARIABLE_CASES)

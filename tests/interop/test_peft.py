@@ -1,6 +1,7 @@
 """LoRA export against transformers and peft: a tiny checkpoint (written by transformers) with random adapters and a
 perturbed projector, no training. Our adapted model's logits (the module running its adapters, and the merged
-kernels) equal transformers' of the merged export and peft's of the adapter export on the base (relative 1e-4)."""
+kernels) equal transformers' of the merged export and peft's of the adapter export on the base (relative 1e-4).
+LLaVA-1.5 and PaliGemma, and Qwen2.5-VL (its patch merger as the projector) with images of two sizes in one batch."""
 
 import dataclasses
 import functools
@@ -19,8 +20,11 @@ import safetensors.numpy
 import torch
 import transformers
 
-# test_hf.py's helpers (pytest puts tests/interop on sys.path: it has no __init__.py).
+# The other test modules' helpers (pytest puts tests/interop on sys.path: it has no __init__.py).
+import test_qwen2_5_vl
 from test_hf import PROMPTS, _prompt_ids, max_relative_error, random_images, their_logits
+from test_hf_training import write_variable_checkpoint
+from variable_tokens import chat_rows, images_of, padded
 from configs import from_hf
 import vlmjax
 from vlmjax import cli, workdir as workdir_lib
@@ -28,7 +32,7 @@ from vlmjax.interop import hf
 from vlmjax.interop import peft as peft_export
 from vlmjax.models import lora
 from vlmjax.models.vlm import VLM, VLMConfig
-from vlmjax.train import adapters
+from vlmjax.train import adapters, optim
 
 TOLERANCE = 1e-4
 # LLaVA with LoRA on every linear layer of its language model (LLaVA's recipe); PaliGemma on some of them, so that
@@ -52,17 +56,17 @@ def our_logits(model_config: VLMConfig, params, row: list[int], pixels: np.ndarr
     return np.asarray(_forward(model_config)(params, jnp.asarray([row]), jnp.asarray(pixels), prefix))[0]
 
 
-def random_trained(pretrained: hf.Pretrained, lora_config: lora.LoraConfig) -> dict:
-  """What a lora stage trains, made up: adapters with B non-zero (so that they change the logits) and the base's
-  projector perturbed; layers scanned, as pretrained.params."""
+def random_trained(pretrained: hf.Pretrained, lora_config: lora.LoraConfig, scale: float = 0.3) -> dict:
+  """What a lora stage trains, made up: adapters of standard deviation `scale`, B non-zero (so that they change the
+  logits), and the base's projector (Qwen's patch merger) perturbed; layers scanned, as pretrained.params."""
   model_config = adapters.adapted(VLMConfig.from_dict(pretrained.config.model), lora_config)
   boxed = jax.eval_shape(VLM(model_config).init, jax.random.key(0), **model_config.example_inputs(1))
   abstract, _ = lora.split(nn.meta.unbox(boxed)["params"])  # the adapters alone
   rng = np.random.default_rng(0)
-  trained = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), jnp.float32), abstract)
-  trained["projector"] = jax.tree.map(lambda x: x + 0.05 * jnp.asarray(rng.standard_normal(x.shape), jnp.float32),
-                                      pretrained.params["projector"])
-  return trained
+  trained = jax.tree.map(lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), jnp.float32), abstract)
+  projector, _ = optim.split_trained(pretrained.params, "lora")
+  return lora.combine(trained, jax.tree.map(
+      lambda x: x + 0.05 * jnp.asarray(rng.standard_normal(x.shape), jnp.float32), projector))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +84,7 @@ class Adapted:
 
   @property
   def merged(self) -> dict:
-    _, frozen = lora.split(self.pretrained.params, ("projector",))
+    _, frozen = optim.split_trained(self.pretrained.params, "lora")
     return lora.merge(lora.combine(frozen, self.trained), self.lora_config)
 
   def their_logits(self, model) -> list[np.ndarray]:
@@ -94,7 +98,7 @@ def adapted(request, checkpoint) -> Adapted:
   pretrained = hf.load_pretrained(directory)
   lora_config = CASES[request.param]
   trained = random_trained(pretrained, lora_config)
-  _, base = lora.split(pretrained.params, ("projector",))
+  _, base = optim.split_trained(pretrained.params, "lora")
   model_config = adapters.adapted(VLMConfig.from_dict(pretrained.config.model), lora_config)
   pixels = pretrained.image_processor(random_images(1, seed=2))
   rows = [_prompt_ids(pretrained, prompt) for prompt in PROMPTS[:2]]
@@ -233,3 +237,85 @@ def test_target_modules_names_exactly_the_adapted_layers():
                                                                         "mlp.down_proj", "mlp.up_proj")]
   assert [name for name in candidates if re.fullmatch(pattern, name)] == sorted(modules, key=candidates.index)
   assert not re.fullmatch(pattern, "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj")
+
+
+# Qwen2.5-VL with adapters on its attention and MLP (its q/k/v carry biases that the adapters sit beside). Its adapters
+# are drawn smaller than the others': at 0.3 its tiny model's activations grow so large that float32 rounding alone
+# differs by 5e-5 between two correct implementations (0.7e-6 at 0.05; the base's 0.7e-6).
+QWEN_LORA = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.05)
+QWEN_ADAPTER_SCALE = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenAdapted:
+  """A tiny Qwen2.5-VL with made-up adapters and merger, and our logits of a batch of two image sizes."""
+
+  directory: str
+  pretrained: hf.Pretrained
+  trained: dict  # adapters and merger, layers scanned
+  images: list[np.ndarray]
+  rows: list[list[int]]
+  texts: list[str]  # each row's chat-template text, for transformers' processor
+  logits: list[np.ndarray]  # per row float32[T, V]: the module running its adapters
+
+  def their_logits(self, model) -> list[np.ndarray]:
+    found = []
+    for text, image in zip(self.texts, self.images):
+      inputs = test_qwen2_5_vl._their_inputs(self.directory, [text], [image])
+      with torch.no_grad():
+        found.append(model(**inputs).logits[0].numpy())
+    return found
+
+
+def qwen_logits(model_config: VLMConfig, params, vlm, images: list[np.ndarray]) -> tuple[list, list, list]:
+  """(rows, texts, per-row logits float32[T, V]) of one user turn per image, the rows padded into one batch."""
+  rows, patches, texts = chat_rows(vlm, [[image] for image in images], PROMPTS[:len(images)])
+  ids, _ = padded(vlm, rows)
+  with jax.default_matmul_precision("highest"):
+    logits = np.asarray(jax.jit(lambda params, ids, patches: VLM(model_config).apply(
+        {"params": params}, ids, patches)[0])(params, jnp.asarray(ids), patches))
+  return rows, texts, [logits[i, :len(row)] for i, row in enumerate(rows)]
+
+
+@pytest.fixture(scope="module")
+def qwen_adapted(tmp_path_factory) -> QwenAdapted:
+  directory = str(tmp_path_factory.mktemp("qwen2_5_vl"))
+  write_variable_checkpoint("qwen2_5_vl", directory)
+  pretrained = hf.load_pretrained(directory)
+  trained = random_trained(pretrained, QWEN_LORA, QWEN_ADAPTER_SCALE)
+  _, base = optim.split_trained(pretrained.params, "lora")
+  model_config = adapters.adapted(VLMConfig.from_dict(pretrained.config.model), QWEN_LORA)
+  images = images_of([(37, 52), (61, 29)])
+  rows, texts, logits = qwen_logits(model_config, lora.combine(base, trained), vlmjax.load(directory), images)
+  return QwenAdapted(directory, pretrained, trained, images, rows, texts, logits)
+
+
+def test_qwen_peft_export_loads_onto_the_base_with_our_logits(qwen_adapted, tmp_path):
+  out = str(tmp_path / "adapters")
+  peft_export.save_adapters(out, qwen_adapted.pretrained.config, qwen_adapted.trained, QWEN_LORA,
+                            qwen_adapted.directory)
+  base = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_adapted.directory)
+  base_logits = qwen_adapted.their_logits(base)
+  assert max_relative_error(base_logits[0], qwen_adapted.logits[0]) > 100 * TOLERANCE  # the adapters matter
+  model = peft.PeftModel.from_pretrained(base, out).eval()
+  written = safetensors.numpy.load_file(os.path.join(out, peft_export.WEIGHTS_FILE))
+  theirs = {name: tensor.numpy() for name, tensor in peft.get_peft_model_state_dict(model).items()}
+  assert sorted(theirs) == sorted(written)  # every tensor we wrote was loaded, the merger's among them
+  assert any(".visual.merger." in name for name in written)
+  adapted_modules = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+  per_stack = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(qwen_adapted.trained) if path[-1].key == "lora_a")
+  assert len(adapted_modules) == per_stack * VLMConfig.from_dict(qwen_adapted.pretrained.config.model).decoder.depth
+  assert all(".language_model." in name for name in adapted_modules)
+  _compare("qwen2_5_vl PEFT export", qwen_adapted.their_logits(model), qwen_adapted.logits)
+
+
+def test_qwen_merged_export_loads_in_transformers_with_our_logits(qwen_adapted, tmp_path):
+  pretrained, out = qwen_adapted.pretrained, str(tmp_path / "merged")
+  _, frozen = optim.split_trained(pretrained.params, "lora")
+  merged = lora.merge(lora.combine(frozen, qwen_adapted.trained), QWEN_LORA)
+  hf.save_pretrained(out, pretrained.config, merged, pretrained.tokenizer, pretrained.image_processor,
+                     eos_token_ids=pretrained.eos_token_ids, pad_token_id=pretrained.pad_token_id,
+                     max_len=pretrained.max_len)
+  reloaded, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+  assert not any(info.values()), info
+  _compare("qwen2_5_vl merged export", qwen_adapted.their_logits(reloaded.eval()), qwen_adapted.logits)

@@ -22,8 +22,8 @@ from variable_tokens import (assert_generate_command_matches, assert_greedy_matc
                              assert_new_sizes_reuse_prefill, chat_rows, images_of, padded)
 from vlmjax.data.images import ImageProcessor, QwenImageProcessor
 from vlmjax import cli
-from vlmjax.interop import hf, hf_config, peft as peft_export
-from vlmjax.models import lora, qwen_vl
+from vlmjax.interop import hf, hf_config
+from vlmjax.models import qwen_vl
 from vlmjax.models.qwen_vit import QwenViT, host_mrope_positions, mrope_positions
 from vlmjax.models.vlm import VLMConfig
 
@@ -327,10 +327,3 @@ def test_export_refuses_what_qwen2_5_vl_cannot_express(checkpoint, tmp_path, cha
   config.model.decoder.update(changes)
   with pytest.raises(ValueError, match=message):
     hf.save_pretrained(str(tmp_path), config, params=None)
-
-
-def test_peft_export_is_refused_by_name(checkpoint, tmp_path):
-  directory, _ = checkpoint()
-  config = hf.read_config(directory).config
-  with pytest.raises(ValueError, match=r"a Qwen2\.5-VL model .* export the whole model, adapters merged"):
-    peft_export.save_adapters(str(tmp_path), config, {}, lora.LoraConfig(rank=2), directory)

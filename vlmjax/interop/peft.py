@@ -6,12 +6,17 @@
     model = PeftModel.from_pretrained(base, "/tmp/adapters")      # the same logits as vlmjax's adapted model
 
 The directory holds adapter_config.json and adapter_model.safetensors, with the names PEFT 0.21 gives the modules
-of transformers 5's LlavaForConditionalGeneration and PaliGemmaForConditionalGeneration:
+of transformers 5's LlavaForConditionalGeneration, PaliGemmaForConditionalGeneration and
+Qwen2_5_VLForConditionalGeneration:
 
     base_model.model.model.language_model.layers.{i}.self_attn.q_proj.lora_A.weight    float32[r, in]
     base_model.model.model.language_model.layers.{i}.self_attn.q_proj.lora_B.weight    float32[out, r]
     base_model.model.model.multi_modal_projector.linear_1.weight                       the trained projector, whole
                                                                                        (modules_to_save)
+    base_model.model.model.visual.merger.mlp.0.weight                                  Qwen2.5-VL's: its patch merger
+
+LLaVA-NeXT's lora runs are refused: they train its `image_newline`, a parameter that PEFT's modules_to_save (modules
+only) cannot hold.
 
 Our adapter a float[C1..Ca, r], b float[r, O1..Ob] sits beside a kernel float[C1..Ca, O1..Ob]; PEFT's update
 (alpha / r) B A x is ours when B A is (a b) in the Hugging Face layout of that kernel, Linear's [out, in]. The kernel's
@@ -35,15 +40,19 @@ import safetensors.numpy
 from vlmjax.interop import hf_config, hf_weights
 from vlmjax.models import layers, lora
 from vlmjax.models.vlm import VLMConfig
+from vlmjax.train import optim
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # PEFT wraps the transformers model (`base_model`, a LoraModel) around its `model`; its keys follow the modules.
 PEFT_PREFIX = "base_model.model."
-# hf_weights' canonical file names -> transformers 5's module names (LlavaModel / PaliGemmaModel under `model`).
-MODULE_PREFIXES = ((hf_weights.TEXT, "model.language_model."), (hf_weights.PROJECTOR, "model.multi_modal_projector."))
-PROJECTOR = "projector"  # the top-level group the lora stage trains besides the adapters
-PROJECTOR_MODULE = "multi_modal_projector"
+# hf_weights' canonical file names -> transformers 5's module names (LlavaModel / PaliGemmaModel / Qwen2_5_VLModel
+# under `model`).
+MODULE_PREFIXES = ((hf_weights.TEXT, "model.language_model."), (hf_weights.PROJECTOR, "model.multi_modal_projector."),
+                   (hf_weights.QWEN_VISION, "model.visual."))
+PROJECTOR = "projector"  # the group the lora stage trains besides the adapters (`optim.parameter_group`)
+# The module that holds the projector group, by family: PEFT saves it whole (modules_to_save, matched by name).
+PROJECTOR_MODULES = {False: "multi_modal_projector", True: "merger"}  # by VLMConfig.qwen_tower
 # LLaVA's LoRA recipe trains with task_type CAUSAL_LM: PeftModelForCausalLM passes pixel_values and token_type_ids
 # through to the model and generates with it.
 TASK_TYPE = "CAUSAL_LM"
@@ -55,7 +64,7 @@ def transformers_name(canonical: str) -> str:
   for prefix, module_prefix in MODULE_PREFIXES:
     if canonical.startswith(prefix):
       return module_prefix + canonical[len(prefix):]
-  raise ValueError(f"{canonical} is neither in the language model nor in the projector")
+  raise ValueError(f"{canonical} is neither in the language model nor in the projector or Qwen's vision tower")
 
 
 def adapter_tensors(params: Mapping[str, Any], rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -116,27 +125,28 @@ def save_adapters(path: str, config: VLMConfig | ml_collections.ConfigDict, trai
 
   Args:
     path: the directory to write (adapter_config.json, adapter_model.safetensors).
-    config: the base model's VLMConfig, or a run config whose `model` section it is; LLaVA-like or PaliGemma-like as
-      `hf.save_pretrained` needs.
+    config: the base model's VLMConfig, or a run config whose `model` section it is; LLaVA-like, PaliGemma-like or
+      Qwen2.5-VL as `hf.save_pretrained` needs.
     trained_params: what a lora stage trains (`api.lora_trained`): the adapters (lora_a, lora_b beside the decoder's
-      kernels), layers unrolled or scanned, and the projector, written whole as PEFT's `modules_to_save`.
+      kernels), layers unrolled or scanned, and the projector (Qwen2.5-VL's patch merger), written whole as PEFT's
+      `modules_to_save`.
     lora_config: the run's rank, alpha and dropout (PEFT's r, lora_alpha, lora_dropout).
     base_model_name_or_path: the base model's Hugging Face directory (or hub name), recorded for AutoPeftModel.
   A QLoRA run's adapters are written as they are: PEFT applies them to the base it is given, so on the float base
   the logits differ from vlmjax's (which runs the quantized base) by the quantization error.
   Raises:
     ValueError naming what PEFT's layout of these models cannot hold: a model transformers cannot express, an
-    adapter outside the language model's layers, a trained parameter that is neither an adapter nor the projector.
+    adapter outside the language model's layers, a trained parameter that is neither an adapter nor the projector,
+    LLaVA-NeXT's image_newline.
   """
   model_config = config if isinstance(config, VLMConfig) else VLMConfig.from_dict(config.model)
-  # A model transformers has no class for fails in model_type_of. Qwen2.5-VL's lora runs are not written: vlmjax does
-  # not train it, so no adapters of it have been checked against PEFT's.
-  if hf_config.model_type_of(model_config) == "qwen2_5_vl":
-    raise ValueError("a Qwen2.5-VL model (vision_tower='qwen2_5_vl'): PEFT's export writes the adapters of LLaVA and "
-                     "PaliGemma models only; export the whole model, adapters merged, without --adapters")
+  hf_config.model_type_of(model_config)  # a model transformers has no class for fails here
+  if "image_newline" in trained_params:
+    raise ValueError("the run trained LLaVA-NeXT's image_newline, a parameter that PEFT's modules_to_save (whole "
+                     "modules) cannot hold: export the whole model, adapters merged, without --adapters")
   for key_path, _ in jax.tree_util.tree_leaves_with_path(trained_params):
     keys = tuple(str(key.key) for key in key_path)
-    if keys[0] != PROJECTOR and not lora.is_adapter(keys):
+    if optim.parameter_group(keys) != PROJECTOR and not lora.is_adapter(keys):
       raise ValueError(f"trained parameter {'/'.join(keys)} is neither an adapter nor the projector: a PEFT adapter "
                        f"holds only those (export a fully trained model without --adapters)")
   adapters = adapter_tensors(trained_params, lora_config.rank)
@@ -146,11 +156,12 @@ def save_adapters(path: str, config: VLMConfig | ml_collections.ConfigDict, trai
   for module, (a, b) in adapters.items():
     tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = a, b
   modules_to_save = None
-  if PROJECTOR in trained_params:
+  _, projector = lora.split(trained_params)  # what is not an adapter: the projector group
+  if projector:
     # PEFT saves a module it trains whole under the wrapped module's own names (no `modules_to_save.default`).
-    for name, value in hf_weights.iter_hf_tensors({PROJECTOR: trained_params[PROJECTOR]}):
+    for name, value in hf_weights.iter_hf_tensors(projector):
       tensors[PEFT_PREFIX + transformers_name(name)] = value
-    modules_to_save = [PROJECTOR_MODULE]
+    modules_to_save = [PROJECTOR_MODULES[model_config.qwen_tower]]
   adapter_config = {
       "peft_type": "LORA", "task_type": TASK_TYPE, "base_model_name_or_path": base_model_name_or_path,
       "r": lora_config.rank, "lora_alpha": lora_config.alpha, "lora_dropout": lora_config.dropout,
