@@ -1,5 +1,6 @@
-"""Finetune a Hugging Face LLaVA-1.5 or PaliGemma checkpoint: the model, weights, tokenizer, chat template and image
-processor all come from its directory.
+"""Finetune a Hugging Face LLaVA-1.5, PaliGemma, LLaVA-NeXT or Qwen2.5-VL checkpoint: the model, weights, tokenizer,
+chat template and image processor all come from its directory (LLaVA-NeXT's and Qwen2.5-VL's images at their own
+size: `vlmjax/data/variable_images.py`).
 
     vlmjax train --config configs/from_hf.py:/models/llava-1.5-7b-hf --workdir /tmp/run \\
         --config.data.sources=llava:/data/llava_v1_5_mix665k.json:/data/images
