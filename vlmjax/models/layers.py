@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax import runtime
-from vlmjax.models import activation as activation_lib, dot_attention, kv_cache as kv_cache_lib, lora as lora_lib
-from vlmjax.models import matmul, paged_cache, quant, trig
+from vlmjax.models import activation as activation_lib, dot_attention, fused_attention, kv_cache as kv_cache_lib
+from vlmjax.models import lora as lora_lib, matmul, paged_cache, quant, trig
 
 # Logical axis names. Weights use bare names; activations `activation_*`; the KV cache `cache_*`.
 EMBED = "embed"
@@ -202,7 +202,7 @@ def make_attention_mask(
 # step of 224 tokens then computes 76% of the scores in two blocks, and the bench step (tools/bench_train.py) took
 # 94.5-100.1 ms against 100.0-104.2 ms (in-process A/Bs, 22 alternating steps each, twice in each order), its
 # attention 23.5 against 25.3 ms per device (per-op minima over 10 profiled steps). On the CPU only
-# (`runtime.cpu_tuned`): a GPU or TPU gets the whole mask in one `jax.nn.dot_product_attention`.
+# (`runtime.cpu_tuned`): a GPU or TPU gets the whole mask in one fused kernel (`fused_attention`).
 CAUSAL_BLOCK = 128
 
 
@@ -210,9 +210,19 @@ CAUSAL_BLOCK = 128
 class CausalMask:
   """A mask (bool[B, 1, T, S], as `make_attention_mask` gives it) under which query t sits at key slot t and sees
   no key past it: causal attention from slot 0, as in training or a prefill into an empty cache, without a
-  bidirectional prefix. `Attention` then skips the key blocks above the diagonal."""
+  bidirectional prefix. `Attention` then skips the key blocks above the diagonal. key_lengths (int[B]), set only
+  where the mask is exactly that ∧ key slot < key_lengths[b] (right-padded rows of one segment each), lets a fused
+  kernel take lengths instead of the mask (`fused_attention.kernel_mask`)."""
 
   mask: jax.Array
+  key_lengths: jax.Array | None = None
+
+
+def _kernel_mask(mask: jax.Array | CausalMask | None) -> fused_attention.KernelMask:
+  """An `Attention` mask in the fused kernels' form."""
+  if isinstance(mask, CausalMask):
+    return fused_attention.kernel_mask(mask.mask, causal=True, key_lengths=mask.key_lengths)
+  return fused_attention.kernel_mask(mask)
 
 
 def _jax_attention(query, key, value, mask, scale: float) -> jax.Array:
@@ -276,7 +286,8 @@ class Attention(nn.Module):
 
   The softmax goes through `jax.nn.dot_product_attention`, or on the CPU without a cache (`runtime.cpu_tuned`)
   through `dot_attention.dot_product_attention` (grouped heads natively; every matmul in the compute dtype with
-  float32 accumulation, forward and backward), causal masks in blocks of CAUSAL_BLOCK queries.
+  float32 accumulation, forward and backward), causal masks in blocks of CAUSAL_BLOCK queries. Elsewhere training
+  and prefill attention go through the backend's fused kernel (`fused_attention.attention`: cuDNN, splash).
   With a layer of KV cache (`kv_cache`: keys and values float[B, K, H, S]) the new keys and values are written at
   `write_index` of each row and attention runs over the whole cache.
   """
@@ -366,13 +377,16 @@ class Attention(nn.Module):
     # compute dtype, causal masks in blocks. A cache's [B, K, H, S] slots, transposed into those matmuls, leave
     # XLA's CPU backend bfloat16 matmuls with float32 results in forms only YNNPACK would run and it does not take
     # ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32", jax 0.10.2); with a cache, and on
-    # other backends, `jax.nn.dot_product_attention` over the whole mask.
+    # other backends, training and prefill through the backend's fused kernel, a decode step or a chunk after a
+    # cached prefix through XLA over the cache's mask.
     key, value = key.astype(self.dtype), value.astype(self.dtype)
     if runtime.cpu_tuned():
       attention = dot_attention.dot_product_attention if kv_cache is None else _jax_attention
       out = _attend(query, key, value, mask, scale, attention)  # [B, T, N, H]
+    elif kv_cache is None or isinstance(mask, CausalMask):
+      out = fused_attention.attention(query, key, value, _kernel_mask(mask), scale)
     else:
-      out = _jax_attention(query, key, value, mask.mask if isinstance(mask, CausalMask) else mask, scale)
+      out = _jax_attention(query, key, value, mask, scale)
     return self._output(out, x.shape[-1]), kv_cache
 
   def _output(self, out: jax.Array, width: int) -> jax.Array:
