@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import vlmjax
+from configs import from_hf
 from test_finetune import STEPS, _config, _killed_after_half, _losses, data  # noqa: F401 (data: a fixture)
 from test_hf_training import VARIABLE_CASES, write_variable_checkpoint
 from vlmjax import api, cli, workdir as workdir_lib
@@ -20,7 +21,7 @@ from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.data.variable_images import VariableImages
 from vlmjax.interop import hf, peft as peft_export
 from vlmjax.models.vlm import Patches, Tiles, VLMConfig
-from vlmjax.train import trainer
+from vlmjax.train import memory, trainer
 
 # Tokens per row: a LLaVA-NeXT image of the test's sizes takes up to 16 + 8 x 9 tokens, a Qwen2.5-VL one up to 20.
 LENGTH = {"llava_next": 128, "qwen2_5_vl": 64}
@@ -105,3 +106,23 @@ def test_batches_take_few_shapes(directory, data, name):  # noqa: F811
   print(f"{name}: image tokens a row {sorted(counts)}, {len(shapes)} batch shapes")
   assert len(counts) >= 3  # text-only rows and images of at least two token counts
   assert len(shapes) <= 2, shapes
+  with pytest.raises(ValueError, match="packing is not supported for models whose images give a token count each"):
+    sources.train_dataset(sources.parse_sources(data), inputs, seed=0, batch_size=4, length=LENGTH[name],
+                          packing=True)
+
+
+@pytest.mark.parametrize("name", VARIABLE_CASES)
+def test_summarize_counts_what_each_stage_trains(directory, name):
+  """`vlmjax summarize`'s footprint runs for these families (their images as Tiles / Patches), and the finetune
+  stage trains the language model with the projector's parts: LLaVA-NeXT's projector and image_newline, Qwen's patch
+  merger."""
+  config = from_hf.get_config(directory(name))
+  config.data.length, config.train.batch_size = LENGTH[name], 2
+  params = hf.load_pretrained(directory(name)).params
+  size = lambda tree: sum(np.size(leaf) for leaf in jax.tree.leaves(tree))
+  parts = ({key: value for key, value in params["vision"].items() if key.startswith("merger_")}
+           if name == "qwen2_5_vl" else [params["projector"], params["image_newline"]])
+  finetune = memory.footprint(config, 1, "finetune", "finetune")
+  assert finetune.trained == size(params["decoder"]) + size(parts)
+  assert memory.footprint(config, 1, "full", "full").trained == size(params)
+  assert finetune.activations > 0

@@ -14,7 +14,9 @@ rules, per device:
   activations  what JAX keeps from one train step's forward pass for its backward pass: the residuals of
                `jax.vjp` of the stage's loss with respect to the trained parameters, traced (`jax.make_jaxpr`) on
                one device's part of the batch (train.batch_size over the mesh's data x fsdp ways, data.length
-               tokens with the image's), through the standard JAX path a GPU or TPU runs (`runtime.cpu_tuning(
+               tokens with the image's: one image a row, LLaVA-NeXT's at its most tiles, Qwen2.5-VL's with as many
+               patches as a whole row of image tokens merges from), through the standard JAX path a GPU or TPU
+               runs (`runtime.cpu_tuning(
                False)`). Under a remat policy the scanned layers keep only what it saves (for 'full', each layer's
                input); the backward then recomputes one layer at a time, so the largest layer's other residuals
                (those of the policy 'none', its gathered compute-dtype kernels included) are added once, and so
@@ -37,7 +39,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from vlmjax import runtime
 from vlmjax.models import lora, quant
-from vlmjax.models.vlm import VLM, VLMConfig
+from vlmjax.models.vlm import VLM, Patches, Tiles, VLMConfig
 from vlmjax.parallel import mesh as mesh_lib
 from vlmjax.train import adapters, optim, state as state_lib
 
@@ -178,6 +180,26 @@ def _local_model(model_config: VLMConfig, tensor: int) -> VLMConfig:
                               image_token_id=0)
 
 
+def _image_input(model_config: VLMConfig, rows: int, length: int):
+  """The abstract pixel input of `rows` rows of `length` tokens, one image each: float32[rows, H, W, 3]; for
+  LLaVA-NeXT `Tiles` of the most tiles an image takes (its base tile and largest pinpoint); for Qwen2.5-VL `Patches`
+  of the windows a row's `length` image tokens merge from (the most a row can show)."""
+  spec, vision = jax.ShapeDtypeStruct, model_config.vision
+  if model_config.qwen_tower:
+    windows = -(-length * vision.merge_size**2 // vision.window_patches)  # per row
+    patches = rows * windows * vision.window_patches
+    return Patches(pixel_values=spec((patches, vision.patch_dim), jnp.float32),
+                   patch_positions=spec((patches, 2), jnp.int32), image_ids=spec((patches,), jnp.int32),
+                   token_index=spec((rows, length), jnp.int32), token_offsets=spec((rows, length, 3), jnp.int32),
+                   token_advance=spec((rows, length), jnp.int32))
+  size = vision.image_size
+  if model_config.image_grid_pinpoints:
+    tiles = 1 + max(height // size * (width // size) for height, width in model_config.image_grid_pinpoints)
+    return Tiles(pixel_values=spec((rows * tiles, size, size, 3), jnp.float32),
+                 token_index=spec((rows, length), jnp.int32))
+  return spec((rows, size, size, 3), jnp.float32)
+
+
 def _saved_bytes(model_config: VLMConfig, setup: Plan, rows: int, length: int) -> int:
   """Bytes of the residuals `jax.vjp` of the stage's loss keeps for `rows` rows of `length` tokens (one image each)
   on the standard JAX path; inputs (parameters, the batch) and constants are not counted."""
@@ -187,9 +209,8 @@ def _saved_bytes(model_config: VLMConfig, setup: Plan, rows: int, length: int) -
     # bytes in int8 and int4; traced in int8, since a tensor-parallel device's share of a layer (`_local_model`) need
     # not split into int4's groups as the whole layer, which the trainer quantizes, does.
     frozen = _stored_base(frozen, model_config, "int8" if setup.scheme else "")
-  size = model_config.vision.image_size
   spec = jax.ShapeDtypeStruct
-  batch = dict(input_ids=spec((rows, length), jnp.int32), pixel_values=spec((rows, size, size, 3), jnp.float32),
+  batch = dict(input_ids=spec((rows, length), jnp.int32), pixel_values=_image_input(model_config, rows, length),
                targets=spec((rows, length), jnp.int32), loss_mask=spec((rows, length), jnp.float32))
   if model_config.prefix_lm:
     batch["prefix_lengths"] = spec((rows,), jnp.int32)
