@@ -1,5 +1,5 @@
-"""Test-session setup: 8 fake CPU devices (for the sharding tests), XLA's CPU backend unoptimized, and JAX's
-persistent compilation cache.
+"""Test-session setup: the CPU platform with 8 fake devices (for the sharding tests), XLA's CPU backend
+unoptimized, and JAX's persistent compilation cache.
 
 XLA_FLAGS and the cache's settings must be set before JAX reads them, hence here, before any test module
 imports jax. Single-device tests are unaffected: arrays live on the first device unless a test shards them.
@@ -12,6 +12,10 @@ import os
 # tests: 411 s against 281 s). Training runs, benchmarks and the server outside the tests keep the default.
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
                                     "--xla_backend_optimization_level=0"]).strip()
+# Those 8 devices are the CPU platform's: on a GPU or TPU host JAX would take the accelerator instead and give the
+# sharding tests its one or few devices. So the CPU, unless the run names a platform (README: the GPU-relevant tests
+# under JAX_PLATFORMS=cuda); the commands the tests start inherit it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Through the environment, so that the runs the tests start in subprocesses (`vlmjax train`, the server) share
 # the cache too: a resumed run, or a second run of one config, loads its programs instead of compiling them.

@@ -5,7 +5,8 @@ The switch: `VLMJAX_CPU_TUNING`. Unset or 1, what was written for XLA's CPU back
 the CPU, and only there: the numerics chosen by `cpu_tuned()` (the matmul and attention backward passes, the
 float32 activation loop, the blocked causal attention, the polynomial sine and cosine) and the huge-page re-exec
 below. 0: the standard JAX path everywhere (`jax.nn.dot_product_attention`, `jnp.sin`, JAX's own gradients) and
-no re-exec. On a GPU or TPU the standard path is the only one. docs/host_specific.md lists each piece and why.
+no re-exec. On a GPU or TPU the standard path is the only one, its training and prefill attention through the
+backend's fused kernel (`models/fused_attention.py`). docs/host_specific.md lists each piece and why.
 
 Huge pages for XLA's CPU buffers. Each execution of a compiled program allocates its temporaries in one block
 (130 MB per device for the shapes_tiny training step); glibc's malloc maps a block that large afresh and unmaps it
