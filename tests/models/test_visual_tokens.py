@@ -47,7 +47,7 @@ def _inputs(vlm, image):
 def test_keeping_every_token_gives_the_unreduced_logits(vlm16, image):
   input_ids, pixel_values = _inputs(vlm16, image)
   full = vlm16.logits(input_ids, pixel_values)
-  for spec in ("visionzip:16", "tome:1.0", "pool:16"):
+  for spec in ("visionzip:16", "tome:1.0", "pool:16", "fastv:16:1"):
     reduced = vlm16.with_visual_tokens(spec)
     assert reduced.model_config.tokens_per_image == 16
     np.testing.assert_array_equal(reduced.logits(input_ids, pixel_values), full)
@@ -71,6 +71,36 @@ def test_cached_decoding_equals_a_full_recomputation_of_the_reduced_sequence(vlm
                             vlm16.logits(*_inputs(vlm16, image))[0, -1])  # the reduction changed the answer's input
 
 
+def test_fastv_decodes_as_a_full_recomputation_ranked_at_the_prompt_and_its_later_layers_hold_fewer_slots(vlm16,
+                                                                                                          image):
+  vlm = vlm16.with_visual_tokens("fastv:6:1")
+  config = vlm.model_config
+  input_ids, pixel_values = _inputs(vlm, image)
+  assert config.tokens_per_image == 16 and (input_ids == config.image_token_id).sum() == 16  # all reach the LM
+  generated = vlm.generate_ids(input_ids, pixel_values, max_new_tokens=6)[0].tolist()
+  sequence, prompt_end = input_ids[0].tolist(), input_ids.shape[1] - 1
+  forward = jax.jit(lambda ids: VLMModel(config).apply({"params": vlm.params}, ids, jnp.asarray(pixel_values),
+                                                       rank_index=jnp.array([prompt_end]))[0])
+  for token in generated:  # greedy, each step a forward pass over the whole sequence, ranked by the prompt's end
+    if token == vlm.pad_token_id and sequence[-1] in vlm.eos_token_ids:
+      break
+    logits = forward(jnp.array([sequence]))
+    assert logits.shape[1] == len(sequence) - 10  # layer 1 on: the prompt's 10 least attended image tokens gone
+    assert token == int(np.argmax(logits[0, -1]))
+    sequence.append(token)
+  _, cache = VLMModel(config).apply({"params": vlm.params}, jnp.asarray(input_ids), jnp.asarray(pixel_values),
+                                    cache=config.decoder.init_cache(1, input_ids.shape[1]))
+  assert int(cache.lengths[0]) == input_ids.shape[1] and int(cache.pruned[0]) == 10
+  assert not np.array_equal(vlm.logits(input_ids, pixel_values)[0, -1], vlm16.logits(input_ids, pixel_values)[0, -1])
+
+
+def test_fastv_keeps_every_text_token_and_the_most_attended_image_tokens_in_order():
+  from vlmjax.models import fastv
+  received = jnp.array([[0.5, 0.1, 0.3, 0.05, 0.2, 0.9], [0.0, 0.4, 0.1, 0.2, 0.3, 0.0]])
+  image_mask = jnp.array([[False, True, True, True, True, False], [False, True, True, True, True, False]])
+  np.testing.assert_array_equal(fastv.kept_order(received, image_mask, 2), [[0, 2, 4, 5], [0, 1, 4, 5]])
+
+
 def test_the_engine_and_its_prefix_cache_give_generate_ids_tokens_with_a_reduction(vlm16, image):
   vlm = vlm16.with_visual_tokens("visionzip:0.375")
   input_ids, pixel_values = _inputs(vlm, image)
@@ -82,6 +112,29 @@ def test_the_engine_and_its_prefix_cache_give_generate_ids_tokens_with_a_reducti
     engine.stop()
   assert first.token_ids == second.token_ids == [t for t in expected if t != vlm.pad_token_id][:len(first.token_ids)]
   assert first.cached_tokens == 0 < second.cached_tokens  # a hit gives the miss's tokens
+
+
+def test_fastv_in_the_engine_gives_generate_ids_tokens_whole_and_after_a_preemption(vlm16, image):
+  vlm = vlm16.with_visual_tokens("fastv:0.25:1")
+  input_ids, pixel_values = _inputs(vlm, image)
+  expected = [t for t in vlm.generate_ids(input_ids, pixel_values, max_new_tokens=12)[0].tolist()
+              if t != vlm.pad_token_id]
+  # Pages of 4 tokens for two prompts and a page more: decoding runs the pool dry and preempts the second, which
+  # is prefilled again with what it decoded (ranked by its prompt's last token, as before). The prefix cache is
+  # on, and a prompt with images reads nothing from it.
+  pages = 2 * -(-(input_ids.shape[1] + 1) // 4) + 1
+  engine = Engine(vlm, num_slots=2, max_len=64, page_size=4, num_pages=pages, prefix_caching=True,
+                  prefill_chunk=8).start()
+  try:
+    with engine._condition:  # held: both admitted at once
+      requests = [engine.submit(input_ids[0], pixel_values, max_tokens=12) for _ in range(2)]
+    outputs = [request.wait(120) for request in requests]
+  finally:
+    engine.stop()
+  assert engine.num_preemptions > 0
+  for output in outputs:
+    assert output.token_ids == expected[:len(output.token_ids)] and len(output.token_ids) == len(expected)
+    assert output.cached_tokens == 0
 
 
 def test_what_each_method_keeps():
@@ -103,8 +156,9 @@ def test_what_each_method_keeps():
 
 @pytest.mark.parametrize("spec, message", [
     ("visionzip:0", "positive count or a fraction"), ("visionzip:17", "keeps 17 of an image's 16 tokens"),
-    ("zip:4", "METHOD one of visionzip, tome, pool"), ("visionzip:4:2", "expected METHOD:KEEP"),
-    ("pool:5", "square grid"), ("tome:x", "is not a number")])
+    ("zip:4", "METHOD one of visionzip, tome, pool"), ("visionzip:4:2", "expected METHOD:KEEP"), ("fastv:4:1:1", "or fastv:KEEP:LAYER"),
+    ("pool:5", "square grid"), ("tome:x", "is not a number"), ("fastv:4:0", "LAYER '0' must be a layer number"),
+    ("fastv:4:2", "prunes from layer 2, past the language model's last"), ("fastv:17:1", "keeps 17 of")])
 def test_bad_settings_fail_before_anything_runs(vlm16, spec, message):
   with pytest.raises(ValueError, match=message):
     vlm16.with_visual_tokens(spec)

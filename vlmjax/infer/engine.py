@@ -144,7 +144,8 @@ class Engine:
     self.prefix_cache = PrefixCache(self.pages) if prefix_caching else None
     # A prefix-LM prompt attends bidirectionally: its keys need all of it at once.
     self._scheduler = Scheduler(num_slots, self.pages, page_size, self.prefix_cache,
-                                None if self.config.prefix_lm else prefill_chunk, prefill_budget)
+                                None if self.config.prefix_lm else prefill_chunk, prefill_budget,
+                                whole_image_prompts=self.config.fastv is not None)
     # (slot, first token, its TokenScores) of the requests inserted this round
     self._inserted: list[tuple[int, jax.Array, TokenScores]] = []
     self._unconstrained = np.full((allowed_words(self.config.decoder.vocab_size),), -1, np.int32)
@@ -369,7 +370,7 @@ class Engine:
       if not entry.prefilled and end == len(entry.context_ids):
         pixel_values = entry.request.pixel_values
         group = (generation.bucket_length(end, self.buckets),
-                 image_bucket(0 if pixel_values is None else len(pixel_values)))
+                 image_bucket(self.config, 0 if pixel_values is None else len(pixel_values)))
         whole.setdefault(group, []).append(slot)
       else:
         self._prefill_piece(slot, end)

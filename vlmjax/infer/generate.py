@@ -68,7 +68,7 @@ class DecodeState:
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
 def prefill(params, config: VLMConfig, input_ids, input_mask, pixel_values, prefix_lengths, cache: KVCache,
-            positions=None, image_ends=None):
+            positions=None, image_ends=None, rank_index=None):
   """Runs the prompts (images included) through the model into an empty cache.
 
   Args:
@@ -76,7 +76,8 @@ def prefill(params, config: VLMConfig, input_ids, input_mask, pixel_values, pref
     pixel_values: float32[B, (I,) H, W, 3] or None; prefix_lengths: int32[B] (prefix-LM) or None.
     positions: int32[3, B, T] M-RoPE positions made on the host (the engine's, `qwen_vit.host_mrope_positions`), or
       None: M-RoPE's from the placeholders and the images' tables, in the model, or else 0..T-1.
-    image_ends: int32[B] or None, as `VLM.__call__`'s (the engine's prompts followed by tokens they generated).
+    image_ends, rank_index: int32[B] or None, as `VLM.__call__`'s (the engine's prompts followed by tokens they
+      generated).
   Returns:
     (logits float32[B, V] of each row's last prompt token, the cache holding the prompts).
   """
@@ -86,7 +87,7 @@ def prefill(params, config: VLMConfig, input_ids, input_mask, pixel_values, pref
   last = jnp.sum(input_mask, axis=1, dtype=jnp.int32) - 1
   logits, cache = VLM(config).apply({"params": params}, input_ids, pixel_values, positions, cache,
                                     input_mask=input_mask, prefix_lengths=prefix_lengths,
-                                    logit_positions=last[:, None], image_ends=image_ends)
+                                    logit_positions=last[:, None], image_ends=image_ends, rank_index=rank_index)
   return logits[:, 0], cache
 
 

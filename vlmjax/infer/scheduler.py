@@ -41,12 +41,17 @@ class Slot:
 
 class Scheduler:
   """Slots, the waiting queue and the pool's pages (`pages`, shared with `prefix_cache` when there is one).
-  Prompts longer than `prefill_chunk` tokens past their cached prefix (None: no limit) are prefilled in chunks."""
+  Prompts longer than `prefill_chunk` tokens past their cached prefix (None: no limit) are prefilled in chunks.
+  With `whole_image_prompts` (FastV, which ranks an image's tokens by the prompt's last token and prunes them from
+  its later layers' caches), a prompt with images is prefilled whole in one call: not in chunks, and nothing of it
+  read from the prefix cache (its pages from its first image on depend on its last token through the pruning,
+  which their keys do not hold; other prompts never match those keys, and its pages before the image are a
+  text prompt's)."""
 
   def __init__(self, num_slots: int, pages: paged.PageAllocator, page_size: int, prefix_cache: PrefixCache | None,
-               prefill_chunk: int | None, prefill_budget: int | None = None):
+               prefill_chunk: int | None, prefill_budget: int | None = None, whole_image_prompts: bool = False):
     self.pages, self.page_size, self.prefix_cache, self.prefill_chunk = pages, page_size, prefix_cache, prefill_chunk
-    self.prefill_budget = prefill_budget
+    self.prefill_budget, self.whole_image_prompts = prefill_budget, whole_image_prompts
     self.slots: list[Slot | None] = [None] * num_slots
     self.waiting: collections.deque[Request] = collections.deque()
     self.num_preemptions = self._admissions = 0
@@ -126,7 +131,9 @@ class Scheduler:
       self.pages.free(shared)
       return None
     request.cached_tokens = len(shared) * self.page_size
-    chunked = self.prefill_chunk is not None and len(context) - request.cached_tokens > self.prefill_chunk
+    whole = self.whole_image_prompts and request.images_end > 0
+    chunked = (self.prefill_chunk is not None and not whole
+               and len(context) - request.cached_tokens > self.prefill_chunk)
     self._admissions += 1
     return Slot(request, pages, context, prefilled=request.cached_tokens, chunked=chunked, admission=self._admissions)
 
@@ -134,7 +141,7 @@ class Scheduler:
     """The prefix cache's pages for the start of `context` (the request's prompt and generated tokens), each with
     one more holder: at most up to the last image placeholder's page (an image is encoded whole) and short of
     the last token (whose logits the first sample needs)."""
-    if self.prefix_cache is None:
+    if self.prefix_cache is None or (self.whole_image_prompts and request.images_end > 0):
       return []
     shared = self.prefix_cache.lookup(page_keys(context, request.pixel_values, self.page_size))
     shared = shared[:(len(context) - 1) // self.page_size]

@@ -104,15 +104,18 @@ def init_state(config: VLMConfig, num_slots: int, max_len: int, num_pages: int, 
                    position_offsets=jnp.zeros((num_slots,), jnp.int32))
 
 
-def image_bucket(num_images: int) -> int:
+def image_bucket(config: VLMConfig, num_images: int) -> int:
   """The image count a prefill is compiled for: the next power of two. The padding images are encoded and not
-  used (a prompt's placeholders take its first images' embeddings), so the programs follow a few image counts."""
-  return 0 if num_images == 0 else 1 << (num_images - 1).bit_length()
+  used (a prompt's placeholders take its first images' embeddings), so the programs follow a few image counts.
+  With FastV the count itself: its prefill drops each image's tokens past KEEP, every image it holds a prompt's."""
+  if num_images == 0 or config.fastv is not None:
+    return num_images
+  return 1 << (num_images - 1).bit_length()
 
 
-def _pad_images(pixel_values: np.ndarray) -> np.ndarray:
+def _pad_images(config: VLMConfig, pixel_values: np.ndarray) -> np.ndarray:
   """float32[I, H, W, 3] -> float32[image_bucket(I), H, W, 3], zero images after the request's."""
-  padding = image_bucket(len(pixel_values)) - len(pixel_values)
+  padding = image_bucket(config, len(pixel_values)) - len(pixel_values)
   return np.concatenate([pixel_values, np.zeros((padding, *pixel_values.shape[1:]), pixel_values.dtype)])
 
 
@@ -132,7 +135,7 @@ def _image_input(config: VLMConfig, images: Sequence, rows: int, bucket: int):
     batch = qwen_vl.batch_patches if config.qwen_tower else anyres.batch_tiles
     return jax.tree.map(jnp.asarray, batch(config, rows_images, num_tokens=bucket))
   images = list(images) + [images[0]] * (rows - len(images))
-  return jnp.asarray(np.stack([_pad_images(pixel_values) for pixel_values in images]), jnp.float32)
+  return jnp.asarray(np.stack([_pad_images(config, pixel_values) for pixel_values in images]), jnp.float32)
 
 
 def context_positions(config: VLMConfig, context_ids: Sequence[int], pixel_values) -> tuple[np.ndarray, int] | None:
@@ -163,8 +166,8 @@ def prefill(params, config: VLMConfig, prompts: Sequence[tuple[Sequence[int], np
   `rows` (default: len(prompts)), filled up with copies of the first prompt. The token ids are the request's prompt
   and the tokens it decoded before a preemption: those come after the prompt length, causal as when they were
   decoded (a prefix-LM model attends bidirectionally over the prompt), a placeholder id among them an ordinary
-  token. M-RoPE positions are the prompts' `context_positions`. Returns a Prefix of `rows` rows, the prompts'
-  first."""
+  token. M-RoPE positions are the prompts' `context_positions`; FastV ranks a prompt's image tokens by its last
+  token's attention. Returns a Prefix of `rows` rows, the prompts' first."""
   rows = rows or len(prompts)
   given, prompts = prompts, list(prompts) + [prompts[0]] * (rows - len(prompts))
   padded = [_padded(ids, bucket, pad_id) for ids, _, _ in prompts]
@@ -177,7 +180,7 @@ def prefill(params, config: VLMConfig, prompts: Sequence[tuple[Sequence[int], np
   logits, cache = generation.prefill(params, config, input_ids, input_mask, pixels,
                                      prompt_lengths if config.prefix_lm else None,
                                      config.decoder.init_cache(batch_size=rows, max_len=bucket), positions,
-                                     image_ends=prompt_lengths)
+                                     image_ends=prompt_lengths, rank_index=prompt_lengths - 1)
   return Prefix(cache=cache, logits=logits, position_offsets=jnp.asarray(offsets))
 
 
@@ -221,7 +224,7 @@ def _prefill_chunk(params, config: VLMConfig, state: SlotState, input_ids, input
                    prompt_length: jax.Array) -> tuple[SlotState, Prefix]:
   if positions is None:
     positions = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]  # [1, T_bucket]
-  cache = state.cache.replace(page_table=pages[None], lengths=start[None])
+  cache = state.cache.replace(page_table=pages[None], lengths=start[None], pruned=jnp.zeros((1,), jnp.int32))
   count = jnp.sum(input_mask, axis=1, dtype=jnp.int32)  # [1]
   logits, cache = VLMModel(config).apply({"params": params}, input_ids, pixel_values, positions, cache,
                                          input_mask=input_mask, logit_positions=count[:, None] - 1,
@@ -248,7 +251,8 @@ def insert(prefix: Prefix, row: jax.Array, state: SlotState, slot: jax.Array, pa
   length = prefix.cache.lengths[0]
   cache = state.cache.write_prompt(prefix.cache, pages)
   return SlotState(
-      cache=cache.replace(page_table=put(cache.page_table, pages), lengths=put(cache.lengths, length)),
+      cache=cache.replace(page_table=put(cache.page_table, pages), lengths=put(cache.lengths, length),
+                          pruned=put(cache.pruned, prefix.cache.pruned[0])),
       tokens=put(state.tokens, first),
       active=put(state.active, True), sampling=jax.tree.map(lambda all_, one: put(all_, one[0]), state.sampling,
                                                              sampling),
@@ -308,7 +312,8 @@ def release(state: SlotState, slot: jax.Array) -> SlotState:
   put = lambda array, value: jax.lax.dynamic_update_index_in_dim(array, value, slot, axis=0)
   cache = state.cache
   null_row = jnp.full_like(cache.page_table[0], cache.num_pages)
-  cache = cache.replace(lengths=put(cache.lengths, 0), page_table=put(cache.page_table, null_row))
+  cache = cache.replace(lengths=put(cache.lengths, 0), pruned=put(cache.pruned, 0),
+                        page_table=put(cache.page_table, null_row))
   sampling = state.sampling.replace(temperature=put(state.sampling.temperature, 0.0))
   return state.replace(active=put(state.active, False), cache=cache, sampling=sampling,
                        allowed=put(state.allowed, jnp.full_like(state.allowed[0], -1)),

@@ -31,7 +31,7 @@ from vlmjax.infer import scoring
 from vlmjax.infer.requests import Request
 from vlmjax.infer.sampling import SamplingParams
 from vlmjax.infer.scheduler import Slot
-from vlmjax.infer.slots import add_pages, image_bucket, prefill_rows, set_allowed
+from vlmjax.infer.slots import add_pages, prefill_rows, set_allowed
 
 _log = logging.getLogger(__name__)
 
@@ -78,8 +78,11 @@ def warm_up(engine, max_images: int) -> float:
   return time.perf_counter() - began
 
 
-def _image_counts(max_images: int) -> list[int]:
-  """0, and the fewest images of each image bucket up to max_images' (1, 2, 3, 5, 9, ...)."""
+def _image_counts(engine, max_images: int) -> list[int]:
+  """0, and the fewest images of each image bucket up to max_images' (1, 2, 3, 5, 9, ...; with FastV, whose image
+  buckets are exact, every count)."""
+  if engine.config.fastv is not None:
+    return list(range(max_images + 1))
   counts, bucket = [0], 1
   while bucket // 2 + 1 <= max_images:
     counts.append(bucket // 2 + 1)
@@ -98,7 +101,7 @@ def _whole_prefills(engine, max_images: int):
   the number of prompts that gives each batch size."""
   chunk, budget = engine._scheduler.prefill_chunk, engine._scheduler.prefill_budget
   longest = engine.max_len - 1 if chunk is None else min(chunk, engine.max_len - 1)
-  for images in _image_counts(max_images):
+  for images in _image_counts(engine, max_images):
     for bucket in engine.buckets:
       length = max(_shortest(engine, bucket), _placeholders(engine, images), 1)
       if length > longest or length > bucket:
@@ -126,7 +129,9 @@ def _pieces(engine, max_images: int):
       yield 0, length
   if not chunked:
     return
-  for images in _image_counts(max_images)[1:]:
+  if engine.config.fastv is not None:  # FastV's prompts with images are prefilled whole
+    return
+  for images in _image_counts(engine, max_images)[1:]:
     for bucket in engine.buckets:
       length = max(_shortest(engine, bucket), chunk, _placeholders(engine, images))
       if length <= min(bucket, longest):

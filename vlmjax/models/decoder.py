@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax.models.kv_cache import KV_CACHE_DTYPES, KVCache
-from vlmjax.models import activation as activation_lib, layers, lora as lora_lib, matmul, quant
+from vlmjax.models import activation as activation_lib, fastv, layers, lora as lora_lib, matmul, quant
 from vlmjax.models.config import ModelConfig, check_choice, check_divides, check_positive, dtype
 from vlmjax.parallel import pipeline
 
@@ -99,23 +99,25 @@ class DecoderBlock(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, mask, write_index):
+  def __call__(self, x, layer_cache, positions, mask, write_index, rank_index=None):
     """x: float[B, T, D]; layer_cache: this layer's (k, v), each float[B, K, H, S], a paged_cache.PagedLayer, or None
-    -> (float[B, T, D], the updated layer cache or None). Under `nn.scan`, x is the carry and the layers' caches are scanned over."""
+    -> (float[B, T, D], the updated layer cache or None), and with rank_index int[B] the attention of row b's query
+    there over the keys, float32[B, S] (FastV's ranking). Under `nn.scan`, x is the carry and the layers' caches are
+    scanned over."""
     cfg = self.config
     compute_dtype, param_dtype = dtype(cfg.dtype), dtype(cfg.param_dtype)
     norm = lambda name: layers.RMSNorm(eps=cfg.norm_eps, unit_offset=cfg.norm_unit_offset, dtype=compute_dtype,
                                        param_dtype=param_dtype, name=name)
-    attended, layer_cache = layers.Attention(
+    attended, layer_cache, *received = layers.Attention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.attention_head_dim,
         qkv_bias=cfg.qkv_bias, rope_theta=cfg.rope_theta, mrope_section=cfg.mrope_section, dtype=compute_dtype,
         param_dtype=param_dtype, lora=cfg.lora, name="attention",
-    )(norm("attention_norm")(x), mask, positions, layer_cache, write_index)
+    )(norm("attention_norm")(x), mask, positions, layer_cache, write_index, rank_index)
     x = x + attended
     x = x + layers.FeedForward(cfg.mlp_dim, activation=cfg.activation, gated=True, dtype=compute_dtype,
                                param_dtype=param_dtype, lora=cfg.lora, name="mlp")(norm("mlp_norm")(x))
     x = nn.with_logical_constraint(x, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED))
-    return x, layer_cache
+    return (x, layer_cache, *received)
 
 
 class Decoder(nn.Module):
@@ -163,6 +165,7 @@ class Decoder(nn.Module):
       segment_ids: jax.Array | None = None,
       prefix_lengths: jax.Array | None = None,
       logit_positions: jax.Array | None = None,
+      pruning: fastv.Pruning | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Runs the stack.
 
@@ -178,31 +181,27 @@ class Decoder(nn.Module):
       prefix_lengths: int[B], bidirectional prefix of each row (prefix-LM), counted in cache slots.
       logit_positions: int[B, K], compute logits only at these of the T positions (prefill needs just each
         row's last token; the output head is the largest matmul for long prompts).
+      pruning: FastV (`models/fastv.py`, unrolled layers only): from pruning.layer on, the layers see each row's
+        kept tokens only (a prefill into an empty cache, or a forward without one, drops pruning.drop tokens a
+        row; decode steps read the later layers' caches at their own slots).
     Returns:
-      (logits float32[B, T, V] or float32[B, K, V] with logit_positions, the updated cache or None).
+      (logits float32[B, T, V] or float32[B, K, V] with logit_positions, the updated cache or None). A forward
+      without a cache and without logit_positions that drops tokens gives the kept tokens' logits, in order.
     """
     cfg = self.config
     x = self.embed(tokens) if embeddings is None else embeddings.astype(dtype(cfg.dtype))
     batch, length = x.shape[:2]
-    new_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    if cache is None:
-      write_index, layer_caches = None, None
-      mask = layers.make_attention_mask(new_index, new_index, kv_valid=input_mask, q_segment_ids=segment_ids,
-                                        kv_segment_ids=segment_ids, prefix_lengths=prefix_lengths)
-    else:
-      assert segment_ids is None, "packed segments are for training; decode with one sequence per row"
-      write_index = cache.lengths
-      num_new = length if input_mask is None else jnp.sum(input_mask, axis=1, dtype=jnp.int32)
-      new_lengths = write_index + num_new  # [B]
-      cache_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (batch, cache.max_len))
-      mask = layers.make_attention_mask(write_index[:, None] + new_index, cache_index,
-                                        kv_valid=cache_index < new_lengths[:, None], prefix_lengths=prefix_lengths)
-    # Causal from slot 0 (training, or a prefill filling a contiguous cache of its length: nothing was in it) and
-    # no bidirectional prefix: no query sees a key past its own slot, and attention may skip those blocks.
-    fills_cache = isinstance(cache, KVCache) and cache.max_len == length
-    if prefix_lengths is None and (cache is None or fills_cache):
-      mask = layers.CausalMask(mask)
+    if pruning is not None and (cfg.scan_layers or not 1 <= pruning.layer < cfg.depth):
+      raise ValueError(f"FastV prunes after layer {pruning.layer} of the unrolled layers (scan_layers=False): it "
+                       f"must be between 1 and {cfg.depth - 1}")
+    assert cache is None or segment_ids is None, "packed segments are for training; decode with one sequence per row"
+    num_new = length if input_mask is None else jnp.sum(input_mask, axis=1, dtype=jnp.int32)
+    write_index = None if cache is None else cache.lengths
+    from_slot_0 = cache is None or (isinstance(cache, KVCache) and cache.max_len == length)
+    mask = _attention_mask(batch, length, cache, write_index, num_new, input_mask, segment_ids, prefix_lengths,
+                           from_slot_0)
     layer_caches = (None,) * cfg.depth if cache is None else cache.layers()  # L x (k, v) or L x PagedLayer
+    drop = 0 if pruning is None else pruning.drop
 
     if cfg.scan_layers and cfg.pipeline_stages > 1 and cache is None and not self.is_initializing():
       x = self._pipelined(x, positions, mask)
@@ -215,12 +214,26 @@ class Decoder(nn.Module):
       layer_caches = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.depth))
     else:
       updated = []
-      for block, layer_cache in zip(self.layers, layer_caches):
-        x, layer_cache = block(x, layer_cache, positions, mask, write_index)
+      for i, (block, layer_cache) in enumerate(zip(self.layers, layer_caches)):
+        if pruning is not None and i == pruning.layer:  # the later layers: the kept tokens, their own slots
+          if drop:
+            order = fastv.kept_order(received[:, :length], pruning.image_mask, drop)
+            x, positions, input_mask = fastv.gather(x, order), self._gathered(positions, order, batch, length), (
+                None if input_mask is None else fastv.gather(input_mask, order))
+          pruned = drop if cache is None else cache.pruned + drop
+          write_index = None if cache is None else cache.lengths - cache.pruned
+          mask = _attention_mask(batch, length - drop, cache, write_index, num_new - drop, input_mask, segment_ids,
+                                 None if prefix_lengths is None else prefix_lengths - pruned, from_slot_0)
+        if drop and i == pruning.layer - 1:
+          x, layer_cache, received = block(x, layer_cache, positions, mask, write_index, pruning.rank_index)
+        else:
+          x, layer_cache = block(x, layer_cache, positions, mask, write_index)
         updated.append(layer_cache)
       layer_caches = tuple(updated)
 
     if logit_positions is not None:
+      if drop:
+        logit_positions = fastv.compacted(order, logit_positions)
       x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)  # [B, K, D]
     x = self.final_norm(x)
     head = self.output_head if not cfg.tie_embeddings else self.embedding.T  # [D, V]
@@ -232,8 +245,15 @@ class Decoder(nn.Module):
     if cfg.final_logit_softcap is not None:
       logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
     if cache is not None:
-      cache = cache.with_layers(layer_caches, new_lengths)
+      cache = cache.with_layers(layer_caches, cache.lengths + num_new, cache.pruned + drop)
     return logits, cache
+
+  @staticmethod
+  def _gathered(positions, order: jax.Array, batch: int, length: int) -> jax.Array:
+    """The kept tokens' positions: int[3, B, T] (M-RoPE) or int[B, T] / [1, T] -> [3, B, T'] or [B, T']."""
+    if positions.ndim == 3:
+      return fastv.gather(jnp.asarray(positions), order, axis=2)
+    return fastv.gather(jnp.broadcast_to(jnp.asarray(positions), (batch, length)), order)
 
   def _pipelined(self, x: jax.Array, positions, mask) -> jax.Array:
     """The scanned layers over x float[B, T, D] as `pipeline_stages` stages of depth / stages layers each, over
@@ -250,6 +270,26 @@ class Decoder(nn.Module):
     return pipeline.run(stage_fn, self.layers.variables["params"], x, per_row, stages=cfg.pipeline_stages,
                         microbatches=cfg.pipeline_microbatches,
                         axes=(layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED), rng=rng)
+
+
+def _attention_mask(batch: int, length: int, cache, write_index, num_new, input_mask, segment_ids, prefix_lengths,
+                    from_slot_0: bool):
+  """The mask of `length` new tokens of `batch` rows, bool[B, 1, T, S] or a `layers.CausalMask` around one:
+  without a cache over themselves; with one, the new tokens at slots write_index[b] onwards, over the cache's slots
+  up to write_index[b] + num_new[b]. from_slot_0: the new tokens are all a row holds, from slot 0 (training, or a
+  prefill filling a contiguous cache of its length)."""
+  new_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  if cache is None:
+    mask = layers.make_attention_mask(new_index, new_index, kv_valid=input_mask, q_segment_ids=segment_ids,
+                                      kv_segment_ids=segment_ids, prefix_lengths=prefix_lengths)
+  else:
+    cache_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (batch, cache.max_len))
+    mask = layers.make_attention_mask(write_index[:, None] + new_index, cache_index,
+                                      kv_valid=cache_index < (write_index + num_new)[:, None],
+                                      prefix_lengths=prefix_lengths)
+  # Causal from slot 0 and no bidirectional prefix: no query sees a key past its own slot, and attention may skip
+  # those blocks.
+  return layers.CausalMask(mask) if prefix_lengths is None and from_slot_0 else mask
 
 
 def _layer_stack(cfg: DecoderConfig, depth: int) -> type[nn.Module]:

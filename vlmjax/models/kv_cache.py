@@ -75,11 +75,14 @@ class KVCache:
     v: L arrays float[B, K, H, S], each layer's values, or L Int8Buffers.
     lengths: int32[B], tokens held by each row; row b's next token is written at slot lengths[b]. Slots at or
       past lengths[b] hold nothing valid and are masked out.
+    pruned: int32[B], the image tokens FastV dropped from row b in its later layers (`models/fastv.py`), whose
+      buffers hold lengths[b] - pruned[b] tokens; 0 without FastV.
   """
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   lengths: jax.Array
+  pruned: jax.Array
 
   @property
   def num_layers(self) -> int:
@@ -97,9 +100,10 @@ class KVCache:
     """Each layer's (k, v), what `layers.Attention` reads and writes."""
     return tuple(zip(self.k, self.v))
 
-  def with_layers(self, layers: tuple[tuple[jax.Array, jax.Array], ...], lengths: jax.Array) -> "KVCache":
+  def with_layers(self, layers: tuple[tuple[jax.Array, jax.Array], ...], lengths: jax.Array,
+                  pruned: jax.Array) -> "KVCache":
     keys, values = zip(*layers)
-    return self.replace(k=keys, v=values, lengths=lengths)
+    return self.replace(k=keys, v=values, lengths=lengths, pruned=pruned)
 
   def extend(self, num_slots: int) -> "KVCache":
     """This cache with `num_slots` more (empty) slots per row: a prefill fills a cache of its prompts' length,
@@ -115,4 +119,4 @@ class KVCache:
     empty = ((lambda: Int8Buffer.zeros(shape, head_axis=2)) if jnp.dtype(dtype) == jnp.int8 else
              (lambda: jnp.zeros(shape, dtype)))
     return cls(k=tuple(empty() for _ in range(num_layers)), v=tuple(empty() for _ in range(num_layers)),
-               lengths=jnp.zeros((batch_size,), jnp.int32))
+               lengths=jnp.zeros((batch_size,), jnp.int32), pruned=jnp.zeros((batch_size,), jnp.int32))

@@ -229,6 +229,19 @@ def _jax_attention(query, key, value, mask, scale: float) -> jax.Array:
   return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale)
 
 
+def _received(query, key, mask, scale: float, rank_index) -> jax.Array:
+  """float32[B, S]: the softmax of row b's query at rank_index[b] over the keys, mean over its heads. query
+  float[B, T, N, H], key float[B, S, K, H] (N a multiple of K), mask bool[B, 1, T, S]."""
+  batch, _, num_heads, head_dim = query.shape
+  num_kv_heads = key.shape[2]
+  one = jnp.take_along_axis(query, rank_index[:, None, None, None], axis=1)[:, 0]  # [B, N, H]
+  one = one.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+  scores = jnp.einsum("bkgh,bskh->bkgs", one, key, preferred_element_type=jnp.float32) * scale
+  row_mask = jnp.take_along_axis(mask[:, 0], rank_index[:, None, None], axis=1)[:, 0]  # [B, S]
+  scores = jnp.where(row_mask[:, None, None], scores, -jnp.inf)
+  return jnp.mean(jax.nn.softmax(scores, axis=-1), axis=(1, 2))
+
+
 def _attend(query, key, value, mask, scale: float, attention: Callable) -> jax.Array:
   """`attention` (dot_attention.dot_product_attention's arguments) over float[B, T, N, H] queries and float[B, S,
   K, H] keys/values; a CausalMask is computed in blocks of CAUSAL_BLOCK queries, each over the keys up to its last
@@ -317,6 +330,7 @@ class Attention(nn.Module):
       positions: jax.Array | None = None,
       kv_cache: tuple[jax.Array, jax.Array] | paged_cache.PagedLayer | None = None,
       write_index: jax.Array | None = None,
+      rank_index: jax.Array | None = None,
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | paged_cache.PagedLayer | None]:
     """Args:
       x: float[B, T, D].
@@ -332,8 +346,10 @@ class Attention(nn.Module):
         gathered through the page table, or, for one new token per row (a decode step) on a layer with a
         kernel, the Pallas paged-attention kernel reads them in place.
       write_index: int[B], the cache slot where row b's first new token goes.
+      rank_index: int[B] or None: also return the attention of row b's query at that index over the keys, mean
+        over heads (FastV's ranking, `models/fastv.py`).
     Returns:
-      (float[B, T, D], the updated (k, v) cache or None).
+      (float[B, T, D], the updated (k, v) cache or None), and with rank_index that attention float32[B, S].
     """
     query = self._project("query", x, self.num_heads, HEADS)  # [B, T, N, H]
     key = self._project("key", x, self.num_kv_heads, KV_HEADS)  # [B, T, K, H]
@@ -387,6 +403,9 @@ class Attention(nn.Module):
       out = fused_attention.attention(query, key, value, _kernel_mask(mask), scale)
     else:
       out = _jax_attention(query, key, value, mask, scale)
+    if rank_index is not None:
+      received = _received(query, key, mask.mask if isinstance(mask, CausalMask) else mask, scale, rank_index)
+      return self._output(out, x.shape[-1]), kv_cache, received
     return self._output(out, x.shape[-1]), kv_cache
 
   def _output(self, out: jax.Array, width: int) -> jax.Array:

@@ -168,6 +168,8 @@ class PagedKVCache:
     page_table: int32[B, max_pages], each row's pages in order, P (the null page) past its last one.
     lengths: int32[B], tokens held by each row; row b's next token goes to slot lengths[b], that is page
       page_table[b, lengths[b] // page_size] at offset lengths[b] % page_size.
+    pruned: int32[B], as `KVCache.pruned`: FastV's later layers hold row b's tokens in its first lengths[b] -
+      pruned[b] slots.
     kernel, interpret: as `PagedLayer`'s.
   """
 
@@ -175,6 +177,7 @@ class PagedKVCache:
   v: tuple[jax.Array, ...]
   page_table: jax.Array
   lengths: jax.Array
+  pruned: jax.Array
   kernel: str | None = flax.struct.field(pytree_node=False, default=None)
   interpret: bool = flax.struct.field(pytree_node=False, default=False)
 
@@ -229,8 +232,9 @@ class PagedKVCache:
   def layers(self) -> tuple[PagedLayer, ...]:
     return tuple(PagedLayer(k, v, self.page_table, self.kernel, self.interpret) for k, v in zip(self.k, self.v))
 
-  def with_layers(self, layers: tuple[PagedLayer, ...], lengths: jax.Array) -> "PagedKVCache":
-    return self.replace(k=tuple(layer.k for layer in layers), v=tuple(layer.v for layer in layers), lengths=lengths)
+  def with_layers(self, layers: tuple[PagedLayer, ...], lengths: jax.Array, pruned: jax.Array) -> "PagedKVCache":
+    return self.replace(k=tuple(layer.k for layer in layers), v=tuple(layer.v for layer in layers), lengths=lengths,
+                        pruned=pruned)
 
   @classmethod
   def zeros(cls, *, num_layers: int, num_pages: int, page_size: int, batch_size: int, max_len: int,
@@ -246,4 +250,5 @@ class PagedKVCache:
              (lambda: jnp.zeros(shape, dtype)))
     return cls(k=tuple(empty() for _ in range(num_layers)), v=tuple(empty() for _ in range(num_layers)),
                page_table=jnp.full((batch_size, pages_for(max_len, page_size)), num_pages, jnp.int32),
-               lengths=jnp.zeros((batch_size,), jnp.int32), kernel=kernel, interpret=interpret)
+               lengths=jnp.zeros((batch_size,), jnp.int32), pruned=jnp.zeros((batch_size,), jnp.int32),
+               kernel=kernel, interpret=interpret)

@@ -1,6 +1,7 @@
 """Fewer visual tokens without retraining: an image's tokens reduced to KEEP before they reach the language model.
 
     vlmjax.load(path, visual_tokens="visionzip:64")     # or "tome:0.25", "pool:0.25"; KEEP a count or a fraction
+    vlmjax.load(path, visual_tokens="fastv:0.25:2")     # FastV: pruned inside the language model from layer 2
 
 Methods, each on an image's projected tokens float[P, D] (the vision tower's attention at the feature layer
 decides what is kept):
@@ -12,7 +13,10 @@ decides what is kept):
              tokens split into two alternating sets, each token of the first merged into its most similar
              token of the second (size-weighted means), the most similar pairs first, until KEEP are left.
   pool       average pooling of the patch grid to a KEEP grid (2 x 2 pooling: KEEP = P / 4).
-Kept tokens take the placeholders' places one after another: the language model sees KEEP placeholders per image
+  fastv      FastV (arXiv 2403.06764, `models/fastv.py`): every token reaches the language model, whose layers from
+             LAYER on (`fastv:KEEP:LAYER`, LAYER 2 by default, as the paper's K) see only each image's KEEP tokens
+             that the prompt's last token attended to most in layer LAYER - 1.
+Except FastV, kept tokens take the placeholders' places one after another: the language model sees KEEP placeholders per image
 at consecutive positions (as VisionZip and the others feed LLaVA), so the prompt, the KV cache, batching, chunked
 prefill and the prefix cache work as with any other token count. The reduction runs after the projector (a
 per-token map, so selection commutes with it; the merges average projected tokens instead of the tower's), which
@@ -25,18 +29,26 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-METHODS = ("visionzip", "tome", "pool")
+METHODS = ("visionzip", "tome", "pool", "fastv")
+FASTV = "fastv"
+FASTV_LAYER = 2  # FastV's K: the paper prunes after layer 2 of LLaVA-1.5
 CONTEXTUAL_SHARE = 10 / 64  # VisionZip's contextual tokens among those kept (10 of 64 on LLaVA-1.5)
 
 
 @dataclasses.dataclass(frozen=True)
 class Reduction:
-  """A parsed `METHOD:KEEP`: KEEP tokens per image, a count (`64`) or, written with a decimal point, a fraction of
-  them (`0.25`, `1.0`)."""
+  """A parsed `METHOD:KEEP` (FastV's `fastv:KEEP[:LAYER]`): KEEP tokens per image, a count (`64`) or, written with
+  a decimal point, a fraction of them (`0.25`, `1.0`); `layer`: FastV's first pruned layer."""
 
   method: str
   keep: float
   fraction: bool
+  layer: int = 0
+
+  @property
+  def in_language_model(self) -> bool:
+    """Whether the tokens are pruned inside the language model (FastV), not before it."""
+    return self.method == FASTV
 
   def tokens(self, available: int) -> int:
     """How many of `available` tokens are kept."""
@@ -53,14 +65,21 @@ class Reduction:
 
 
 def parse(spec: str) -> Reduction | None:
-  """`METHOD:KEEP` (KEEP a count of tokens per image, or a fraction in (0, 1] written with a decimal point); "" or
-  "none": no reduction."""
+  """`METHOD:KEEP` (KEEP a count of tokens per image, or a fraction in (0, 1] written with a decimal point), or
+  `fastv:KEEP[:LAYER]`; "" or "none": no reduction."""
   if spec in ("", "none"):
     return None
   parts = spec.split(":")
-  if len(parts) != 2 or parts[0] not in METHODS:
+  fastv = parts[0] == FASTV and len(parts) in (2, 3)
+  if not fastv and (len(parts) != 2 or parts[0] not in METHODS):
     raise ValueError(f"visual_tokens={spec!r}: expected METHOD:KEEP with METHOD one of {', '.join(METHODS)} and KEEP "
-                     f"a count or a fraction (visionzip:64, tome:0.25)")
+                     f"a count or a fraction (visionzip:64, tome:0.25), or fastv:KEEP:LAYER")
+  layer = FASTV_LAYER if fastv else 0
+  if fastv and len(parts) == 3:
+    if not parts[2].isdigit() or int(parts[2]) < 1:
+      raise ValueError(f"visual_tokens={spec!r}: FastV's LAYER {parts[2]!r} must be a layer number of at least 1 "
+                       f"(the layers before it see every token)")
+    layer = int(parts[2])
   try:
     keep = float(parts[1])
   except ValueError:
@@ -68,7 +87,7 @@ def parse(spec: str) -> Reduction | None:
   fraction = "." in parts[1]
   if keep <= 0 or (fraction and keep > 1):
     raise ValueError(f"visual_tokens={spec!r}: KEEP must be a positive count or a fraction in (0, 1]")
-  return Reduction(parts[0], keep, fraction)
+  return Reduction(parts[0], keep, fraction, layer)
 
 
 def reduce(reduction: Reduction, tokens: jax.Array, keys: jax.Array, received: jax.Array) -> jax.Array:

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax.models.kv_cache import KVCache
-from vlmjax.models import layers, visual_tokens
+from vlmjax.models import fastv, layers, visual_tokens
 from vlmjax.models.config import ModelConfig, build_towers, check_choice, dtype
 from vlmjax.models.decoder import Decoder, DecoderConfig
 from vlmjax.models.projector import POSITION_EMBEDDINGS, PROJECTORS, Projector
@@ -110,7 +110,11 @@ class VLMConfig(ModelConfig):
       if self.keeps_cls_token:
         raise ValueError("model.visual_tokens reduces patch tokens: use vision_feature_select='default' or a ViT "
                          "without class token")
-      visual_tokens.parse(self.visual_tokens).tokens(self.patch_tokens_per_image)  # checks KEEP
+      reduction = visual_tokens.parse(self.visual_tokens)
+      reduction.tokens(self.patch_tokens_per_image)  # checks KEEP
+      if reduction.in_language_model and reduction.layer >= self.decoder.depth:
+        raise ValueError(f"model.visual_tokens={self.visual_tokens!r} prunes from layer {reduction.layer}, past the "
+                         f"language model's last (decoder.depth={self.decoder.depth})")
     if not 0 <= self.image_token_id < self.decoder.vocab_size:
       raise ValueError(f"model.image_token_id={self.image_token_id} is outside the vocabulary "
                        f"(decoder.vocab_size={self.decoder.vocab_size})")
@@ -185,8 +189,20 @@ class VLMConfig(ModelConfig):
       raise ValueError("this model's images give a number of tokens that depends on their size "
                        "(model.image_grid_pinpoints or vision_tower='qwen2_5_vl'): count them with "
                        "vlmjax.models.anyres.image_token_count or vlmjax.models.qwen_vl.image_token_count")
-    reduction = visual_tokens.parse(self.visual_tokens)
+    reduction = self.tower_reduction
     return self.patch_tokens_per_image if reduction is None else reduction.tokens(self.patch_tokens_per_image)
+
+  @property
+  def tower_reduction(self) -> "visual_tokens.Reduction | None":
+    """The `visual_tokens` reduction of each image's tokens before the language model, if any."""
+    reduction = visual_tokens.parse(self.visual_tokens)
+    return None if reduction is None or reduction.in_language_model else reduction
+
+  @property
+  def fastv(self) -> "visual_tokens.Reduction | None":
+    """The `visual_tokens` pruning inside the language model (FastV), if any."""
+    reduction = visual_tokens.parse(self.visual_tokens)
+    return reduction if reduction is not None and reduction.in_language_model else None
 
   def example_inputs(self, batch_size: int, text_length: int = 8, seed: int | None = None) -> dict[str, jax.Array]:
     """Arguments for `VLM.init`, a shape check or a benchmark: one image per row, its placeholders after the
@@ -301,7 +317,7 @@ class VLM(nn.Module):
       pixel_values = pixel_values[:, None]
     batch, num_images = pixel_values.shape[:2]
     images = pixel_values.reshape(batch * num_images, *pixel_values.shape[2:])
-    reduction = visual_tokens.parse(cfg.visual_tokens)
+    reduction = cfg.tower_reduction
     if reduction is None:
       tokens = self.vision(images, feature_layer=cfg.vision_feature_layer)  # [B*I, P(+1), Dv]
     else:
@@ -332,15 +348,18 @@ class VLM(nn.Module):
     text = self.decoder.embed(input_ids)
     if image_embeddings is None:  # decoding: a generated placeholder id is an ordinary token, as in transformers
       return text
+    is_image, slot = self._image_slots(input_ids, image_embeddings.shape[1], image_ends)
+    spliced = jnp.take_along_axis(image_embeddings, slot[:, :, None], axis=1).astype(text.dtype)  # [B, T, D]
+    embedded = jnp.where(is_image[:, :, None], spliced, text)
+    return nn.with_logical_constraint(embedded, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED))
+
+  def _image_slots(self, input_ids: jax.Array, count: int, image_ends: jax.Array | None):
+    """(bool[B, T]: the tokens that take an image embedding, `embed`'s rule; int[B, T]: which of the `count`)."""
     is_placeholder = input_ids == self.config.image_token_id  # [B, T]
     if image_ends is not None:
       is_placeholder &= jnp.arange(input_ids.shape[1])[None] < image_ends[:, None]
     slot = jnp.cumsum(is_placeholder, axis=1) - 1  # [B, T], the image embedding each placeholder takes
-    is_image = is_placeholder & (slot < image_embeddings.shape[1])
-    slot = jnp.clip(slot, 0, image_embeddings.shape[1] - 1)
-    spliced = jnp.take_along_axis(image_embeddings, slot[:, :, None], axis=1).astype(text.dtype)  # [B, T, D]
-    embedded = jnp.where(is_image[:, :, None], spliced, text)
-    return nn.with_logical_constraint(embedded, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED))
+    return is_placeholder & (slot < count), jnp.clip(slot, 0, count - 1)
 
   def __call__(
       self,
@@ -354,6 +373,7 @@ class VLM(nn.Module):
       prefix_lengths: jax.Array | None = None,
       logit_positions: jax.Array | None = None,
       image_ends: jax.Array | None = None,
+      rank_index: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Args:
       input_ids: int[B, T] with image placeholders.
@@ -366,6 +386,10 @@ class VLM(nn.Module):
       prefix_lengths: int[B] bidirectional prefix per row; required when the config is prefix-LM.
       image_ends: int[B], each row's placeholders at or after this token are ordinary tokens (`embed`); None: all
         take image embeddings while there are any.
+      rank_index: int[B], with FastV (`visual_tokens` fastv:...) the token whose attention ranks each row's image
+        tokens (default: its last, by input_mask). Every row holds all its images' placeholders; FastV's call
+        with images is a prefill into an empty cache or a forward without one (whose logits are then the kept
+        tokens', in order, unless logit_positions picks some).
     Returns:
       (logits float32[B, T, V], the updated cache or None).
     """
@@ -391,4 +415,22 @@ class VLM(nn.Module):
                           else self.encode_images(pixel_values))
     embeddings = self.embed(input_ids, image_embeddings, image_ends)
     return self.decoder(None, positions, cache, embeddings=embeddings, input_mask=input_mask,
-                        segment_ids=segment_ids, prefix_lengths=prefix_lengths, logit_positions=logit_positions)
+                        segment_ids=segment_ids, prefix_lengths=prefix_lengths, logit_positions=logit_positions,
+                        pruning=self._pruning(input_ids, image_embeddings, image_ends, input_mask, rank_index))
+
+  def _pruning(self, input_ids, image_embeddings, image_ends, input_mask, rank_index) -> fastv.Pruning | None:
+    """FastV's `Pruning` of this call: with images, each image's tokens past KEEP dropped (image_embeddings
+    float[B, I*P, D] of I images a row); without, decode steps reading the pruned layers."""
+    reduction = self.config.fastv
+    if reduction is None:
+      return None
+    if image_embeddings is None:
+      return fastv.Pruning(layer=reduction.layer)
+    per_image = self.config.tokens_per_image
+    images = image_embeddings.shape[1] // per_image
+    if rank_index is None:
+      rank_index = (jnp.full(input_ids.shape[:1], input_ids.shape[1] - 1, jnp.int32) if input_mask is None else
+                    jnp.sum(input_mask, axis=1, dtype=jnp.int32) - 1)
+    is_image, _ = self._image_slots(input_ids, image_embeddings.shape[1], image_ends)
+    return fastv.Pruning(layer=reduction.layer, drop=images * (per_image - reduction.tokens(per_image)),
+                         image_mask=is_image, rank_index=rank_index)
