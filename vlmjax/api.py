@@ -112,7 +112,8 @@ class VLM:
   def logits(self, input_ids, pixel_values) -> jax.Array:
     """float32[B, T, V] for int[B, T] ids (placeholders expanded) and float32[B, H, W, 3] normalized pixels
     (`Tiles` or `Patches` for a model with variable image tokens). For prefix-LM models the whole input is the
-    prefix."""
+    prefix. With FastV (`visual_tokens` fastv:...), ranked by each row's last token, the logits of the tokens its
+    later layers keep, in order: float32[B, T - dropped, V]."""
     input_ids = jnp.asarray(input_ids, jnp.int32)
     prefix = jnp.full((input_ids.shape[0],), input_ids.shape[1], jnp.int32) if self.model_config.prefix_lm else None
     logits, _ = _forward(self.params, self.model_config, input_ids, _pixels(pixel_values), prefix)
