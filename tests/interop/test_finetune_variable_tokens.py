@@ -1,8 +1,8 @@
 """Finetuning LLaVA-NeXT and Qwen2.5-VL as a user does: `configs/from_hf.py:DIR` on tiny directories that
 transformers wrote, test_finetune.py's LLaVA instruction JSON (images of several sizes, bad rows among them), full
 finetuning and LoRA. The loss falls, a killed run resumes with the same losses, `vlmjax.load(workdir)` generates,
-a Qwen2.5-VL lora run exports its adapters for PEFT (LLaVA-NeXT's is refused, naming why), and the batches take few
-shapes (the train step compiles once per bucket, not per batch)."""
+a lora run exports its adapters for PEFT, and the batches take few shapes (the train step compiles once per bucket,
+not per batch)."""
 
 import os
 
@@ -66,23 +66,20 @@ def test_finetuning_learns_resumes_and_loads(directory, data, tmp_path, name, st
   base = vlmjax.load(base_dir)
   changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), vlm.params, base.params)
   projector = ({key: value for key, value in changed["vision"].items() if key.startswith("merger_")}
-               if name == "qwen2_5_vl" else {"newline": changed["image_newline"], **changed["projector"]})
+               if name == "qwen2_5_vl" else changed["projector"])
   assert all(jax.tree.leaves(projector)) and any(jax.tree.leaves(changed["decoder"]))
   tower = {key: value for key, value in changed["vision"].items() if not key.startswith("merger_")}
   assert not any(jax.tree.leaves(tower))  # frozen in both stages
-  if stage == "lora":  # its checkpoints hold the adapters and what does the projector's job, nothing else
+  if name == "llava_next":  # trained with the language model, frozen under LoRA (LLaVA-NeXT's recipes)
+    assert changed["image_newline"] == (stage == "finetune")
+  if stage == "lora":  # its checkpoints hold the adapters and the projector (Qwen's merger), nothing else
     trained, _ = api.lora_trained(workdir)
     adapter_keys = {path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(trained["decoder"])}
     assert adapter_keys == {"lora_a", "lora_b"}
-    expected = ["decoder", "vision"] if name == "qwen2_5_vl" else ["decoder", "image_newline", "projector"]
-    assert sorted(trained) == expected
-    out = str(tmp_path / "adapters")
-    if name == "qwen2_5_vl":  # PEFT's layout (its logits against peft's: test_peft.py)
-      assert "for PEFT" in cli.export_checkpoint(workdir, out, adapters=True)
-      assert os.path.isfile(os.path.join(out, peft_export.WEIGHTS_FILE))
-    else:
-      with pytest.raises(ValueError, match="LLaVA-NeXT's image_newline, a parameter that PEFT's modules_to_save"):
-        cli.export_checkpoint(workdir, out, adapters=True)
+    assert sorted(trained) == ["decoder", "vision" if name == "qwen2_5_vl" else "projector"]
+    out = str(tmp_path / "adapters")  # in PEFT's layout (its logits against peft's: test_peft.py)
+    assert "for PEFT" in cli.export_checkpoint(workdir, out, adapters=True)
+    assert os.path.isfile(os.path.join(out, peft_export.WEIGHTS_FILE))
 
 
 @pytest.mark.parametrize("name", VARIABLE_CASES)
@@ -114,8 +111,7 @@ def test_batches_take_few_shapes(directory, data, name):  # noqa: F811
 @pytest.mark.parametrize("name", VARIABLE_CASES)
 def test_summarize_counts_what_each_stage_trains(directory, name):
   """`vlmjax summarize`'s footprint runs for these families (their images as Tiles / Patches), and the finetune
-  stage trains the language model with the projector's parts: LLaVA-NeXT's projector and image_newline, Qwen's patch
-  merger."""
+  stage trains the language model (LLaVA-NeXT's image_newline with it) and the projector (Qwen's patch merger)."""
   config = from_hf.get_config(directory(name))
   config.data.length, config.train.batch_size = LENGTH[name], 2
   params = hf.load_pretrained(directory(name)).params

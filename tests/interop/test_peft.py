@@ -1,7 +1,8 @@
 """LoRA export against transformers and peft: a tiny checkpoint (written by transformers) with random adapters and a
 perturbed projector, no training. Our adapted model's logits (the module running its adapters, and the merged
 kernels) equal transformers' of the merged export and peft's of the adapter export on the base (relative 1e-4).
-LLaVA-1.5 and PaliGemma, and Qwen2.5-VL (its patch merger as the projector) with images of two sizes in one batch."""
+LLaVA-1.5 and PaliGemma; LLaVA-NeXT and Qwen2.5-VL (its patch merger as the projector) with images of two sizes in
+one batch."""
 
 import dataclasses
 import functools
@@ -21,6 +22,7 @@ import torch
 import transformers
 
 # The other test modules' helpers (pytest puts tests/interop on sys.path: it has no __init__.py).
+import test_llava_next
 import test_qwen2_5_vl
 from test_hf import PROMPTS, _prompt_ids, max_relative_error, random_images, their_logits
 from test_hf_training import write_variable_checkpoint
@@ -239,83 +241,88 @@ def test_target_modules_names_exactly_the_adapted_layers():
   assert not re.fullmatch(pattern, "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj")
 
 
-# Qwen2.5-VL with adapters on its attention and MLP (its q/k/v carry biases that the adapters sit beside). Its adapters
-# are drawn smaller than the others': at 0.3 its tiny model's activations grow so large that float32 rounding alone
-# differs by 5e-5 between two correct implementations (0.7e-6 at 0.05; the base's 0.7e-6).
-QWEN_LORA = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.05)
-QWEN_ADAPTER_SCALE = 0.1
+
+# Models whose images give a token count each, adapters on every linear layer of the language model (Qwen's q/k/v
+# carry biases that the adapters sit beside), its patch merger as the projector; a batch of two image sizes. The
+# adapters are drawn smaller than the others': at 0.3 Qwen's tiny model's activations grow so large that float32
+# rounding alone differs by 5e-5 between two correct implementations (0.7e-6 at 0.05, as the base's).
+VARIABLE_LORA = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.05)
+VARIABLE_ADAPTER_SCALE = 0.1
+VARIABLE_MODULES = {"llava_next": test_llava_next, "qwen2_5_vl": test_qwen2_5_vl}  # their `_their_inputs`
+VARIABLE_CLASSES = {"llava_next": transformers.LlavaNextForConditionalGeneration,
+                    "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}
 
 
 @dataclasses.dataclass(frozen=True)
-class QwenAdapted:
-  """A tiny Qwen2.5-VL with made-up adapters and merger, and our logits of a batch of two image sizes."""
+class VariableAdapted:
+  """A tiny LLaVA-NeXT or Qwen2.5-VL with made-up adapters and projector, and our logits of a batch of two image
+  sizes."""
 
+  name: str
   directory: str
   pretrained: hf.Pretrained
-  trained: dict  # adapters and merger, layers scanned
+  trained: dict  # adapters and projector (Qwen's merger), layers scanned
   images: list[np.ndarray]
-  rows: list[list[int]]
   texts: list[str]  # each row's chat-template text, for transformers' processor
   logits: list[np.ndarray]  # per row float32[T, V]: the module running its adapters
 
   def their_logits(self, model) -> list[np.ndarray]:
     found = []
     for text, image in zip(self.texts, self.images):
-      inputs = test_qwen2_5_vl._their_inputs(self.directory, [text], [image])
+      inputs = VARIABLE_MODULES[self.name]._their_inputs(self.directory, [text], [image])
       with torch.no_grad():
         found.append(model(**inputs).logits[0].numpy())
     return found
 
+  def __repr__(self) -> str:
+    return f"VariableAdapted({self.name})"
 
-def qwen_logits(model_config: VLMConfig, params, vlm, images: list[np.ndarray]) -> tuple[list, list, list]:
-  """(rows, texts, per-row logits float32[T, V]) of one user turn per image, the rows padded into one batch."""
-  rows, patches, texts = chat_rows(vlm, [[image] for image in images], PROMPTS[:len(images)])
+
+@pytest.fixture(scope="module", params=list(VARIABLE_CLASSES))
+def variable_adapted(request, tmp_path_factory) -> VariableAdapted:
+  directory = str(tmp_path_factory.mktemp(request.param))
+  write_variable_checkpoint(request.param, directory)
+  pretrained = hf.load_pretrained(directory)
+  trained = random_trained(pretrained, VARIABLE_LORA, VARIABLE_ADAPTER_SCALE)
+  _, base = optim.split_trained(pretrained.params, "lora")
+  model_config = adapters.adapted(VLMConfig.from_dict(pretrained.config.model), VARIABLE_LORA)
+  images = images_of([(37, 52), (61, 29)])
+  vlm = vlmjax.load(directory)
+  rows, pixels, texts = chat_rows(vlm, [[image] for image in images], PROMPTS[:2])
   ids, _ = padded(vlm, rows)
   with jax.default_matmul_precision("highest"):
-    logits = np.asarray(jax.jit(lambda params, ids, patches: VLM(model_config).apply(
-        {"params": params}, ids, patches)[0])(params, jnp.asarray(ids), patches))
-  return rows, texts, [logits[i, :len(row)] for i, row in enumerate(rows)]
+    logits = np.asarray(jax.jit(lambda params, ids, pixels: VLM(model_config).apply(
+        {"params": params}, ids, pixels)[0])(lora.combine(base, trained), jnp.asarray(ids), pixels))
+  return VariableAdapted(request.param, directory, pretrained, trained, images, texts,
+                         [logits[i, :len(row)] for i, row in enumerate(rows)])
 
 
-@pytest.fixture(scope="module")
-def qwen_adapted(tmp_path_factory) -> QwenAdapted:
-  directory = str(tmp_path_factory.mktemp("qwen2_5_vl"))
-  write_variable_checkpoint("qwen2_5_vl", directory)
-  pretrained = hf.load_pretrained(directory)
-  trained = random_trained(pretrained, QWEN_LORA, QWEN_ADAPTER_SCALE)
-  _, base = optim.split_trained(pretrained.params, "lora")
-  model_config = adapters.adapted(VLMConfig.from_dict(pretrained.config.model), QWEN_LORA)
-  images = images_of([(37, 52), (61, 29)])
-  rows, texts, logits = qwen_logits(model_config, lora.combine(base, trained), vlmjax.load(directory), images)
-  return QwenAdapted(directory, pretrained, trained, images, rows, texts, logits)
-
-
-def test_qwen_peft_export_loads_onto_the_base_with_our_logits(qwen_adapted, tmp_path):
-  out = str(tmp_path / "adapters")
-  peft_export.save_adapters(out, qwen_adapted.pretrained.config, qwen_adapted.trained, QWEN_LORA,
-                            qwen_adapted.directory)
-  base = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_adapted.directory)
-  base_logits = qwen_adapted.their_logits(base)
-  assert max_relative_error(base_logits[0], qwen_adapted.logits[0]) > 100 * TOLERANCE  # the adapters matter
+def test_variable_tokens_peft_export_loads_onto_the_base_with_our_logits(variable_adapted, tmp_path):
+  adapted, out = variable_adapted, str(tmp_path / "adapters")
+  peft_export.save_adapters(out, adapted.pretrained.config, adapted.trained, VARIABLE_LORA, adapted.directory)
+  base = VARIABLE_CLASSES[adapted.name].from_pretrained(adapted.directory)
+  assert max_relative_error(adapted.their_logits(base)[0], adapted.logits[0]) > 100 * TOLERANCE  # the adapters matter
   model = peft.PeftModel.from_pretrained(base, out).eval()
   written = safetensors.numpy.load_file(os.path.join(out, peft_export.WEIGHTS_FILE))
   theirs = {name: tensor.numpy() for name, tensor in peft.get_peft_model_state_dict(model).items()}
-  assert sorted(theirs) == sorted(written)  # every tensor we wrote was loaded, the merger's among them
-  assert any(".visual.merger." in name for name in written)
+  assert sorted(theirs) == sorted(written)  # every tensor we wrote was loaded, the projector's among them
+  projector = ".visual.merger." if adapted.name == "qwen2_5_vl" else ".multi_modal_projector."
+  assert any(projector in name for name in written)
   adapted_modules = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
-  per_stack = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(qwen_adapted.trained) if path[-1].key == "lora_a")
-  assert len(adapted_modules) == per_stack * VLMConfig.from_dict(qwen_adapted.pretrained.config.model).decoder.depth
+  per_stack = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(adapted.trained) if path[-1].key == "lora_a")
+  assert len(adapted_modules) == per_stack * VLMConfig.from_dict(adapted.pretrained.config.model).decoder.depth
   assert all(".language_model." in name for name in adapted_modules)
-  _compare("qwen2_5_vl PEFT export", qwen_adapted.their_logits(model), qwen_adapted.logits)
+  _compare(f"{adapted.name} PEFT export", adapted.their_logits(model), adapted.logits)
 
 
-def test_qwen_merged_export_loads_in_transformers_with_our_logits(qwen_adapted, tmp_path):
-  pretrained, out = qwen_adapted.pretrained, str(tmp_path / "merged")
+def test_variable_tokens_merged_export_loads_in_transformers_with_our_logits(variable_adapted, tmp_path):
+  adapted, out = variable_adapted, str(tmp_path / "merged")
+  pretrained = adapted.pretrained
   _, frozen = optim.split_trained(pretrained.params, "lora")
-  merged = lora.merge(lora.combine(frozen, qwen_adapted.trained), QWEN_LORA)
+  merged = lora.merge(lora.combine(frozen, adapted.trained), VARIABLE_LORA)
   hf.save_pretrained(out, pretrained.config, merged, pretrained.tokenizer, pretrained.image_processor,
                      eos_token_ids=pretrained.eos_token_ids, pad_token_id=pretrained.pad_token_id,
                      max_len=pretrained.max_len)
-  reloaded, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+  reloaded, info = VARIABLE_CLASSES[adapted.name].from_pretrained(out, output_loading_info=True)
   assert not any(info.values()), info
-  _compare("qwen2_5_vl merged export", qwen_adapted.their_logits(reloaded.eval()), qwen_adapted.logits)
+  _compare(f"{adapted.name} merged export", adapted.their_logits(reloaded.eval()), adapted.logits)

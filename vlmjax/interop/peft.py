@@ -6,17 +6,14 @@
     model = PeftModel.from_pretrained(base, "/tmp/adapters")      # the same logits as vlmjax's adapted model
 
 The directory holds adapter_config.json and adapter_model.safetensors, with the names PEFT 0.21 gives the modules
-of transformers 5's LlavaForConditionalGeneration, PaliGemmaForConditionalGeneration and
-Qwen2_5_VLForConditionalGeneration:
+of transformers 5's LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+PaliGemmaForConditionalGeneration and Qwen2_5_VLForConditionalGeneration:
 
     base_model.model.model.language_model.layers.{i}.self_attn.q_proj.lora_A.weight    float32[r, in]
     base_model.model.model.language_model.layers.{i}.self_attn.q_proj.lora_B.weight    float32[out, r]
     base_model.model.model.multi_modal_projector.linear_1.weight                       the trained projector, whole
                                                                                        (modules_to_save)
     base_model.model.model.visual.merger.mlp.0.weight                                  Qwen2.5-VL's: its patch merger
-
-LLaVA-NeXT's lora runs are refused: they train its `image_newline`, a parameter that PEFT's modules_to_save (modules
-only) cannot hold.
 
 Our adapter a float[C1..Ca, r], b float[r, O1..Ob] sits beside a kernel float[C1..Ca, O1..Ob]; PEFT's update
 (alpha / r) B A x is ours when B A is (a b) in the Hugging Face layout of that kernel, Linear's [out, in]. The kernel's
@@ -125,8 +122,8 @@ def save_adapters(path: str, config: VLMConfig | ml_collections.ConfigDict, trai
 
   Args:
     path: the directory to write (adapter_config.json, adapter_model.safetensors).
-    config: the base model's VLMConfig, or a run config whose `model` section it is; LLaVA-like, PaliGemma-like or
-      Qwen2.5-VL as `hf.save_pretrained` needs.
+    config: the base model's VLMConfig, or a run config whose `model` section it is; LLaVA-like (LLaVA-NeXT too),
+      PaliGemma-like or Qwen2.5-VL as `hf.save_pretrained` needs.
     trained_params: what a lora stage trains (`api.lora_trained`): the adapters (lora_a, lora_b beside the decoder's
       kernels), layers unrolled or scanned, and the projector (Qwen2.5-VL's patch merger), written whole as PEFT's
       `modules_to_save`.
@@ -136,14 +133,10 @@ def save_adapters(path: str, config: VLMConfig | ml_collections.ConfigDict, trai
   the logits differ from vlmjax's (which runs the quantized base) by the quantization error.
   Raises:
     ValueError naming what PEFT's layout of these models cannot hold: a model transformers cannot express, an
-    adapter outside the language model's layers, a trained parameter that is neither an adapter nor the projector,
-    LLaVA-NeXT's image_newline.
+    adapter outside the language model's layers, a trained parameter that is neither an adapter nor the projector.
   """
   model_config = config if isinstance(config, VLMConfig) else VLMConfig.from_dict(config.model)
   hf_config.model_type_of(model_config)  # a model transformers has no class for fails here
-  if "image_newline" in trained_params:
-    raise ValueError("the run trained LLaVA-NeXT's image_newline, a parameter that PEFT's modules_to_save (whole "
-                     "modules) cannot hold: export the whole model, adapters merged, without --adapters")
   for key_path, _ in jax.tree_util.tree_leaves_with_path(trained_params):
     keys = tuple(str(key.key) for key in key_path)
     if optim.parameter_group(keys) != PROJECTOR and not lora.is_adapter(keys):

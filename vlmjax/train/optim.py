@@ -34,12 +34,17 @@ TRAINABLE = {
 
 
 def parameter_group(keys: tuple[str, ...]) -> str:
-  """The group a parameter trains with, by its path: its top-level group, but the projector for what does the
-  projector's job elsewhere in the tree: LLaVA-NeXT's `image_newline` (an embedding the projector's tokens are
-  spliced with) and Qwen2.5-VL's patch merger (`vision/merger_*`, the end of its tower that maps image patches into
-  the language model; Qwen's finetuning trains it with the language model and the tower frozen, as LLaVA's projector)."""
-  if keys[0] == "image_newline" or (keys[0] == "vision" and len(keys) > 1 and keys[1].startswith("merger_")):
+  """The group a parameter trains with, by its path: its top-level group, but
+  - Qwen2.5-VL's patch merger (`vision/merger_*`, the end of its tower that maps image patches into the language
+    model) is the projector: Qwen's finetuning trains it with the language model and the tower frozen, as LLaVA's
+    projector;
+  - LLaVA-NeXT's `image_newline` goes with the language model: its training code tunes it with the language model
+    ("mm_language_model" takes every parameter outside the tower and projector), not with the projector, and its LoRA
+    recipe keeps it frozen."""
+  if keys[0] == "vision" and len(keys) > 1 and keys[1].startswith("merger_"):
     return "projector"
+  if keys[0] == "image_newline":
+    return "decoder"
   return keys[0]
 
 
