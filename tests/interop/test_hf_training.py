@@ -120,6 +120,9 @@ def make_variable_batch(pretrained: hf.Pretrained, images: list[np.ndarray]) -> 
             "attention_mask": torch.tensor(ours["input_mask"], dtype=torch.long)}
   processed = [example["pixel_values"][0] for example in examples]  # (tiles or patches, size or grid) per row
   if model_config.qwen_tower:
+    vision = model_config.vision  # windowed and full-attention blocks, over images of several windows
+    assert 0 < len(vision.fullatt_block_indexes) < vision.depth
+    assert all(max(grid[1:]) // vision.merge_size > vision.window_units for _, grid in processed)
     theirs["pixel_values"] = torch.tensor(np.concatenate([patches for patches, _ in processed]))
     theirs["image_grid_thw"] = torch.tensor([grid for _, grid in processed])
     theirs["mm_token_type_ids"] = (theirs["input_ids"] == pretrained.image_token_id).int()
