@@ -40,7 +40,6 @@ from vlmjax.infer import quantize as quantize_lib
 def build_checkpoint(directory: str, image_size: int = 112) -> None:
   """The benchmark's LLaVA, written by transformers: CLIP 4 x 192 at 112 px / patch 14 (64 image tokens; 336 px:
   576, LLaVA-1.5's), Llama 6 x 512 with 8 query and 4 key/value heads, MLP 1376, vocabulary 4000."""
-  import tokenizers
   import torch
   import transformers
 
@@ -55,8 +54,17 @@ def build_checkpoint(directory: str, image_size: int = 112) -> None:
   transformers.LlavaForConditionalGeneration(config).eval().save_pretrained(directory)
   transformers.CLIPImageProcessor(size={"shortest_edge": image_size},
                                   crop_size={"height": image_size, "width": image_size}).save_pretrained(directory)
-  # A word-level tokenizer over the 4000 ids (the benchmark feeds ids; loading needs a tokenizer all the same).
-  vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 3999)}, "<image>": 3999}
+  word_tokenizer(directory, 4000, {"<image>": 3999})
+
+
+def word_tokenizer(directory: str, vocab_size: int, specials: dict[str, int]) -> None:
+  """Saves a word-level tokenizer over `vocab_size` ids: <pad> 0, <s> 1, </s> 2, `specials` {token: id} and a word
+  for every other id (the benchmarks feed ids; loading needs a tokenizer all the same)."""
+  import tokenizers
+  import transformers
+
+  taken = {"<pad>": 0, "<s>": 1, "</s>": 2, **specials}
+  vocab = {**{f"w{i}": i for i in sorted(set(range(vocab_size)) - set(taken.values()))}, **taken}
   backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
   backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
   transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",

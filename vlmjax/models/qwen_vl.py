@@ -9,9 +9,10 @@ units in raster order. The tower merges each unit into one token, so an image ta
 placeholders, in the raster order of its merged grid. `batch_patches` lays a batch's patches out window by window
 (`models/qwen_vit.py`'s `layout` and `fill_patches`): window (i, j) of an image holds the merge units of rows [i·s,
 i·s + s) and columns [j·s, j·s + s) of its merged grid (s = `window_units`), padded to s² units, so that windowed
-attention is a reshape; the number of windows is padded to a `bucket`, so images of new sizes reuse the compiled
-program. Per row it writes where each image token sits in the tower's output (`token_index`), its (temporal, row,
-column) in its merged grid and, at an image's last token, the grid's longer side (M-RoPE, `qwen_vit.mrope_positions`).
+attention is a reshape; the number of windows is padded to a `window_bucket`, so images of new sizes reuse the
+compiled program. Per row it writes where each image token sits in the tower's output (`token_index`), its
+(temporal, row, column) in its merged grid and, at an image's last token, the grid's longer side (M-RoPE,
+`qwen_vit.mrope_positions`).
 The window arithmetic is transformers' `get_vision_window_index`, the positions its `get_vision_position_ids` and
 `get_rope_index`.
 """
@@ -31,6 +32,17 @@ def image_token_count(config: VLMConfig, grid: tuple[int, int, int]) -> int:
   return t * h * w // config.vision.merge_size**2
 
 
+def window_bucket(count: int) -> int:
+  """The padded number of windows of a batch: up to 16 the next power of two (`bucket`), above it the next multiple
+  of an eighth of the next power of two (160 for 144, a 1280 x 1280 image's windows), so that padding stays under a
+  quarter. The tower's time grows with every padded window and its full-attention blocks' with their square: the
+  next power of two (256 for 144) gave a 1280 x 1280 image's full attention 3.2 times its own work."""
+  if count <= 16:
+    return bucket(count)
+  step = 1 << ((count - 1).bit_length() - 3)
+  return -(-count // step) * step
+
+
 def image_layout(config: VLMConfig, patches: np.ndarray, grid: tuple[int, int, int]) -> Layout:
   """The `layout` of an image of `grid` (t, h, w) patches; ValueError when its patches are not float[t·h·w,
   3·T·p·p] or the grid is not whole merge units."""
@@ -48,12 +60,12 @@ def batch_patches(config: VLMConfig, rows: Sequence[Sequence[tuple[np.ndarray, t
   3·T·p·p] in the processor's order, its grid (t, h, w)), as the image processor makes them.
 
   num_windows, num_tokens: at least the batch's windows and its longest row's image tokens (default: their
-  `bucket`s); N = num_windows · L patches.
+  `window_bucket` and `bucket`); N = num_windows · L patches.
   """
   layouts = [[image_layout(config, patches, grid) for patches, grid in row] for row in rows]
   total = sum(each.num_windows for row_layouts in layouts for each in row_layouts)
   counts = [sum(len(each.token_units) for each in row_layouts) for row_layouts in layouts]
-  num_windows = bucket(max(total, 1)) if num_windows is None else num_windows
+  num_windows = window_bucket(max(total, 1)) if num_windows is None else num_windows
   num_tokens = bucket(max(counts + [1])) if num_tokens is None else num_tokens
   if num_windows < total or num_tokens < max(counts + [0]):
     raise ValueError(f"the batch has {total} windows and up to {max(counts)} image tokens a row; num_windows="
