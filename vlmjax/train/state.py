@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vlmjax.data import variable_images
+from vlmjax.models import lora
 from vlmjax.models.classifier import ClassifierConfig, ViTClassifier, patch_classification_loss
 from vlmjax.models.clip import CLIP, CLIPConfig
-from vlmjax.models import lora
-from vlmjax.models.vlm import VLM, Patches, Tiles, VLMConfig
+from vlmjax.models.vlm import VLM, VLMConfig
 from vlmjax.train import gradients, losses
 from vlmjax.train.optim import split_trained
 
@@ -127,7 +128,7 @@ def _train_step(state: TrainState, batch: dict, frozen: dict | None = None, *,
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)  # Flax takes raw keys as rngs
   loss_fn = lambda params, batch: stage_loss(params, config, batch, stage, dropout_rng)
   # A batch of `Tiles` or `Patches` is not split into the devices' parts: their tables hold the whole batch's images.
-  decomposable = stage != "contrastive" and not isinstance(batch.get("pixel_values"), (Tiles, Patches))
+  decomposable = stage != "contrastive" and not variable_images.is_image_input(batch.get("pixel_values"))
   loss, tokens, grads = gradients.loss_and_grads(loss_fn, trained, frozen, batch, decomposable=decomposable)
   # The frozen parameters' zeros, where the optimizer sees every parameter (it sets their updates to zero).
   grads = lora.combine(grads, frozen_zeros)
