@@ -61,7 +61,7 @@ def speed(args) -> None:
   settings = [("all", base.model_config.tokens_per_image, base)]
   for keep in args.keeps:
     if keep < base.model_config.tokens_per_image:
-      settings += [(method, keep, base.with_visual_tokens(f"{method}:{keep}")) for method in METHODS
+      settings += [(method, keep, base.with_visual_tokens(f"{method}:{keep}")) for method in args.methods
                    if method != "pool" or _poolable(keep, base.model_config.tokens_per_image)]
   runs = []
   for _, _, vlm in settings:
@@ -102,7 +102,7 @@ def accuracy(args) -> None:
   print(f"{'method':>10} {'tokens':>7} {'vqa':>6} {'POPE F1':>8} {'kept %':>7}")
   for divisor in (3, 9):
     keep = max(1, round(available / divisor))
-    for method in METHODS:
+    for method in args.methods:
       keep_here = keep
       if method == "pool" and not _poolable(keep, available):  # the grid that pools evenly nearest below
         keep_here = max(side * side for side in range(1, keep + 1) if _poolable(side * side, available)
@@ -117,6 +117,9 @@ def accuracy(args) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--keeps", default="192,144,64", type=lambda text: [int(k) for k in text.split(",")])
+  parser.add_argument("--methods", default=",".join(METHODS), type=lambda text: text.split(","),
+                      help=f"of {', '.join(METHODS)} (fastv prunes from the language model's layer "
+                           f"{visual_tokens.FASTV_LAYER})")
   parser.add_argument("--text_tokens", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--workdir", help="a trained shapes model: measure accuracy against tokens kept")
