@@ -78,7 +78,8 @@ _MODEL_NAME = flags.DEFINE_string("model_name", None, "serve: the model name cli
                                   "checkpoint directory's name).")
 _VISUAL_TOKENS = flags.DEFINE_string("visual_tokens", None, "generate, eval, serve: METHOD:KEEP, each image reduced "
                                      "to KEEP tokens (a count or a fraction) without retraining: visionzip, tome or "
-                                     "pool (vlmjax/models/visual_tokens.py).")
+                                     "pool; or fastv:KEEP[:LAYER], pruned inside the language model from LAYER "
+                                     "(vlmjax/models/visual_tokens.py).")
 _MAX_BODY_BYTES = flags.DEFINE_integer("max_body_bytes", 64 * 2**20, "serve: a larger request body gets 413, from "
                                        "its Content-Length before it is read.")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 8, "serve: images per request at most.")
