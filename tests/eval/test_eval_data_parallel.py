@@ -5,6 +5,7 @@ directory; its answers are nonsense, but each one a deterministic function of it
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -14,6 +15,12 @@ from vlmjax.interop import hf
 
 BENCHMARK = "shapes_vqa"
 CONVERSATION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}]
+
+
+def _free_port() -> int:
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,7 @@ def _env(**extra) -> dict:
 
 
 def _eval_in_two_processes(checkpoint: str, data_dir: str, out_dir) -> None:
-  port = 20000 + (os.getpid() + 7) % 10000  # not the trainer test's port: the two may run side by side
+  port = _free_port()
   processes = [subprocess.Popen(
       _command(checkpoint, data_dir, out_dir),
       env=_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),

@@ -4,11 +4,12 @@ the processes whose text differs from process 0's named."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 SCRIPT = """
-import json, os, sys
+import json, os
 import numpy as np
 from vlmjax.parallel import distributed
 distributed.initialize_from_environment()
@@ -23,8 +24,14 @@ print(json.dumps({"texts": distributed.gather_texts(texts),
 """
 
 
+def _free_port() -> int:
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    return probe.getsockname()[1]
+
+
 def test_two_processes_exchange_texts_flags_and_digests():
-  port = 20000 + (os.getpid() + 13) % 10000
+  port = _free_port()
   flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in flag]
   processes = [subprocess.Popen(
       [sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
