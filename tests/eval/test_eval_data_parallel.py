@@ -14,7 +14,8 @@ import pytest
 from vlmjax.interop import hf
 
 BENCHMARK = "shapes_vqa"
-CONVERSATION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}]
+CONVERSATION = [{"role": "user",
+                 "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}]
 
 
 def _free_port() -> int:
