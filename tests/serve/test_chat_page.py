@@ -127,7 +127,9 @@ def test_two_turns_with_an_attached_and_a_pasted_image_stream_the_api_replies(po
   assert {name: body[name] for name in SETTINGS} == SETTINGS, body
   assert body["messages"] == first_turn
 
-  # The second turn: a pasted image, Enter sends, the whole conversation goes with it.
+  # The second turn: a pasted image at low detail, Enter sends, the whole conversation goes with it.
+  page.select_option("#detail", "low")
+  assert page.evaluate("localStorage.getItem('vlmjax.detail')") == "low"
   _paste(page, square)
   expect(page.locator("#attachments img")).to_have_count(1)
   page.fill("#prompt", follow_up)
@@ -135,8 +137,8 @@ def test_two_turns_with_an_attached_and_a_pasted_image_stream_the_api_replies(po
   expect(page.locator(".msg.assistant[data-status=done]")).to_have_count(2, timeout=WAIT_MS)
   expect(page.locator(".msg.user")).to_have_count(2)
   conversation = first_turn + [{"role": "assistant", "content": expected},
-                               {"role": "user", "content": [{"type": "image_url", "image_url": {"url": square_url}},
-                                                            {"type": "text", "text": follow_up}]}]
+                               {"role": "user", "content": [{"type": "image_url", "image_url": {
+                                   "url": square_url, "detail": "low"}}, {"type": "text", "text": follow_up}]}]
   chats = [r for r in requests if r.url == f"{base}/v1/chat/completions"]
   assert len(chats) == 3 and chats[-1].post_data_json["messages"] == conversation
   assert page.locator(".msg.assistant .text").nth(1).text_content() == _api_reply(port, conversation)
