@@ -36,7 +36,7 @@ def test_causal_right_padding_as_lengths_gives_the_materialized_mask_s_attention
   dense = layers.make_attention_mask(_index(T), _index(T), kv_valid=_index(T) < lengths[:, None])
   flags = fused_attention.kernel_mask(dense, causal=True, key_lengths=lengths)
   assert flags.mask is None and flags.is_causal
-  np.testing.assert_array_equal(fused_attention.xla_attention(query, key, value, flags, SCALE),
+  np.testing.assert_array_equal(fused_attention.jax_attention(query, key, value, flags, SCALE),
                                 _today(query, key, value, dense))
 
 
@@ -46,7 +46,7 @@ def test_a_prefill_into_a_longer_cache_as_lengths_gives_the_same_attention():
   lengths = jnp.array([T, 9])
   dense = layers.make_attention_mask(_index(T), _index(24), kv_valid=_index(24) < lengths[:, None])
   flags = fused_attention.kernel_mask(dense, causal=True, key_lengths=lengths)
-  np.testing.assert_array_equal(fused_attention.xla_attention(query, key, value, flags, SCALE),
+  np.testing.assert_array_equal(fused_attention.jax_attention(query, key, value, flags, SCALE),
                                 _today(query, key, value, dense))
 
 
@@ -64,7 +64,7 @@ def test_masks_the_flags_cannot_say_keep_the_materialized_mask(kind):
   }[kind]
   flags = fused_attention.kernel_mask(dense, causal=causal)
   assert flags.mask is dense and flags.key_lengths is None
-  np.testing.assert_array_equal(fused_attention.xla_attention(query, key, value, flags, SCALE),
+  np.testing.assert_array_equal(fused_attention.jax_attention(query, key, value, flags, SCALE),
                                 _today(query, key, value, dense))
 
 
@@ -77,7 +77,7 @@ def test_splash_attention_gives_xla_s_attention(causal):
   lengths = jnp.array([length, 100])
   flags = fused_attention.kernel_mask(None, causal=causal, key_lengths=lengths)
   assert fused_attention.splash_fits(query, key, flags)
-  expected = fused_attention.xla_attention(query, key, value, flags, head_dim**-0.5)
+  expected = fused_attention.jax_attention(query, key, value, flags, head_dim**-0.5)
   out = fused_attention.splash_attention(query, key, value, flags, head_dim**-0.5, interpret=True)
   np.testing.assert_allclose(out, expected, atol=2e-5)
 
@@ -93,7 +93,7 @@ def test_splash_attention_s_gradients_are_xla_s():
     loss = lambda *qkv: jnp.sum(attention(*qkv, flags, head_dim**-0.5) * weights)
     return jax.grad(loss, argnums=(0, 1, 2))(*inputs)
   splash = gradients(lambda *args: fused_attention.splash_attention(*args, interpret=True))
-  for ours, expected in zip(splash, gradients(fused_attention.xla_attention)):
+  for ours, expected in zip(splash, gradients(fused_attention.jax_attention)):
     np.testing.assert_allclose(ours, expected, atol=1e-5 * float(jnp.abs(expected).max()))
 
 
@@ -115,7 +115,7 @@ def test_the_dispatch_picks_the_backend_s_kernel_where_it_fits(monkeypatch, back
   mask = jnp.ones((B, 1, length, length), bool) if materialized else None
   chosen = []
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
-  monkeypatch.setattr(fused_attention, "xla_attention", lambda *a, implementation="xla": chosen.append(implementation))
+  monkeypatch.setattr(fused_attention, "jax_attention", lambda *a, implementation="xla": chosen.append(implementation))
   monkeypatch.setattr(fused_attention, "splash_attention", lambda *a: chosen.append("splash"))
   fused_attention.attention(query, key, value, fused_attention.kernel_mask(mask, causal=True), SCALE)
   assert chosen == [expected]

@@ -27,7 +27,7 @@ def test_cudnn_gives_xla_s_attention_and_gradients():
 
   def run(implementation):
     def loss(*qkv):
-      out = fused_attention.xla_attention(*qkv, mask, H**-0.5, implementation=implementation)
+      out = fused_attention.jax_attention(*qkv, mask, H**-0.5, implementation=implementation)
       return jnp.sum((out * weights).astype(jnp.float32)), out
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(query, key, value)
     return [np.asarray(x, np.float32) for x in (out, *grads)]

@@ -6,7 +6,7 @@ chooses). `layers.Attention` calls it off the CPU-tuned path (`runtime.cpu_tuned
 The kernels are fast when told the mask's structure rather than handed it: causal as a flag (whole blocks above the
 diagonal skipped), right padding as each row's key length. `KernelMask` holds a mask in that form, with the
 materialized bool[B, 1, T, S] kept only for what the two cannot say (a bidirectional prefix, packed segments, padding
-that is not a suffix). `kernel_mask` builds it and `xla_attention` runs it through XLA: the CPU tests hold those
+that is not a suffix). `kernel_mask` builds it and `jax_attention` runs it through XLA: the CPU tests hold those
 against today's path (tests/models/test_fused_attention.py), so a kernel given the same arguments computes the same
 attention. The splash path runs on a CPU in Pallas's interpreter for the same tests.
 """
@@ -47,10 +47,10 @@ def kernel_mask(mask: jax.Array | None, causal: bool = False, key_lengths: jax.A
   return KernelMask(is_causal=causal, mask=mask)
 
 
-def xla_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: KernelMask, scale: float,
+def jax_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: KernelMask, scale: float,
                   implementation: str = "xla") -> jax.Array:
   """`jax.nn.dot_product_attention` of float[B, T, N, H] queries and float[B, S, K, H] keys and values under `mask`
-  (float[B, T, N, H]); implementation "cudnn" on a GPU (`cudnn_fits`)."""
+  -> float[B, T, N, H]: through XLA, or with implementation "cudnn" cuDNN's kernel (on a GPU, `cudnn_fits`)."""
   return jax.nn.dot_product_attention(query, key, value, mask=mask.mask, scale=scale, is_causal=mask.is_causal,
                                       key_value_seq_lengths=mask.key_lengths, implementation=implementation)
 
@@ -102,7 +102,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: KernelMa
   fused kernel of JAX's backend where it fits, else XLA's path."""
   backend = jax.default_backend()
   if backend == "gpu" and cudnn_fits(query, key):
-    return xla_attention(query, key, value, mask, scale, implementation="cudnn")
+    return jax_attention(query, key, value, mask, scale, implementation="cudnn")
   if backend == "tpu" and splash_fits(query, key, mask):
     return splash_attention(query, key, value, mask, scale)
-  return xla_attention(query, key, value, mask, scale)
+  return jax_attention(query, key, value, mask, scale)
