@@ -8,8 +8,9 @@ native-resolution patches.
 An example carries its images as the checkpoint's image processor makes them, (tiles float32[n, S, S, 3], (height,
 width)) or (patches float32[t·h·w, 3·T·p·p], grid (t, h, w)), and each image's placeholder repeated `count` times. A
 batch's images become one `Tiles` or `Patches` (`vlmjax.models.vlm`) whose token tables are as long as the rows
-(K = T: no row can hold more image tokens than tokens) and whose tiles or windows are padded to a power of two
-(`anyres.bucket`): the train step compiles once per bucket of a batch's image area, not per batch. Qwen2.5-VL's
+(K = T: no row can hold more image tokens than tokens) and whose tiles or windows are padded to a bucket of their count
+(`anyres.bucket`, `qwen_vl.window_bucket`): the train step compiles once per bucket of a batch's image area, not per
+batch. Qwen2.5-VL's
 M-RoPE positions are made by the model from the placeholders and the `Patches` tables.
 """
 
