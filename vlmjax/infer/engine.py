@@ -63,16 +63,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlmjax.infer import admission, paged
 from vlmjax.infer import generate as generation
-from vlmjax.infer import paged
 from vlmjax.infer.prefix_cache import PrefixCache, page_keys
 from vlmjax.infer.requests import Constraint, Output, Request, TokenLogprob
-from vlmjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenScores
+from vlmjax.infer.sampling import SamplingParams, TokenScores
 from vlmjax.infer.scheduler import Scheduler
 from vlmjax.infer import warm_up as warm_up_lib
 from vlmjax.infer.slots import (Prefix, add_pages, allowed_words, context_positions, generate, image_bucket, init_state,
                                 insert, prefill, prefill_chunk, prefill_rows, release, set_allowed)
-from vlmjax.models import anyres, paged_cache, qwen_vl
+from vlmjax.models import paged_cache
 
 _log = logging.getLogger(__name__)
 DEFAULT_MAX_LEN = 2048  # a slot's context when neither the caller nor the checkpoint states one
@@ -84,10 +84,6 @@ DEFAULT_PREFILL_BUDGET = 1024
 # the next of READ_WIDTHS equal steps of a slot's table (one compilation each): its gather and attention follow
 # the tokens held, not the slots' context.
 READ_WIDTHS = 8
-
-
-class PromptTooLong(ValueError):
-  """The prompt plus the tokens asked for do not fit a slot's context."""
 
 
 class QueueFull(RuntimeError):
@@ -214,26 +210,8 @@ class Engine:
     """
     prompt_ids = [int(token) for token in prompt_ids]
     max_tokens = self.check_fits(len(prompt_ids), max_tokens)
-    vocab = self.config.decoder.vocab_size
-    if top_k > vocab:
-      raise ValueError(f"top_k={top_k} is larger than the vocabulary of {vocab} tokens (0 keeps every token)")
-    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-      raise ValueError(f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {logprobs}")
-    num_images = 0 if pixel_values is None else len(pixel_values)
-    if self.config.variable_image_tokens:
-      pixel_values = list(pixel_values) if num_images else None
-      needed = sum(self._image_tokens(pixels, size) for pixels, size in pixel_values or ())
-    else:
-      size = self.config.vision.image_size
-      if num_images and pixel_values.shape[1:] != (size, size, 3):
-        raise ValueError(f"pixel_values must be float32[I, {size}, {size}, 3], got {list(pixel_values.shape)}")
-      needed = num_images * self.config.tokens_per_image
-    placeholders = prompt_ids.count(self.config.image_token_id)
-    if placeholders != needed:
-      raise ValueError(f"the prompt holds {placeholders} image placeholder tokens but {num_images} images need "
-                       f"{needed}")
-    if any(not text for text in stop):
-      raise ValueError("stop strings must not be empty")
+    admission.check_sampling(self.config.decoder.vocab_size, top_k, logprobs, stop)
+    pixel_values = admission.checked_images(self.vlm, prompt_ids, pixel_values)
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     images_end = 1 + max((i for i, token in enumerate(prompt_ids) if token == self.config.image_token_id), default=-1)
     request = Request(prompt_ids, pixel_values, images_end, max_tokens,
@@ -249,39 +227,11 @@ class Engine:
       self._condition.notify_all()
     return request
 
-  def _image_tokens(self, pixels: np.ndarray, size: tuple[int, ...]) -> int:
-    """The placeholders of one image as `submit` takes it (LLaVA-NeXT's tiles and (height, width), Qwen2.5-VL's
-    patches and grid (t, h, w)); ValueError when the pixels are not those of its size."""
-    if self.config.qwen_tower:
-      qwen_vl.image_layout(self.config, pixels, tuple(size))  # checks the patches against the grid
-    else:
-      num_tiles, side = anyres.image_grid(self.config, tuple(size)).num_tiles, self.config.vision.image_size
-      if np.shape(pixels) != (num_tiles, side, side, 3):
-        raise ValueError(f"an image of {size[0]}x{size[1]} pixels takes float32[{num_tiles}, {side}, {side}, 3] "
-                         f"tiles, got {list(np.shape(pixels))}")
-    return self.vlm.image_token_count(size)
-
   def check_fits(self, prompt_length: int, max_tokens: int | None) -> int:
     """The tokens a prompt of `prompt_length` tokens may generate: `max_tokens`, or the rest of the context when
     None. PromptTooLong when they do not fit a slot's context or the pool; ValueError for no prompt or tokens."""
-    if prompt_length < 1:
-      raise ValueError("the prompt is empty")
-    room = self.max_len - prompt_length
-    if room < 1:
-      raise PromptTooLong(f"a prompt of {prompt_length} tokens leaves no room to generate in the context "
-                          f"of {self.max_len} tokens")
-    max_tokens = room if max_tokens is None else max_tokens
-    if max_tokens < 1:
-      raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    if max_tokens > room:
-      raise PromptTooLong(f"a prompt of {prompt_length} tokens plus max_tokens={max_tokens} does not fit "
-                          f"the context of {self.max_len} tokens")
-    needed = paged_cache.pages_for(prompt_length + max_tokens, self.page_size)  # at most, near its end
-    if needed > self.pages.num_pages:
-      raise PromptTooLong(f"a prompt of {prompt_length} tokens plus max_tokens={max_tokens} needs "
-                          f"{needed} pages of {self.page_size} tokens; "
-                          f"the pool has {self.pages.num_pages}: ask for fewer tokens or give the engine more pages")
-    return max_tokens
+    return admission.tokens_to_generate(prompt_length, max_tokens, self.max_len, self.page_size,
+                                        self.pages.num_pages)
 
   def warm_up(self, max_images: int = 0) -> float:
     """Compiles every program serving prompts of up to `max_images` images can call, before `start`; returns the

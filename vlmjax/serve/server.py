@@ -34,8 +34,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from vlmjax.infer import scoring
+from vlmjax.infer.admission import PromptTooLong
 from vlmjax.infer.constrained import JSONGrammars
-from vlmjax.infer.engine import Engine, PromptTooLong, QueueFull
+from vlmjax.infer.engine import Engine, QueueFull
 from vlmjax.infer.requests import Output, Request, TokenLogprob
 from vlmjax.serve import chat_page, protocol, replies
 from vlmjax.serve.errors import APIError, internal
