@@ -78,7 +78,7 @@ class VLM:
       raise ValueError("sharding a quantized model is not supported yet: load it unquantized with a mesh")
     sizes = {axis: size for axis, size in mesh.items() if size != 1}
     count = int(np.prod(list(sizes.values()))) if sizes else 1
-    devices = jax.devices()
+    devices = jax.local_devices()
     if count > len(devices):
       raise ValueError(f"mesh {mesh} needs {count} devices; this process has {len(devices)}")
     device_mesh = mesh_lib.make_mesh(sizes, devices[:count])
@@ -314,7 +314,7 @@ def load_workdir(workdir: str) -> VLM:
 
 def _restore_latest(workdir: str, abstract) -> tuple[int, Any]:
   """(step, parameters) of a workdir's latest checkpoint that restores, onto the first device."""
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   checkpointer = workdir_lib.Checkpointer(workdir, asynchronous=False)
   try:
