@@ -288,8 +288,11 @@ def _attention_mask(batch: int, length: int, cache, write_index, num_new, input_
                                       kv_valid=cache_index < (write_index + num_new)[:, None],
                                       prefix_lengths=prefix_lengths)
   # Causal from slot 0 and no bidirectional prefix: no query sees a key past its own slot, and attention may skip
-  # those blocks.
-  return layers.CausalMask(mask) if prefix_lengths is None and from_slot_0 else mask
+  # those blocks. With a cache the keys are then exactly the slots before each row's length, which a fused kernel
+  # takes instead of the mask; without one, input_mask may pad either side or segments split a row.
+  if prefix_lengths is None and from_slot_0:
+    return layers.CausalMask(mask, key_lengths=None if cache is None else write_index + num_new)
+  return mask
 
 
 def _layer_stack(cfg: DecoderConfig, depth: int) -> type[nn.Module]:
