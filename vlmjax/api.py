@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from vlmjax import workdir as workdir_lib
+from vlmjax.data import variable_images
 from vlmjax.data.images import ImageProcessor
 from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.infer import generate as generation
@@ -148,9 +149,7 @@ class VLM:
   def image_token_count(self, size: tuple[int, ...]) -> int:
     """The placeholders of one image of a model whose images give a token count each, by the size its image
     processor gives with it: LLaVA-NeXT's (height, width), Qwen2.5-VL's grid (t, h, w)."""
-    if self.model_config.qwen_tower:
-      return qwen_vl.image_token_count(self.model_config, tuple(size))
-    return anyres.image_token_count(self.model_config, tuple(size))
+    return variable_images.VariableImages(self.model_config).count(size)
 
   def _prompt_ids(self, messages: list[dict], num_images: int, tokens_per_image: int) -> list[int]:
     config = self.model_config
