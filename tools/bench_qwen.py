@@ -18,9 +18,12 @@ Two rows, each timed in rounds that run vlmjax and transformers in turn (`bench_
   vision tower, the prefill and the first sample; transformers' `generate` of one token). Each processor's own time
   is shown apart.
 Prints the host first (CPU model, cores, load; PyTorch's threads): the figures and the speed-ups are this host's.
+`--fullatt_block_indexes 1,3` gives two of the four vision blocks full attention; `--attn_implementation eager`
+runs transformers' eager attention instead of its default, sdpa.
 """
 
 import argparse
+import os
 import tempfile
 
 import jax
@@ -75,19 +78,20 @@ def _inputs(vlm, image_side: int, prompt: int, seed: int = 0):
   return ids[None].astype(np.int64), image
 
 
-def vlmjax_runs(vlm, ids, processed, new_tokens: int):
-  """(generate one token, generate new_tokens) from the processor's (patches, grid), compiled; no end token stops
-  the row. Each call lays the patches out (`qwen_vl.batch_patches`) as `VLM.generate` does."""
+def vlmjax_runs(vlm, ids, processed, new_tokens: tuple[int, ...]):
+  """A compiled run per count in new_tokens, each generating that many tokens from the processor's (patches, grid);
+  no end token stops the row. Each call lays the patches out (`qwen_vl.batch_patches`) as `VLM.generate` does."""
   def run(count):
     patches = jax.tree.map(jnp.asarray, qwen_vl.batch_patches(vlm.model_config, [processed]))
     return generation.generate(vlm.params, vlm.model_config, ids, None, patches, max_new_tokens=count, eos_ids=(),
                                pad_id=0)
-  run(1), run(new_tokens)  # compile
-  return lambda: run(1), lambda: run(new_tokens)
+  for count in new_tokens:
+    run(count)  # compile
+  return [lambda count=count: run(count) for count in new_tokens]
 
 
-def transformers_runs(model, ids, processed, new_tokens: int):
-  """(generate one token, generate new_tokens) with transformers from the same patches, warmed up."""
+def transformers_runs(model, ids, processed, new_tokens: tuple[int, ...]):
+  """A run per count in new_tokens with transformers from the same patches, warmed up."""
   import torch
 
   inputs = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)),
@@ -99,7 +103,7 @@ def transformers_runs(model, ids, processed, new_tokens: int):
     with torch.inference_mode():
       model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False)
   run(1)
-  return lambda: run(1), lambda: run(new_tokens)
+  return [lambda count=count: run(count) for count in new_tokens]
 
 
 def main():
@@ -110,6 +114,8 @@ def main():
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--fullatt_block_indexes", default="3", help="the vision blocks attending over the whole image")
+  parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager"],
+                      help="transformers' attention (sdpa: its default)")
   args = parser.parse_args()
 
   import torch
@@ -121,7 +127,8 @@ def main():
   directory = tempfile.mkdtemp(prefix="bench_qwen_")
   build_checkpoint(directory, tuple(int(i) for i in args.fullatt_block_indexes.split(",")))
   vlm = vlmjax.load(directory, dtype="float32")
-  model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
+  model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+      directory, dtype=torch.float32, attn_implementation=args.attn_implementation).eval()
   their_processor = transformers.AutoImageProcessor.from_pretrained(directory)
   mine, theirs = roofline.compute_dtype(vlm.model_config), str(model.dtype).removeprefix("torch.")
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree)) / 1e6
@@ -131,27 +138,31 @@ def main():
         f"({model.config._attn_implementation}); greedy, batch 1; speed-up = vlmjax / transformers, like for like")
 
   group = lambda name: f"{name:-^27}"
-  print(f"{'':>28}{group(f' vlmjax {mine} ')}{group(f' transformers {theirs} ')}")
-  print(f"{'row':>8}{'image':>11}{'tokens':>9}{'TTFT s':>9}{'TPOT ms':>9}{'tok/s':>9}{'TTFT s':>9}{'TPOT ms':>9}"
-        f"{'tok/s':>9}{'TTFT':>9}{'tok/s':>8}")
-  for name, side, new_tokens in (("decode", args.decode_image, args.new_tokens), ("TTFT", args.image, 2)):
+  print(f"{'':>28}{group(f' vlmjax {mine} ')}{group(f' transformers {theirs} ')}{'vlmjax / transformers':>22}")
+  print(f"{'row':>8}{'image':>11}{'tokens':>9}" + f"{'TTFT s':>9}{'TPOT ms':>9}{'tok/s':>9}" * 2 +
+        f"{'1 / TTFT':>11}{'tok/s':>11}")
+  for name, side, new_tokens in (("decode", args.decode_image, (1, args.new_tokens)), ("TTFT", args.image, (1,))):
     ids, image = _inputs(vlm, side, args.prompt)
     processed = vlm.image_processor([image])
-    theirs_processed = their_processor([image], return_tensors="np")
-    np.testing.assert_allclose(theirs_processed["pixel_values"], processed[0][0], atol=1e-5)  # resized alike
+    np.testing.assert_allclose(their_processor([image], return_tensors="np")["pixel_values"], processed[0][0],
+                               atol=1e-5)  # resized alike
     runs = vlmjax_runs(vlm, ids, processed, new_tokens) + transformers_runs(model, ids, processed, new_tokens)
-    runs += (lambda: vlm.image_processor([image]), lambda: their_processor([image], return_tensors="np"))
+    runs += [lambda: vlm.image_processor([image]), lambda: their_processor([image], return_tensors="np")]
     medians = interleaved_medians(runs, args.repeats)
-    figures = []
-    for ttft, total in (medians[0:2], medians[2:4]):
-      figures += [ttft, (total - ttft) / (new_tokens - 1) * 1e3, new_tokens / total]
+    sides = [medians[:len(new_tokens)], medians[len(new_tokens):2 * len(new_tokens)]]
+    cells, rates = "", []
+    for ttft, *total in sides:
+      if total:
+        rates.append(new_tokens[1] / total[0])
+        cells += f"{ttft:>9.3f}{(total[0] - ttft) / (new_tokens[1] - 1) * 1e3:>9.2f}{rates[-1]:>9.1f}"
+      else:
+        cells += f"{ttft:>9.3f}{'-':>9}{'-':>9}"
+    speedups = f"{sides[1][0] / sides[0][0]:>10.2f}x" + (f"{rates[0] / rates[1]:>10.2f}x" if rates else f"{'-':>11}")
     height, width = processed[0][1][1:]
-    print(f"{name:>8}{f'{height * 14}x{width * 14}':>11}{ids.shape[1]:>9}" + "".join(
-        f"{value:>9.3f}" if i % 3 == 0 else f"{value:>9.2f}" if i % 3 == 1 else f"{value:>9.0f}"
-        for i, value in enumerate(figures)) + f"{figures[3] / figures[0]:>8.2f}x{figures[2] / figures[5]:>7.2f}x")
-    print(f"{'':>8}processor (resize, normalize, patches): vlmjax {medians[4]:.3f} s, transformers "
-          f"{medians[5]:.3f} s")
-
+    print(f"{name:>8}{f'{height * 14}x{width * 14}':>11}{ids.shape[1]:>9}{cells}{speedups}")
+    print(f"{'':>8}processor (resize, normalize, patches): vlmjax {medians[-2]:.3f} s, transformers "
+          f"{medians[-1]:.3f} s")
+  print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 minutes)")
 
 if __name__ == "__main__":
   runtime.exec_with_huge_pages()  # as `vlmjax` runs: XLA's CPU buffers in huge pages
