@@ -192,8 +192,8 @@ class Decoder(nn.Module):
     x = self.embed(tokens) if embeddings is None else embeddings.astype(dtype(cfg.dtype))
     batch, length = x.shape[:2]
     if pruning is not None and (cfg.scan_layers or not 1 <= pruning.layer < cfg.depth):
-      raise ValueError(f"FastV prunes after layer {pruning.layer} of the unrolled layers (scan_layers=False): it "
-                       f"must be between 1 and {cfg.depth - 1}")
+      raise ValueError(f"FastV prunes from layer {pruning.layer} on, of unrolled layers (scan_layers=False): the "
+                       f"layer must be between 1 and {cfg.depth - 1}")
     assert cache is None or segment_ids is None, "packed segments are for training; decode with one sequence per row"
     num_new = length if input_mask is None else jnp.sum(input_mask, axis=1, dtype=jnp.int32)
     write_index = None if cache is None else cache.lengths
