@@ -66,10 +66,19 @@ def _drop_compiled_programs_before_the_limit():
   _drop_compiled_programs_past(3 / 4)
 
 
+# The longest files (minutes each with a fresh compilation cache on 2 cores), longest first.
+LONGEST_FILES = ("tests/train/test_trainer", "tests/serve/test_engine_variable_tokens.py", "tests/serve/test_engine.py",
+                 "tests/interop/test_finetune_variable_tokens.py", "tests/test_checkpoint_faults.py",
+                 "tests/interop/test_finetune.py", "tests/test_notebook.py", "tests/serve/test_warm_up.py")
+
+
 def pytest_collection_modifyitems(items):
-  """The `vlmjax train` end-to-end files first: they are the longest, and xdist hands each file to one worker
-  (pyproject.toml), so started last they would run on alone after every other file has finished."""
-  items.sort(key=lambda item: not item.nodeid.startswith("tests/train/test_trainer"))  # stable: order kept
+  """The longest files first (LONGEST_FILES), the rest in their order: xdist hands each file to one worker
+  (pyproject.toml) as workers come free, so a long file started last would run on alone after every other file has
+  finished, and short files last fill the workers' ends evenly."""
+  def rank(item) -> int:
+    return next((i for i, prefix in enumerate(LONGEST_FILES) if item.nodeid.startswith(prefix)), len(LONGEST_FILES))
+  items.sort(key=rank)  # stable: each file's tests keep their order
 
 
 # The splits of the tiny shapes data set the data, training and evaluation tests share.
