@@ -75,11 +75,6 @@ def _image_tokens(vlm, pixels: np.ndarray, size: tuple[int, ...]) -> int:
   """The placeholders of one image as `Engine.submit` takes it (LLaVA-NeXT's tiles and (height, width),
   Qwen2.5-VL's patches and grid (t, h, w)); ValueError when the pixels are not those of its size."""
   config = vlm.model_config
-  if config.qwen_tower:
-    qwen_vl.image_layout(config, pixels, tuple(size))  # checks the patches against the grid
-  else:
-    num_tiles, side = anyres.image_grid(config, tuple(size)).num_tiles, config.vision.image_size
-    if np.shape(pixels) != (num_tiles, side, side, 3):
-      raise ValueError(f"an image of {size[0]}x{size[1]} pixels takes float32[{num_tiles}, {side}, {side}, 3] "
-                       f"tiles, got {list(np.shape(pixels))}")
+  check = qwen_vl.image_layout if config.qwen_tower else anyres.checked_image_grid
+  check(config, pixels, tuple(size))
   return vlm.image_token_count(size)

@@ -103,6 +103,16 @@ def image_grid(config: VLMConfig, image_size: tuple[int, int]) -> Grid:
   return grid(image_size, config.image_grid_pinpoints, config.vision.image_size, config.vision.grid_size)
 
 
+def checked_image_grid(config: VLMConfig, tiles: np.ndarray, image_size: tuple[int, int]) -> Grid:
+  """`image_grid` of an image of `image_size` (height, width); ValueError when its tiles are not the float[n, S, S,
+  3] that size takes."""
+  found, side = image_grid(config, tuple(image_size)), config.vision.image_size
+  if np.shape(tiles) != (found.num_tiles, side, side, 3):
+    raise ValueError(f"an image of {image_size[0]}x{image_size[1]} pixels takes float32[{found.num_tiles}, {side}, "
+                     f"{side}, 3] tiles, got {list(np.shape(tiles))}")
+  return found
+
+
 def image_token_count(config: VLMConfig, image_size: tuple[int, int]) -> int:
   """Placeholders an image of `image_size` (height, width) takes in a prompt of this model."""
   return token_count(image_grid(config, image_size), config.vision.grid_size)
@@ -117,12 +127,7 @@ def batch_tiles(config: VLMConfig, rows: Sequence[Sequence[tuple[np.ndarray, tup
   `bucket`s).
   """
   size, g = config.vision.image_size, config.vision.grid_size
-  grids = [[image_grid(config, image_size) for _, image_size in row] for row in rows]
-  for row, row_grids in zip(rows, grids):
-    for (tiles, image_size), tiles_grid in zip(row, row_grids):
-      if tiles.shape != (tiles_grid.num_tiles, size, size, 3):
-        raise ValueError(f"an image of {image_size[0]}x{image_size[1]} pixels takes {tiles_grid.num_tiles} tiles of "
-                         f"{size}x{size}x3, got {list(tiles.shape)}")
+  grids = [[checked_image_grid(config, tiles, image_size) for tiles, image_size in row] for row in rows]
   total = sum(tiles_grid.num_tiles for row_grids in grids for tiles_grid in row_grids)
   counts = [sum(token_count(tiles_grid, g) for tiles_grid in row_grids) for row_grids in grids]
   num_tiles = bucket(max(total, 1)) if num_tiles is None else num_tiles
