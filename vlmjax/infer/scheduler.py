@@ -131,17 +131,20 @@ class Scheduler:
       self.pages.free(shared)
       return None
     request.cached_tokens = len(shared) * self.page_size
-    whole = self.whole_image_prompts and request.images_end > 0
-    chunked = (self.prefill_chunk is not None and not whole
+    chunked = (self.prefill_chunk is not None and not self._whole(request)
                and len(context) - request.cached_tokens > self.prefill_chunk)
     self._admissions += 1
     return Slot(request, pages, context, prefilled=request.cached_tokens, chunked=chunked, admission=self._admissions)
+
+  def _whole(self, request: Request) -> bool:
+    """Whether the request is prefilled whole, from its first token (`whole_image_prompts` and it has images)."""
+    return self.whole_image_prompts and request.images_end > 0
 
   def _cached_prefix(self, request: Request, context: list[int]) -> list[int]:
     """The prefix cache's pages for the start of `context` (the request's prompt and generated tokens), each with
     one more holder: at most up to the last image placeholder's page (an image is encoded whole) and short of
     the last token (whose logits the first sample needs)."""
-    if self.prefix_cache is None or (self.whole_image_prompts and request.images_end > 0):
+    if self.prefix_cache is None or self._whole(request):
       return []
     shared = self.prefix_cache.lookup(page_keys(context, request.pixel_values, self.page_size))
     shared = shared[:(len(context) - 1) // self.page_size]
