@@ -136,8 +136,9 @@ class VLM:
                  image_token_counts: Sequence[int] | None = None) -> list[int]:
     """Token ids of a conversation through the chat template (with the generation prompt), each image
     placeholder expanded to the model's image-token count, or for a model with variable image tokens to its
-    image's count in `image_token_counts` (`image_token_count` of each image, in order). A prefix-LM (PaliGemma) or a checkpoint without a chat template gets its processor's prompt instead
-    (PaliGemma: the images, BOS, the user text and a newline)."""
+    image's count in `image_token_counts` (`image_token_count` of each image, in order). A prefix-LM (PaliGemma)
+    or a checkpoint without a chat template gets its processor's prompt instead (PaliGemma: the images, BOS, the user
+    text and a newline)."""
     config = self.model_config
     if config.variable_image_tokens != (image_token_counts is not None):
       raise ValueError("image_token_counts are needed for, and only for, a model whose images give a token count "

@@ -5,9 +5,9 @@
     lora.quantize = "" | "int8" | "int4" | "int4:GROUP"   QLoRA: the frozen base's layers stored in low bits
     optim.projector_learning_rate                         the projector's own rate (LLaVA's mm_projector_lr)
 
-The stage trains the adapters and the projector (Qwen2.5-VL's patch merger: `optim.parameter_group`). Its train state holds only those (so only they have optimizer
-state and go into the checkpoints); the frozen base sits beside it, read from train.init_from again when a run
-resumes, and never updated. `vlmjax.load` of the workdir reads the base the same way and merges the adapters
+The stage trains the adapters and the projector (Qwen2.5-VL's patch merger: `optim.parameter_group`). Its train
+state holds only those (so only they have optimizer state and go into the checkpoints); the frozen base sits beside
+it, read from train.init_from again when a run resumes, and never updated. `vlmjax.load` of the workdir reads the base the same way and merges the adapters
 (`lora.merge`).
 """
 
