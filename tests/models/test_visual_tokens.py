@@ -156,7 +156,8 @@ def test_what_each_method_keeps():
 
 @pytest.mark.parametrize("spec, message", [
     ("visionzip:0", "positive count or a fraction"), ("visionzip:17", "keeps 17 of an image's 16 tokens"),
-    ("zip:4", "METHOD one of visionzip, tome, pool"), ("visionzip:4:2", "expected METHOD:KEEP"), ("fastv:4:1:1", "or fastv:KEEP:LAYER"),
+    ("zip:4", "METHOD one of visionzip, tome, pool"), ("visionzip:4:2", "expected METHOD:KEEP"),
+    ("fastv:4:1:1", "or fastv:KEEP:LAYER"),
     ("pool:5", "square grid"), ("tome:x", "is not a number"), ("fastv:4:0", "LAYER '0' must be a layer number"),
     ("fastv:4:2", "prunes from layer 2, past the language model's last"), ("fastv:17:1", "keeps 17 of")])
 def test_bad_settings_fail_before_anything_runs(vlm16, spec, message):
