@@ -18,10 +18,11 @@ decides what is kept):
              that the prompt's last token attended to most in layer LAYER - 1.
 Except FastV, kept tokens take the placeholders' places one after another: the language model sees KEEP
 placeholders per image at consecutive positions (as VisionZip and the others feed LLaVA), so the prompt, the KV
-cache, batching, chunked prefill and the prefix cache work as with any other token count. The reduction runs after the projector (a
-per-token map, so selection commutes with it; the merges average projected tokens instead of the tower's), which
-keeps the projector's per-token position embeddings (`image_position_embedding`) of every token merged. With
-`image_token_merge`, the units reduced are the merged blocks: attention summed over each block, keys concatenated.
+cache, batching, chunked prefill and the prefix cache work as with any other token count. The reduction runs after
+the projector (a per-token map, so selection commutes with it; the merges average projected tokens instead of the
+tower's), which keeps the projector's per-token position embeddings (`image_position_embedding`) of every token
+merged. With `image_token_merge`, the units reduced are the merged blocks: attention summed over each block, keys
+concatenated.
 """
 
 import dataclasses
