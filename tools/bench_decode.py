@@ -1,4 +1,4 @@
-"""Decode speed of vlmjax against transformers (PyTorch, CPU) on the same weights, and against the roofline.
+"""Decode speed of vlmjax against transformers (PyTorch) on the same weights, and against the roofline.
 
     python tools/bench_decode.py [--batches 1,8,32 --prompts 64,256,1024 --new_tokens 64 --repeats 3]
 
@@ -20,6 +20,11 @@ times each vlmjax variant (`vlmjax.load`'s quantize; --dtype, --kv_cache_dtype) 
 transformers (--torch_dtype, float32 by default), prints each variant's parameter bytes against float32's, and with
 --accuracy its logits' relative error and the share of its greedy tokens equal to float32's. A quantized variant
 against transformers float32 is not like for like, and the header says so.
+
+    python tools/bench_decode.py --batches 1,8 --prompts 64 --dtype bfloat16 --torch_dtype bfloat16 --quantize none,int8
+
+on a machine with a CUDA GPU runs both sides on it (JAX's GPU backend, transformers on `cuda` unless
+--torch_device says otherwise), each timed run waiting for the device to finish.
 """
 
 import argparse
@@ -102,17 +107,44 @@ def vlmjax_runs(vlm, ids, pixels, new_tokens: int):
   return first, whole
 
 
-def transformers_runs(model, ids, pixels, new_tokens: int):
-  """(generate one token, generate new_tokens) with transformers, warmed up."""
+def torch_device(name: str | None) -> str:
+  """PyTorch's device for transformers: `name`, or a CUDA GPU where there is one (then vlmjax runs on JAX's GPU
+  backend too, and the table compares the two on one GPU), else the CPU."""
   import torch
 
-  input_ids = torch.from_numpy(ids)
-  pixel_values = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
+  return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
-  def run(count):
+
+def torch_description(device: str) -> str:
+  """One line naming what transformers runs on: its threads and vector kernels on a CPU, the GPU's name on one."""
+  import torch
+
+  if device == "cpu":
+    return (f"PyTorch {torch.__version__} on the CPU, {torch.get_num_threads()} threads, "
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+  return f"PyTorch {torch.__version__} on {torch.cuda.get_device_name(torch.device(device))}"
+
+
+def timed_generation(model, inputs: dict):
+  """A function of a token count that runs transformers' greedy `generate` of exactly that many tokens on
+  `inputs` (numpy arrays, moved to the model's device once) and waits for the device, so that a wall-clock timer
+  around it times the work, not its launch."""
+  import torch
+
+  inputs = {name: torch.from_numpy(value).to(model.device) for name, value in inputs.items()}
+
+  def run(count: int) -> None:
     with torch.inference_mode():
-      model.generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(input_ids),
-                     max_new_tokens=count, min_new_tokens=count, do_sample=False)
+      model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False)
+    if model.device.type == "cuda":
+      torch.cuda.synchronize(model.device)
+  return run
+
+
+def transformers_runs(model, ids, pixels, new_tokens: int):
+  """(generate one token, generate new_tokens) with transformers, warmed up."""
+  run = timed_generation(model, dict(input_ids=ids, attention_mask=np.ones_like(ids),
+                                     pixel_values=pixels.transpose(0, 3, 1, 2).astype(np.float32)))
   run(1)
   return lambda: run(1), lambda: run(new_tokens)
 
@@ -134,6 +166,8 @@ def main():
   parser.add_argument("--quantize_vision", action="store_true", help="quantize the vision tower too")
   parser.add_argument("--torch_dtype", default="float32", choices=["float32", "bfloat16"],
                       help="transformers' dtype")
+  parser.add_argument("--torch_device", default=None, help="transformers' device (default: cuda if PyTorch sees a "
+                      "GPU, else cpu)")
   parser.add_argument("--accuracy", action="store_true", help="also each variant's logits against float32's "
                       "(relative error) and its greedy tokens against float32's (share equal), batch 8")
   args = parser.parse_args()
@@ -143,9 +177,9 @@ def main():
 
   host = roofline.host_description()
   print(host)
+  device = torch_device(args.torch_device)
   if not args.no_torch:
-    print(f"transformers: PyTorch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"transformers {transformers.__version__}: {torch_description(device)}")
   directory = tempfile.mkdtemp(prefix="bench_decode_")
   build_checkpoint(directory)
   variants = args.quantize.split(",")
@@ -153,7 +187,7 @@ def main():
                                kv_cache_dtype=args.kv_cache_dtype,
                                quantize_vision=args.quantize_vision and variant != "none") for variant in variants}
   model = None if args.no_torch else transformers.LlavaForConditionalGeneration.from_pretrained(
-      directory, dtype=getattr(torch, args.torch_dtype)).eval()
+      directory, dtype=getattr(torch, args.torch_dtype)).to(device).eval()
   vlm = vlms[variants[0]]
   decoder = vlm.model_config.decoder
   decoder_params = sum(x.size for x in jax.tree.leaves(vlm.params["decoder"]))

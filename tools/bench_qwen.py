@@ -1,4 +1,4 @@
-"""Qwen2.5-VL's speed in vlmjax against transformers (PyTorch, CPU) on the same weights: decode and time to first
+"""Qwen2.5-VL's speed in vlmjax against transformers (PyTorch) on the same weights: decode and time to first
 token for a large image.
 
     python tools/bench_qwen.py [--image 1280 --prompt 16 --decode_image 224 --new_tokens 64 --repeats 5]
@@ -8,7 +8,8 @@ Builds a Qwen2.5-VL of the bench LLaVA's size (`bench_decode.build_checkpoint`) 
 Qwen2.5-VL-7B's does), a Qwen2 decoder 6 x 512 with 8 query and 4 key/value heads, MLP 1376, M-RoPE sections
 (8, 12, 12) of its 32 frequencies, vocabulary 4000; random weights, saved to a temporary directory with
 Qwen2.5-VL's image processor (min/max pixels as Qwen2.5-VL-7B's). It is loaded into vlmjax through the Hugging
-Face importer (`vlmjax.load`) and both sides run in float32.
+Face importer (`vlmjax.load`) and both sides run in float32 (--dtype bfloat16: both in bfloat16). On a machine
+with a CUDA GPU both run on it (transformers on `cuda` unless --torch_device says otherwise).
 
 Two rows, each timed in rounds that run vlmjax and transformers in turn (`bench_decode.interleaved_medians`):
 - decode: one --decode_image image and --prompt text tokens at batch 1, greedy generation of exactly --new_tokens
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import roofline  # tools/roofline.py: this script's own folder is on sys.path
-from bench_decode import interleaved_medians, word_tokenizer
+from bench_decode import interleaved_medians, timed_generation, torch_description, torch_device, word_tokenizer
 
 import vlmjax
 from vlmjax import runtime
@@ -92,16 +93,10 @@ def vlmjax_runs(vlm, ids, processed, new_tokens: tuple[int, ...]):
 
 def transformers_runs(model, ids, processed, new_tokens: tuple[int, ...]):
   """A run per count in new_tokens with transformers from the same patches, warmed up."""
-  import torch
-
-  inputs = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)),
-                pixel_values=torch.from_numpy(np.concatenate([patches for patches, _ in processed])),
-                image_grid_thw=torch.tensor([grid for _, grid in processed]),
-                mm_token_type_ids=torch.from_numpy((ids == IMAGE_PAD).astype(np.int64)))
-
-  def run(count):
-    with torch.inference_mode():
-      model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False)
+  run = timed_generation(model, dict(input_ids=ids, attention_mask=np.ones_like(ids),
+                                     pixel_values=np.concatenate([patches for patches, _ in processed]),
+                                     image_grid_thw=np.asarray([grid for _, grid in processed]),
+                                     mm_token_type_ids=(ids == IMAGE_PAD).astype(np.int64)))
   run(1)
   return [lambda count=count: run(count) for count in new_tokens]
 
@@ -116,19 +111,22 @@ def main():
   parser.add_argument("--fullatt_block_indexes", default="3", help="the vision blocks attending over the whole image")
   parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager"],
                       help="transformers' attention (sdpa: its default)")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides' dtype")
+  parser.add_argument("--torch_device", default=None, help="transformers' device (default: cuda if PyTorch sees a "
+                      "GPU, else cpu)")
   args = parser.parse_args()
 
   import torch
   import transformers
 
   print(roofline.host_description())
-  print(f"transformers {transformers.__version__}: PyTorch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+  device = torch_device(args.torch_device)
+  print(f"transformers {transformers.__version__}: {torch_description(device)}")
   directory = tempfile.mkdtemp(prefix="bench_qwen_")
   build_checkpoint(directory, tuple(int(i) for i in args.fullatt_block_indexes.split(",")))
-  vlm = vlmjax.load(directory, dtype="float32")
+  vlm = vlmjax.load(directory, dtype=args.dtype)
   model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-      directory, dtype=torch.float32, attn_implementation=args.attn_implementation).eval()
+      directory, dtype=getattr(torch, args.dtype), attn_implementation=args.attn_implementation).to(device).eval()
   their_processor = transformers.AutoImageProcessor.from_pretrained(directory)
   mine, theirs = roofline.compute_dtype(vlm.model_config), str(model.dtype).removeprefix("torch.")
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree)) / 1e6

@@ -239,9 +239,8 @@ class Decoder(nn.Module):
     head = self.output_head if not cfg.tie_embeddings else self.embedding.T  # [D, V]
     if cfg.tie_embeddings and isinstance(self.embedding, quant.QuantizedKernel):
       head = self.embedding  # [V, D] quantized with rows_out: contracted over D as it is
-    logits = matmul.contract(x, head)  # [B, T, V]
+    logits = matmul.contract(x, head, result_dtype=jnp.float32)  # [B, T, V]
     logits = nn.with_logical_constraint(logits, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_VOCAB))
-    logits = logits.astype(jnp.float32)
     if cfg.final_logit_softcap is not None:
       logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
     if cache is not None:

@@ -30,7 +30,7 @@ def _dot_f32(a: jax.Array, b: jax.Array, a_axes, b_axes) -> jax.Array:
   return jax.lax.dot_general(a, b, ((tuple(a_axes), tuple(b_axes)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def contract(x: jax.Array, kernel: jax.Array, axes: int = 1) -> jax.Array:
+def contract(x: jax.Array, kernel: jax.Array, axes: int = 1, result_dtype=None) -> jax.Array:
   """x's last `axes` axes contracted with the kernel's first `axes`, in x's dtype (the compute dtype).
 
   Args:
@@ -38,30 +38,34 @@ def contract(x: jax.Array, kernel: jax.Array, axes: int = 1) -> jax.Array:
     kernel: float[C1..Ca, O...], any float dtype (cast to x's; its gradient comes back in its own dtype, so a
       float32 master weight gets a float32 gradient).
     axes: how many axes are contracted.
+    result_dtype: the result's dtype, x's by default. The output head asks for float32: its float32 accumulator
+      rounded to bfloat16 keeps 8 bits, so nearby logits tie and greedy decoding's argmax picks among them by index.
   Returns:
-    float[..., O...] in x's dtype, accumulated in float32.
+    float[..., O...] in `result_dtype`, accumulated in float32.
   A `quant.QuantizedKernel` goes through `quant.contract` (inference only: no gradient).
   """
+  result_dtype = result_dtype or x.dtype
   if isinstance(kernel, quant.QuantizedKernel):
-    return quant.contract(x, kernel, axes)
+    return quant.contract(x, kernel, axes, result_dtype)
   if runtime.cpu_tuned():
-    return _contract_cpu(x, kernel, axes)
+    return _contract_cpu(x, kernel, axes, jnp.dtype(result_dtype))
   dimensions = ((tuple(range(x.ndim - axes, x.ndim)), tuple(range(axes))), ((), ()))
-  return jax.lax.dot_general(x, kernel.astype(x.dtype), dimensions)
+  return jax.lax.dot_general(x, kernel.astype(x.dtype), dimensions, preferred_element_type=result_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _contract_cpu(x: jax.Array, kernel: jax.Array, axes: int) -> jax.Array:
-  """`contract` with a float32 result cast back, and the backward pass below."""
-  return _dot_f32(x, kernel.astype(x.dtype), range(x.ndim - axes, x.ndim), range(axes)).astype(x.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _contract_cpu(x: jax.Array, kernel: jax.Array, axes: int, result_dtype) -> jax.Array:
+  """`contract` with a float32 result cast to `result_dtype`, and the backward pass below."""
+  return _dot_f32(x, kernel.astype(x.dtype), range(x.ndim - axes, x.ndim), range(axes)).astype(result_dtype)
 
 
-def _contract_fwd(x, kernel, axes):
-  return _contract_cpu(x, kernel, axes), (x, kernel)
+def _contract_fwd(x, kernel, axes, result_dtype):
+  return _contract_cpu(x, kernel, axes, result_dtype), (x, kernel)
 
 
-def _contract_bwd(axes, residuals, grad):
-  x, kernel = residuals  # grad: float[..., O...] in x's dtype, as contract's result
+def _contract_bwd(axes, result_dtype, residuals, grad):
+  x, kernel = residuals
+  grad = grad.astype(x.dtype)  # float[..., O...]: multiplied in the compute dtype, as the forward pass was
   out_axes = kernel.ndim - axes
   grad_x = _dot_f32(grad, kernel.astype(x.dtype), range(grad.ndim - out_axes, grad.ndim), range(axes, kernel.ndim))
   batch_axes = range(x.ndim - axes)

@@ -223,9 +223,10 @@ def _matmul_float(x: jax.Array, kernel: QuantizedKernel) -> jax.Array:
   return jax.lax.dot_general(x, weights, numbers, preferred_element_type=jnp.float32) * kernel.scales
 
 
-def contract(x: jax.Array, kernel: QuantizedKernel, axes: int | None = None) -> jax.Array:
+def contract(x: jax.Array, kernel: QuantizedKernel, axes: int | None = None, result_dtype=None) -> jax.Array:
   """`matmul.contract` for a quantized kernel: x float[..., C1..Ca] contracted with the kernel's inputs ->
-  float[..., O...] in x's dtype, accumulated in int32 or float32. For inference (no gradient)."""
+  float[..., O...] in `result_dtype` (x's by default), accumulated in int32 or float32. For inference (no
+  gradient)."""
   axes = kernel.fan_in if axes is None else axes
   if kernel.rows_out:
     in_shape, out_shape = kernel.shape[1:], kernel.shape[:1]
@@ -237,7 +238,7 @@ def contract(x: jax.Array, kernel: QuantizedKernel, axes: int | None = None) -> 
   flat = x.reshape(-1, math.prod(in_shape))  # [M, C]
   integer = kernel.scheme == "w8a8" or (runtime.cpu_tuned() and flat.shape[0] <= INTEGER_ROWS)
   out = _matmul_integer(flat, kernel) if integer else _matmul_float(flat, kernel)
-  return out.reshape(*lead, *out_shape).astype(x.dtype)
+  return out.reshape(*lead, *out_shape).astype(result_dtype or x.dtype)
 
 
 def error_bound(kernel: QuantizedKernel) -> np.ndarray:
