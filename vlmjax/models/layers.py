@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax import runtime
-from vlmjax.models import activation as activation_lib, dot_attention, fused_attention, kv_cache as kv_cache_lib
+from vlmjax.models import activation as activation_lib, blockwise_attention, dot_attention, fused_attention
+from vlmjax.models import kv_cache as kv_cache_lib
 from vlmjax.models import lora as lora_lib, matmul, paged_cache, quant, trig
 
 # Logical axis names. Weights use bare names; activations `activation_*`; the KV cache `cache_*`.
@@ -392,11 +393,15 @@ class Attention(nn.Module):
     # On the CPU without a cache (training, a forward over whole sequences): `dot_attention`, every matmul in the
     # compute dtype, causal masks in blocks. A cache's [B, K, H, S] slots, transposed into those matmuls, leave
     # XLA's CPU backend bfloat16 matmuls with float32 results in forms only YNNPACK would run and it does not take
-    # ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32", jax 0.10.2); with a cache, and on
-    # other backends, training and prefill through the backend's fused kernel, a decode step or a chunk after a
-    # cached prefix through XLA over the cache's mask.
+    # ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32", jax 0.10.2). A prefill into a cache
+    # from slot 0 goes through `blockwise_attention` (its scores never leave the cache; the key blocks above the
+    # diagonal and past every row's length are skipped); with a cache otherwise, and on other backends, training
+    # and prefill through the backend's fused kernel, a decode step or a chunk after a cached prefix through XLA
+    # over the cache's mask.
     key, value = key.astype(self.dtype), value.astype(self.dtype)
-    if runtime.cpu_tuned():
+    if runtime.cpu_tuned() and kv_cache is not None and isinstance(mask, CausalMask) and mask.key_lengths is not None:
+      out = blockwise_attention.attention(query, key, value, scale, causal=True, key_lengths=mask.key_lengths)
+    elif runtime.cpu_tuned():
       attention = dot_attention.dot_product_attention if kv_cache is None else _jax_attention
       out = _attend(query, key, value, mask, scale, attention)  # [B, T, N, H]
     elif kv_cache is None or isinstance(mask, CausalMask):
