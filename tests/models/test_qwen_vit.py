@@ -1,6 +1,6 @@
 """Qwen2.5-VL's vision attention against `jax.nn.dot_product_attention` over the whole mask it replaces (windows and
-full attention over two images and padding, full attention in key blocks that split the images, a traced `full` under
-`nn.scan`), and the window bucket's padding."""
+full attention over two images and padding, in key blocks that split the images (CPU) or in chunks, a traced `full`
+under `nn.scan`), and the window bucket's padding."""
 
 import dataclasses
 
@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vlmjax import runtime
 from vlmjax.models import blockwise_attention, qwen_vl
-from vlmjax.models.qwen_vit import QwenViT, QwenViTConfig, full_attention, windowed_attention
+from vlmjax.models.qwen_vit import (QwenViT, QwenViTConfig, full_attention, full_attention_chunk,
+                                    windowed_attention)
 
 WINDOW, HEADS, HEAD_DIM = 16, 2, 8
 # Two images and padding over 6 windows: image 0 fills windows 0-2 (its last window half padding), image 1
@@ -37,15 +39,24 @@ def test_windowed_attention_equals_the_masked_whole():
                                _reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("block", [16, 24, 512])
-def test_full_attention_equals_the_masked_whole(block, monkeypatch):
-  """Blocks of 16 and 24 patches split images and padding (a query's first key blocks may hold none of its image's
-  keys); 512 holds them all in one."""
+@pytest.mark.parametrize("cpu_tuned,block", [(True, 16), (True, 24), (True, 512), (False, 16), (False, 32),
+                                             (False, 96)])
+def test_full_attention_equals_the_masked_whole(cpu_tuned, block, monkeypatch):
+  """The CPU's blockwise attention in key blocks of 16 and 24 patches, which split images and padding (a query's
+  first key blocks may hold none of its image's keys), and of 512, which hold them all; elsewhere chunks of whole
+  windows of queries against every key."""
   monkeypatch.setattr(blockwise_attention, "BLOCK", block)
   query, key, value = _qkv(1)
-  with jax.default_matmul_precision("highest"):
-    np.testing.assert_allclose(full_attention(query, key, value, jnp.asarray(IDS)),
+  with jax.default_matmul_precision("highest"), runtime.cpu_tuning(cpu_tuned):
+    np.testing.assert_allclose(full_attention(query, key, value, jnp.asarray(IDS), block),
                                _reference(query, key, value, IDS[:, None] == IDS[None, :]), rtol=1e-5, atol=1e-6)
+
+
+def test_full_attention_chunk_is_whole_windows_dividing_the_patches():
+  assert full_attention_chunk(160 * 64, 64) == 256  # 4 windows of 64 patches
+  assert full_attention_chunk(7 * 64, 64) == 64  # 7 windows: one at a time
+  assert full_attention_chunk(6 * 16, 16) == 96  # 6 of 16 windows fit in 256 patches
+  assert full_attention_chunk(2 * 1024, 1024) == 1024  # a window larger than the chunk: one window
 
 
 def test_scanned_and_unrolled_towers_agree():
