@@ -1,9 +1,12 @@
-"""`runtime.exec_with_huge_pages`: the re-exec, the opt-out, and the page faults it saves."""
+"""`runtime.exec_with_huge_pages`: the re-exec, the opt-out, and the page faults it saves; `runtime.aligned_zeros`,
+which the CPU device reads in place."""
 
 import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from vlmjax import runtime
@@ -73,3 +76,13 @@ def test_no_restart_where_the_switch_is_off_or_the_backend_is_not_the_cpu(settin
   reads first), and off with the switch."""
   assert _run(None, RESTART_ONLY, **settings)[1:] == ["None"]  # one PID: no restart
   assert _run(None, RESTART_ONLY, JAX_PLATFORMS="cpu")[2:] == [f"{runtime.HUGE_PAGES}=1"]  # two PIDs
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 5), np.float32), ((7,), np.int32), ((2, 64, 64, 3), np.float32)])
+def test_aligned_zeros_are_read_in_place_by_the_cpu_device(shape, dtype):
+  """What the alignment buys: `jax.device_put` hands the numpy buffer itself to the CPU device (numpy's own 16-byte
+  alignment makes it copy)."""
+  array = runtime.aligned_zeros(shape, dtype)
+  assert array.shape == shape and array.dtype == dtype and not array.any() and array.flags.c_contiguous
+  on_device = jax.device_put(array)
+  assert on_device.unsafe_buffer_pointer() == array.ctypes.data

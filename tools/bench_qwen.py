@@ -28,7 +28,6 @@ import os
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import roofline  # tools/roofline.py: this script's own folder is on sys.path
 from bench_decode import interleaved_medians, timed_generation, torch_description, torch_device, word_tokenizer
@@ -83,7 +82,7 @@ def vlmjax_runs(vlm, ids, processed, new_tokens: tuple[int, ...]):
   """A compiled run per count in new_tokens, each generating that many tokens from the processor's (patches, grid);
   no end token stops the row. Each call lays the patches out (`qwen_vl.batch_patches`) as `VLM.generate` does."""
   def run(count):
-    patches = jax.tree.map(jnp.asarray, qwen_vl.batch_patches(vlm.model_config, [processed]))
+    patches = jax.device_put(qwen_vl.batch_patches(vlm.model_config, [processed]))  # as `VLM.generate` hands them
     return generation.generate(vlm.params, vlm.model_config, ids, None, patches, max_new_tokens=count, eos_ids=(),
                                pad_id=0)
   for count in new_tokens:

@@ -278,8 +278,16 @@ def _pixels(pixel_values):
   if isinstance(pixel_values, (Tiles, Patches)):  # float32 pixels, int32 tables
     tables = {field.name: jnp.asarray(getattr(pixel_values, field.name), jnp.int32)
               for field in dataclasses.fields(pixel_values) if field.name != "pixel_values"}
-    return pixel_values.replace(pixel_values=jnp.asarray(pixel_values.pixel_values, jnp.float32), **tables)
-  return None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+    return pixel_values.replace(pixel_values=_float_pixels(pixel_values.pixel_values), **tables)
+  return None if pixel_values is None else _float_pixels(pixel_values)
+
+
+def _float_pixels(pixels) -> jax.Array:
+  """float32 pixels on JAX's device; `jax.device_put` rather than `jnp.asarray`, which copies even an array that a
+  CPU device can read in place (`runtime.aligned_zeros`)."""
+  if isinstance(pixels, jax.Array):
+    return pixels.astype(jnp.float32)
+  return jax.device_put(np.asarray(pixels, np.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -25,6 +25,8 @@ import platform
 import sys
 from typing import Iterator
 
+import numpy as np
+
 SWITCH = "VLMJAX_CPU_TUNING"
 HUGE_PAGES = "glibc.malloc.hugetlb"
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -113,6 +115,23 @@ def exec_with_huge_pages() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+# XLA's CPU client reads a numpy array in place, without a copy, when its data starts at a 64-byte boundary (as
+# `jax.device_put` or an argument of a jitted function); numpy's allocations start at 16. A 1280 x 1280 image's
+# patches for Qwen2.5-VL (43 MB) took 24 ms to copy on the 2-core AMD EPYC and 0.04 ms to hand over in place. A
+# GPU or TPU copies them to the device either way.
+HOST_ALIGNMENT = 64
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """numpy zeros whose data starts at a HOST_ALIGNMENT-byte boundary, for a large model input that a CPU device then
+  reads in place: once handed to JAX, the array must not be written (the device array would see the change)."""
+  dtype = np.dtype(dtype)
+  size = int(np.prod(shape)) * dtype.itemsize
+  buffer = np.zeros(size + HOST_ALIGNMENT, np.uint8)
+  start = -buffer.ctypes.data % HOST_ALIGNMENT
+  return buffer[start:start + size].view(dtype).reshape(shape)
 
 
 def use_compilation_cache(directory: str) -> None:

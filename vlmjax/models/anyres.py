@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from vlmjax import runtime
 from vlmjax.models.vlm import Tiles, VLMConfig
 
 
@@ -144,6 +145,6 @@ def batch_tiles(config: VLMConfig, rows: Sequence[Sequence[tuple[np.ndarray, tup
       row_indices.append(image_token_indices(tiles_grid, first_tile, g, newline))
       first_tile += tiles_grid.num_tiles
     token_index[b, :counts[b]] = np.concatenate(row_indices) if row_indices else []
-  pixel_values = np.zeros((num_tiles, size, size, 3), np.float32)
+  pixel_values = runtime.aligned_zeros((num_tiles, size, size, 3), np.float32)  # read in place on a CPU
   pixel_values[:total] = np.concatenate([tiles for row in rows for tiles, _ in row] or [pixel_values[:0]])
   return Tiles(pixel_values=pixel_values, token_index=token_index)
