@@ -1,7 +1,7 @@
 """Blockwise attention against `jax.nn.dot_product_attention` over the whole mask: causal with right padding (the
 key blocks past every row's length skipped), keys longer than the queries (a prefill into a longer cache), GQA,
-segment ids that leave a query's first key blocks empty, blocks that do not divide the lengths, bfloat16, and
-gradients."""
+segment ids that leave a query's first key blocks empty, blocks that do not divide the lengths, query blocks past
+every row's length left out, bfloat16, and gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +54,21 @@ def test_segment_ids_equal_the_masked_whole(block):
                                          key_ids=jnp.asarray(ids), block=block)
     expected = _reference(query, key, value, ids[:, :, None] == ids[:, None, :])
   np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_query_blocks_past_every_length_are_zeros_and_the_rest_unchanged():
+  """Segments ending in padding (-1) from slot 21 in row 0 and 27 in row 1: blocks of 8 queries from slot 32 on are
+  left out; the queries before them, padding in a computed block included, are as without query_lengths."""
+  length = 40
+  ids = np.stack([np.repeat([0, -1], [21, 19]), np.repeat([5, 6, -1], [10, 17, 13])]).astype(np.int32)
+  query, key, value = _inputs(length, length, seed=3)
+  attend = lambda **lengths: blockwise_attention.attention(query, key, value, H**-0.5, query_ids=jnp.asarray(ids),
+                                                           key_ids=jnp.asarray(ids), block=8, **lengths)
+  with jax.default_matmul_precision("highest"):
+    ours, whole = attend(query_lengths=jnp.array([21, 27])), attend()
+  np.testing.assert_array_equal(ours[:, 32:], 0)
+  np.testing.assert_allclose(ours[:, :32], whole[:, :32], rtol=1e-6, atol=1e-7)
+  assert np.all(np.isfinite(whole))
 
 
 def test_bfloat16_is_within_its_rounding_of_float32():

@@ -33,13 +33,16 @@ def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float, *, causal: bool = False,
               key_lengths: jax.Array | None = None, query_ids: jax.Array | None = None,
-              key_ids: jax.Array | None = None, block: int | None = None) -> jax.Array:
+              key_ids: jax.Array | None = None, query_lengths: jax.Array | None = None,
+              block: int | None = None) -> jax.Array:
   """Softmax attention of float[B, T, N, H] queries over float[B, S, K, H] keys and values (N a multiple of K: GQA)
   -> float[B, T, N, H] in the query's dtype; scores, sums and the weighted values in float32.
 
   Query t sees key s where every given condition holds: causal, s <= t (query t at key slot t, from 0);
   key_lengths int[B], s < key_lengths[b]; query_ids int[B, T] and key_ids int[B, S], equal ids (segments, images).
   A query that sees no key gets the mean of the values it was masked from (finite, and meaningless: padding).
+  query_lengths: int[B], the queries at slots from query_lengths[b] on are padding, whatever they see: a block of
+  queries past every row's length is not computed, and its outputs are zeros.
   block: the query and key block size (default CAUSAL_BLOCK when causal, else BLOCK).
   """
   batch, length, num_heads, head_dim = query.shape
@@ -99,12 +102,18 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float, 
 
       return jax.lax.cond(needed, compute, lambda carry: carry, carry), None
 
-    shape = (batch, num_kv_heads, group, query_block)
-    start = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
-             jnp.zeros((*shape, head_dim), jnp.float32))
-    (_, total, weighted), _ = jax.lax.scan(add_key_block, start,
-                                           (jnp.arange(num_key_blocks), keys, values, key_ids))
-    return (weighted / total[..., None]).astype(block_queries.dtype)
+    def attend(_):
+      shape = (batch, num_kv_heads, group, query_block)
+      start = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
+               jnp.zeros((*shape, head_dim), jnp.float32))
+      (_, total, weighted), _ = jax.lax.scan(add_key_block, start,
+                                             (jnp.arange(num_key_blocks), keys, values, key_ids))
+      return (weighted / total[..., None]).astype(block_queries.dtype)
+
+    if query_lengths is None:
+      return attend(None)
+    padding = lambda _: jnp.zeros(block_queries.shape, block_queries.dtype)
+    return jax.lax.cond(query_slots[0] < jnp.max(query_lengths), attend, padding, None)
 
   out = jax.lax.map(one_query_block, (jnp.arange(num_query_blocks), queries, query_ids))  # [Tb, B, K, G, Bq, H]
   out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, num_query_blocks * query_block, num_heads, head_dim)
