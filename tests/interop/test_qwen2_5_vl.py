@@ -1,7 +1,8 @@
 """Qwen2.5-VL against transformers: a tiny random checkpoint written by transformers (windowed and full-attention
 vision blocks, M-RoPE, q/k/v biases; untied and tied embeddings), the image processor's patches and token counts,
 the vision tower, logits for images of several sizes and aspect ratios alone and mixed in a batch, greedy
-generation through `vlmjax.load` and `vlmjax generate`, export, and the errors for what vlmjax cannot run or write."""
+generation through `vlmjax.load` and `vlmjax generate`, export, and the errors for what vlmjax cannot run or write.
+The checks of the tower, the logits and export are functions that test_qwen2_vl.py runs for Qwen2-VL too."""
 
 import json
 import os
@@ -63,24 +64,35 @@ def _tokenizer(directory: str):
   return tokenizer
 
 
-def _write(directory: str, tie: bool):
-  """The tokenizer, image processor and a Qwen2_5_VLForConditionalGeneration with every weight perturbed."""
+# Each family's transformers classes (config, model) and tiny tower: Qwen2.5-VL's windows of 2 x 2 merge units with
+# block 1 attending over the whole image; Qwen2-VL's LayerNorm blocks with a quick-GELU MLP twice as wide, every block
+# over the whole image (its `hidden_size` is the merger's output).
+FAMILIES = {"qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration),
+            "qwen2_vl": (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration)}
+VISION = {"qwen2_5_vl": dict(hidden_size=32, intermediate_size=48, window_size=16, out_hidden_size=64,
+                             fullatt_block_indexes=[1]),
+          "qwen2_vl": dict(embed_dim=32, mlp_ratio=2, hidden_size=64)}
+
+
+def _write(directory: str, tie: bool, family: str = "qwen2_5_vl"):
+  """The tokenizer, image processor and a Qwen2_5_VLForConditionalGeneration (or the family's) with every weight
+  perturbed."""
   tokenizer = _tokenizer(directory)
   _their_image_processor().save_pretrained(directory)
   ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
       ("image_token_id", IMAGE_PAD), ("vision_start_token_id", VISION_START), ("vision_end_token_id", VISION_END))}
-  vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE,
-                temporal_patch_size=2, window_size=16, out_hidden_size=64, fullatt_block_indexes=[1],
-                initializer_range=0.1)
+  vision = dict(depth=3, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2,
+                initializer_range=0.1, **VISION[family])
   text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=80, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, initializer_range=0.1,
               rope_parameters=dict(rope_type="default", rope_theta=500.0, mrope_section=[2, 3, 3]),
               bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
               tie_word_embeddings=tie)
-  config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, video_token_id=len(tokenizer) - 1,
-                                         tie_word_embeddings=tie, **ids)
+  config_class, model_class = FAMILIES[family]
+  config = config_class(vision_config=vision, text_config=text, video_token_id=len(tokenizer) - 1,
+                        tie_word_embeddings=tie, **ids)
   torch.manual_seed(0)
-  model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+  model = model_class(config).eval()
   with torch.no_grad():
     for parameter in model.parameters():
       parameter.add_(0.05 * torch.randn_like(parameter))
@@ -141,7 +153,11 @@ def test_processor_patches_and_token_counts_match_transformers(checkpoint):
 
 
 def test_the_vision_tower_matches_transformers(checkpoint):
-  directory, model = checkpoint()
+  check_vision_tower(*checkpoint())
+
+
+def check_vision_tower(directory: str, model) -> None:
+  """The tower's merged tokens of images of every size in one batch equal transformers' `model.visual`'s."""
   pretrained = hf.load_pretrained(directory)
   config = VLMConfig.from_dict(pretrained.config.model)
   processed = pretrained.image_processor(images_of(SIZES))
@@ -164,6 +180,12 @@ def test_logits_match_transformers_for_each_size_and_a_mixed_batch(checkpoint, t
   directory, model = checkpoint(tie)
   vlm = vlmjax.load(directory)
   assert vlm.model_config.decoder.tie_embeddings == tie
+  print(f"tie={tie}: max relative logit error per image size {check_logits(vlm, model, directory)}")
+
+
+def check_logits(vlm, model, directory: str) -> dict[str, str]:
+  """The logits of one padded batch, each row its own image size (above the pixel budget and below the minimum too),
+  two images or none, equal transformers' row by row; returns the largest relative error per row's image sizes."""
   # Rows: one image of each size (its own aspect ratio and token count), one with two images, one with text only.
   images_per_row = [[image] for image in images_of(SIZES)] + [images_of([(30, 70), (52, 37)], seed=1), []]
   prompts = PROMPTS + ["Compare them.", "No picture here."]
@@ -179,7 +201,7 @@ def test_logits_match_transformers_for_each_size_and_a_mixed_batch(checkpoint, t
       theirs = model(**inputs).logits[0].numpy()
     errors[str([image.shape[:2] for image in row_images])] = f"{max_relative_error(ours[i, :len(row)], theirs):.1e}"
     np.testing.assert_allclose(ours[i, :len(row)], theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
-  print(f"tie={tie}: max relative logit error per image size {errors}")
+  return errors
 
 
 def test_generate_matches_transformers_greedy_tokens_with_images_of_different_sizes(checkpoint):
@@ -220,11 +242,13 @@ def test_host_mrope_positions_equal_the_programs(checkpoint):
     assert more_offset == offset
 
 
-# The config.json keys that define the model (as transformers reads them): the rest are training settings
+# The config.json keys that define the model (as transformers reads them), by family: the rest are training settings
 # (initializer_range), video's (tokens_per_second, video_token_id) or the vision markers the processor places.
-VISION_KEYS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
-               "temporal_patch_size", "spatial_merge_size", "window_size", "fullatt_block_indexes", "out_hidden_size",
-               "hidden_act", "rope_parameters")
+VISION_KEYS = {"qwen2_5_vl": ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                              "temporal_patch_size", "spatial_merge_size", "window_size", "fullatt_block_indexes",
+                              "out_hidden_size", "hidden_act", "rope_parameters"),
+               "qwen2_vl": ("depth", "embed_dim", "hidden_size", "mlp_ratio", "num_heads", "in_channels", "patch_size",
+                            "temporal_patch_size", "spatial_merge_size", "hidden_act", "rope_parameters")}
 TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "hidden_act", "rms_norm_eps", "max_position_embeddings", "use_sliding_window",
              "layer_types", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
@@ -236,9 +260,14 @@ def test_export_loads_in_transformers_with_the_same_logits(checkpoint, tie, tmp_
   place and gives the original's logits for a padded batch of two image sizes; its config and processor are the
   original's, and vlmjax reads it back into the same parameters."""
   directory, model = checkpoint(tie)
-  out = str(tmp_path / "export")
+  print(f"tie={tie}: export's max relative logit error {check_export(directory, model, str(tmp_path / 'export')):.1e}")
+
+
+def check_export(directory: str, model, out: str, family: str = "qwen2_5_vl") -> float:
+  """`vlmjax export` of the checkpoint into `out` loads in transformers with the original's logits (returns their
+  largest relative error), config keys and processor, and reads back into the same parameters."""
   assert "as a Hugging Face directory" in cli.export_checkpoint(directory, out)
-  reloaded, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+  reloaded, info = FAMILIES[family][1].from_pretrained(out, output_loading_info=True)
   assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
   images = images_of([(37, 52), (61, 29)])
   texts = [f"{VISION_START}{IMAGE_PAD}{VISION_END} {prompt}" for prompt in PROMPTS[:2]]
@@ -249,7 +278,6 @@ def test_export_loads_in_transformers_with_the_same_logits(checkpoint, tie, tmp_
     ours, theirs = (m(**inputs).logits.numpy() for m in (reloaded.eval(), model))
   real = inputs["attention_mask"].numpy().astype(bool)
   error = max_relative_error(ours[real], theirs[real])
-  print(f"tie={tie}: export's max relative logit error {error:.1e}")
   assert error <= 1e-5
 
   with open(os.path.join(directory, "config.json")) as f:
@@ -259,7 +287,7 @@ def test_export_loads_in_transformers_with_the_same_logits(checkpoint, tie, tmp_
   for key in ("architectures", "model_type", "image_token_id", "tie_word_embeddings"):
     assert exported[key] == original[key], key
   theirs_config, ours_config = model.config, reloaded.config
-  for key in VISION_KEYS:
+  for key in VISION_KEYS[family]:
     assert getattr(ours_config.vision_config, key) == getattr(theirs_config.vision_config, key), key
   for key in TEXT_KEYS:
     assert getattr(ours_config.text_config, key) == getattr(theirs_config.text_config, key), key
@@ -276,6 +304,7 @@ def test_export_loads_in_transformers_with_the_same_logits(checkpoint, tie, tmp_
   their_tokenizer, original_tokenizer = (transformers.AutoTokenizer.from_pretrained(d) for d in (out, directory))
   assert their_tokenizer(texts)["input_ids"] == original_tokenizer(texts)["input_ids"]
   assert their_tokenizer.chat_template == original_tokenizer.chat_template == CHAT_TEMPLATE
+  return error
 
 
 # --- what vlmjax refuses, with the key and value named ----------------------------------------------------------
@@ -287,7 +316,6 @@ def _config(text=None, **changes) -> dict:
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(model_type="qwen2_vl"), "model_type='qwen2_vl' is not supported"),
     (dict(model_type="qwen3_vl"), "model_type='qwen3_vl' is not supported"),
     (dict(text=dict(use_sliding_window=True)), "text_config.use_sliding_window=True is not supported"),
     (dict(text=dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e6, mrope_section=[16, 24, 24]))),

@@ -1,6 +1,6 @@
 """Qwen2.5-VL's vision attention against `jax.nn.dot_product_attention` over the whole mask it replaces (windows and
 full attention over two images and padding, in key blocks that split the images (CPU) or in chunks, a traced `full`
-under `nn.scan`), and the window bucket's padding."""
+under `nn.scan`), Qwen2.5-VL's and Qwen2-VL's towers scanned and unrolled, and the window bucket's padding."""
 
 import dataclasses
 
@@ -59,10 +59,18 @@ def test_full_attention_chunk_is_whole_windows_dividing_the_patches():
   assert full_attention_chunk(2 * 1024, 1024) == 1024  # a window larger than the chunk: one window
 
 
-def test_scanned_and_unrolled_towers_agree():
-  """Under `nn.scan` the blocks choose windowed or full attention with `lax.cond` on a traced flag."""
+# Qwen2.5-VL's blocks (RMSNorm, gated MLP, windows but block 1) and Qwen2-VL's (LayerNorm, plain MLP, all full).
+FAMILIES = {"qwen2_5_vl": dict(fullatt_block_indexes=(1,)),
+            "qwen2_vl": dict(fullatt_block_indexes=(0, 1, 2), norm="layernorm", gated_mlp=False,
+                             activation="quick_gelu")}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scanned_and_unrolled_towers_agree(family):
+  """Under `nn.scan` the blocks choose windowed or full attention with `lax.cond` on a traced flag (Qwen2-VL's all
+  attend over the whole image)."""
   config = QwenViTConfig(patch_size=2, width=16, depth=3, num_heads=2, mlp_dim=24, out_width=8, window_size=8,
-                         fullatt_block_indexes=(1,), scan_layers=True)
+                         scan_layers=True, **FAMILIES[family])
   num = len(IDS)  # 6 windows of (8 / 2)² = 16 patches
   rng = np.random.default_rng(0)
   pixels = rng.standard_normal((num, config.patch_dim)).astype(np.float32)

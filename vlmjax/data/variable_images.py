@@ -1,7 +1,7 @@
-"""Training batches of models whose images give a token count each: LLaVA-NeXT's anyres tiles and Qwen2.5-VL's
+"""Training batches of models whose images give a token count each: LLaVA-NeXT's anyres tiles and Qwen2(.5)-VL's
 native-resolution patches.
 
-    images = VariableImages(model_config)                   # model.image_grid_pinpoints or vision_tower='qwen2_5_vl'
+    images = VariableImages(model_config)                   # model.image_grid_pinpoints or a Qwen vision_tower
     count = images.count(size)                              # placeholders of one processed image
     batch = images.collate(examples, length=2048)           # the batch the train step takes
 
@@ -35,7 +35,7 @@ class VariableImages:
   def __post_init__(self):
     if not self.config.variable_image_tokens:
       raise ValueError("VariableImages is for models whose images give a token count each (model."
-                       "image_grid_pinpoints or vision_tower='qwen2_5_vl')")
+                       "image_grid_pinpoints or vision_tower 'qwen2_vl' or 'qwen2_5_vl')")
 
   def count(self, size: tuple[int, ...]) -> int:
     """Placeholders of one image of `size`, as its image processor gives it."""

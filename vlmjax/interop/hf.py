@@ -1,4 +1,4 @@
-"""Hugging Face LLaVA-1.5, LLaVA-NeXT, PaliGemma and Qwen2.5-VL checkpoints in and out.
+"""Hugging Face LLaVA-1.5, LLaVA-NeXT, PaliGemma, Qwen2-VL and Qwen2.5-VL checkpoints in and out.
 
     pretrained = load_pretrained("/models/llava-1.5-7b-hf")            # or with mesh=..., rules=... to shard
     VLM(VLMConfig.from_dict(pretrained.config.model)).apply({"params": pretrained.params}, ...)
@@ -8,7 +8,7 @@ A directory is read as transformers reads it: config.json (`hf_config`), the saf
 generation_config.json (end tokens), the tokenizer (`vlmjax.data.tokenizer`) and the image processor
 (`vlmjax.data.images`). Written directories load with `LlavaForConditionalGeneration.from_pretrained` /
 `LlavaNextForConditionalGeneration.from_pretrained` / `PaliGemmaForConditionalGeneration.from_pretrained` /
-`Qwen2_5_VLForConditionalGeneration.from_pretrained`.
+`Qwen2VLForConditionalGeneration.from_pretrained` / `Qwen2_5_VLForConditionalGeneration.from_pretrained`.
 """
 
 import dataclasses
@@ -23,7 +23,7 @@ from vlmjax.data.images import AnyresImageProcessor, ImageProcessor, QwenImagePr
 from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.interop import hf_config, hf_weights
 from vlmjax.models import layers
-from vlmjax.models.vlm import VLMConfig
+from vlmjax.models.vlm import QWEN_TOWERS, VLMConfig
 from vlmjax.parallel import mesh as mesh_lib
 
 CONFIG_FILE = "config.json"
@@ -62,8 +62,8 @@ def _read_json(path: str) -> dict:
 
 
 def is_hf_checkpoint(path: str) -> bool:
-  """Whether `path` is a directory whose config.json is a Hugging Face LLaVA, LLaVA-NeXT, PaliGemma or Qwen2.5-VL
-  config."""
+  """Whether `path` is a directory whose config.json is a Hugging Face LLaVA, LLaVA-NeXT, PaliGemma, Qwen2-VL or
+  Qwen2.5-VL config."""
   config_path = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(config_path):
     return False
@@ -82,7 +82,7 @@ def _ids(value: int | Sequence[int] | None) -> tuple[int, ...]:
 
 def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None,
                     rules: mesh_lib.Rules | None = None) -> Pretrained:
-  """Reads a Hugging Face LLaVA-1.5 / LLaVA-NeXT / PaliGemma / Qwen2.5-VL directory.
+  """Reads a Hugging Face LLaVA-1.5 / LLaVA-NeXT / PaliGemma / Qwen2-VL / Qwen2.5-VL directory.
 
   Args:
     path: the directory (config.json, safetensors, tokenizer.json, preprocessor_config.json, ...).
@@ -110,11 +110,11 @@ def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None,
 
 def _check_image_processor(path: str, image_processor: ImageProcessor, model_config: VLMConfig) -> None:
   """The processor makes what the model takes: images (tiles) of the tower's size, tiled at the same pinpoints, or
-  Qwen2.5-VL's patches of the tower's patch, frame and merge sizes."""
+  Qwen2-VL's and Qwen2.5-VL's patches of the tower's patch, frame and merge sizes."""
   qwen = isinstance(image_processor, QwenImageProcessor)
   if qwen != model_config.qwen_tower:
     raise ValueError(f"{path}: a {type(image_processor).__name__} for a model "
-                     f"{'with' if model_config.qwen_tower else 'without'} Qwen2.5-VL's vision tower")
+                     f"{'with' if model_config.qwen_tower else 'without'} a Qwen2-VL / Qwen2.5-VL vision tower")
   if qwen:
     vision = model_config.vision
     ours = (image_processor.patch_size, image_processor.temporal_patch_size, image_processor.merge_size)
@@ -168,13 +168,13 @@ def save_pretrained(path: str, config: ml_collections.ConfigDict, params: Any, t
                     pad_token_id: int | None = None, max_len: int | None = None) -> None:
   """Writes a Hugging Face directory: config.json + model.safetensors (+ generation_config.json with the end
   tokens, the tokenizer files, preprocessor_config.json, when given) that transformers loads as
-  LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, PaliGemmaForConditionalGeneration or
-  Qwen2_5_VLForConditionalGeneration.
+  LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, PaliGemmaForConditionalGeneration,
+  Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration.
 
   Args:
     config: a vlmjax config whose `model` section is LLaVA-like (CLIP ViT, 2-layer GELU projector, Llama decoder;
       LLaVA-NeXT with image_grid_pinpoints), PaliGemma-like (SigLIP ViT, linear projector, Gemma decoder, prefix-LM)
-      or Qwen2.5-VL (its tower and patch merger, a Qwen2 decoder with M-RoPE).
+      or Qwen2.5-VL / Qwen2-VL (its tower and patch merger, a Qwen2 decoder with M-RoPE).
     params: the `params` tree of VLM, layers scanned or unrolled (`vlmjax.load` unrolls them).
     max_len: the text model's max_position_embeddings (transformers' default when None).
   Raises:
@@ -193,7 +193,7 @@ def save_pretrained(path: str, config: ml_collections.ConfigDict, params: Any, t
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(values, f, indent=2)
   clip_post_norm_width = model_config.vision.width if model_type in ("llava", "llava_next") else None
-  renames = hf_weights.QWEN_SAVED if model_type == "qwen2_5_vl" else ()
+  renames = hf_weights.QWEN_SAVED if model_type in QWEN_TOWERS else ()
   hf_weights.save_params(os.path.join(path, hf_weights.SINGLE_FILE), layers.stack_layers(params),
                          clip_post_norm_width, renames)
   if eos_token_ids:

@@ -1,5 +1,5 @@
-"""Hugging Face `config.json` of LLaVA-1.5, LLaVA-NeXT, PaliGemma and Qwen2.5-VL <-> the `model` section of a vlmjax
-config.
+"""Hugging Face `config.json` of LLaVA-1.5, LLaVA-NeXT, PaliGemma, Qwen2-VL and Qwen2.5-VL <-> the `model` section of a
+vlmjax config.
 
 Read as transformers reads it: a key missing from `vision_config` / `text_config` takes the default of the
 transformers config class of its `model_type` (CLIPVisionConfig, SiglipVisionConfig, LlamaConfig, MistralConfig,
@@ -16,10 +16,11 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import common
-from vlmjax.models.vlm import VLMConfig
+from vlmjax.models.vlm import QWEN_TOWERS, VLMConfig
 
 ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-                 "paligemma": "PaliGemmaForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+                 "paligemma": "PaliGemmaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 VISION_TYPE = {"llava": "clip_vision_model", "llava_next": "clip_vision_model", "paligemma": "siglip_vision_model"}
 TEXT_TYPE = {"llava": "llama", "llava_next": "llama", "paligemma": "gemma"}  # the one written (and the default)
 # Text models read besides: Mistral is Llama's architecture (no biases) with an optional sliding window.
@@ -47,11 +48,20 @@ CLASS_DEFAULTS = {
                   max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False,
                   bos_token_id=2, eos_token_id=1, pad_token_id=0),
 }
-# Qwen2_5_VLVisionConfig's and Qwen2_5_VLTextConfig's defaults. An older config.json writes the text model's keys at
-# its top level, without text_config (as transformers reads them).
-QWEN_VISION_DEFAULTS = dict(depth=32, hidden_size=3584, hidden_act="silu", intermediate_size=3420, num_heads=16,
-                            in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                            out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31])
+# Qwen2_5_VLVisionConfig's and Qwen2VLVisionConfig's defaults, by model_type (Qwen2-VL's `hidden_size` is the merger's
+# output, its blocks' width `embed_dim`), and Qwen2_5_VLTextConfig's (Qwen2VLTextConfig's are the same). An older
+# config.json writes the text model's keys at its top level, without text_config (as transformers reads them).
+QWEN_VISION_DEFAULTS = {
+    "qwen2_5_vl": dict(depth=32, hidden_size=3584, hidden_act="silu", intermediate_size=3420, num_heads=16,
+                       in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31]),
+    "qwen2_vl": dict(depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu", mlp_ratio=4, num_heads=16,
+                     in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+}
+# Qwen2-VL attends over the whole image in every block; vlmjax still lays its patches out in windows (`qwen_vit`), of
+# this many merge units a side: Qwen2.5-VL's published 112 pixels at patch 14, 64 patches, the window the layout's
+# padding buckets were measured with.
+QWEN2_VL_WINDOW_UNITS = 4
 QWEN_TEXT_DEFAULTS = dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
                           num_attention_heads=64, num_key_value_heads=8, hidden_act="silu",
                           max_position_embeddings=32768, rms_norm_eps=1e-5, use_sliding_window=False,
@@ -193,8 +203,8 @@ def _pinpoints(top: Mapping[str, Any], tile_size: int) -> list[list[int]]:
 
 
 def _qwen_rope(text: Mapping[str, Any]) -> tuple[float, list[int]]:
-  """Qwen2.5-VL's text RoPE: (theta, mrope_section), from rope_parameters or the older rope_scaling (type 'mrope' or
-  'default'); any other type is refused."""
+  """Qwen2-VL's and Qwen2.5-VL's text RoPE: (theta, mrope_section), from rope_parameters or the older rope_scaling
+  (type 'mrope' or 'default'); any other type is refused."""
   parameters = dict(text.get("rope_scaling") or text.get("rope_parameters") or {})
   rope_type = parameters.get("rope_type", parameters.get("type", "default"))
   if rope_type not in ("default", "mrope") or "factor" in parameters:
@@ -205,13 +215,8 @@ def _qwen_rope(text: Mapping[str, Any]) -> tuple[float, list[int]]:
   return theta, [int(n) for n in parameters.get("mrope_section", QWEN_MROPE_SECTION)]
 
 
-def _from_qwen(values: Mapping[str, Any]) -> HFModel:
-  """A Qwen2_5_VLConfig's values -> HFModel (the text model Qwen2 with q/k/v biases and M-RoPE)."""
-  top = {**QWEN_TOP_DEFAULTS, **values}
-  vision = {**QWEN_VISION_DEFAULTS, **(values.get("vision_config") or {})}
-  text_values = values.get("text_config") or {key: value for key, value in values.items()
-                                                if key in QWEN_TEXT_DEFAULTS or key.startswith("rope")}
-  text = {**QWEN_TEXT_DEFAULTS, **text_values}
+def _qwen_vision_section(vision: Mapping[str, Any], model_type: str) -> dict:
+  """vision_config of a Qwen2.5-VL or Qwen2-VL config.json (defaults filled in) -> the `model.vision` section."""
   if vision["in_channels"] != 3:
     raise ValueError(f"config.json: vision_config.in_channels={vision['in_channels']!r}; vlmjax reads RGB images")
   for key in ("patch_size", "temporal_patch_size"):
@@ -221,25 +226,40 @@ def _from_qwen(values: Mapping[str, Any]) -> HFModel:
   if vision_rope.get("rope_type", "axial") != "axial":
     raise ValueError(f"config.json: vision_config.rope_parameters={vision_rope!r} is not supported (the vision tower's "
                      f"RoPE is axial)")
+  section = dict(patch_size=vision["patch_size"], temporal_patch_size=vision["temporal_patch_size"],
+                 merge_size=vision["spatial_merge_size"], depth=vision["depth"], num_heads=vision["num_heads"],
+                 activation=_activation(vision["hidden_act"], "vision_config.hidden_act"),
+                 rope_theta=float(vision_rope.get("rope_theta", 10000.0)))
+  if model_type == "qwen2_5_vl":
+    return dict(section, width=vision["hidden_size"], mlp_dim=vision["intermediate_size"],
+                out_width=vision["out_hidden_size"], window_size=vision["window_size"],
+                fullatt_block_indexes=list(vision["fullatt_block_indexes"]))
+  width = vision["embed_dim"]
+  return dict(section, width=width, mlp_dim=int(width * vision["mlp_ratio"]), out_width=vision["hidden_size"],
+              window_size=QWEN2_VL_WINDOW_UNITS * vision["spatial_merge_size"] * vision["patch_size"],
+              fullatt_block_indexes=list(range(vision["depth"])), norm="layernorm", gated_mlp=False)
+
+
+def _from_qwen(values: Mapping[str, Any], model_type: str) -> HFModel:
+  """A Qwen2_5_VLConfig's or Qwen2VLConfig's values -> HFModel (the text model Qwen2 with q/k/v biases and M-RoPE)."""
+  top = {**QWEN_TOP_DEFAULTS, **values}
+  vision = {**QWEN_VISION_DEFAULTS[model_type], **(values.get("vision_config") or {})}
+  text_values = values.get("text_config") or {key: value for key, value in values.items()
+                                                if key in QWEN_TEXT_DEFAULTS or key.startswith("rope")}
+  text = {**QWEN_TEXT_DEFAULTS, **text_values}
   if text["use_sliding_window"]:
     raise ValueError(f"config.json: text_config.use_sliding_window={text['use_sliding_window']!r} is not supported "
                      f"(vlmjax's decoder attends to the whole context)")
   theta, mrope_section = _qwen_rope(text)
   num_heads = text["num_attention_heads"]
-  head_dim = text["hidden_size"] // num_heads  # Qwen2.5-VL's attention ignores a head_dim key
+  head_dim = text["hidden_size"] // num_heads  # Qwen2-VL's and Qwen2.5-VL's attention ignore a head_dim key
   if sum(mrope_section) != head_dim // 2:
     raise ValueError(f"config.json: text_config.rope_parameters.mrope_section={mrope_section} must sum to half the "
                      f"head size ({head_dim // 2})")
   config = common.base_config()
   model = config.model
-  model.vision_tower = "qwen2_5_vl"
-  model.vision = ml_collections.ConfigDict(dict(
-      patch_size=vision["patch_size"], temporal_patch_size=vision["temporal_patch_size"],
-      merge_size=vision["spatial_merge_size"], width=vision["hidden_size"], depth=vision["depth"],
-      num_heads=vision["num_heads"], mlp_dim=vision["intermediate_size"], out_width=vision["out_hidden_size"],
-      window_size=vision["window_size"], fullatt_block_indexes=list(vision["fullatt_block_indexes"]),
-      activation=_activation(vision["hidden_act"], "vision_config.hidden_act"),
-      rope_theta=float(vision_rope.get("rope_theta", 10000.0))))
+  model.vision_tower = model_type
+  model.vision = ml_collections.ConfigDict(_qwen_vision_section(vision, model_type))
   model.decoder = ml_collections.ConfigDict(dict(
       vocab_size=text["vocab_size"], width=text["hidden_size"], depth=text["num_hidden_layers"], num_heads=num_heads,
       num_kv_heads=text["num_key_value_heads"] or num_heads, head_dim=head_dim, mlp_dim=text["intermediate_size"],
@@ -264,8 +284,8 @@ def from_hf(values: Mapping[str, Any]) -> HFModel:
   if list(architectures) != [ARCHITECTURES[model_type]]:
     raise ValueError(f"config.json: architectures={list(architectures)!r} is not supported; vlmjax reads "
                      f"{model_type} as [{ARCHITECTURES[model_type]!r}]")
-  if model_type == "qwen2_5_vl":
-    return _from_qwen(values)
+  if model_type in QWEN_TOWERS:
+    return _from_qwen(values, model_type)
   top = {**TOP_DEFAULTS[model_type], **values}
   vision = _sub_config(values, model_type, "vision_config", (VISION_TYPE[model_type],))
   text = _sub_config(values, model_type, "text_config",
@@ -324,14 +344,14 @@ def _check_expected(model: VLMConfig, model_type: str, expected: Mapping[str, An
 
 
 def model_type_of(model: VLMConfig) -> str:
-  """'llava', 'llava_next' (anyres tiles), 'paligemma' or 'qwen2_5_vl' (Qwen2.5-VL's tower): which Hugging Face
-  architecture a vlmjax model is; ValueError naming the first setting that none can express."""
+  """'llava', 'llava_next' (anyres tiles), 'paligemma', or the Qwen tower's 'qwen2_vl' or 'qwen2_5_vl': which Hugging
+  Face architecture a vlmjax model is; ValueError naming the first setting that none can express."""
   if model.qwen_tower:  # VLMConfig has checked the tower's projector and image-token settings
-    model_type = "qwen2_5_vl"
-    # The tower's RMSNorms have transformers' eps 1e-6 built in.
+    model_type = model.vision_tower
+    # The tower's norms have transformers' eps 1e-6 built in.
     _check_expected(model, model_type, {
-        "vision.norm_eps": 1e-6, "decoder.qkv_bias": True, "decoder.norm_unit_offset": False,
-        "decoder.scale_embeddings": False, "decoder.final_logit_softcap": None})
+        "vision.norm_eps": 1e-6, **_qwen_vision_expected(model), "decoder.qkv_bias": True,
+        "decoder.norm_unit_offset": False, "decoder.scale_embeddings": False, "decoder.final_logit_softcap": None})
     decoder = model.decoder
     if decoder.attention_head_dim != decoder.width // decoder.num_heads:
       raise ValueError(f"model.decoder.head_dim={decoder.head_dim} cannot be written as a Hugging Face {model_type} "
@@ -346,6 +366,19 @@ def model_type_of(model: VLMConfig) -> str:
     if value not in ACTIVATION_NAMES:
       raise ValueError(f"model.{key}={value!r} has no transformers name")
   return model_type
+
+
+def _qwen_vision_expected(model: VLMConfig) -> dict:
+  """The tower settings of its family (`model.vision_tower`) that a Qwen2.5-VL or Qwen2-VL config.json cannot change."""
+  if model.vision_tower == "qwen2_5_vl":
+    return {"vision.norm": "rmsnorm", "vision.gated_mlp": True}
+  vision = model.vision
+  if vision.mlp_dim % vision.width:  # Qwen2VLVisionConfig's mlp_ratio is an int
+    raise ValueError(f"model.vision.mlp_dim={vision.mlp_dim} cannot be written as a Hugging Face qwen2_vl checkpoint "
+                     f"(its MLP is embed_dim * mlp_ratio wide, an int mlp_ratio: a multiple of model.vision.width="
+                     f"{vision.width})")
+  return {"vision.norm": "layernorm", "vision.gated_mlp": False,
+          "vision.fullatt_block_indexes": tuple(range(vision.depth))}
 
 
 def _check_llava_or_paligemma(model: VLMConfig) -> str:
@@ -379,8 +412,8 @@ def to_hf(model: VLMConfig, token_ids: Mapping[str, Any], max_len: int | None) -
     max_len: the text model's max_position_embeddings (None: transformers' default).
   """
   model_type = model_type_of(model)
-  if model_type == "qwen2_5_vl":
-    return _to_qwen(model, token_ids, max_len)
+  if model_type in QWEN_TOWERS:
+    return _to_qwen(model, model_type, token_ids, max_len)
   vision, decoder = model.vision, model.decoder
   vision_config = dict(
       model_type=VISION_TYPE[model_type], hidden_size=vision.width, intermediate_size=vision.mlp_dim,
@@ -415,20 +448,26 @@ def to_hf(model: VLMConfig, token_ids: Mapping[str, Any], max_len: int | None) -
   return values
 
 
-def _to_qwen(model: VLMConfig, token_ids: Mapping[str, Any], max_len: int | None) -> dict:
-  """A Qwen2.5-VL model -> config.json contents: every key `_from_qwen` reads, in the sub-config where transformers
-  saves it. M-RoPE is written as Qwen publishes it, rope_theta and rope_scaling's mrope_section, which transformers
-  4 reads and 5 turns into its rope_parameters."""
-  vision, decoder = model.vision, model.decoder
-  vision_config = dict(
-      model_type="qwen2_5_vl_vision", depth=vision.depth, hidden_size=vision.width, intermediate_size=vision.mlp_dim,
-      num_heads=vision.num_heads, in_channels=3, patch_size=vision.patch_size,
-      temporal_patch_size=vision.temporal_patch_size, spatial_merge_size=vision.merge_size,
-      window_size=vision.window_size, fullatt_block_indexes=list(vision.fullatt_block_indexes),
-      out_hidden_size=vision.out_width, hidden_act=ACTIVATION_NAMES[vision.activation],
-      rope_parameters=dict(rope_type="axial", rope_theta=vision.rope_theta))
+def _qwen_vision_config(vision, model_type: str) -> dict:
+  """The `vision_config` of a Qwen2.5-VL or Qwen2-VL config.json: every key `_qwen_vision_section` reads (Qwen2-VL's
+  window, only the layout of its patches in vlmjax, is not one)."""
+  common = dict(model_type=f"{model_type}_vision", depth=vision.depth, num_heads=vision.num_heads, in_channels=3,
+                patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                spatial_merge_size=vision.merge_size, hidden_act=ACTIVATION_NAMES[vision.activation],
+                rope_parameters=dict(rope_type="axial", rope_theta=vision.rope_theta))
+  if model_type == "qwen2_5_vl":
+    return dict(common, hidden_size=vision.width, intermediate_size=vision.mlp_dim, window_size=vision.window_size,
+                fullatt_block_indexes=list(vision.fullatt_block_indexes), out_hidden_size=vision.out_width)
+  return dict(common, embed_dim=vision.width, mlp_ratio=vision.mlp_dim // vision.width, hidden_size=vision.out_width)
+
+
+def _to_qwen(model: VLMConfig, model_type: str, token_ids: Mapping[str, Any], max_len: int | None) -> dict:
+  """A Qwen2.5-VL or Qwen2-VL model -> config.json contents: every key `_from_qwen` reads, in the sub-config where
+  transformers saves it. M-RoPE is written as Qwen publishes it, rope_theta and rope_scaling's mrope_section, which
+  transformers 4 reads and 5 turns into its rope_parameters."""
+  decoder = model.decoder
   text_config = dict(
-      model_type="qwen2_5_vl_text", vocab_size=decoder.vocab_size, hidden_size=decoder.width,
+      model_type=f"{model_type}_text", vocab_size=decoder.vocab_size, hidden_size=decoder.width,
       intermediate_size=decoder.mlp_dim, num_hidden_layers=decoder.depth, num_attention_heads=decoder.num_heads,
       num_key_value_heads=decoder.num_kv_heads, hidden_act=ACTIVATION_NAMES[decoder.activation],
       rms_norm_eps=decoder.norm_eps, rope_theta=decoder.rope_theta,
@@ -437,6 +476,6 @@ def _to_qwen(model: VLMConfig, token_ids: Mapping[str, Any], max_len: int | None
       **token_ids)  # None written as null: Qwen's defaults (bos 151643, ...) are ids of its own vocabulary
   if max_len is not None:
     text_config["max_position_embeddings"] = max_len
-  return dict(architectures=[ARCHITECTURES["qwen2_5_vl"]], model_type="qwen2_5_vl", image_token_id=model.image_token_id,
-              tie_word_embeddings=decoder.tie_embeddings, vision_config=vision_config, text_config=text_config,
-              dtype="float32")
+  return dict(architectures=[ARCHITECTURES[model_type]], model_type=model_type, image_token_id=model.image_token_id,
+              tie_word_embeddings=decoder.tie_embeddings, vision_config=_qwen_vision_config(model.vision, model_type),
+              text_config=text_config, dtype="float32")

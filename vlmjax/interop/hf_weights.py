@@ -1,4 +1,4 @@
-"""Hugging Face LLaVA / LLaVA-NeXT / PaliGemma / Qwen2.5-VL safetensors <-> the parameters of `vlmjax.models.vlm.VLM`.
+"""Hugging Face LLaVA / LLaVA-NeXT / PaliGemma / Qwen2(.5)-VL safetensors <-> the parameters of `vlmjax.models.vlm.VLM`.
 
 Every parameter of ours names the Hugging Face tensor it comes from and how its axes map (`TENSORS`):
 [out, in] Linear weights become [in, out] kernels, q/k/v/o projections get their head axes ([D, N, H] and
@@ -10,7 +10,7 @@ Names are handled in one canonical layout, the one transformers 4.x wrote (`visi
 `language_model.model.*`, `language_model.lm_head.weight`, `multi_modal_projector.*`, `image_newline`); the newer
 layouts (`model.vision_tower.*`, `model.language_model.*`, `lm_head.weight`, `vision_tower.*` without
 `vision_model`, `model.image_newline`) are renamed into it on reading, and writing uses it (transformers 4 and 5
-both load it). Qwen2.5-VL's tower is `visual.*` (`model.visual.*` in the module's own names) and its language model
+both load it). Qwen2(.5)-VL's tower is `visual.*` (`model.visual.*` in the module's own names) and its language model
 `model.*` (or `model.language_model.*`), renamed into the same text layout; it is written as transformers saves it
 and Qwen publishes it (`QWEN_SAVED`: `visual.*`, `model.*`, `lm_head.weight`), by the same renames read backwards.
 """
@@ -39,9 +39,9 @@ TEXT = "language_model.model."
 LM_HEAD = "language_model.lm_head.weight"
 PROJECTOR = "multi_modal_projector."
 NEWLINE = "image_newline"  # LLaVA-NeXT's embedding after each row of an image's tiles
-QWEN_VISION = "visual."  # Qwen2.5-VL's vision tower
+QWEN_VISION = "visual."  # Qwen2-VL's and Qwen2.5-VL's vision tower
 
-# Qwen2.5-VL's text model and head as transformers saves them (`model.{layers,embed_tokens,norm}.*`, `lm_head.weight`;
+# Qwen2(.5)-VL's text model and head as transformers saves them (`model.{layers,embed_tokens,norm}.*`, `lm_head.weight`;
 # the newer LLaVA layout's head too) -> the canonical layout; its tower's `visual.*` is canonical already.
 QWEN_SAVED = (
     ("model.layers.", TEXT + "layers."),
@@ -182,22 +182,40 @@ TENSORS: dict[str, tuple[str, Layout]] = {
     "decoder/layers/mlp_norm/scale": (_text_layer("post_attention_layernorm.weight"), SAME1),
     **{f"decoder/layers/mlp/{name}/kernel": (_text_layer(f"mlp.{name}_proj.weight"), LINEAR)
        for name in ("gate", "up", "down")},
-    # Qwen2.5-VL's vision tower (`models/qwen_vit.py`)
+    # Qwen2.5-VL's and Qwen2-VL's vision tower (`models/qwen_vit.py`; norm biases: Qwen2-VL's LayerNorms)
     "vision/patches/kernel": (QWEN_VISION + "patch_embed.proj.weight", CONV3D),
     "vision/layers/attention_norm/scale": (_qwen_vision_layer("norm1.weight"), SAME1),
+    "vision/layers/attention_norm/bias": (_qwen_vision_layer("norm1.bias"), SAME1),
     "vision/layers/qkv/kernel": (_qwen_vision_layer("attn.qkv.weight"), QKV_IN),
     "vision/layers/qkv/bias": (_qwen_vision_layer("attn.qkv.bias"), QKV_BIAS),
     "vision/layers/out/kernel": (_qwen_vision_layer("attn.proj.weight"), HEADS_OUT),
     "vision/layers/out/bias": (_qwen_vision_layer("attn.proj.bias"), SAME1),
     "vision/layers/mlp_norm/scale": (_qwen_vision_layer("norm2.weight"), SAME1),
+    "vision/layers/mlp_norm/bias": (_qwen_vision_layer("norm2.bias"), SAME1),
     **{f"vision/layers/mlp/{name}/{kind}": (_qwen_vision_layer(f"mlp.{name}_proj.{hf_kind}"), layout)
        for name in ("gate", "up", "down") for kind, hf_kind, layout in (("kernel", "weight", LINEAR),
                                                                         ("bias", "bias", SAME1))},
     "vision/merger_norm/scale": (QWEN_VISION + "merger.ln_q.weight", SAME1),
+    "vision/merger_norm/bias": (QWEN_VISION + "merger.ln_q.bias", SAME1),
     **{f"vision/merger_{ours}/{kind}": (f"{QWEN_VISION}merger.mlp.{hf}.{hf_kind}", layout)
        for ours, hf in (("1", "0"), ("2", "2")) for kind, hf_kind, layout in (("kernel", "weight", LINEAR),
                                                                              ("bias", "bias", SAME1))},
 }
+
+
+# Qwen2-VL's vision MLP is plain (fc1, act, fc2) where Qwen2.5-VL's is gated (gate_proj, up_proj, down_proj): our
+# paths `up` and `down` are its fc1 and fc2 (`tensors_of`).
+QWEN2_VL_MLP = {f"vision/layers/mlp/{ours}/{kind}": (_qwen_vision_layer(f"mlp.{hf}.{hf_kind}"), layout)
+                for ours, hf in (("up", "fc1"), ("down", "fc2"))
+                for kind, hf_kind, layout in (("kernel", "weight", LINEAR), ("bias", "bias", SAME1))}
+
+
+def tensors_of(paths: set[str]) -> dict[str, tuple[str, Layout]]:
+  """`TENSORS` for a params tree with these parameter paths: with Qwen2-VL's names for a Qwen vision MLP without a
+  gate."""
+  if "vision/layers/mlp/up/kernel" in paths and "vision/layers/mlp/gate/kernel" not in paths:
+    return {**TENSORS, **QWEN2_VL_MLP}
+  return TENSORS
 
 
 def canonical_name(name: str) -> str:
@@ -231,13 +249,14 @@ class Source:
 
 def plan(abstract_params: Any) -> list[Source]:
   """The source of every leaf of our `params` tree (shapes only), in tree order."""
+  leaves = [(_path(key_path), leaf) for key_path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)]
+  tensors = tensors_of({path for path, _ in leaves})
   sources = []
-  for key_path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
-    path = _path(key_path)
-    if path not in TENSORS:
+  for path, leaf in leaves:
+    if path not in tensors:
       raise ValueError(f"parameter {path} has no Hugging Face counterpart (Hugging Face interop needs the model's "
                        f"layers scanned: model.scan_layers=True)")
-    name, layout = TENSORS[path]
+    name, layout = tensors[path]
     sources.append(Source(path, name, layout, tuple(leaf.shape), stacked="{}" in name))
   return sources
 

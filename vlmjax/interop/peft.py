@@ -7,13 +7,13 @@
 
 The directory holds adapter_config.json and adapter_model.safetensors, with the names PEFT 0.21 gives the modules
 of transformers 5's LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-PaliGemmaForConditionalGeneration and Qwen2_5_VLForConditionalGeneration:
+PaliGemmaForConditionalGeneration, Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration:
 
     base_model.model.model.language_model.layers.{i}.self_attn.q_proj.lora_A.weight    float32[r, in]
     base_model.model.model.language_model.layers.{i}.self_attn.q_proj.lora_B.weight    float32[out, r]
     base_model.model.model.multi_modal_projector.linear_1.weight                       the trained projector, whole
                                                                                        (modules_to_save)
-    base_model.model.model.visual.merger.mlp.0.weight                                  Qwen2.5-VL's: its patch merger
+    base_model.model.model.visual.merger.mlp.0.weight                                  Qwen2(.5)-VL's: its patch merger
 
 Our adapter a float[C1..Ca, r], b float[r, O1..Ob] sits beside a kernel float[C1..Ca, O1..Ob]; PEFT's update
 (alpha / r) B A x is ours when B A is (a b) in the Hugging Face layout of that kernel, Linear's [out, in]. The kernel's

@@ -1,11 +1,13 @@
-"""Qwen2.5-VL's vision tower: images at their own resolution, as patches in static shapes.
+"""Qwen2.5-VL's and Qwen2-VL's vision tower: images at their own resolution, as patches in static shapes.
 
 An image of h x w patches (`patch_size` pixels a side, `temporal_patch_size` frames deep: a still image is its two
 equal frames) is embedded patch by patch (transformers' Conv3d, as one linear map of the flattened patch), turned
-by a 2-D RoPE of each patch's row and column, run through RMSNorm blocks with gated MLPs, and each 2 x 2 block of
-neighbouring patches (a merge unit, `merge_size`) is concatenated and projected into the language model (the
-patch merger). Most blocks attend within windows of `window_size` pixels; the blocks at `fullatt_block_indexes`
-attend over the whole image.
+by a 2-D RoPE of each patch's row and column, run through pre-norm blocks, and each 2 x 2 block of neighbouring
+patches (a merge unit, `merge_size`) is concatenated and projected into the language model (the patch merger).
+Qwen2.5-VL's blocks have RMSNorms and gated MLPs; most attend within windows of `window_size` pixels, the blocks at
+`fullatt_block_indexes` over the whole image. Qwen2-VL's (`norm="layernorm"`, `gated_mlp=False`) have LayerNorms and
+plain MLPs (fc1, activation, fc2), and every block attends over the whole image: its windows only lay the patches
+out (`full_attention_only`).
 
 The host lays the patches out (`vlmjax.models.qwen_vl.batch_patches`) so that the program depends only on padded
 shapes:
@@ -42,6 +44,10 @@ from vlmjax.models import activation as activation_lib, blockwise_attention, lay
 from vlmjax.models.config import ModelConfig, check_choice, check_divides, check_positive, dtype
 
 
+# The blocks' and the merger's norm by `QwenViTConfig.norm`: Qwen2.5-VL's RMSNorm, Qwen2-VL's LayerNorm.
+NORMS = {"rmsnorm": layers.RMSNorm, "layernorm": layers.LayerNorm}
+
+
 @dataclasses.dataclass(frozen=True)
 class QwenViTConfig(ModelConfig):
   patch_size: int = 14
@@ -55,6 +61,8 @@ class QwenViTConfig(ModelConfig):
   window_size: int = 112  # a window's side in pixels
   fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)  # the blocks that attend over the whole image
   activation: str = "silu"
+  norm: str = "rmsnorm"  # a key of NORMS: the blocks' and the merger's ("layernorm", with biases, for Qwen2-VL)
+  gated_mlp: bool = True  # act(x W_gate) * (x W_up) W_down; False: act(x W_up) W_down (Qwen2-VL's fc1, fc2)
   norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   dtype: str = "float32"
@@ -77,6 +85,7 @@ class QwenViTConfig(ModelConfig):
     if bad:
       raise ValueError(f"{where}.fullatt_block_indexes has {bad}, outside the {self.depth} blocks")
     check_choice(self.activation, tuple(activation_lib.ACTIVATIONS), f"{where}.activation")
+    check_choice(self.norm, tuple(NORMS), f"{where}.norm")
 
   @property
   def patch_dim(self) -> int:
@@ -93,10 +102,16 @@ class QwenViTConfig(ModelConfig):
     """L: the patches of a full window, each window's slots in `pixel_values`."""
     return (self.window_units * self.merge_size) ** 2
 
+  @property
+  def full_attention_only(self) -> bool:
+    """Whether every block attends over the whole image (Qwen2-VL): then no block attends within windows, and the
+    windows only lay the patches out."""
+    return set(self.fullatt_block_indexes) == set(range(self.depth))
+
 
 @flax.struct.dataclass
 class Patches:
-  """Images at their own resolution (Qwen2.5-VL), in static shapes (`models/qwen_vit.py`'s layout; made by
+  """Images at their own resolution (Qwen2-VL, Qwen2.5-VL), in static shapes (`models/qwen_vit.py`'s layout; made by
   `vlmjax.models.qwen_vl.batch_patches`).
 
   pixel_values: float32[N, 3·T·p·p] normalized flattened patches, window by window, zero patches as padding.
@@ -302,9 +317,14 @@ def full_attention_chunk(num_patches: int, window: int) -> int:
   return window * max(d for d in range(1, max(FULL_ATTENTION_CHUNK // window, 1) + 1) if windows % d == 0)
 
 
+def _norm(cfg: QwenViTConfig, name: str) -> nn.Module:
+  """The tower's norm (`cfg.norm`) in its compute and parameter dtypes."""
+  return NORMS[cfg.norm](eps=cfg.norm_eps, dtype=dtype(cfg.dtype), param_dtype=dtype(cfg.param_dtype), name=name)
+
+
 class QwenVisionBlock(nn.Module):
-  """x + attention(RMSNorm(x)) over windows or the whole image, then x + gated MLP(RMSNorm(x)); biases on every
-  projection, as Qwen2.5-VL's vision blocks."""
+  """x + attention(norm(x)) over windows or the whole image, then x + MLP(norm(x)); biases on every projection, as
+  Qwen2.5-VL's vision blocks (RMSNorm, gated MLP) and Qwen2-VL's (LayerNorm, plain MLP)."""
 
   config: QwenViTConfig
 
@@ -314,26 +334,27 @@ class QwenVisionBlock(nn.Module):
     image; sin, cos: float32[N, H/2] the 2-D RoPE; image_ids: int[N]. Returns (float[1, N, D], None)."""
     cfg = self.config
     compute_dtype, param_dtype = dtype(cfg.dtype), dtype(cfg.param_dtype)
-    norm = lambda name: layers.RMSNorm(eps=cfg.norm_eps, dtype=compute_dtype, param_dtype=param_dtype, name=name)
     head_dim = cfg.width // cfg.num_heads
     qkv = layers.Projection((cfg.width, 3, cfg.num_heads, head_dim), (layers.EMBED, None, layers.HEADS,
                                                                       layers.HEAD_DIM),
                             fan_in=1, use_bias=True, dtype=compute_dtype, param_dtype=param_dtype,
-                            name="qkv")(norm("attention_norm")(x))  # [1, N, 3, heads, H]
+                            name="qkv")(_norm(cfg, "attention_norm")(x))  # [1, N, 3, heads, H]
     query, key = (layers.rotate(qkv[0, :, i], sin, cos) for i in (0, 1))  # [N, heads, H]
     value = qkv[0, :, 2]
     window = cfg.window_patches
     windowed = lambda *qkv: windowed_attention(*qkv, image_ids, window)
     whole = lambda *qkv: full_attention(*qkv, image_ids, full_attention_chunk(x.shape[1], window))
-    if isinstance(full, bool):
+    if cfg.full_attention_only:  # no block attends within windows: no `lax.cond` to compile both into
+      attended = whole(query, key, value)
+    elif isinstance(full, bool):
       attended = (whole if full else windowed)(query, key, value)
     else:
       attended = jax.lax.cond(full, whole, windowed, query, key, value)
     x = x + layers.Projection((cfg.num_heads, head_dim, cfg.width), (layers.HEADS, layers.HEAD_DIM, layers.EMBED),
                               fan_in=2, use_bias=True, dtype=compute_dtype, param_dtype=param_dtype,
                               name="out")(attended[None])
-    x = x + layers.FeedForward(cfg.mlp_dim, activation=cfg.activation, gated=True, use_bias=True, dtype=compute_dtype,
-                               param_dtype=param_dtype, name="mlp")(norm("mlp_norm")(x))
+    x = x + layers.FeedForward(cfg.mlp_dim, activation=cfg.activation, gated=cfg.gated_mlp, use_bias=True,
+                               dtype=compute_dtype, param_dtype=param_dtype, name="mlp")(_norm(cfg, "mlp_norm")(x))
     return nn.with_logical_constraint(x, (layers.ACT_BATCH, layers.ACT_LENGTH, layers.ACT_EMBED)), None
 
 
@@ -374,8 +395,8 @@ class QwenViT(nn.Module):
       for i in range(cfg.depth):
         x, _ = block(cfg, name=f"layers_{i}")(x, bool(full[i]), sin, cos, image_ids)
 
-    # The patch merger: RMSNorm per patch, each merge unit's m² patches side by side, then an exact-GELU MLP.
-    x = layers.RMSNorm(eps=cfg.norm_eps, dtype=compute_dtype, param_dtype=param_dtype, name="merger_norm")(x)
+    # The patch merger: the norm per patch, each merge unit's m² patches side by side, then an exact-GELU MLP.
+    x = _norm(cfg, "merger_norm")(x)
     x = x.reshape(num_patches // cfg.merge_size**2, cfg.merge_size**2 * cfg.width)  # [N/m², m²·D]
     dense = lambda name, features, axes, h: layers.Projection(
         (h.shape[-1], features), axes, fan_in=1, use_bias=True, dtype=compute_dtype, param_dtype=param_dtype,

@@ -20,14 +20,15 @@ and the text length, so images of new sizes reuse it; what an image's tokens are
 LLaVA-NeXT) is host arithmetic. A model with another layout (a per-image token count, other tiles) needs only
 another index table.
 
-Qwen2.5-VL (`vision_tower="qwen2_5_vl"`) takes its images at their own resolution as `Patches`, the same scheme with
-patches for tiles: every patch of the batch, laid out window by window and padded to a bucket of windows
-(`models/qwen_vit.py`), with each patch's row and column and image; the tower's merged tokens are the image-token table,
-and `token_index` picks each row's. Its decoder's M-RoPE gives every token a (temporal, height, width) position: text
-tokens count on, an image's tokens sit at the image's start plus their (0, row, column) in its merged grid, and the text
-after an image goes on from its start plus its longer side (transformers' `get_rope_index`). `qwen_vit.mrope_positions`
-computes that in the program from the placeholders and two more host-made tables (`Patches.token_offsets`,
-`Patches.token_advance`), so padded and packed prompts need nothing else.
+Qwen2.5-VL (`vision_tower="qwen2_5_vl"`) and Qwen2-VL (`"qwen2_vl"`: the same tower with LayerNorms, plain MLPs and
+full attention in every block, as `QwenViTConfig` settings) take their images at their own resolution as `Patches`,
+the same scheme with patches for tiles: every patch of the batch, laid out window by window and padded to a bucket of
+windows (`models/qwen_vit.py`), with each patch's row and column and image; the tower's merged tokens are the
+image-token table, and `token_index` picks each row's. Its decoder's M-RoPE gives every token a (temporal, height,
+width) position: text tokens count on, an image's tokens sit at the image's start plus their (0, row, column) in its
+merged grid, and the text after an image goes on from its start plus its longer side (transformers'
+`get_rope_index`). `qwen_vit.mrope_positions` computes that in the program from the placeholders and two more
+host-made tables (`Patches.token_offsets`, `Patches.token_advance`), so padded and packed prompts need nothing else.
 """
 
 import dataclasses
@@ -47,8 +48,11 @@ from vlmjax.models.projector import POSITION_EMBEDDINGS, PROJECTORS, Projector
 from vlmjax.models.qwen_vit import Patches, QwenViT, QwenViTConfig, fill_patches, layout, mrope_positions
 from vlmjax.models.vit import ViT, ViTConfig
 
-# Vision towers by `VLMConfig.vision_tower`: Qwen2.5-VL's carries its own patch merger (projector "patch_merger").
-VISION_TOWERS = {"vit": ViTConfig, "qwen2_5_vl": QwenViTConfig}
+# Qwen's vision towers by `VLMConfig.vision_tower` -> the family's name. Each carries its own patch merger (projector
+# "patch_merger"); the tower names the Hugging Face architecture the model is written as.
+QWEN_TOWERS = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
+# Vision towers by `VLMConfig.vision_tower`.
+VISION_TOWERS = {"vit": ViTConfig, **{tower: QwenViTConfig for tower in QWEN_TOWERS}}
 QWEN_PROJECTOR = "patch_merger"
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +147,8 @@ class VLMConfig(ModelConfig):
                    "image_grid_pinpoints": (bool(self.image_grid_pinpoints), "()")}
     for key, (bad, needed) in unsupported.items():
       if bad:
-        raise ValueError(f"model.{key}={getattr(self, key)!r} is not supported with vision_tower='qwen2_5_vl': use "
-                         f"{needed}")
+        raise ValueError(f"model.{key}={getattr(self, key)!r} is not supported with vision_tower="
+                         f"{self.vision_tower!r}: use {needed}")
     if self.vision.out_width != self.decoder.width:
       raise ValueError(f"model.vision.out_width={self.vision.out_width} must equal model.decoder.width="
                        f"{self.decoder.width} (the patch merger projects into the language model)")
@@ -163,8 +167,8 @@ class VLMConfig(ModelConfig):
 
   @property
   def qwen_tower(self) -> bool:
-    """Whether images go through Qwen2.5-VL's tower at their own resolution, as `Patches`."""
-    return self.vision_tower == "qwen2_5_vl"
+    """Whether images go through Qwen2-VL's or Qwen2.5-VL's tower at their own resolution, as `Patches`."""
+    return self.vision_tower in QWEN_TOWERS
 
   @property
   def keeps_cls_token(self) -> bool:
@@ -178,8 +182,8 @@ class VLMConfig(ModelConfig):
 
   @property
   def variable_image_tokens(self) -> bool:
-    """Whether each image gives its own number of tokens (anyres, Qwen2.5-VL), so that images come as `Tiles` or
-    `Patches`."""
+    """Whether each image gives its own number of tokens (anyres, Qwen2-VL, Qwen2.5-VL), so that images come as
+    `Tiles` or `Patches`."""
     return bool(self.image_grid_pinpoints) or self.qwen_tower
 
   @property
@@ -187,7 +191,7 @@ class VLMConfig(ModelConfig):
     """Image embeddings (placeholder tokens) each image contributes."""
     if self.variable_image_tokens:
       raise ValueError("this model's images give a number of tokens that depends on their size "
-                       "(model.image_grid_pinpoints or vision_tower='qwen2_5_vl'): count them with "
+                       "(model.image_grid_pinpoints or a Qwen vision_tower): count them with "
                        "vlmjax.models.anyres.image_token_count or vlmjax.models.qwen_vl.image_token_count")
     reduction = self.tower_reduction
     return self.patch_tokens_per_image if reduction is None else reduction.tokens(self.patch_tokens_per_image)
@@ -403,7 +407,7 @@ class VLM(nn.Module):
     if pixel_values is None:
       image_embeddings = None
     elif isinstance(pixel_values, Patches) != cfg.qwen_tower:
-      raise ValueError("a model with vision_tower='qwen2_5_vl' takes its images as Patches "
+      raise ValueError(f"a model with vision_tower in {sorted(QWEN_TOWERS)} takes its images as Patches "
                        "(vlmjax.models.qwen_vl.batch_patches), and only such a model does")
     elif isinstance(pixel_values, Tiles) != bool(cfg.image_grid_pinpoints):
       raise ValueError("a model with image_grid_pinpoints takes its images as Tiles (vlmjax.models.anyres), and "

@@ -32,7 +32,7 @@ from vlmjax.data.images import ImageProcessor
 from vlmjax.data.tokenizer import Tokenizer
 from vlmjax.interop import hf, hf_weights
 from vlmjax.models import lora
-from vlmjax.models.vlm import VLM, VLMConfig
+from vlmjax.models.vlm import QWEN_TOWERS, VLM, VLMConfig
 from vlmjax.parallel import distributed, mesh as mesh_lib
 from vlmjax.train import adapters, optim, pipeline_plan
 from vlmjax.train import stages as stages_lib
@@ -251,9 +251,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
 
 
 def _check_variable_images(config: ml_collections.ConfigDict, model_config: VLMConfig, has_sources: bool) -> None:
-  """What a LLaVA-NeXT or Qwen2.5-VL run needs, checked before anything compiles: its own data (data.sources), one
-  process (each process's batch tables index its own tiles or patches) and no pipeline."""
-  family = "Qwen2.5-VL" if model_config.qwen_tower else "LLaVA-NeXT"
+  """What a LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL run needs, checked before anything compiles: its own data
+  (data.sources), one process (each process's batch tables index its own tiles or patches) and no pipeline."""
+  family = QWEN_TOWERS.get(model_config.vision_tower, "LLaVA-NeXT")
   if not has_sources:
     raise ValueError(f"a {family} model trains on data.sources (its images at their own size); the built-in shapes "
                      f"data set makes fixed-size images")
