@@ -234,7 +234,7 @@ def _change(values: dict, key: str, value) -> dict:
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("model_type", "qwen2_vl", "model_type='qwen2_vl'"),
+    ("model_type", "qwen3_vl", "model_type='qwen3_vl'"),
     ("architectures", ["LlavaNextForConditionalGeneration"], "architectures=['LlavaNextForConditionalGeneration']"),
     ("text_config.model_type", "mistral", "text_config.model_type='mistral'"),
     ("vision_config.model_type", "siglip_vision_model", "vision_config.model_type='siglip_vision_model'"),
