@@ -135,9 +135,10 @@ def make_variable_batch(pretrained: hf.Pretrained, images: list[np.ndarray]) -> 
 
 
 def write_variable_checkpoint(name: str, directory: str):
-  """Writes a VARIABLE_CASES checkpoint as its test module does; returns the torch model."""
-  if name == "qwen2_5_vl":
-    return test_qwen2_5_vl._write(directory, tie=False)
+  """Writes a VARIABLE_CASES checkpoint (or Qwen2-VL's, test_peft's) as its test module does; returns the torch
+  model."""
+  if name in ("qwen2_5_vl", "qwen2_vl"):
+    return test_qwen2_5_vl._write(directory, tie=False, family=name)
   return test_llava_next._write(test_llava_next.BACKBONES["llama"], "llama", directory)
 
 

@@ -1,8 +1,8 @@
 """LoRA export against transformers and peft: a tiny checkpoint (written by transformers) with random adapters and a
 perturbed projector, no training. Our adapted model's logits (the module running its adapters, and the merged
 kernels) equal transformers' of the merged export and peft's of the adapter export on the base (relative 1e-4).
-LLaVA-1.5 and PaliGemma; LLaVA-NeXT and Qwen2.5-VL (its patch merger as the projector) with images of two sizes in
-one batch."""
+LLaVA-1.5 and PaliGemma; LLaVA-NeXT, Qwen2.5-VL and Qwen2-VL (Qwen's patch merger as the projector) with images of
+two sizes in one batch."""
 
 import dataclasses
 import functools
@@ -248,15 +248,17 @@ def test_target_modules_names_exactly_the_adapted_layers():
 # rounding alone differs by 5e-5 between two correct implementations (0.7e-6 at 0.05, as the base's).
 VARIABLE_LORA = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.05)
 VARIABLE_ADAPTER_SCALE = 0.1
-VARIABLE_MODULES = {"llava_next": test_llava_next, "qwen2_5_vl": test_qwen2_5_vl}  # their `_their_inputs`
+# Their `_their_inputs` (Qwen2-VL's processor steps are Qwen2.5-VL's) and transformers classes.
+VARIABLE_MODULES = {"llava_next": test_llava_next, "qwen2_5_vl": test_qwen2_5_vl, "qwen2_vl": test_qwen2_5_vl}
 VARIABLE_CLASSES = {"llava_next": transformers.LlavaNextForConditionalGeneration,
-                    "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}
+                    "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+                    "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}
 
 
 @dataclasses.dataclass(frozen=True)
 class VariableAdapted:
-  """A tiny LLaVA-NeXT or Qwen2.5-VL with made-up adapters and projector, and our logits of a batch of two image
-  sizes."""
+  """A tiny LLaVA-NeXT, Qwen2.5-VL or Qwen2-VL with made-up adapters and projector, and our logits of a batch of two
+  image sizes."""
 
   name: str
   directory: str
@@ -306,7 +308,7 @@ def test_variable_tokens_peft_export_loads_onto_the_base_with_our_logits(variabl
   written = safetensors.numpy.load_file(os.path.join(out, peft_export.WEIGHTS_FILE))
   theirs = {name: tensor.numpy() for name, tensor in peft.get_peft_model_state_dict(model).items()}
   assert sorted(theirs) == sorted(written)  # every tensor we wrote was loaded, the projector's among them
-  projector = ".visual.merger." if adapted.name == "qwen2_5_vl" else ".multi_modal_projector."
+  projector = ".multi_modal_projector." if adapted.name == "llava_next" else ".visual.merger."
   assert any(projector in name for name in written)
   adapted_modules = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
   per_stack = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(adapted.trained) if path[-1].key == "lora_a")
