@@ -228,7 +228,7 @@ def fill_patches(config: QwenViTConfig, rows: Sequence[Sequence[tuple[np.ndarray
   `vlmjax.models.qwen_vl.batch_patches`)."""
   vision, window_units = config, config.window_units**2
   num_patches = num_windows * vision.window_patches
-  pixel_values = np.zeros((num_patches, vision.patch_dim), np.float32)
+  pixel_values = runtime.aligned_zeros((num_patches, vision.patch_dim), np.float32)  # read in place on a CPU
   patch_positions = np.zeros((num_patches, 2), np.int32)
   image_ids = np.full((num_patches,), -1, np.int32)
   token_index = np.zeros((len(rows), num_tokens), np.int32)
@@ -296,12 +296,20 @@ FULL_ATTENTION_CHUNK = 256
 def full_attention(query: jax.Array, key: jax.Array, value: jax.Array, image_ids: jax.Array,
                    chunk: int) -> jax.Array:
   """Attention over the whole image, each patch over its own image's: query, key, value float[N, heads, H];
-  image_ids int[N] -> float[N, heads, H]. On the CPU (`runtime.cpu_tuned`) a block of keys at a time
+  image_ids int[N] -> float[N, heads, H], finite and meaningless at padding (id -1). On the CPU (`runtime.cpu_tuned`) a block of keys at a time
   (`blockwise_attention`); elsewhere `chunk` queries at a time against all N keys (chunk divides N)."""
   if runtime.cpu_tuned():
-    ids = image_ids[None]
-    return blockwise_attention.attention(query[None], key[None], value[None], query.shape[-1]**-0.5,
-                                         query_ids=ids, key_ids=ids)[0]
+    # The images' patches first and the padding last (the window layout scatters it through the edge windows), so
+    # that the blocks of keys and queries past the patches are skipped, not masked: a 1280 x 1280 image's 8464
+    # patches in 9216 slots took 0.56 s instead of 0.61 s on the 2-core AMD EPYC.
+    image_ids = jnp.asarray(image_ids)
+    order = jnp.argsort(image_ids < 0, stable=True)
+    patches = jnp.sum(image_ids >= 0, dtype=jnp.int32)[None]
+    ids = image_ids[order][None]
+    out = blockwise_attention.attention(query[order][None], key[order][None], value[order][None],
+                                        query.shape[-1]**-0.5, query_ids=ids, key_ids=ids, key_lengths=patches,
+                                        query_lengths=patches)[0]
+    return out[jnp.argsort(order)]
   key, value = (_heads_first(x, x.shape[0]) for x in (key, value))  # [1, heads, N, H]
 
   def one(chunk_of):
