@@ -451,14 +451,14 @@ def to_hf(model: VLMConfig, token_ids: Mapping[str, Any], max_len: int | None) -
 def _qwen_vision_config(vision, model_type: str) -> dict:
   """The `vision_config` of a Qwen2.5-VL or Qwen2-VL config.json: every key `_qwen_vision_section` reads (Qwen2-VL's
   window, only the layout of its patches in vlmjax, is not one)."""
-  common = dict(model_type=f"{model_type}_vision", depth=vision.depth, num_heads=vision.num_heads, in_channels=3,
-                patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                spatial_merge_size=vision.merge_size, hidden_act=ACTIVATION_NAMES[vision.activation],
-                rope_parameters=dict(rope_type="axial", rope_theta=vision.rope_theta))
+  both = dict(model_type=f"{model_type}_vision", depth=vision.depth, num_heads=vision.num_heads, in_channels=3,
+              patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+              spatial_merge_size=vision.merge_size, hidden_act=ACTIVATION_NAMES[vision.activation],
+              rope_parameters=dict(rope_type="axial", rope_theta=vision.rope_theta))
   if model_type == "qwen2_5_vl":
-    return dict(common, hidden_size=vision.width, intermediate_size=vision.mlp_dim, window_size=vision.window_size,
+    return dict(both, hidden_size=vision.width, intermediate_size=vision.mlp_dim, window_size=vision.window_size,
                 fullatt_block_indexes=list(vision.fullatt_block_indexes), out_hidden_size=vision.out_width)
-  return dict(common, embed_dim=vision.width, mlp_ratio=vision.mlp_dim // vision.width, hidden_size=vision.out_width)
+  return dict(both, embed_dim=vision.width, mlp_ratio=vision.mlp_dim // vision.width, hidden_size=vision.out_width)
 
 
 def _to_qwen(model: VLMConfig, model_type: str, token_ids: Mapping[str, Any], max_len: int | None) -> dict:

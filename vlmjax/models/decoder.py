@@ -173,8 +173,8 @@ class Decoder(nn.Module):
       tokens: int[B, T], or None when `embeddings` is given.
       positions: int[B, T] (or [1, T]) RoPE positions, a jax or numpy array (`layers.apply_rope`); with
         mrope_section also int[3, B, T] (temporal, height, width).
-      cache: a KVCache or a paged_cache.PagedKVCache; the T new tokens of row b go to slots cache.lengths[b] onwards, and attention covers
-        the cache. None for a plain forward pass.
+      cache: a KVCache or a paged_cache.PagedKVCache; the T new tokens of row b go to slots cache.lengths[b]
+        onwards, and attention covers the cache. None for a plain forward pass.
       embeddings: float[B, T, D], used instead of embedding `tokens` (a VLM splices image embeddings in).
       input_mask: bool[B, T], False for padding after each row's tokens (right padding).
       segment_ids: int[B, T], packed sequences (no cache).

@@ -296,8 +296,9 @@ FULL_ATTENTION_CHUNK = 256
 def full_attention(query: jax.Array, key: jax.Array, value: jax.Array, image_ids: jax.Array,
                    chunk: int) -> jax.Array:
   """Attention over the whole image, each patch over its own image's: query, key, value float[N, heads, H];
-  image_ids int[N] -> float[N, heads, H], finite and meaningless at padding (id -1). On the CPU (`runtime.cpu_tuned`) a block of keys at a time
-  (`blockwise_attention`); elsewhere `chunk` queries at a time against all N keys (chunk divides N)."""
+  image_ids int[N] -> float[N, heads, H], finite and meaningless at padding (id -1). On the CPU
+  (`runtime.cpu_tuned`) a block of keys at a time (`blockwise_attention`); elsewhere `chunk` queries at a time
+  against all N keys (chunk divides N)."""
   if runtime.cpu_tuned():
     # The images' patches first and the padding last (the window layout scatters it through the edge windows), so
     # that the blocks of keys and queries past the patches are skipped, not masked: a 1280 x 1280 image's 8464
