@@ -36,8 +36,8 @@ def window_bucket(count: int) -> int:
   """The padded number of windows of a batch: up to 16 the next power of two (`bucket`), above it the next multiple
   of a sixteenth of the next power of two (144 for 144, a 1280 x 1280 image's windows), so that padding stays under
   an eighth. The tower's time grows with every padded window and its full-attention blocks' with their square: the
-  next power of two (256 for 144) gave a 1280 x 1280 image's full attention 3.2 times its own work, and steps of an
-  eighth (160 for 144) took the tower of that image from 1.02 to 1.27 s on the 2-core AMD EPYC."""
+  next power of two (256 for 144) gave a 1280 x 1280 image's full attention 3.2 times its own work, and with steps of
+  an eighth (160 for 144) that image's tower took 1.27 s against 1.02 s on the 2-core AMD EPYC."""
   if count <= 16:
     return bucket(count)
   step = 1 << ((count - 1).bit_length() - 4)
