@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlmjax.models import dot_attention, layers
+from vlmjax.models import blockwise_attention, dot_attention, layers
 from vlmjax.models.decoder import Decoder, DecoderConfig
 
 LLAMA = DecoderConfig(vocab_size=97, width=32, depth=3, num_heads=4, num_kv_heads=2, mlp_dim=48, norm_eps=1e-5)
@@ -119,7 +119,8 @@ def test_padded_prefill_then_decode_equals_each_row_alone(model):
 
 def test_long_causal_sequences_attend_block_by_block_as_in_one_piece(model, monkeypatch):
   """Training (no cache) and a padded prefill that fills its cache, with blocks of 4 queries over 10 tokens (the
-  last block short): the same logits as attention in one piece, and the same cache."""
+  last block short): the same logits as attention in one piece, and the same cache; then the prefill through
+  `blockwise_attention` in blocks of 4 (the CPU's path for a prompt longer than one of its blocks), alike."""
   config, params = model
   decoder = Decoder(config)
   tokens = _tokens(2, 10, config.vocab_size, seed=7)
@@ -144,6 +145,13 @@ def test_long_causal_sequences_attend_block_by_block_as_in_one_piece(model, monk
   # Each block reads the keys up to its last query (in every traced layer of both calls).
   assert len(key_lengths) >= 6 and key_lengths == [4, 8, 10] * (len(key_lengths) // 3)
   for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  both_calls = len(key_lengths)
+  key_lengths.clear()
+  monkeypatch.setattr(blockwise_attention, "CAUSAL_BLOCK", 4)
+  _, prefilled, cache = run()
+  assert len(key_lengths) == both_calls // 2  # training's blocks only: the prefill went blockwise
+  for a, b in zip(jax.tree.leaves((prefilled, cache)), jax.tree.leaves(whole[1:])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 

@@ -39,12 +39,12 @@ def test_windowed_attention_equals_the_masked_whole():
                                _reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cpu_tuned,block", [(True, 16), (True, 24), (True, 512), (False, 16), (False, 32),
+@pytest.mark.parametrize("cpu_tuned,block", [(True, 16), (True, 24), (True, 64), (False, 16), (False, 32),
                                              (False, 96)])
 def test_full_attention_equals_the_masked_whole(cpu_tuned, block, monkeypatch):
-  """The CPU's blockwise attention in key blocks of 16 and 24 patches, which split images and padding (a query's
-  first key blocks may hold none of its image's keys), and of 512, which hold them all; elsewhere chunks of whole
-  windows of queries against every key."""
+  """The CPU's blockwise attention in blocks of 16, 24 and 64 patches, which split images and padding (a query's
+  first key blocks may hold none of its image's keys); elsewhere chunks of whole windows of queries against every
+  key."""
   monkeypatch.setattr(blockwise_attention, "BLOCK", block)
   query, key, value = _qkv(1)
   with jax.default_matmul_precision("highest"), runtime.cpu_tuning(cpu_tuned):

@@ -394,12 +394,13 @@ class Attention(nn.Module):
     # compute dtype, causal masks in blocks. A cache's [B, K, H, S] slots, transposed into those matmuls, leave
     # XLA's CPU backend bfloat16 matmuls with float32 results in forms only YNNPACK would run and it does not take
     # ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32", jax 0.10.2). A prefill into a cache
-    # from slot 0 goes through `blockwise_attention` (its scores never leave the cache; the key blocks above the
-    # diagonal and past every row's length are skipped); with a cache otherwise, and on other backends, training
-    # and prefill through the backend's fused kernel, a decode step or a chunk after a cached prefix through XLA
-    # over the cache's mask.
+    # from slot 0 longer than one of its blocks goes through `blockwise_attention` (its scores never leave the
+    # cache; the key blocks above the diagonal and past every row's length are skipped); with a cache otherwise,
+    # and on other backends, training and prefill through the backend's fused kernel, a decode step or a chunk
+    # after a cached prefix through XLA over the cache's mask.
     key, value = key.astype(self.dtype), value.astype(self.dtype)
-    if runtime.cpu_tuned() and kv_cache is not None and isinstance(mask, CausalMask) and mask.key_lengths is not None:
+    if (runtime.cpu_tuned() and kv_cache is not None and isinstance(mask, CausalMask) and mask.key_lengths is not None
+        and query.shape[1] > blockwise_attention.CAUSAL_BLOCK):
       out = blockwise_attention.attention(query, key, value, scale, causal=True, key_lengths=mask.key_lengths)
     elif runtime.cpu_tuned():
       attention = dot_attention.dot_product_attention if kv_cache is None else _jax_attention
