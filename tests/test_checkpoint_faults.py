@@ -34,9 +34,11 @@ def _delete_a_data_file(step_dir):
 
 
 def _truncate_a_data_file(step_dir):
-  path = _data_files(step_dir)[0]
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) // 2)
+  """Every data file cut to half its size: the largest alone was once a file the restore did not read (a full
+  suite's run resumed from the damaged step without a word), so which file holds the arrays is not assumed."""
+  for path in _data_files(step_dir):
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
 
 
 def _delete_the_metadata(step_dir):
@@ -152,7 +154,7 @@ def test_no_step_that_restores_names_the_workdir_and_each_failure(trained, tmp_p
     vlmjax.load(str(workdir))
   message = str(raised.value)
   assert message.startswith(f"no checkpoint of {workdir} restores:")
-  assert "\n  step 6: ValueError: OUT_OF_RANGE: Error reading " in message, message
+  assert "\n  step 6: ValueError: OUT_OF_RANGE: " in message, message  # TensorStore's, for the cut data files
   assert re.search(r"\n  step 4: \w+: ", message), message  # orbax's error for missing metadata varies
 
 
