@@ -34,8 +34,8 @@ def _delete_a_data_file(step_dir):
 
 
 def _truncate_a_data_file(step_dir):
-  """Every data file cut to half its size: the largest alone was once a file the restore did not read (a full
-  suite's run resumed from the damaged step without a word), so which file holds the arrays is not assumed."""
+  """Every data file cut to half its size: with the largest alone cut, one full-suite run resumed from the damaged
+  step without a word, so no file is assumed to be one the restore reads."""
   for path in _data_files(step_dir):
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
