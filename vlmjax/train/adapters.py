@@ -7,8 +7,8 @@
 
 The stage trains the adapters and the projector (Qwen2.5-VL's patch merger: `optim.parameter_group`). Its train
 state holds only those (so only they have optimizer state and go into the checkpoints); the frozen base sits beside
-it, read from train.init_from again when a run resumes, and never updated. `vlmjax.load` of the workdir reads the base the same way and merges the adapters
-(`lora.merge`).
+it, read from train.init_from again when a run resumes, and never updated. `vlmjax.load` of the workdir reads the
+base the same way and merges the adapters (`lora.merge`).
 """
 
 import dataclasses
