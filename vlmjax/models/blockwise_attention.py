@@ -69,6 +69,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float, 
     query_ids = jnp.zeros((num_query_blocks, batch, 0), jnp.int32)
     key_ids = jnp.zeros((num_key_blocks, batch, 0), jnp.int32)
   seen = key_length if key_lengths is None else jnp.max(key_lengths)  # no key block from here on is needed
+  queries_seen = None if query_lengths is None else jnp.max(query_lengths)  # nor query block
 
   def one_query_block(block):
     i, block_queries, block_query_ids = block  # [B, K, G, Bq, H], [B, Bq] (or [B, 0])
@@ -110,10 +111,10 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float, 
                                              (jnp.arange(num_key_blocks), keys, values, key_ids))
       return (weighted / total[..., None]).astype(block_queries.dtype)
 
-    if query_lengths is None:
+    if queries_seen is None:
       return attend(None)
     padding = lambda _: jnp.zeros(block_queries.shape, block_queries.dtype)
-    return jax.lax.cond(query_slots[0] < jnp.max(query_lengths), attend, padding, None)
+    return jax.lax.cond(query_slots[0] < queries_seen, attend, padding, None)
 
   out = jax.lax.map(one_query_block, (jnp.arange(num_query_blocks), queries, query_ids))  # [Tb, B, K, G, Bq, H]
   out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, num_query_blocks * query_block, num_heads, head_dim)
