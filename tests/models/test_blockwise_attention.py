@@ -1,7 +1,8 @@
 """Blockwise attention against `jax.nn.dot_product_attention` over the whole mask: causal with right padding (the
 key blocks past every row's length skipped), keys longer than the queries (a prefill into a longer cache), GQA,
 segment ids that leave a query's first key blocks empty, blocks that do not divide the lengths, query blocks past
-every row's length left out, bfloat16, and gradients."""
+every row's length left out, blocks seen whole (no mask) beside masked ones, the fitted default blocks, bfloat16,
+and gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -95,3 +96,26 @@ def test_gradients_equal_the_masked_whole():
     for mine, expected in zip(jax.grad(loss, argnums=(1, 2, 3))(ours, query, key, value),
                               jax.grad(loss, argnums=(1, 2, 3))(whole, query, key, value)):
       np.testing.assert_allclose(mine, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fitted_block_cuts_lengths_into_whole_blocks_near_the_target():
+  assert blockwise_attention.fitted_block(2176, 256) == 272  # 8 blocks, not 9 of 256 (2304)
+  assert blockwise_attention.fitted_block(2304, 256) == 256
+  assert blockwise_attention.fitted_block(200, 256) == 200  # one block
+  for length in range(257, 5000, 37):
+    size = blockwise_attention.fitted_block(length, 256)
+    blocks = -(-length // size)
+    assert size % 16 == 0 and 256 * 2 // 3 <= size <= 256 * 2, (length, size)
+    assert blocks * size - length < 16 * blocks, (length, size)  # no more padding than the rounding to 16
+
+
+def test_the_default_blocks_of_a_causal_prefill_equal_the_masked_whole():
+  """544 queries: two fitted blocks of 272 (not three of 256), the first key block seen whole by the second query
+  block (no mask built), the diagonal ones masked."""
+  assert blockwise_attention.fitted_block(544, blockwise_attention.CAUSAL_BLOCK) == 272
+  query, key, value = _inputs(544, 544, seed=4)
+  key_lengths = np.array([544, 400])
+  with jax.default_matmul_precision("highest"):
+    ours = blockwise_attention.attention(query, key, value, H**-0.5, causal=True, key_lengths=jnp.asarray(key_lengths))
+    expected = _reference(query, key, value, _causal_mask(544, 544, key_lengths))
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
