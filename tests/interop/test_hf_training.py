@@ -1,6 +1,6 @@
-"""Training numerics against transformers: for an imported LLaVA / PaliGemma / LLaVA-NeXT / Qwen2.5-VL checkpoint
-(tiny, random, written by transformers), the loss of a batch and the gradient of every parameter equal transformers'
-on the same batch with the same labels, in float32 (relative 1e-5).
+"""Training numerics against transformers: for an imported LLaVA / PaliGemma / LLaVA-NeXT / Qwen2.5-VL / Qwen2-VL
+checkpoint (tiny, random, written by transformers), the loss of a batch and the gradient of every parameter equal
+transformers' on the same batch with the same labels, in float32 (relative 1e-5).
 
 One batch per case: two rows of different lengths (right-padded), an image each, the loss on the answer tokens.
 PaliGemma trains as its processor sets it up for transformers: the prefix (image tokens, BOS, prompt, "\\n") has
@@ -9,11 +9,12 @@ token_type_ids-0 tokens one bidirectional block (`block_sequence_ids`) on top of
 `prefix_lengths`. Our side runs as the trainer does: `state.stage_loss` of the "full" stage (`vlm_loss`), with the
 default backward passes (the CPU-tuned ones on a CPU).
 
-LLaVA-NeXT and Qwen2.5-VL (images at their own size, a token count each): the batch is the trainer's, made by the
+LLaVA-NeXT, Qwen2.5-VL and Qwen2-VL (images at their own size, a token count each): the batch is the trainer's, made by the
 data pipeline (`sources` renders each conversation with the chat template, `VariableImages.collate` lays out the
 `Tiles` or `Patches`), two rows with images of different sizes and aspect ratios; transformers gets the same ids and
 the same processed images (LLaVA-NeXT's tiles padded per row with `image_sizes`, Qwen's patches with
-`image_grid_thw`). Qwen2.5-VL's tower has window and full-attention blocks, and its decoder M-RoPE.
+`image_grid_thw`). Qwen2.5-VL's tower has window and full-attention blocks, Qwen2-VL's (LayerNorm, plain MLP) full
+attention in every block; both decoders M-RoPE.
 """
 
 import dataclasses
@@ -40,9 +41,9 @@ from vlmjax.train import state
 # LLaVA with GQA, an untied head and the features of the ViT's next-to-last layer (its last layer is out of the
 # loss's reach); PaliGemma with GQA, the tied head and the prefix-LM.
 CASE_NAMES = ["llava_gqa", "paligemma_gqa_sharded"]
-# Images at their own size: LLaVA-NeXT (Llama) and Qwen2.5-VL (written by their test modules), a landscape and a
-# portrait image (other pinpoints, other patch grids).
-VARIABLE_CASES = ["llava_next", "qwen2_5_vl"]
+# Images at their own size: LLaVA-NeXT (Llama), Qwen2.5-VL and Qwen2-VL (written by their test modules), a landscape
+# and a portrait image (other pinpoints, other patch grids).
+VARIABLE_CASES = ["llava_next", "qwen2_5_vl", "qwen2_vl"]
 VARIABLE_SIZES = [(37, 52), (61, 29)]
 # (prompt, answer) per row; the loss counts the answer and the EOS after it.
 ROWS = [("What is in the picture?", "A red circle next to a blue square."),
@@ -120,8 +121,8 @@ def make_variable_batch(pretrained: hf.Pretrained, images: list[np.ndarray]) -> 
             "attention_mask": torch.tensor(ours["input_mask"], dtype=torch.long)}
   processed = [example["pixel_values"][0] for example in examples]  # (tiles or patches, size or grid) per row
   if model_config.qwen_tower:
-    vision = model_config.vision  # windowed and full-attention blocks, over images of several windows
-    assert 0 < len(vision.fullatt_block_indexes) < vision.depth
+    vision = model_config.vision  # Qwen2.5-VL: windowed and full-attention blocks, over images of several windows
+    assert vision.full_attention_only or 0 < len(vision.fullatt_block_indexes) < vision.depth
     assert all(max(grid[1:]) // vision.merge_size > vision.window_units for _, grid in processed)
     theirs["pixel_values"] = torch.tensor(np.concatenate([patches for patches, _ in processed]))
     theirs["image_grid_thw"] = torch.tensor([grid for _, grid in processed])
