@@ -13,7 +13,7 @@ import pytest
 import vlmjax
 from configs import from_hf
 from test_finetune import STEPS, _config, _killed_after_half, _losses, data  # noqa: F401 (data: a fixture)
-from test_hf_training import VARIABLE_CASES, write_variable_checkpoint
+from test_hf_training import write_variable_checkpoint
 from vlmjax import api, cli, workdir as workdir_lib
 from vlmjax.data import sources
 from vlmjax.data.images import ImageProcessor
@@ -25,6 +25,8 @@ from vlmjax.train import memory, trainer
 
 # Tokens per row: a LLaVA-NeXT image of the test's sizes takes up to 16 + 8 x 9 tokens, a Qwen2.5-VL one up to 20.
 LENGTH = {"llava_next": 128, "qwen2_5_vl": 64}
+# Qwen2-VL trains through the same stages as Qwen2.5-VL; its tower's gradients are test_hf_training's.
+VARIABLE_CASES = list(LENGTH)
 
 
 @pytest.fixture(scope="module")
