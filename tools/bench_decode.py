@@ -236,27 +236,60 @@ def main():
         print(f"{variant:>10}{batch:>6}{prompt:>8}{ttft:>9.3f}{tpot * 1e3:>9.2f}{tokens_per_s:>9.0f}{hf[0]:>9.3f}"
               f"{hf[1] * 1e3:>9.2f}{hf[2]:>9.0f}{rows[-1][8]:>9.2f}x{rows[-1][9]:>10.0%}")
   if args.accuracy:
-    accuracy(directory, vlms, args.new_tokens)
+    accuracy(directory, vlms, args.new_tokens, None if args.no_torch else device)
   _plot(rows, args.plot, f"vlmjax {mine} against transformers {theirs}", host)
 
 
-def accuracy(directory: str, vlms: dict, new_tokens: int) -> None:
+def accuracy(directory: str, vlms: dict, new_tokens: int, torch_device: str | None) -> None:
   """Each variant against vlmjax float32 on the same inputs (8 rows, 64-token prompts with an image): the logits'
   relative error (Frobenius norm of the difference over float32's), the share of prompt positions whose most likely
   next token is float32's, and the share of greedy tokens equal to float32's (position by position over new_tokens
   tokens per row: once a row's tokens part, the rest of it mostly differs, so random weights' flat logits make this
-  share low)."""
+  share low). Two rows of reference follow: vlmjax in float32 on the weights rounded to bfloat16 (the weights'
+  rounding alone, which every bfloat16 model starts from), and with `torch_device` transformers in bfloat16 against
+  transformers in float32 (another implementation's bfloat16 on these weights)."""
   reference = vlmjax.load(directory, dtype="float32")
   ids, pixels = _inputs(reference, 8, 64, seed=1)
   logits = np.asarray(reference.logits(ids, pixels))
   tokens = reference.generate_ids(ids, pixels, max_new_tokens=new_tokens)
-  print(f"{'vlmjax':>10}{'logits rel. error':>20}{'argmax = float32':>19}{'greedy tokens = float32':>26}")
+  print(f"{'vlmjax':>14}{'logits rel. error':>20}{'argmax = float32':>19}{'greedy tokens = float32':>26}")
   for variant, one in vlms.items():
     mine = np.asarray(one.logits(ids, pixels))
     error = np.linalg.norm(mine - logits) / np.linalg.norm(logits)
     argmax = float(np.mean(mine.argmax(-1) == logits.argmax(-1)))  # every prompt position, teacher-forced
     same = float(np.mean(one.generate_ids(ids, pixels, max_new_tokens=new_tokens) == tokens))
-    print(f"{variant:>10}{error:>20.4f}{argmax:>19.3f}{same:>26.3f}")
+    print(f"{variant:>14}{error:>20.4f}{argmax:>19.3f}{same:>26.3f}")
+  rounded = vlmjax.load(directory, dtype="float32")
+  rounded.params = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16).astype(x.dtype), rounded.params)
+  mine = np.asarray(rounded.logits(ids, pixels))
+  print(f"{'bf16 weights':>14}{np.linalg.norm(mine - logits) / np.linalg.norm(logits):>20.4f}"
+        f"{float(np.mean(mine.argmax(-1) == logits.argmax(-1))):>19.3f}"
+        f"{float(np.mean(rounded.generate_ids(ids, pixels, max_new_tokens=new_tokens) == tokens)):>26.3f}"
+        f"   (vlmjax float32 on the weights rounded to bfloat16)")
+  if torch_device is not None:
+    (their_logits, their_tokens), (half_logits, half_tokens) = (
+        _transformers_outputs(directory, ids, pixels, new_tokens, torch_device, dtype)
+        for dtype in ("float32", "bfloat16"))
+    error = np.linalg.norm(half_logits - their_logits) / np.linalg.norm(their_logits)
+    argmax = float(np.mean(half_logits.argmax(-1) == their_logits.argmax(-1)))
+    print(f"{'HF bfloat16':>14}{error:>20.4f}{argmax:>19.3f}{float(np.mean(half_tokens == their_tokens)):>26.3f}"
+          f"   (transformers bfloat16 against transformers float32)")
+
+
+def _transformers_outputs(directory: str, ids, pixels, new_tokens: int, device: str, dtype: str):
+  """transformers' (logits float32[B, T, V] of the prompts, greedy tokens int[B, new_tokens]) in `dtype`."""
+  import torch
+  import transformers
+
+  model = transformers.LlavaForConditionalGeneration.from_pretrained(
+      directory, dtype=getattr(torch, dtype)).to(device).eval()
+  inputs = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.ones(ids.shape, device=device),
+            "pixel_values": torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()).to(device, getattr(torch, dtype))}
+  with torch.inference_mode():
+    logits = model(**inputs).logits.float().cpu().numpy()
+    generated = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+  return logits, generated[:, ids.shape[1]:].cpu().numpy()
+
 
 def _plot(rows, path: str, dtypes: str, host: str) -> None:
   import matplotlib
