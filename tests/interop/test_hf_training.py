@@ -9,10 +9,10 @@ token_type_ids-0 tokens one bidirectional block (`block_sequence_ids`) on top of
 `prefix_lengths`. Our side runs as the trainer does: `state.stage_loss` of the "full" stage (`vlm_loss`), with the
 default backward passes (the CPU-tuned ones on a CPU).
 
-LLaVA-NeXT, Qwen2.5-VL and Qwen2-VL (images at their own size, a token count each): the batch is the trainer's, made by the
-data pipeline (`sources` renders each conversation with the chat template, `VariableImages.collate` lays out the
-`Tiles` or `Patches`), two rows with images of different sizes and aspect ratios; transformers gets the same ids and
-the same processed images (LLaVA-NeXT's tiles padded per row with `image_sizes`, Qwen's patches with
+LLaVA-NeXT, Qwen2.5-VL and Qwen2-VL (images at their own size, a token count each): the batch is the trainer's,
+made by the data pipeline (`sources` renders each conversation with the chat template, `VariableImages.collate` lays
+out the `Tiles` or `Patches`), two rows with images of different sizes and aspect ratios; transformers gets the same
+ids and the same processed images (LLaVA-NeXT's tiles padded per row with `image_sizes`, Qwen's patches with
 `image_grid_thw`). Qwen2.5-VL's tower has window and full-attention blocks, Qwen2-VL's (LayerNorm, plain MLP) full
 attention in every block; both decoders M-RoPE.
 """
