@@ -162,6 +162,20 @@ def test_sampling_is_reproducible_by_seed_and_top_k_1_is_greedy(model):
                                              **kwargs), greedy)
 
 
+def test_one_new_token_is_the_first_of_many(model):
+  """max_new_tokens=1 samples from the prefill's logits without a decode step: the same token, greedy and sampled
+  with the same seed, as the first of a longer generation."""
+  config, params = model
+  ids, mask, pixels = _prompts(config, [12, 8], seed=9)
+  args = (params, config, ids, mask, jnp.asarray(pixels))
+  hot = SamplingParams.fill(2, temperature=5.0)
+  for sampling in (None, hot):
+    one = gen.generate(*args, max_new_tokens=1, eos_ids=(-1,), pad_id=PAD, sampling=sampling, seed=4)
+    many = gen.generate(*args, max_new_tokens=4, eos_ids=(-1,), pad_id=PAD, sampling=sampling, seed=4)
+    assert one.shape == (2, 1) and one.dtype == np.int32
+    np.testing.assert_array_equal(one[:, 0], many[:, 0])
+
+
 def test_prompt_longer_than_the_context_is_an_error(model):
   config, params = model
   ids, mask, pixels = _prompts(config, [12])

@@ -144,6 +144,8 @@ def decode(params, config: VLMConfig, logits, cache: KVCache, sampling: Sampling
   Returns:
     int32[B, max_new_tokens]: each row's tokens up to and including its end token, then pad_id.
   """
+  if max_new_tokens == 1:  # the prefill's logits give it: no decode step, so no cache extended for one
+    return sample(logits, sampling, jax.random.split(key)[1]).astype(jnp.int32)[:, None]
   state = _first_state(logits, cache, sampling, key, max_new_tokens, eos_ids, pad_id)
   state = jax.lax.while_loop(
       lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done),
