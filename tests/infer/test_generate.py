@@ -176,6 +176,17 @@ def test_one_new_token_is_the_first_of_many(model):
     np.testing.assert_array_equal(one[:, 0], many[:, 0])
 
 
+def test_long_prompts_pad_to_a_sixteenth_of_their_power_of_two(model):
+  """A large image's prompt (2135 tokens) is prefilled in 2176 slots, not 2304: `generate` steps by 128 from 2048 to
+  4096, where an engine, which compiles every bucket at start-up, keeps the coarser BUCKETS."""
+  config, _ = model
+  ids = np.ones((2, 2135), np.int32)
+  mask = np.arange(2135)[None] < np.array([[2135], [1900]])
+  prompts = gen.prepare(config, ids, mask, max_new_tokens=4, pad_id=PAD)
+  assert prompts.input_ids.shape == (2, 2176) and prompts.cache.k[0].shape[-1] == 2176
+  assert gen.bucket_length(2135) == 2304 and set(gen.BUCKETS) < set(gen.GENERATE_BUCKETS)
+
+
 def test_prompt_longer_than_the_context_is_an_error(model):
   config, params = model
   ids, mask, pixels = _prompts(config, [12])

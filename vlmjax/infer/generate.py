@@ -29,11 +29,14 @@ from vlmjax.models.vlm import VLM, VLMConfig
 # Prompt-length buckets: one prefill compilation each. Steps of 1.5x-2x keep the padding (which prefill computes
 # and every decode step attends over) under a third of the prompt; 1280 catches a 1024-token text prompt plus an
 # image's tokens, which would pad to 1536 (41% more) without it. From 2048 to 4096, the lengths of one large image's
-# tokens (a Qwen2.5-VL image of 1280 x 1280 takes 2116), steps of a sixteenth keep it under 6.25%: there a prefill
-# takes seconds on a CPU, and that image's time to first token on the 2-core AMD EPYC was 1.55 s in 2176 tokens,
-# 1.60 s in 2304 and 1.73 s in 2560. (An engine compiles a program per bucket below its context length.)
-BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1280, 1536, *range(2048, 4096, 128), 4096, 6144, 8192,
-           12288, 16384, 24576, 32768)
+# tokens (a Qwen2.5-VL image of 1280 x 1280 takes 2116), steps of an eighth keep it under 12.5%. An engine compiles
+# a program per bucket below its context length at start-up (`Engine.warm_up`), so it takes these.
+BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1280, 1536, 2048, 2304, 2560, 2816, 3072, 3584, 4096,
+           6144, 8192, 12288, 16384, 24576, 32768)
+# `generate` compiles only the buckets its prompts meet, so from 2048 to 4096 it steps by a sixteenth (padding under
+# 6.25%): there a prefill takes seconds on a CPU, and a 1280 x 1280 image's time to first token on the 2-core AMD
+# EPYC was 1.55 s in 2176 tokens, 1.60 s in 2304 and 1.73 s in 2560.
+GENERATE_BUCKETS = tuple(sorted({*BUCKETS, *range(2048, 4096, 128)}))
 
 
 def bucket_length(length: int, buckets: Sequence[int] = BUCKETS) -> int:
@@ -189,7 +192,7 @@ def prepare(config: VLMConfig, input_ids: np.ndarray, input_mask: np.ndarray | N
   if max_len is not None and longest + max_new_tokens > max_len:
     raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} does not fit the "
                      f"model's context of {max_len} tokens")
-  bucket = bucket_length(longest)
+  bucket = bucket_length(longest, GENERATE_BUCKETS)
   packed = np.full((input_ids.shape[0], bucket), pad_id, np.int32)
   for row, (ids, mask) in enumerate(zip(input_ids, input_mask)):
     packed[row, :lengths[row]] = ids[mask]
