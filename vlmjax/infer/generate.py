@@ -114,10 +114,15 @@ def position_offsets(config: VLMConfig, prompts: "Prompts", pixel_values) -> jax
   return _mrope_offsets(prompts.input_ids, prompts.input_mask, pixel_values, config.image_token_id)
 
 
+def _first_token(logits, sampling, key) -> tuple[jax.Array, jax.Array]:
+  """(the first token int32[B], sampled from the prefill's logits float32[B, V]; the key for the later samples)."""
+  key, sample_key = jax.random.split(key)
+  return sample(logits, sampling, sample_key).astype(jnp.int32), key
+
+
 def _first_state(logits, cache, sampling, key, max_new_tokens, eos_ids, pad_id) -> DecodeState:
   """The first sampled token and the prefill's cache extended by room for the new tokens."""
-  key, sample_key = jax.random.split(key)
-  first = sample(logits, sampling, sample_key)
+  first, key = _first_token(logits, sampling, key)
   tokens = jnp.full((logits.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
   return DecodeState(tokens=tokens, step=jnp.array(1, jnp.int32), done=jnp.isin(first, jnp.asarray(eos_ids)),
                      cache=cache.extend(max_new_tokens), key=key)
@@ -148,7 +153,7 @@ def decode(params, config: VLMConfig, logits, cache: KVCache, sampling: Sampling
     int32[B, max_new_tokens]: each row's tokens up to and including its end token, then pad_id.
   """
   if max_new_tokens == 1:  # the prefill's logits give it: no decode step, so no cache extended for one
-    return sample(logits, sampling, jax.random.split(key)[1]).astype(jnp.int32)[:, None]
+    return _first_token(logits, sampling, key)[0][:, None]
   state = _first_state(logits, cache, sampling, key, max_new_tokens, eos_ids, pad_id)
   state = jax.lax.while_loop(
       lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done),
