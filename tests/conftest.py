@@ -144,6 +144,19 @@ def tiny_vlm(tmp_path_factory):
              pad_token_id=tokenizer.pad_token_id)
 
 
+@pytest.fixture
+def compilations():
+  """A collections.Counter, by event, of the programs JAX traces or compiles while the test runs (after the fixtures
+  set up before this one): how a test shows that a warmed-up engine compiles nothing."""
+  import collections
+  compiled = collections.Counter()
+  events = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
+  listener = lambda name, seconds, **kwargs: compiled.update([name]) if name in events else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  yield compiled
+  jax.monitoring.unregister_event_duration_listener(listener)
+
+
 @pytest.fixture(scope="session")
 def serve_process():
   """`start(checkpoint, log_path, *flags)`: a context manager that runs `vlmjax serve --checkpoint CHECKPOINT` on a

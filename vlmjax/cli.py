@@ -91,6 +91,10 @@ _MAX_WAITING = flags.DEFINE_integer("max_waiting", 256, "serve: requests queued 
 _METRICS_NEED_KEY = flags.DEFINE_bool("metrics_need_key", False, "serve: /metrics needs the API key too.")
 _WARM_UP = flags.DEFINE_bool("warm_up", True, "serve: compile every program the engine can need (up to "
                              "--max_images images a request) before taking requests, so none compiles while serving.")
+_WARM_UP_IMAGE_SIZES = flags.DEFINE_list("warm_up_image_sizes", [], "serve: for a model whose images give a token "
+                                         "count each (LLaVA-NeXT, Qwen2.5-VL), image sizes WIDTHxHEIGHT (e.g. "
+                                         "1280x720,448x448) whose prefills --warm_up compiles too; others compile "
+                                         "when first asked for.")
 _DOCS = flags.DEFINE_bool("docs", False, "serve: FastAPI's /docs, /redoc and /openapi.json (off by default).")
 _COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, "serve: a directory for JAX's persistent "
                                          "compilation cache: a restarted server reads its start-up programs from it.")
@@ -120,6 +124,17 @@ def _mesh(text: str | None) -> dict[str, int] | None:
       raise SystemExit(f"vlmjax: --mesh {text!r}: expected AXIS=SIZE,... with whole sizes (tensor=4,fsdp=2)")
     mesh[axis.strip()] = int(size)
   return mesh
+
+
+def _image_sizes(values: list[str]) -> list[tuple[int, int]]:
+  """(height, width) of each WIDTHxHEIGHT; SystemExit naming one that is not two positive integers."""
+  sizes = []
+  for value in values:
+    width, _, height = value.lower().partition("x")
+    if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+      raise SystemExit(f"vlmjax serve: --warm_up_image_sizes takes WIDTHxHEIGHT sizes such as 1280x720, got {value!r}")
+    sizes.append((int(height), int(width)))
+  return sizes
 
 
 def _load_options() -> dict:
@@ -317,7 +332,7 @@ def serve(args: list[str]) -> None:
                  max_len=_MAX_LEN.value, api_key=_API_KEY.value or os.environ.get("VLMJAX_API_KEY"),
                  image_dir=_IMAGE_DIR.value, model_name=_MODEL_NAME.value, limits=limits,
                  load_options=_load_options(), metrics_need_key=_METRICS_NEED_KEY.value, docs=_DOCS.value,
-                 warm_up=_WARM_UP.value,
+                 warm_up=_WARM_UP.value, warm_up_image_sizes=_image_sizes(_WARM_UP_IMAGE_SIZES.value),
                  num_pages=_PAGES.value,
                  page_size=_PAGE_SIZE.value, prefix_caching=_PREFIX_CACHING.value,
                  prefill_chunk=_PREFILL_CHUNK.value or None, prefill_budget=_PREFILL_BUDGET.value or None)

@@ -1,7 +1,7 @@
 """The engine serving models whose images give a token count each, LLaVA-NeXT (tiles) and Qwen2.5-VL (patches at each
 image's own resolution, M-RoPE positions): requests with images of different sizes, submitted together or while others
 decode, prefilled whole, in chunks, or after a prefix-cache hit, each decode as `VLM.generate_ids` decodes it alone;
-and the OpenAI server answering chats with images of mixed sizes as `VLM.chat` does, and refusing bad images with a
+warm-up for example image sizes, after which their requests compile nothing; and the OpenAI server answering chats with images of mixed sizes as `VLM.chat` does, and refusing bad images with a
 400. The tiny checkpoints are test_llava_next.py's and test_qwen2_5_vl.py's (written by transformers)."""
 
 import base64
@@ -12,6 +12,7 @@ import io
 import pathlib
 import sys
 
+import jax
 import numpy as np
 import openai
 import pytest
@@ -20,7 +21,7 @@ from PIL import Image
 import vlmjax
 from vlmjax.infer.engine import Engine
 from vlmjax.models import anyres, paged_cache, qwen_vl
-from vlmjax.serve.server import Limits, create_app
+from vlmjax.serve.server import Limits, create_app, warm_up_examples
 
 
 def _interop_module(name: str):
@@ -263,3 +264,37 @@ def test_the_server_takes_an_image_at_low_and_high_detail(vlm, family, serve_app
   # The prefix cache keys an image by its processed pixels and size: low and high share no page.
   cached = [reply.usage.prompt_tokens_details.cached_tokens for reply in (absent, high, low, low_again)]
   assert cached[0] == 0 and cached[1] > 0 and cached[2] == 0 and cached[3] > 0, cached
+
+
+def test_warm_up_with_example_sizes_compiles_the_prefills_their_requests_take(vlm, compilations):
+  # Warmed for one size at every detail: requests of that size, alone, in a burst and at low detail, and one
+  # without images, compile nothing and decode as if alone; an image of another size compiles on first use.
+  size, other = (61, 29), (37, 52)  # the other one more tile or window bucket
+  jax.clear_caches()  # what this file compiled before: every program the requests take is the warm-up's
+  engine = Engine(vlm, num_slots=2, max_len=96, page_size=8)
+  examples = warm_up_examples(vlm, [size])
+  # LLaVA-NeXT tiles a low-detail image at its smallest pinpoint; this size gives Qwen2.5-VL's grid at either detail.
+  assert len(examples) == (1 if vlm.model_config.qwen_tower else 2)
+  engine.warm_up(1, examples)
+  prompts = [(*_prompt(vlm, [size], "What is in the picture?", 0), 4), (*_prompt(vlm, [size], "Describe it.", 1), 4),
+             (*_prompt(vlm, [], "The quick brown fox?", 2), 4)]
+  low_images = vlm.image_processor.at_detail("low")(variable_tokens.images_of([size], 3))
+  low_ids = vlm.prompt_ids([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Small?"}]}],
+                           1, [_count(vlm, low_images[0][1])])
+  prompts.append((low_ids, low_images, 4))
+  compiled_before = sum(compilations.values())
+  engine.start()
+  try:
+    # Submitted together, the two prompts with images are prefilled in one call; decoded alone (`_alone`) after.
+    requests = [engine.submit(ids, images, max_tokens=max_tokens) for ids, images, max_tokens in prompts]
+    for request in requests:
+      request.wait(120)
+    compiled_serving = sum(compilations.values()) - compiled_before
+    _check(vlm, requests, prompts)
+    ids, images = _prompt(vlm, [other], "And this?", 4)
+    before_other = sum(compilations.values())
+    engine.submit(ids, images, max_tokens=2).wait(120)
+  finally:
+    engine.stop()
+  assert compiled_serving == 0, compilations
+  assert sum(compilations.values()) > before_other  # the size not warmed compiles its prefill

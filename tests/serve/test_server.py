@@ -281,11 +281,15 @@ def test_metrics_count_requests_tokens_latencies_pages_and_prefix_hits(server, c
   assert _metric(text, "vlmjax_prefix_cache_hit_tokens_total") > 0
 
 
-def test_the_serve_command_checks_its_flags(tmp_path):
+def test_the_serve_command_checks_its_flags(tmp_path, tiny_vlm):
   run = lambda *args: subprocess.run([sys.executable, "-m", "vlmjax.cli", "serve", *args], capture_output=True,
                                      text=True, timeout=120)
   assert "vlmjax serve: --checkpoint PATH is required" in run("--api-key", "k").stderr
   assert run("--checkpoint", f"{tmp_path}/none").stderr.startswith(f"vlmjax serve: {tmp_path}/none is not a directory")
+  assert "--warm_up_image_sizes takes WIDTHxHEIGHT sizes such as 1280x720, got '1280by720'" in run(
+      "--checkpoint", f"{tmp_path}/none", "--warm_up_image_sizes", "640x480,1280by720").stderr
+  with pytest.raises(ValueError, match="--warm_up_image_sizes is for a model whose images give a token count each"):
+    create_app(tiny_vlm, MODEL, warm_up=True, warm_up_image_sizes=[(480, 640)])
 
 
 def test_sigterm_stops_accepting_and_finishes_the_stream_in_flight(tiny_vlm, tmp_path, serve_process):

@@ -43,6 +43,14 @@ class VariableImages:
       return qwen_vl.image_token_count(self.config, tuple(size))
     return anyres.image_token_count(self.config, tuple(size))
 
+  def padded_units(self, images: Sequence[Image]) -> int:
+    """The tiles or windows that a batch holding these images pads them to (`anyres.bucket` of their tiles,
+    `qwen_vl.window_bucket` of their windows): with the prompt bucket and the rows, the shape a prefill follows."""
+    if self.config.qwen_tower:
+      windows = sum(qwen_vl.image_layout(self.config, pixels, tuple(size)).num_windows for pixels, size in images)
+      return qwen_vl.window_bucket(max(windows, 1))
+    return anyres.bucket(max(sum(len(tiles) for tiles, _ in images), 1))
+
   def expand(self, ids: np.ndarray, weights: np.ndarray, images: Sequence[Image]) -> tuple[np.ndarray, np.ndarray]:
     """(ids, weights) [t] with one placeholder per image -> each image's placeholder repeated its `count` times
     (its weight with it); ValueError when the placeholders and images do not pair up."""

@@ -45,7 +45,7 @@ Prefix-LM prompts attend bidirectionally and are prefilled whole. One iteration 
 Images with a token count each (LLaVA-NeXT's `image_grid_pinpoints`, Qwen2.5-VL's own resolutions): a request
 carries its images as the image processor makes them, (tiles, size) or (patches, grid) each, its placeholders
 expanded to each image's count. Each prefill call lays out the `Tiles` or `Patches` of the prompts it holds
-(`slots._image_input`): their tiles or windows padded to a bucket, each row's image tokens indexed within its prompt
+(`slots.image_input`): their tiles or windows padded to a bucket, each row's image tokens indexed within its prompt
 bucket, so the programs follow the prompt bucket, the batch and the tile or window bucket. Chunked prefill (the
 images in the first piece) and the prefix cache (keyed by the processed pixels, so by the image and the processor's
 settings) take them as they take fixed-size images. Qwen2.5-VL's M-RoPE positions are made on the host from a
@@ -110,7 +110,8 @@ class Engine:
 
   def __init__(self, vlm, num_slots: int = 8, max_len: int | None = None,
                on_finish: Callable[[Request], None] | None = None, *, num_pages: int | None = None,
-               page_size: int = paged_cache.DEFAULT_PAGE_SIZE, prefix_caching: bool = False, static_batching: bool = False,
+               page_size: int = paged_cache.DEFAULT_PAGE_SIZE, prefix_caching: bool = False,
+               static_batching: bool = False,
                prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, prefill_budget: int | None = DEFAULT_PREFILL_BUDGET,
                attention_kernel: str | None = "auto", interpret_kernel: bool = False, max_waiting: int | None = None):
     if num_slots < 1:
@@ -233,10 +234,11 @@ class Engine:
     return admission.tokens_to_generate(prompt_length, max_tokens, self.max_len, self.page_size,
                                         self.pages.num_pages)
 
-  def warm_up(self, max_images: int = 0) -> float:
+  def warm_up(self, max_images: int = 0, examples: Sequence = ()) -> float:
     """Compiles every program serving prompts of up to `max_images` images can call, before `start`; returns the
-    seconds it took (`warm_up.py`)."""
-    return warm_up_lib.warm_up(self, max_images)
+    seconds it took (`warm_up.py`). A model whose images give a token count each compiles its prefills with images
+    for the `examples` (images as `submit` takes them, e.g. `vlm.image_processor(images)`) only."""
+    return warm_up_lib.warm_up(self, max_images, examples)
 
   def cancel(self, request: Request) -> None:
     """Ends a waiting or running request (finish_reason 'cancelled'); its slot is freed before the next step."""

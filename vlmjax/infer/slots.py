@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax.infer import generate as generation
-from vlmjax.infer.sampling import SamplingParams, TokenScores, sample, token_scores
+from vlmjax.infer.sampling import SamplingParams, sample, token_scores
 from vlmjax.models import anyres, paged_cache, qwen_vl
 from vlmjax.models.kv_cache import KVCache
 from vlmjax.models.qwen_vit import host_mrope_positions
@@ -119,7 +119,7 @@ def _pad_images(config: VLMConfig, pixel_values: np.ndarray) -> np.ndarray:
   return np.concatenate([pixel_values, np.zeros((padding, *pixel_values.shape[1:]), pixel_values.dtype)])
 
 
-def _image_input(config: VLMConfig, images: Sequence, rows: int, bucket: int):
+def image_input(config: VLMConfig, images: Sequence, rows: int, bucket: int):
   """The model's pixel input for `rows` prompts right-padded to `bucket` tokens whose first len(images) show
   images[b] (None: every prompt's, when the first has none). A fixed-count model's images[b] are float32[I, H, W,
   3], stacked to [rows, image_bucket(I), H, W, 3] (the rows past len(images) show the first's). A model whose
@@ -161,7 +161,7 @@ def prefill(params, config: VLMConfig, prompts: Sequence[tuple[Sequence[int], np
             pad_id: int, rows: int | None = None) -> Prefix:
   """Prompts through the model in one call, each right-padded to `bucket` tokens: `generate.prefill`, compiled
   once per bucket, image bucket and batch. One prompt is (token ids int[T] with image placeholders,
-  pixel_values float32[I, H, W, 3] or, for LLaVA-NeXT, a list of (tiles, size) per image (`_image_input`), or None,
+  pixel_values float32[I, H, W, 3] or, for LLaVA-NeXT, a list of (tiles, size) per image (`image_input`), or None,
   prompt length); all have images of the same `image_bucket`. The batch is
   `rows` (default: len(prompts)), filled up with copies of the first prompt. The token ids are the request's prompt
   and the tokens it decoded before a preemption: those come after the prompt length, causal as when they were
@@ -174,7 +174,7 @@ def prefill(params, config: VLMConfig, prompts: Sequence[tuple[Sequence[int], np
   input_ids = np.concatenate([ids for ids, _ in padded])
   input_mask = np.concatenate([mask for _, mask in padded])
   prompt_lengths = jnp.array([length for _, _, length in prompts], jnp.int32)
-  pixels = _image_input(config, [pixel_values for _, pixel_values, _ in given], rows, bucket)
+  pixels = image_input(config, [pixel_values for _, pixel_values, _ in given], rows, bucket)
   positions, offsets = _positions([context_positions(config, ids, pixel_values) for ids, pixel_values, _ in prompts],
                                   bucket)
   logits, cache = generation.prefill(params, config, input_ids, input_mask, pixels,
@@ -203,7 +203,7 @@ def prefill_chunk(params, config: VLMConfig, state: SlotState, token_ids: Sequen
   (right-padded to `bucket`) go through the model at positions start.. (M-RoPE: those of `mrope`, the whole
   context's `context_positions`, from `start` on), attending over the pages before them, into `pages`
   (int32[max_pages], the request's page-table row; the state's page table is left as it is).
-  pixel_values: float32[I, H, W, 3] (or, with a token count per image, a list as `_image_input` takes it), the
+  pixel_values: float32[I, H, W, 3] (or, with a token count per image, a list as `image_input` takes it), the
   images whose placeholders are all among these tokens, or None. prompt_length: the request's prompt's; the
   context's tokens past it were decoded before a preemption (a placeholder id among them an ordinary token).
   Causal models only. Returns (the state with the new keys and values in its pool, the Prefix of one row that
@@ -211,7 +211,7 @@ def prefill_chunk(params, config: VLMConfig, state: SlotState, token_ids: Sequen
   length start + T, the logits float32[1, V] of the last token and the context's position offset); compiled once
   per bucket and image bucket."""
   input_ids, input_mask = _padded(token_ids, bucket, pad_id)
-  pixels = _image_input(config, [pixel_values], 1, bucket)
+  pixels = image_input(config, [pixel_values], 1, bucket)
   piece = None if mrope is None else (mrope[0][:, start:start + len(token_ids)], mrope[1])
   positions, offsets = _positions([piece], bucket)
   return _prefill_chunk(params, config, state, input_ids, input_mask, pixels, jnp.asarray(pages), jnp.int32(start),

@@ -24,15 +24,17 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import fastapi
+import numpy as np
 import prometheus_client
 import uvicorn
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from vlmjax.data.images import DETAILS
 from vlmjax.infer import scoring
 from vlmjax.infer.admission import PromptTooLong
 from vlmjax.infer.constrained import JSONGrammars
@@ -75,14 +77,19 @@ class _Outputs:
 
 def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None = None, api_key: str | None = None,
                image_dir: str | None = None, limits: Limits = Limits(), metrics_need_key: bool = False,
-               docs: bool = False, warm_up: bool = False, **paging) -> fastapi.FastAPI:
+               docs: bool = False, warm_up: bool = False, warm_up_image_sizes: Sequence[tuple[int, int]] = (),
+               **paging) -> fastapi.FastAPI:
   """The app and its engine (`app.state.engine`), started and drained with the app's lifespan; with `warm_up`,
   every program the engine can need for requests of up to `limits.max_images` images is compiled before the app
-  takes requests (`Engine.warm_up`: no request then compiles, nor stalls the others). With `api_key`,
+  takes requests (`Engine.warm_up`: no request then compiles, nor stalls the others); for a model whose images give
+  a token count each, those of images of the (height, width) `warm_up_image_sizes`, at every detail. With `api_key`,
   /v1/ routes (and /metrics with `metrics_need_key`) need it; `docs`: FastAPI's /docs, /redoc and
   /openapi.json. `paging`: the engine's num_pages, page_size, prefix_caching, prefill_chunk and prefill_budget."""
   if image_dir is not None and not os.path.isdir(image_dir):
     raise ValueError(f"--image_dir {image_dir} is not a directory")
+  if warm_up_image_sizes and not vlm.model_config.variable_image_tokens:
+    raise ValueError("--warm_up_image_sizes is for a model whose images give a token count each (LLaVA-NeXT, "
+                     "Qwen2-VL, Qwen2.5-VL); this model's every image gives the same tokens, and warm-up covers them")
   metrics = Metrics()
   engine = Engine(vlm, num_slots=num_slots, max_len=max_len, on_finish=metrics.observe,
                   max_waiting=limits.max_waiting, **paging)
@@ -92,7 +99,8 @@ def create_app(vlm, model_name: str, *, num_slots: int = 8, max_len: int | None 
   @contextlib.asynccontextmanager
   async def lifespan(app):
     if warm_up:
-      seconds = await asyncio.to_thread(engine.warm_up, limits.max_images)
+      seconds = await asyncio.to_thread(engine.warm_up, limits.max_images,
+                                        warm_up_examples(vlm, warm_up_image_sizes))
       metrics.warm_up.set(seconds)
       _log.info("compiled the engine's programs in %.1f s", seconds)
     engine.start()
@@ -394,6 +402,18 @@ class EngineFailed(RuntimeError):
   supervisor to start it again."""
 
 
+def warm_up_examples(vlm, sizes: Sequence[tuple[int, int]]) -> list:
+  """What the image processor makes, at each detail a request may ask for, of an image of each (height, width) in
+  `sizes`, one per distinct result: the example images `Engine.warm_up` compiles prefills for."""
+  examples = {}
+  for height, width in sizes:
+    image = np.zeros((height, width, 3), np.uint8)
+    for detail in DETAILS:
+      (pixels, size), = vlm.image_processor.at_detail(detail)([image])
+      examples.setdefault(tuple(size), (pixels, size))
+  return list(examples.values())
+
+
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, num_slots: int = 8,
           max_len: int | None = None, api_key: str | None = None, image_dir: str | None = None,
           model_name: str | None = None, load_options: dict | None = None, **options) -> None:
@@ -405,8 +425,8 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, num_slo
   model_name = model_name or os.path.basename(os.path.normpath(checkpoint))
   if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
     _log.warning("serving on %s without --api_key: anyone who reaches this address can use the model", host)
-  app = create_app(vlmjax.load(checkpoint, **(load_options or {})), model_name, num_slots=num_slots, max_len=max_len, api_key=api_key,
-                   image_dir=image_dir, **options)
+  app = create_app(vlmjax.load(checkpoint, **(load_options or {})), model_name, num_slots=num_slots, max_len=max_len,
+                   api_key=api_key, image_dir=image_dir, **options)
   server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
   engine = app.state.engine
 
