@@ -15,6 +15,8 @@ top: they are dependencies all the same, only later.
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -126,3 +128,15 @@ def test_no_import_cycle():
 
 def test_the_cycle_finder_finds_a_cycle_through_three_modules():
   assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_command_serving_training_and_evaluation_leave_pytorch_and_transformers_unimported():
+  # PyTorch is a test and benchmark reference only; where it is installed, a library that imports it when found
+  # (tensorboardX does) adds a second or more to every start of `vlmjax`. transformers is for Hugging Face
+  # checkpoints, imported when one is read or written.
+  script = ("import sys, vlmjax.cli, vlmjax.serve.server, vlmjax.train.trainer, vlmjax.eval.harness; "
+            "print(sorted(name for name in ('torch', 'transformers', 'tensorboardX') if name in sys.modules))")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=PACKAGE.parent)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout

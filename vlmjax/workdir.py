@@ -22,7 +22,6 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from tensorboardX import SummaryWriter
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -363,6 +362,9 @@ class MetricsWriter:
     self._enabled = enabled
     if enabled:
       self._file = open(os.path.join(workdir, METRICS_FILE), "a")  # a resumed run appends
+      # Imported here: tensorboardX imports PyTorch where it is installed (a second or more), which everything else
+      # that imports vlmjax (the CLI, serving, evaluation) does not need.
+      from tensorboardX import SummaryWriter
       self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, **values) -> None:
