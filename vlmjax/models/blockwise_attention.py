@@ -76,9 +76,12 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float, 
     key_lengths = jnp.full((batch,), key_length, jnp.int32)  # the padding below is no key
   query = _pad_to(query * jnp.asarray(scale, query.dtype), 1, num_query_blocks * query_block)
   key, value = (_pad_to(x, 1, num_key_blocks * key_block) for x in (key, value))
-  # [blocks, B, K, G, block, H] queries and [blocks, B, K, block, H] keys and values: per block, batched matmuls.
+  # [blocks, B, K, G·block, H] queries (the G query heads of a key/value head stacked as rows of one matmul: as
+  # [B, K, G, block, H] the scores of each block pair took a copy into another layout) and [blocks, B, K, block, H]
+  # keys and values: per block, batched matmuls.
   queries = query.reshape(batch, num_query_blocks, query_block, num_kv_heads, group, head_dim)
-  queries = queries.transpose(1, 0, 3, 4, 2, 5)
+  queries = queries.transpose(1, 0, 3, 4, 2, 5).reshape(num_query_blocks, batch, num_kv_heads, group * query_block,
+                                                        head_dim)
   keys, values = (x.reshape(batch, num_key_blocks, key_block, num_kv_heads, head_dim).transpose(1, 0, 3, 2, 4)
                   for x in (key, value))
   ids = query_ids is not None
@@ -93,8 +96,9 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float, 
   queries_seen = None if query_lengths is None else jnp.max(query_lengths)  # nor query block
 
   def one_query_block(block):
-    i, block_queries, block_query_ids = block  # [B, K, G, Bq, H], [B, Bq] (or [B, 0])
+    i, block_queries, block_query_ids = block  # [B, K, G·Bq, H], [B, Bq] (or [B, 0])
     query_slots = i * query_block + jnp.arange(query_block)
+    row_slots = jnp.tile(query_slots, group)  # [G·Bq]: the slot of each row, query head by query head
 
     def add_key_block(carry, key_block_of):
       j, block_keys, block_values, block_key_ids = key_block_of  # [B, K, Bk, H] twice, [B, Bk] (or [B, 0])
@@ -104,23 +108,23 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float, 
         needed &= start <= query_slots[-1]
 
       def compute(masked: bool, carry):
-        peak, total, weighted = carry  # [B, K, G, Bq] twice, [B, K, G, Bq, H]
-        scores = jnp.einsum("bkgqh,bksh->bkgqs", block_queries, block_keys, preferred_element_type=jnp.float32)
+        peak, total, weighted = carry  # [B, K, G·Bq] twice, [B, K, G·Bq, H]
+        scores = jnp.einsum("bkqh,bksh->bkqs", block_queries, block_keys, preferred_element_type=jnp.float32)
         if masked:
           key_slots = start + jnp.arange(key_block)
-          allowed = jnp.ones((batch, query_block, key_block), bool)
+          allowed = jnp.ones((batch, group * query_block, key_block), bool)
           if causal:
-            allowed &= key_slots[None, None, :] <= query_slots[None, :, None]
+            allowed &= key_slots[None, None, :] <= row_slots[None, :, None]
           if key_lengths is not None:
             allowed &= (key_slots[None, :] < key_lengths[:, None])[:, None, :]
           if ids:
-            allowed &= block_query_ids[:, :, None] == block_key_ids[:, None, :]
-          scores = jnp.where(allowed[:, None, None], scores, _MASKED)
+            allowed &= jnp.tile(block_query_ids, (1, group))[:, :, None] == block_key_ids[:, None, :]
+          scores = jnp.where(allowed[:, None], scores, _MASKED)
         new_peak = jnp.maximum(peak, jnp.max(scores, axis=-1))
         weights = jnp.exp(scores - new_peak[..., None])
         shrink = jnp.exp(peak - new_peak)
         weighted = weighted * shrink[..., None] + jnp.einsum(
-            "bkgqs,bksh->bkgqh", weights.astype(block_values.dtype), block_values, preferred_element_type=jnp.float32)
+            "bkqs,bksh->bkqh", weights.astype(block_values.dtype), block_values, preferred_element_type=jnp.float32)
         return new_peak, total * shrink + jnp.sum(weights, axis=-1), weighted
 
       # A block that every query of the block sees whole (below the diagonal, within every row's keys, one image)
@@ -138,7 +142,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float, 
       return jax.lax.switch(branch, steps, carry), None
 
     def attend(_):
-      shape = (batch, num_kv_heads, group, query_block)
+      shape = (batch, num_kv_heads, group * query_block)
       start = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
                jnp.zeros((*shape, head_dim), jnp.float32))
       (_, total, weighted), _ = jax.lax.scan(add_key_block, start,
@@ -150,6 +154,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float, 
     padding = lambda _: jnp.zeros(block_queries.shape, block_queries.dtype)
     return jax.lax.cond(query_slots[0] < queries_seen, attend, padding, None)
 
-  out = jax.lax.map(one_query_block, (jnp.arange(num_query_blocks), queries, query_ids))  # [Tb, B, K, G, Bq, H]
+  out = jax.lax.map(one_query_block, (jnp.arange(num_query_blocks), queries, query_ids))  # [Tb, B, K, G·Bq, H]
+  out = out.reshape(num_query_blocks, batch, num_kv_heads, group, query_block, head_dim)
   out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, num_query_blocks * query_block, num_heads, head_dim)
   return out[:, :length]
