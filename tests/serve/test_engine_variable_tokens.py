@@ -1,8 +1,9 @@
 """The engine serving models whose images give a token count each, LLaVA-NeXT (tiles) and Qwen2.5-VL (patches at each
 image's own resolution, M-RoPE positions): requests with images of different sizes, submitted together or while others
 decode, prefilled whole, in chunks, or after a prefix-cache hit, each decode as `VLM.generate_ids` decodes it alone;
-warm-up for example image sizes, after which their requests compile nothing; and the OpenAI server answering chats with images of mixed sizes as `VLM.chat` does, and refusing bad images with a
-400. The tiny checkpoints are test_llava_next.py's and test_qwen2_5_vl.py's (written by transformers)."""
+warm-up for example image sizes, after which their requests compile nothing; and the OpenAI server answering chats with
+images of mixed sizes as `VLM.chat` does, and refusing bad images with a 400. The tiny checkpoints are
+test_llava_next.py's and test_qwen2_5_vl.py's (written by transformers)."""
 
 import base64
 import concurrent.futures
