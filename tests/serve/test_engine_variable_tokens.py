@@ -300,3 +300,24 @@ def test_warm_up_with_example_sizes_compiles_the_prefills_their_requests_take(vl
   assert compiled_serving == 0, compilations
   assert compiled_other > 0  # the size not warmed compiles its prefill
   _check(vlm, requests[:2], prompts[:2])
+
+
+def test_the_server_warms_up_for_the_sizes_it_is_given_at_every_detail(vlm, serve_app, monkeypatch):
+  # What the app hands `Engine.warm_up` (recorded, not compiled): the sizes as the processor makes them at each
+  # detail, one per distinct result.
+  app = create_app(vlm, "m", num_slots=1, max_len=MAX_LEN, warm_up=True, limits=Limits(max_images=3),
+                   warm_up_image_sizes=[(61, 29), (20, 90)])
+  calls = []
+  monkeypatch.setattr(app.state.engine, "warm_up", lambda *args: calls.append(args) or 0.0)
+  with serve_app(app):
+    pass
+  (max_images, examples), = calls
+  expected = {}  # (size, pixel shape) of each size at each detail, the first of each size
+  for size in ((61, 29), (20, 90)):
+    for detail in ("auto", "low", "high"):
+      (pixels, processed_size), = vlm.image_processor.at_detail(detail)(variable_tokens.images_of([size]))
+      expected.setdefault(tuple(processed_size), pixels.shape)
+  assert max_images == 3
+  assert [(tuple(size), pixels.shape) for pixels, size in examples] == list(expected.items())
+  assert len(examples) == (2 if vlm.model_config.qwen_tower else 4)  # LLaVA-NeXT's low detail tiles apart
+
