@@ -320,4 +320,3 @@ def test_the_server_warms_up_for_the_sizes_it_is_given_at_every_detail(vlm, serv
   assert max_images == 3
   assert [(tuple(size), pixels.shape) for pixels, size in examples] == list(expected.items())
   assert len(examples) == (2 if vlm.model_config.qwen_tower else 4)  # LLaVA-NeXT's low detail tiles apart
-
