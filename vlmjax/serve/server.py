@@ -3,6 +3,7 @@
     vlmjax serve --checkpoint /tmp/serve_model --port 8000 [--slots 8 --api_key KEY --image_dir DIR]
                  [--pages N --page_size 16 --prefix_caching --prefill_chunk 256 --prefill_budget 1024]
                  [--max_body_bytes N --max_images 8 --max_waiting 256 --compilation_cache DIR]
+                 [--warm_up_image_sizes 1280x720,448x448]   (LLaVA-NeXT, Qwen2.5-VL: sizes warm-up compiles)
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
