@@ -172,8 +172,9 @@ def _pieces(engine, image_sets: list[_Images]):
   for images in image_sets[1:]:
     for bucket in engine.buckets:
       length = max(_shortest(engine, bucket), chunk, images.placeholders)
-      if length <= min(bucket, longest) and _program(engine, images, 1, 1, bucket) not in seen:
-        seen.add(_program(engine, images, 1, 1, bucket))
+      program = _program(engine, images, 1, 1, bucket)
+      if length <= min(bucket, longest) and program not in seen:
+        seen.add(program)
         yield images, length
 
 
