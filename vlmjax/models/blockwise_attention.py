@@ -101,6 +101,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float, 
     i, block_queries, block_query_ids = block  # [B, K, G·Bq, H], [B, Bq] (or [B, 0])
     query_slots = i * query_block + jnp.arange(query_block)
     row_slots = jnp.tile(query_slots, group)  # [G·Bq]: the slot of each row, query head by query head
+    row_ids = jnp.tile(block_query_ids, (1, group))  # [B, G·Bq] (or [B, 0]): the id of each row
 
     def add_key_block(carry, key_block_of):
       j, block_keys, block_values, block_key_ids = key_block_of  # [B, K, Bk, H] twice, [B, Bk] (or [B, 0])
@@ -120,7 +121,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float, 
           if key_lengths is not None:
             allowed &= (key_slots[None, :] < key_lengths[:, None])[:, None, :]
           if ids:
-            allowed &= jnp.tile(block_query_ids, (1, group))[:, :, None] == block_key_ids[:, None, :]
+            allowed &= row_ids[:, :, None] == block_key_ids[:, None, :]
           scores = jnp.where(allowed[:, None], scores, _MASKED)
         new_peak = jnp.maximum(peak, jnp.max(scores, axis=-1))
         weights = jnp.exp(scores - new_peak[..., None])
