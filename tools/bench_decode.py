@@ -250,30 +250,27 @@ def accuracy(directory: str, vlms: dict, new_tokens: int, torch_device: str | No
   transformers in float32 (another implementation's bfloat16 on these weights)."""
   reference = vlmjax.load(directory, dtype="float32")
   ids, pixels = _inputs(reference, 8, 64, seed=1)
-  logits = np.asarray(reference.logits(ids, pixels))
-  tokens = reference.generate_ids(ids, pixels, max_new_tokens=new_tokens)
+  outputs = lambda vlm: (np.asarray(vlm.logits(ids, pixels)), vlm.generate_ids(ids, pixels, max_new_tokens=new_tokens))
+  logits, tokens = outputs(reference)
   print(f"{'vlmjax':>14}{'logits rel. error':>20}{'argmax = float32':>19}{'greedy tokens = float32':>26}")
   for variant, one in vlms.items():
-    mine = np.asarray(one.logits(ids, pixels))
-    error = np.linalg.norm(mine - logits) / np.linalg.norm(logits)
-    argmax = float(np.mean(mine.argmax(-1) == logits.argmax(-1)))  # every prompt position, teacher-forced
-    same = float(np.mean(one.generate_ids(ids, pixels, max_new_tokens=new_tokens) == tokens))
-    print(f"{variant:>14}{error:>20.4f}{argmax:>19.3f}{same:>26.3f}")
-  rounded = vlmjax.load(directory, dtype="float32")
-  rounded.params = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16).astype(x.dtype), rounded.params)
-  mine = np.asarray(rounded.logits(ids, pixels))
-  print(f"{'bf16 weights':>14}{np.linalg.norm(mine - logits) / np.linalg.norm(logits):>20.4f}"
-        f"{float(np.mean(mine.argmax(-1) == logits.argmax(-1))):>19.3f}"
-        f"{float(np.mean(rounded.generate_ids(ids, pixels, max_new_tokens=new_tokens) == tokens)):>26.3f}"
-        f"   (vlmjax float32 on the weights rounded to bfloat16)")
+    _agreement_row(variant, *outputs(one), logits, tokens)
+  reference.params = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16).astype(x.dtype), reference.params)
+  _agreement_row("bf16 weights", *outputs(reference), logits, tokens,
+                 "vlmjax float32 on the weights rounded to bfloat16")
   if torch_device is not None:
-    (their_logits, their_tokens), (half_logits, half_tokens) = (
-        _transformers_outputs(directory, ids, pixels, new_tokens, torch_device, dtype)
-        for dtype in ("float32", "bfloat16"))
-    error = np.linalg.norm(half_logits - their_logits) / np.linalg.norm(their_logits)
-    argmax = float(np.mean(half_logits.argmax(-1) == their_logits.argmax(-1)))
-    print(f"{'HF bfloat16':>14}{error:>20.4f}{argmax:>19.3f}{float(np.mean(half_tokens == their_tokens)):>26.3f}"
-          f"   (transformers bfloat16 against transformers float32)")
+    their_logits, their_tokens = _transformers_outputs(directory, ids, pixels, new_tokens, torch_device, "float32")
+    _agreement_row("HF bfloat16", *_transformers_outputs(directory, ids, pixels, new_tokens, torch_device, "bfloat16"),
+                   their_logits, their_tokens, "transformers bfloat16 against transformers float32")
+
+
+def _agreement_row(name: str, logits, tokens, reference_logits, reference_tokens, note: str = "") -> None:
+  """Prints one row of `accuracy`: the logits' relative error against the reference's, the share of prompt positions
+  (teacher-forced) whose argmax is the reference's, and the share of greedy tokens equal to the reference's."""
+  error = np.linalg.norm(logits - reference_logits) / np.linalg.norm(reference_logits)
+  argmax = float(np.mean(logits.argmax(-1) == reference_logits.argmax(-1)))
+  same = float(np.mean(tokens == reference_tokens))
+  print(f"{name:>14}{error:>20.4f}{argmax:>19.3f}{same:>26.3f}" + (f"   ({note})" if note else ""))
 
 
 def _transformers_outputs(directory: str, ids, pixels, new_tokens: int, device: str, dtype: str):
